@@ -1,0 +1,310 @@
+//! `containerd.services.content.v1.Content` over the store, with containerd 1.6's wire
+//! behaviour: Read in ≤ 1 MiB messages, List in batches of ≤ 100, and one Write response per
+//! request message, each carrying the running digest.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::pb::containerd::services::content::v1 as pb;
+use super::{Mode, blocking, status, timestamp};
+use crate::digest::Digest;
+use crate::error::Error;
+use crate::filter::Filter;
+use crate::store::{self, Scope, Store, Writer};
+
+/// Largest Read message payload (containerd's server uses the same).
+pub const READ_CHUNK: usize = 1 << 20;
+const LIST_BATCH: usize = 100;
+
+pub struct ContentService {
+    store: Arc<Store>,
+    mode: Mode,
+}
+
+impl ContentService {
+    pub fn new(store: Arc<Store>, mode: Mode) -> Self {
+        ContentService { store, mode }
+    }
+
+    pub fn into_server(self) -> pb::content_server::ContentServer<Self> {
+        pb::content_server::ContentServer::new(self)
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20)
+    }
+}
+
+fn parse_digest(s: &str) -> Result<Digest, Status> {
+    Digest::parse(s).map_err(status)
+}
+
+fn info_pb(i: store::Info) -> pb::Info {
+    pb::Info {
+        digest: i.digest.to_string(),
+        size: i.size,
+        created_at: timestamp(i.created_ns),
+        updated_at: timestamp(i.updated_ns),
+        labels: i.labels,
+    }
+}
+
+fn status_pb(s: store::IngestStatus) -> pb::Status {
+    pb::Status {
+        started_at: timestamp(s.started_ns),
+        updated_at: timestamp(s.updated_ns),
+        r#ref: s.reference,
+        offset: s.offset,
+        total: s.total,
+        expected: s.expected.map(|d| d.to_string()).unwrap_or_default(),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::content_server::Content for ContentService {
+    async fn info(&self, req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        let scope = self.mode.scope(&req)?;
+        let d = parse_digest(&req.get_ref().digest)?;
+        let store = self.store.clone();
+        let info = blocking(move || store.info(&scope, &d)).await?;
+        Ok(Response::new(pb::InfoResponse { info: Some(info_pb(info)) }))
+    }
+
+    async fn update(&self, req: Request<pb::UpdateRequest>) -> Result<Response<pb::UpdateResponse>, Status> {
+        let scope = self.mode.scope(&req)?;
+        let req = req.into_inner();
+        let info = req.info.ok_or_else(|| status(Error::invalid("update needs info")))?;
+        let d = parse_digest(&info.digest)?;
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        let store = self.store.clone();
+        let info = blocking(move || store.update(&scope, &d, info.labels, &paths)).await?;
+        Ok(Response::new(pb::UpdateResponse { info: Some(info_pb(info)) }))
+    }
+
+    type ListStream = BoxStream<pb::ListContentResponse>;
+
+    async fn list(&self, req: Request<pb::ListContentRequest>) -> Result<Response<Self::ListStream>, Status> {
+        let scope = self.mode.scope(&req)?;
+        let filter = Filter::parse_all(&req.get_ref().filters).map_err(status)?;
+        let store = self.store.clone();
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut after: Option<Digest> = None;
+            loop {
+                let (s, f, st, a) = (scope.clone(), filter.clone(), store.clone(), after.clone());
+                let batch = blocking(move || st.list(&s, &f, a.as_ref(), LIST_BATCH)).await;
+                match batch {
+                    Ok(batch) if batch.is_empty() => break,
+                    Ok(batch) => {
+                        let last = batch.len() < LIST_BATCH;
+                        after = batch.last().map(|i| i.digest.clone());
+                        let msg = pb::ListContentResponse { info: batch.into_iter().map(info_pb).collect() };
+                        if tx.send(Ok(msg)).await.is_err() || last {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delete(&self, req: Request<pb::DeleteContentRequest>) -> Result<Response<()>, Status> {
+        let scope = self.mode.scope(&req)?;
+        let d = parse_digest(&req.get_ref().digest)?;
+        let store = self.store.clone();
+        let d2 = d.clone();
+        let existed = blocking(move || store.delete(&scope, &d2)).await?;
+        // A backend is deleted from by containerd's GC, which expects unknown digests to be fine.
+        if !existed && !self.mode.is_backend() {
+            return Err(status(Error::not_found(format!("content {d}: not found"))));
+        }
+        Ok(Response::new(()))
+    }
+
+    type ReadStream = BoxStream<pb::ReadContentResponse>;
+
+    async fn read(&self, req: Request<pb::ReadContentRequest>) -> Result<Response<Self::ReadStream>, Status> {
+        let scope = self.mode.scope(&req)?;
+        let req = req.into_inner();
+        let d = parse_digest(&req.digest)?;
+        let store = self.store.clone();
+        let loc = blocking(move || store.locate(&scope, &d)).await?;
+        let offset = req.offset.max(0);
+        if offset > loc.size {
+            return Err(status(Error::out_of_range(format!(
+                "read past object length: offset {offset}, size {}",
+                loc.size
+            ))));
+        }
+        let end = if req.size <= 0 || offset.saturating_add(req.size) > loc.size { loc.size } else { offset + req.size };
+        let store = self.store.clone();
+        // Two messages in flight: the next chunk is read while the client takes this one, and
+        // memory per stream stays a few MiB whatever the blob size.
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut pos = offset;
+            while pos < end {
+                let st = store.clone();
+                let want = ((end - pos) as usize).min(READ_CHUNK);
+                let p = pos;
+                match blocking(move || st.read_extent(loc.extent, p as u64, want)).await {
+                    Ok(data) => {
+                        let n = data.len() as i64;
+                        // containerd 1.6 numbers messages from the requested offset.
+                        let msg = pb::ReadContentResponse { offset: pos - offset, data: data.into() };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                        pos += n;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let scope = self.mode.scope(&req)?;
+        let r = req.into_inner().r#ref;
+        let store = self.store.clone();
+        let st = blocking(move || store.status(&scope, &r)).await?;
+        Ok(Response::new(pb::StatusResponse { status: Some(status_pb(st)) }))
+    }
+
+    async fn list_statuses(
+        &self,
+        req: Request<pb::ListStatusesRequest>,
+    ) -> Result<Response<pb::ListStatusesResponse>, Status> {
+        let scope = self.mode.scope(&req)?;
+        let filter = Filter::parse_all(&req.get_ref().filters).map_err(status)?;
+        let store = self.store.clone();
+        let list = blocking(move || store.list_statuses(&scope, &filter)).await?;
+        Ok(Response::new(pb::ListStatusesResponse { statuses: list.into_iter().map(status_pb).collect() }))
+    }
+
+    type WriteStream = BoxStream<pb::WriteContentResponse>;
+
+    async fn write(
+        &self,
+        req: Request<Streaming<pb::WriteContentRequest>>,
+    ) -> Result<Response<Self::WriteStream>, Status> {
+        let scope = self.mode.scope(&req)?;
+        let inbound = req.into_inner();
+        let store = self.store.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            if let Err(e) = write_session(store, scope, inbound, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn abort(&self, req: Request<pb::AbortRequest>) -> Result<Response<()>, Status> {
+        let scope = self.mode.scope(&req)?;
+        let r = req.into_inner().r#ref;
+        let existed = self.store.abort(&scope, &r).await.map_err(status)?;
+        if !existed && !self.mode.is_backend() {
+            return Err(status(Error::not_found(format!("ingest {r:?}: not found"))));
+        }
+        Ok(Response::new(()))
+    }
+}
+
+/// One Write stream: bound to the ref of its first message, one response per message.
+async fn write_session(
+    store: Arc<Store>,
+    scope: Scope,
+    mut inbound: Streaming<pb::WriteContentRequest>,
+    tx: &mpsc::Sender<Result<pb::WriteContentResponse, Status>>,
+) -> Result<(), Status> {
+    let Some(first) = inbound.message().await? else { return Ok(()) };
+    if first.r#ref.is_empty() {
+        return Err(status(Error::invalid("first message must have a reference")));
+    }
+    let expected = if first.expected.is_empty() { None } else { Some(parse_digest(&first.expected)?) };
+    let mut writer = store.open_writer(scope, &first.r#ref, first.total, expected).await.map_err(status)?;
+    let mut msg = first;
+    let mut first_message = true;
+    loop {
+        let (w, result) = tokio::task::spawn_blocking(move || {
+            let r = step(&mut writer, msg, first_message);
+            (writer, r)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
+        writer = w;
+        first_message = false;
+        let (resp, done) = result.map_err(status)?;
+        if tx.send(Ok(resp)).await.is_err() || done {
+            return Ok(());
+        }
+        msg = match inbound.message().await? {
+            Some(m) => m,
+            // Client EOF: the ingest stays for a later resume.
+            None => return Ok(()),
+        };
+    }
+}
+
+fn step(w: &mut Writer, msg: pb::WriteContentRequest, first: bool) -> crate::error::Result<(pb::WriteContentResponse, bool)> {
+    let action = pb::WriteAction::try_from(msg.action)
+        .map_err(|_| Error::invalid(format!("unknown write action {}", msg.action)))?;
+    let expected = if msg.expected.is_empty() { None } else { Some(Digest::parse(&msg.expected)?) };
+    if let (Some(d), false) = (&expected, first) {
+        w.set_expected(d.clone())?;
+    }
+    w.set_total(msg.total);
+    let mut done = false;
+    let committed = match action {
+        pb::WriteAction::Stat => None,
+        pb::WriteAction::Write => {
+            w.write(msg.offset, &msg.data)?;
+            None
+        }
+        pb::WriteAction::Commit => {
+            w.write(msg.offset, &msg.data)?;
+            let started = w.status()?.started_ns;
+            let labels = if msg.labels.is_empty() { None } else { Some(msg.labels) };
+            let info = w.commit(msg.total, expected, labels)?;
+            done = true;
+            Some((started, info))
+        }
+    };
+    let resp = match committed {
+        Some((started, info)) => pb::WriteContentResponse {
+            action: msg.action,
+            started_at: timestamp(started),
+            updated_at: timestamp(info.updated_ns),
+            offset: info.size,
+            total: info.size,
+            digest: info.digest.to_string(),
+        },
+        None => {
+            let st = w.status()?;
+            pb::WriteContentResponse {
+                action: msg.action,
+                started_at: timestamp(st.started_ns),
+                updated_at: timestamp(st.updated_ns),
+                offset: st.offset,
+                total: st.total,
+                digest: st.digest.to_string(),
+            }
+        }
+    };
+    Ok((resp, done))
+}

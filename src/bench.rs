@@ -1,0 +1,410 @@
+//! `contentd bench`: drives any `containerd.services.content.v1.Content` endpoint (contentd or
+//! containerd itself) through the same scenarios, so both can be measured in one run.
+//!
+//! Scenarios: large-blob write and read (MB/s), 4 KiB blob writes at concurrency 1 and 16
+//! (writes/s, p50/p99), random 1 MiB ranged reads, Info/s with p99, a full List, and the
+//! server's RSS sampled during each scenario when its pid is known.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use rand::{Rng, RngCore, SeedableRng};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tonic::codegen::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::api::pb::containerd::services::content::v1 as pb;
+use crate::client::{Namespace, connect_unix};
+use crate::digest::{Algorithm, Digest};
+
+type Client = pb::content_client::ContentClient<InterceptedService<Channel, Namespace>>;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub socket: PathBuf,
+    pub namespace: Option<String>,
+    pub pid: Option<u32>,
+    pub large_mib: u64,
+    pub small_count: usize,
+    pub ranged_reads: usize,
+    pub info_calls: usize,
+    pub label: Option<String>,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Report {
+    pub target: String,
+    pub large_write_mib_s: f64,
+    pub large_read_mib_s: f64,
+    pub small_writes_c1_per_s: f64,
+    pub small_writes_c1_p50_ms: f64,
+    pub small_writes_c1_p99_ms: f64,
+    pub small_writes_c16_per_s: f64,
+    pub small_writes_c16_p50_ms: f64,
+    pub small_writes_c16_p99_ms: f64,
+    pub ranged_reads_per_s: f64,
+    pub ranged_read_p50_ms: f64,
+    pub ranged_read_p99_ms: f64,
+    pub info_per_s: f64,
+    pub info_p99_ms: f64,
+    pub list_ms: f64,
+    pub list_entries: usize,
+    pub rss_large_write_mib: Option<f64>,
+    pub rss_large_read_mib: Option<f64>,
+    pub rss_peak_mib: Option<f64>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+/// Finds the pid serving a unix socket path, through /proc.
+pub fn pid_of_socket(path: &Path) -> Option<u32> {
+    let want = std::fs::canonicalize(path).ok()?;
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 8 && Path::new(f[7]) == want).then(|| f[6].to_string())
+        })
+        .collect();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if inodes.iter().any(|i| t == format!("socket:[{i}]")) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Samples a process's RSS every 20 ms until dropped; reports the maximum in MiB.
+struct RssSampler {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pid: Option<u32>) -> Option<RssSampler> {
+        let pid = pid?;
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let handle = tokio::spawn(async move {
+            let mut max = 0;
+            loop {
+                max = max.max(status_kib(pid, "VmRSS:").unwrap_or(0));
+                tokio::select! {
+                    _ = &mut rx => return max,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        });
+        Some(RssSampler { stop: Some(tx), handle })
+    }
+    async fn finish(mut self) -> f64 {
+        let _ = self.stop.take().map(|s| s.send(()));
+        self.handle.await.unwrap_or(0) as f64 / 1024.0
+    }
+}
+
+async fn finish(s: Option<RssSampler>) -> Option<f64> {
+    match s {
+        Some(s) => Some(s.finish().await),
+        None => None,
+    }
+}
+
+const GC_ROOT: &str = "containerd.io/gc.root";
+
+/// Writes one blob in a single COMMIT message (what small-object clients do).
+async fn write_small(client: &mut Client, r: String, data: Vec<u8>) -> anyhow::Result<Digest> {
+    let d = Digest::of(Algorithm::Sha256, &data);
+    let req = pb::WriteContentRequest {
+        action: pb::WriteAction::Commit as i32,
+        r#ref: r,
+        total: data.len() as i64,
+        expected: d.to_string(),
+        offset: 0,
+        data: data.into(),
+        labels: [(GC_ROOT.to_string(), "bench".to_string())].into(),
+    };
+    let mut resp = client.write(tokio_stream::once(req)).await?.into_inner();
+    while let Some(m) = resp.message().await? {
+        if m.digest != d.to_string() {
+            bail!("server reported digest {} for {d}", m.digest);
+        }
+    }
+    Ok(d)
+}
+
+/// Streams a large blob in 1 MiB WRITE messages, then commits.
+async fn write_large(client: &mut Client, r: String, chunks: Arc<Vec<Vec<u8>>>, d: Digest) -> anyhow::Result<()> {
+    let total: i64 = chunks.iter().map(|c| c.len() as i64).sum();
+    let (tx, rx) = mpsc::channel(4);
+    let mut resp = client.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    tx.send(pb::WriteContentRequest { action: pb::WriteAction::Stat as i32, r#ref: r, total, ..Default::default() })
+        .await?;
+    resp.message().await?.context("no STAT response")?;
+    // Pipelined: keep a few messages in flight, as a streaming client does.
+    let producer = tokio::spawn(async move {
+        let mut off = 0i64;
+        for c in chunks.iter() {
+            let m = pb::WriteContentRequest {
+                action: pb::WriteAction::Write as i32,
+                offset: off,
+                data: c.clone().into(),
+                ..Default::default()
+            };
+            off += c.len() as i64;
+            if tx.send(m).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx
+            .send(pb::WriteContentRequest {
+                action: pb::WriteAction::Commit as i32,
+                offset: off,
+                total: off,
+                expected: d.to_string(),
+                labels: [(GC_ROOT.to_string(), "bench".to_string())].into(),
+                ..Default::default()
+            })
+            .await;
+    });
+    let mut last = None;
+    while let Some(m) = resp.message().await? {
+        last = Some(m);
+    }
+    producer.await?;
+    let last = last.context("no response")?;
+    if last.action != pb::WriteAction::Commit as i32 || last.offset != total {
+        bail!("large write did not commit: {last:?}");
+    }
+    Ok(())
+}
+
+async fn read_all(client: &mut Client, d: &Digest, offset: i64, size: i64) -> anyhow::Result<u64> {
+    let mut s = client.read(pb::ReadContentRequest { digest: d.to_string(), offset, size }).await?.into_inner();
+    let mut n = 0u64;
+    while let Some(m) = s.message().await? {
+        n += m.data.len() as u64;
+    }
+    Ok(n)
+}
+
+/// Runs `total` operations over `conc` workers; returns elapsed time and sorted latencies.
+async fn concurrent<F, Fut>(conc: usize, total: usize, op: F) -> anyhow::Result<(Duration, Vec<Duration>)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..conc {
+        let (op, next) = (op.clone(), next.clone());
+        set.spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<_, anyhow::Error>(lat);
+                }
+                let t = Instant::now();
+                op(i).await?;
+                lat.push(t.elapsed());
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(total);
+    while let Some(r) = set.join_next().await {
+        all.extend(r??);
+    }
+    let elapsed = start.elapsed();
+    all.sort();
+    Ok((elapsed, all))
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    let channel = connect_unix(&opts.socket).await?;
+    let ns = Namespace::new(opts.namespace.as_deref())?;
+    let client: Client = pb::content_client::ContentClient::with_interceptor(channel, ns)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20);
+    let pid = opts.pid.or_else(|| pid_of_socket(&opts.socket));
+    let target = opts.label.clone().unwrap_or_else(|| opts.socket.display().to_string());
+    eprintln!("bench: {target} (server pid {})", pid.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into()));
+    let mut report = Report { target, ..Default::default() };
+    let run_id: u64 = rand::rng().random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(run_id);
+    let mut written: Vec<Digest> = Vec::new();
+
+    // Large blob: unique content per run, digest computed before timing.
+    let chunks: Vec<Vec<u8>> = (0..opts.large_mib)
+        .map(|i| {
+            let mut c = vec![0u8; 1 << 20];
+            rng.fill_bytes(&mut c[..4096]);
+            c[..8].copy_from_slice(&(run_id ^ i).to_le_bytes());
+            for j in 1..256 {
+                c.copy_within(0..4096, j * 4096);
+                c[j * 4096] ^= j as u8;
+            }
+            c
+        })
+        .collect();
+    let mut h = Algorithm::Sha256.hasher();
+    chunks.iter().for_each(|c| h.update(c));
+    let big = h.digest();
+    let chunks = Arc::new(chunks);
+    let bytes = opts.large_mib as f64;
+
+    let s = RssSampler::start(pid);
+    let t = Instant::now();
+    write_large(&mut client.clone(), format!("bench-large-{run_id}"), chunks.clone(), big.clone()).await?;
+    report.large_write_mib_s = bytes / t.elapsed().as_secs_f64();
+    report.rss_large_write_mib = finish(s).await;
+    written.push(big.clone());
+    drop(chunks);
+    eprintln!("  large write: {:.0} MiB/s", report.large_write_mib_s);
+
+    let s = RssSampler::start(pid);
+    let t = Instant::now();
+    let n = read_all(&mut client.clone(), &big, 0, 0).await?;
+    report.large_read_mib_s = bytes / t.elapsed().as_secs_f64();
+    report.rss_large_read_mib = finish(s).await;
+    if n != opts.large_mib << 20 {
+        bail!("large read returned {n} bytes");
+    }
+    eprintln!("  large read: {:.0} MiB/s", report.large_read_mib_s);
+
+    // 4 KiB blobs.
+    let small = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    for conc in [1usize, 16] {
+        let count = if conc == 1 { opts.small_count / 4 } else { opts.small_count };
+        let (c, sm) = (client.clone(), small.clone());
+        let (el, lat) = concurrent(conc, count, move |i| {
+            let mut c = c.clone();
+            let sm = sm.clone();
+            async move {
+                let mut data = vec![0u8; 4096];
+                rand::rng().fill_bytes(&mut data);
+                let d = write_small(&mut c, format!("bench-small-{run_id}-{conc}-{i}"), data).await?;
+                sm.lock().await.push(d);
+                Ok(())
+            }
+        })
+        .await?;
+        let rate = count as f64 / el.as_secs_f64();
+        let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+        if conc == 1 {
+            (report.small_writes_c1_per_s, report.small_writes_c1_p50_ms, report.small_writes_c1_p99_ms) = (rate, p50, p99);
+        } else {
+            (report.small_writes_c16_per_s, report.small_writes_c16_p50_ms, report.small_writes_c16_p99_ms) = (rate, p50, p99);
+        }
+        eprintln!("  4 KiB writes c={conc}: {rate:.0}/s p50 {p50:.2} ms p99 {p99:.2} ms");
+    }
+    let small: Vec<Digest> = std::mem::take(&mut *small.lock().await);
+
+    // Random 1 MiB ranged reads of the large blob.
+    let (c, b2, max) = (client.clone(), big.clone(), (opts.large_mib.saturating_sub(1) << 20) as i64);
+    let (el, lat) = concurrent(4, opts.ranged_reads, move |_| {
+        let (mut c, b) = (c.clone(), b2.clone());
+        async move {
+            let off = rand::rng().random_range(0..=max.max(0));
+            let n = read_all(&mut c, &b, off, 1 << 20).await?;
+            if n != 1 << 20 {
+                bail!("ranged read returned {n} bytes");
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    report.ranged_reads_per_s = opts.ranged_reads as f64 / el.as_secs_f64();
+    (report.ranged_read_p50_ms, report.ranged_read_p99_ms) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    eprintln!("  ranged 1 MiB reads: {:.0}/s p99 {:.2} ms", report.ranged_reads_per_s, report.ranged_read_p99_ms);
+
+    // Info.
+    let (c, ds) = (client.clone(), Arc::new(small.clone()));
+    let (el, lat) = concurrent(16, opts.info_calls, move |i| {
+        let (mut c, ds) = (c.clone(), ds.clone());
+        async move {
+            let d = &ds[i % ds.len()];
+            c.info(pb::InfoRequest { digest: d.to_string() }).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    report.info_per_s = opts.info_calls as f64 / el.as_secs_f64();
+    report.info_p99_ms = percentile(&lat, 0.99);
+    eprintln!("  info: {:.0}/s p99 {:.2} ms", report.info_per_s, report.info_p99_ms);
+
+    // List everything visible.
+    let t = Instant::now();
+    let mut s = client.clone().list(pb::ListContentRequest { filters: vec![] }).await?.into_inner();
+    let mut entries = 0;
+    while let Some(m) = s.message().await? {
+        entries += m.info.len();
+    }
+    report.list_ms = t.elapsed().as_secs_f64() * 1e3;
+    report.list_entries = entries;
+    eprintln!("  list: {entries} entries in {:.1} ms", report.list_ms);
+
+    report.rss_peak_mib = pid.and_then(|p| status_kib(p, "VmHWM:")).map(|k| k as f64 / 1024.0);
+
+    written.extend(small);
+    let mut c = client.clone();
+    for d in written {
+        let _ = c.delete(pb::DeleteContentRequest { digest: d.to_string() }).await;
+    }
+    Ok(report)
+}
+
+pub fn print_table(reports: &[Report]) {
+    let rows: Vec<(&str, Box<dyn Fn(&Report) -> String>)> = vec![
+        ("large write MiB/s", Box::new(|r| format!("{:.0}", r.large_write_mib_s))),
+        ("large read MiB/s", Box::new(|r| format!("{:.0}", r.large_read_mib_s))),
+        ("4KiB writes/s c=1", Box::new(|r| format!("{:.0}", r.small_writes_c1_per_s))),
+        ("  p50/p99 ms", Box::new(|r| format!("{:.2}/{:.2}", r.small_writes_c1_p50_ms, r.small_writes_c1_p99_ms))),
+        ("4KiB writes/s c=16", Box::new(|r| format!("{:.0}", r.small_writes_c16_per_s))),
+        ("  p50/p99 ms", Box::new(|r| format!("{:.2}/{:.2}", r.small_writes_c16_p50_ms, r.small_writes_c16_p99_ms))),
+        ("ranged 1MiB reads/s", Box::new(|r| format!("{:.0}", r.ranged_reads_per_s))),
+        ("  p50/p99 ms", Box::new(|r| format!("{:.2}/{:.2}", r.ranged_read_p50_ms, r.ranged_read_p99_ms))),
+        ("Info/s c=16", Box::new(|r| format!("{:.0}", r.info_per_s))),
+        ("  p99 ms", Box::new(|r| format!("{:.2}", r.info_p99_ms))),
+        ("List ms (entries)", Box::new(|r| format!("{:.1} ({})", r.list_ms, r.list_entries))),
+        ("RSS during large write MiB", Box::new(|r| r.rss_large_write_mib.map(|v| format!("{v:.1}")).unwrap_or("-".into()))),
+        ("RSS during large read MiB", Box::new(|r| r.rss_large_read_mib.map(|v| format!("{v:.1}")).unwrap_or("-".into()))),
+        ("peak RSS MiB (VmHWM)", Box::new(|r| r.rss_peak_mib.map(|v| format!("{v:.1}")).unwrap_or("-".into()))),
+    ];
+    print!("{:<28}", "scenario");
+    for r in reports {
+        print!(" {:>22}", r.target.chars().rev().take(22).collect::<String>().chars().rev().collect::<String>());
+    }
+    println!();
+    for (name, f) in rows {
+        print!("{name:<28}");
+        for r in reports {
+            print!(" {:>22}", f(r));
+        }
+        println!();
+    }
+}

@@ -1,0 +1,204 @@
+//! The storage boundary: an ordered key-value store with column families, atomic batches and
+//! range deletes. RocksDB is named only in `rocks.rs`; `mem.rs` is an in-memory twin for unit
+//! tests. Both pass the same conformance suite (`tests::conformance`).
+//!
+//! Column families and their key layouts (every key is binary and fixed-width where possible;
+//! `dk` is a digest key: one algorithm tag byte + raw hash, see `Digest::key`; `scope` is
+//! `b'n'‖namespace` or `b't'‖tenant`, neither of which may contain a NUL byte):
+//!
+//! | cf        | key                              | value                               |
+//! |-----------|----------------------------------|-------------------------------------|
+//! | `meta`    | ASCII name                       | schema version, extent reservation  |
+//! | `chunks`  | extent u64 BE ‖ offset u64 BE    | blob/ingest bytes, ≤ 1 MiB per key  |
+//! | `blobs`   | dk                               | `BlobRecord` (extent, size, created)|
+//! | `links`   | scope ‖ 0x00 ‖ dk                | `LinkRecord` (times, labels)        |
+//! | `owners`  | dk ‖ scope                       | empty: reverse index of `links`     |
+//! | `ingests` | scope ‖ 0x00 ‖ ref               | `IngestRecord`                      |
+
+pub mod mem;
+pub mod rocks;
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cf {
+    Meta,
+    Chunks,
+    Blobs,
+    Links,
+    Owners,
+    Ingests,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 6] = [Cf::Meta, Cf::Chunks, Cf::Blobs, Cf::Links, Cf::Owners, Cf::Ingests];
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Meta => "meta",
+            Cf::Chunks => "chunks",
+            Cf::Blobs => "blobs",
+            Cf::Links => "links",
+            Cf::Owners => "owners",
+            Cf::Ingests => "ingests",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+    /// Deletes every key in `[from, to)`.
+    DeleteRange(Cf, Vec<u8>, Vec<u8>),
+}
+
+/// Operations applied all-or-nothing by [`Kv::write`].
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Put(cf, key.into(), value.into()));
+    }
+    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Delete(cf, key.into()));
+    }
+    pub fn delete_range(&mut self, cf: Cf, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
+        self.ops.push(Op::DeleteRange(cf, from.into(), to.into()));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Visitor for [`Kv::scan`]: return `false` to stop.
+pub type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> bool;
+
+pub trait Kv: Send + Sync + 'static {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// The entry with the greatest key `<= key` and `>= lower`, if any.
+    fn floor(&self, cf: Cf, key: &[u8], lower: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
+    /// Visits entries with `start <= key < end` in key order (`end` empty = unbounded).
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: Visit<'_>) -> Result<()>;
+    /// Applies `batch` atomically. With `sync`, it (and everything written before it) is on
+    /// stable storage when this returns.
+    fn write(&self, batch: Batch, sync: bool) -> Result<()>;
+    /// Approximate bytes on disk, for reporting only.
+    fn disk_usage(&self) -> u64 {
+        0
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix` (empty if none exists).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
+/// Collects `[start, end)` as owned pairs, at most `limit`.
+pub fn collect(kv: &dyn Kv, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut out = Vec::new();
+    kv.scan(cf, start, end, &mut |k, v| {
+        out.push((k.to_vec(), v.to_vec()));
+        out.len() < limit
+    })?;
+    Ok(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! Conformance suite every `Kv` implementation must pass.
+    use super::*;
+
+    pub fn conformance(kv: &dyn Kv) {
+        // put / get / delete
+        let mut b = Batch::new();
+        b.put(Cf::Blobs, b"a".to_vec(), b"1".to_vec());
+        b.put(Cf::Blobs, b"b".to_vec(), b"2".to_vec());
+        b.put(Cf::Links, b"a".to_vec(), b"other-cf".to_vec());
+        kv.write(b, true).unwrap();
+        assert_eq!(kv.get(Cf::Blobs, b"a").unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(kv.get(Cf::Links, b"a").unwrap().as_deref(), Some(&b"other-cf"[..]));
+        assert_eq!(kv.get(Cf::Owners, b"a").unwrap(), None);
+        let mut b = Batch::new();
+        b.delete(Cf::Blobs, b"a".to_vec());
+        kv.write(b, false).unwrap();
+        assert_eq!(kv.get(Cf::Blobs, b"a").unwrap(), None);
+
+        // ordered scan with bounds and early stop
+        let mut b = Batch::new();
+        for i in 0u8..10 {
+            b.put(Cf::Chunks, vec![7, i], vec![i]);
+        }
+        b.put(Cf::Chunks, vec![8, 0], vec![99]);
+        kv.write(b, false).unwrap();
+        let all = collect(kv, Cf::Chunks, &[7], &prefix_end(&[7]), usize::MAX).unwrap();
+        assert_eq!(all.len(), 10);
+        assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(collect(kv, Cf::Chunks, &[7, 3], &[7, 5], usize::MAX).unwrap().len(), 2);
+        assert_eq!(collect(kv, Cf::Chunks, &[7], &[], 3).unwrap().len(), 3);
+        assert_eq!(collect(kv, Cf::Chunks, &[7], &[], usize::MAX).unwrap().len(), 11);
+
+        // floor respects the lower bound
+        assert_eq!(kv.floor(Cf::Chunks, &[7, 4, 0xff], &[7]).unwrap().unwrap().0, vec![7, 4]);
+        assert_eq!(kv.floor(Cf::Chunks, &[7, 4], &[7]).unwrap().unwrap().0, vec![7, 4]);
+        assert!(kv.floor(Cf::Chunks, &[8, 0], &[8, 1]).unwrap().is_none());
+        assert!(kv.floor(Cf::Chunks, &[6], &[]).unwrap().is_none());
+
+        // range delete is exact
+        let mut b = Batch::new();
+        b.delete_range(Cf::Chunks, vec![7, 2], vec![7, 8]);
+        kv.write(b, true).unwrap();
+        let left: Vec<_> = collect(kv, Cf::Chunks, &[], &[], usize::MAX).unwrap().into_iter().map(|e| e.0).collect();
+        assert_eq!(left, vec![vec![7, 0], vec![7, 1], vec![7, 8], vec![7, 9], vec![8, 0]]);
+
+        // a batch is atomic and ordered: later ops see earlier ones
+        let mut b = Batch::new();
+        b.put(Cf::Meta, b"k".to_vec(), b"v1".to_vec());
+        b.delete(Cf::Meta, b"k".to_vec());
+        b.put(Cf::Meta, b"k".to_vec(), b"v2".to_vec());
+        kv.write(b, true).unwrap();
+        assert_eq!(kv.get(Cf::Meta, b"k").unwrap().as_deref(), Some(&b"v2"[..]));
+
+        // large values survive byte for byte
+        let big: Vec<u8> = (0..(1 << 20) + 17).map(|i| (i * 31 % 251) as u8).collect();
+        let mut b = Batch::new();
+        b.put(Cf::Chunks, vec![9, 9], big.clone());
+        kv.write(b, true).unwrap();
+        assert_eq!(kv.get(Cf::Chunks, &[9, 9]).unwrap().unwrap(), big);
+    }
+
+    #[test]
+    fn prefix_end_works() {
+        assert_eq!(prefix_end(b"ab"), b"ac".to_vec());
+        assert_eq!(prefix_end(&[1, 0xff]), vec![2]);
+        assert_eq!(prefix_end(&[0xff, 0xff]), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn mem_conforms() {
+        conformance(&mem::MemKv::default());
+    }
+
+    #[test]
+    fn rocks_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = rocks::RocksKv::open(dir.path(), &rocks::Tuning::default()).unwrap();
+        conformance(&kv);
+        drop(kv);
+        // and it persists
+        let kv = rocks::RocksKv::open(dir.path(), &rocks::Tuning::default()).unwrap();
+        assert_eq!(kv.get(Cf::Meta, b"k").unwrap().as_deref(), Some(&b"v2"[..]));
+    }
+}

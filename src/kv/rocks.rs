@@ -1,0 +1,166 @@
+//! The RocksDB implementation of `Kv`, and the only file that names RocksDB.
+//!
+//! Tuning rationale:
+//! * `chunks` keeps values of 32 KiB and more in blob files (integrated BlobDB), so compaction
+//!   moves small index entries, never layer bytes; layers are already compressed, so no
+//!   compression there. Metadata families use LZ4.
+//! * Memtables across all families are capped (`db_write_buffer_size`) so a large streaming
+//!   write cannot grow the daemon's memory without bound.
+//! * Durability comes from the WAL: chunk writes go to the WAL unsynced (they survive a process
+//!   kill because the WAL is written with write(2) before `write` returns); a commit batch is
+//!   synced, which makes it and every earlier WAL record durable against power loss too.
+
+use std::path::Path;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options, ReadOptions,
+    WriteBatch, WriteOptions,
+};
+
+use super::{Batch, Cf, Kv, Op, Visit};
+use crate::error::{Error, Result};
+
+// Column families are fixed at open, so the single-threaded-CF flavour (plain `&ColumnFamily`
+// handles, no per-call Arc) is enough; the DB itself is still shared across threads.
+type Db = rocksdb::DB;
+
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Total memtable budget across column families.
+    pub write_buffer_bytes: usize,
+    /// Shared block cache for metadata.
+    pub block_cache_bytes: usize,
+    /// Values at least this large go to blob files.
+    pub min_blob_size: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning { write_buffer_bytes: 48 << 20, block_cache_bytes: 16 << 20, min_blob_size: 32 << 10 }
+    }
+}
+
+pub struct RocksKv {
+    db: Db,
+}
+
+fn io(e: rocksdb::Error) -> Error {
+    Error::internal(format!("storage: {e}"))
+}
+
+impl RocksKv {
+    pub fn open(path: &Path, tuning: &Tuning) -> Result<RocksKv> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::internal(format!("cannot create data directory {}: {e}", path.display())))?;
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_db_write_buffer_size(tuning.write_buffer_bytes);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_keep_log_file_num(4);
+        db_opts.set_max_total_wal_size(256 << 20);
+        db_opts.set_bytes_per_sync(1 << 20);
+        db_opts.set_wal_bytes_per_sync(1 << 20);
+        let cache = Cache::new_lru_cache(tuning.block_cache_bytes);
+
+        let meta_opts = || {
+            let mut o = Options::default();
+            let mut t = BlockBasedOptions::default();
+            t.set_block_cache(&cache);
+            t.set_bloom_filter(10.0, false);
+            o.set_block_based_table_factory(&t);
+            o.set_compression_type(DBCompressionType::Lz4);
+            o.set_write_buffer_size(8 << 20);
+            o
+        };
+        let descriptors = Cf::ALL.iter().map(|cf| {
+            let mut o = meta_opts();
+            if *cf == Cf::Chunks {
+                o.set_compression_type(DBCompressionType::None);
+                o.set_write_buffer_size(16 << 20);
+                o.set_max_write_buffer_number(3);
+                o.set_enable_blob_files(true);
+                o.set_min_blob_size(tuning.min_blob_size);
+                o.set_blob_file_size(256 << 20);
+                o.set_blob_compression_type(DBCompressionType::None);
+                o.set_enable_blob_gc(true);
+                o.set_blob_gc_age_cutoff(0.25);
+                o.set_blob_gc_force_threshold(0.5);
+                o.set_blob_compaction_readahead_size(2 << 20);
+            }
+            let name = if *cf == Cf::Meta { rocksdb::DEFAULT_COLUMN_FAMILY_NAME } else { cf.name() };
+            ColumnFamilyDescriptor::new(name, o)
+        });
+        let db = Db::open_cf_descriptors(&db_opts, path, descriptors).map_err(|e| {
+            Error::internal(format!("cannot open RocksDB at {}: {e}", path.display()))
+        })?;
+        Ok(RocksKv { db })
+    }
+
+    fn cf(&self, cf: Cf) -> &ColumnFamily {
+        let name = if cf == Cf::Meta { rocksdb::DEFAULT_COLUMN_FAMILY_NAME } else { cf.name() };
+        self.db.cf_handle(name).expect("column family opened at start")
+    }
+}
+
+impl Kv for RocksKv {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_pinned_cf(self.cf(cf), key).map_err(io)?.map(|v| v.to_vec()))
+    }
+
+    fn floor(&self, cf: Cf, key: &[u8], lower: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(lower.to_vec());
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
+        it.seek_for_prev(key);
+        if it.valid() {
+            let (k, v) = (it.key().expect("valid"), it.value().expect("valid"));
+            return Ok(Some((k.to_vec(), v.to_vec())));
+        }
+        it.status().map_err(io)?;
+        Ok(None)
+    }
+
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: Visit<'_>) -> Result<()> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(start.to_vec());
+        if !end.is_empty() {
+            ro.set_iterate_upper_bound(end.to_vec());
+        }
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
+        it.seek(start);
+        while it.valid() {
+            if !visit(it.key().expect("valid"), it.value().expect("valid")) {
+                return Ok(());
+            }
+            it.next();
+        }
+        it.status().map_err(io)
+    }
+
+    fn write(&self, batch: Batch, sync: bool) -> Result<()> {
+        let mut wb = WriteBatch::default();
+        for op in &batch.ops {
+            match op {
+                Op::Put(cf, k, v) => wb.put_cf(self.cf(*cf), k, v),
+                Op::Delete(cf, k) => wb.delete_cf(self.cf(*cf), k),
+                Op::DeleteRange(cf, from, to) => wb.delete_range_cf(self.cf(*cf), from, to),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(wb, &wo).map_err(io)
+    }
+
+    fn disk_usage(&self) -> u64 {
+        Cf::ALL
+            .iter()
+            .map(|cf| {
+                let h = self.cf(*cf);
+                let sst = self.db.property_int_value_cf(h, "rocksdb.total-sst-files-size").ok().flatten().unwrap_or(0);
+                let blob = self.db.property_int_value_cf(h, "rocksdb.total-blob-file-size").ok().flatten().unwrap_or(0);
+                sst + blob
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,16 @@
+//! contentd: a content-addressable blob store daemon for container images.
+//!
+//! Layers (imports point downwards only): `digest`/`filter` (pure) → `kv` (the storage
+//! boundary; RocksDB named only in `kv::rocks`) → `store` (the content domain) → `api` (gRPC
+//! translation) → `daemon` (listeners and lifecycle). `bench` and `client` are clients.
+
+pub mod api;
+pub mod bench;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod digest;
+pub mod error;
+pub mod filter;
+pub mod kv;
+pub mod store;

@@ -1,0 +1,127 @@
+//! The `contentd` binary: `serve` runs the daemon, `bench` measures any content endpoint.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use contentd::config::{Backend, Config};
+
+#[derive(Parser)]
+#[command(name = "contentd", version, about = "Content-addressable blob store daemon for container images")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon. With no flags: data in /var/lib/contentd, client socket
+    /// /run/contentd/contentd.sock (for non-root users, under XDG_DATA_HOME / XDG_RUNTIME_DIR).
+    Serve {
+        /// TOML config file; flags override it.
+        #[arg(long, env = "CONTENTD_CONFIG")]
+        config: Option<PathBuf>,
+        /// RocksDB data directory.
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Client-mode unix socket (containerd content-service semantics).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Backend-mode unix socket for a containerd proxy plugin, `PATH` or `TENANT=PATH`;
+        /// repeat for one tenant each.
+        #[arg(long = "backend-socket")]
+        backend_socket: Vec<String>,
+        /// Client-mode TCP listener address, e.g. 127.0.0.1:7070.
+        #[arg(long)]
+        tcp: Option<String>,
+        /// Log format: text or json.
+        #[arg(long)]
+        log_format: Option<String>,
+    },
+    /// Benchmark content.v1 endpoints (contentd or containerd) side by side.
+    Bench {
+        /// Unix socket of an endpoint, `PATH` or `LABEL=PATH`; repeat to compare.
+        #[arg(long, required = true)]
+        socket: Vec<String>,
+        /// containerd namespace to send (needed by client-mode endpoints).
+        #[arg(long, default_value = "bench")]
+        namespace: String,
+        /// Size of the large blob, MiB.
+        #[arg(long, default_value_t = 1024)]
+        large_mib: u64,
+        /// 4 KiB blobs written at concurrency 16 (a quarter of that at concurrency 1).
+        #[arg(long, default_value_t = 4000)]
+        small: usize,
+        #[arg(long, default_value_t = 500)]
+        ranged_reads: usize,
+        #[arg(long, default_value_t = 20000)]
+        info_calls: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" { b.json().init() } else { b.init() }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Serve { config, root, socket, backend_socket, tcp, log_format } => {
+            let mut c = match &config {
+                Some(p) => Config::load(p)?,
+                None => Config::default(),
+            };
+            if let Some(r) = root {
+                c.root = r;
+            }
+            if let Some(s) = socket {
+                c.socket = s;
+            }
+            for b in &backend_socket {
+                c.backend.push(Backend::parse(b)?);
+            }
+            if tcp.is_some() {
+                c.tcp = tcp;
+            }
+            if let Some(f) = log_format {
+                c.log_format = f;
+            }
+            c.validate()?;
+            init_tracing(&c.log_format);
+            rt.block_on(contentd::daemon::serve(c))
+        }
+        Command::Bench { socket, namespace, large_mib, small, ranged_reads, info_calls, json } => {
+            let mut reports = Vec::new();
+            for s in socket {
+                let (label, path) = match s.split_once('=') {
+                    Some((l, p)) => (Some(l.to_string()), PathBuf::from(p)),
+                    None => (None, PathBuf::from(&s)),
+                };
+                let opts = contentd::bench::Options {
+                    socket: path,
+                    namespace: Some(namespace.clone()),
+                    pid: None,
+                    large_mib,
+                    small_count: small,
+                    ranged_reads,
+                    info_calls,
+                    label,
+                };
+                reports.push(rt.block_on(contentd::bench::run(opts)).with_context(|| format!("benchmarking {s}"))?);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                contentd::bench::print_table(&reports);
+            }
+            Ok(())
+        }
+    }
+}

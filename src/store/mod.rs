@@ -1,0 +1,992 @@
+//! The content store: committed blobs, ingests in progress, and who can see what.
+//!
+//! Owns every domain rule of containerd's content model (the write state machine, commit
+//! verification, namespace visibility, backend-tenant holds) on top of the `Kv` boundary.
+//! Every byte that enters contentd goes through [`Writer`], which hashes it as it is stored
+//! and verifies size and digest once, at commit.
+//!
+//! Visibility. A blob is stored once per digest. A *scope* sees it through a link:
+//! * `Scope::Namespace` (client listeners): containerd's namespaced store. A link is made by a
+//!   commit in that namespace (or a shared ingest); Delete removes only the link.
+//! * `Scope::Tenant` (backend listeners): the flat store containerd expects behind a proxy
+//!   plugin. The tenant sees every blob, and any blob it commits or looks up becomes *held*
+//!   (linked) for it. List shows only its holds; Delete releases only its hold.
+//!
+//! Bytes are removed when the last link of a blob goes (reachability GC builds on this).
+//!
+//! Crash ordering. Chunk puts and the ingest record that counts them are one batch, so a
+//! recovered ingest's offset never exceeds its durable bytes. A commit is one synced batch
+//! (blob record, link, owner, ingest record removal), so after a kill -9 a blob is either
+//! committed whole or not at all; its chunks were written by earlier (WAL-ordered) batches.
+//!
+//! Locking. One live [`Writer`] per (scope, ref): the slot's async mutex is held for the
+//! writer's lifetime. Commit, delete and hold of one digest serialise on a striped digest
+//! lock, so a dedupe-commit can never race the removal of the blob it links to.
+
+mod records;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use prost::Message as _;
+use tokio::sync::OwnedMutexGuard;
+
+pub use records::{BlobRecord, IngestRecord, LinkRecord};
+
+use crate::digest::{Algorithm, Digest, Hasher};
+use crate::error::{Error, Kind, Result};
+use crate::filter::{self, Adaptor, Filter};
+use crate::kv::{Batch, Cf, Kv, prefix_end};
+
+/// Largest value stored under one chunk key.
+pub const CHUNK_SIZE: usize = 1 << 20;
+/// containerd's limit on one label's key plus value.
+pub const MAX_LABEL_BYTES: usize = 4096;
+/// How long opening a writer waits for a ref held by another stream before `Unavailable`
+/// (containerd's local store retries for about the same time).
+const LOCK_WAIT: Duration = Duration::from_millis(500);
+const EXTENT_RESERVATION: u64 = 1 << 16;
+const META_EXTENTS: &[u8] = b"extent_reserved";
+const META_SCHEMA: &[u8] = b"schema_version";
+const SCHEMA_VERSION: &[u8] = b"1";
+
+pub fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Who is looking: a containerd namespace (client listener) or a backend tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Namespace(String),
+    Tenant(String),
+}
+
+impl Scope {
+    /// Validates a namespace name with containerd's rule.
+    pub fn namespace(name: &str) -> Result<Scope> {
+        let ok = !name.is_empty()
+            && name.len() <= 76
+            && name.split(['.', '_', '-']).all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric()));
+        if !ok {
+            return Err(Error::invalid(format!(
+                "namespace {name:?}: invalid namespace name (letters and digits, separated by single '.', '_' or '-', at most 76 characters)"
+            )));
+        }
+        Ok(Scope::Namespace(name.to_string()))
+    }
+
+    pub fn tenant(name: &str) -> Result<Scope> {
+        if name.is_empty() || name.contains('\0') {
+            return Err(Error::invalid(format!("tenant {name:?}: invalid tenant name")));
+        }
+        Ok(Scope::Tenant(name.to_string()))
+    }
+
+    fn tag(&self) -> Vec<u8> {
+        let (t, name) = match self {
+            Scope::Namespace(n) => (b'n', n),
+            Scope::Tenant(n) => (b't', n),
+        };
+        let mut k = Vec::with_capacity(name.len() + 2);
+        k.push(t);
+        k.extend_from_slice(name.as_bytes());
+        k
+    }
+
+    fn prefix(&self) -> Vec<u8> {
+        let mut k = self.tag();
+        k.push(0);
+        k
+    }
+
+    fn from_tag(tag: &[u8]) -> Option<Scope> {
+        let name = String::from_utf8(tag.get(1..)?.to_vec()).ok()?;
+        match tag.first()? {
+            b'n' => Some(Scope::Namespace(name)),
+            b't' => Some(Scope::Tenant(name)),
+            _ => None,
+        }
+    }
+
+    fn is_tenant(&self) -> bool {
+        matches!(self, Scope::Tenant(_))
+    }
+}
+
+fn link_key(scope: &Scope, d: &Digest) -> Vec<u8> {
+    let mut k = scope.prefix();
+    k.extend_from_slice(&d.key());
+    k
+}
+
+fn owner_key(d: &Digest, scope: &Scope) -> Vec<u8> {
+    let mut k = d.key();
+    k.extend_from_slice(&scope.tag());
+    k
+}
+
+fn ingest_key(scope: &Scope, r: &str) -> Vec<u8> {
+    let mut k = scope.prefix();
+    k.extend_from_slice(r.as_bytes());
+    k
+}
+
+fn chunk_key(extent: u64, offset: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&extent.to_be_bytes());
+    k[8..].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn extent_range(extent: u64) -> ([u8; 16], [u8; 16]) {
+    (chunk_key(extent, 0), chunk_key(extent + 1, 0))
+}
+
+fn decode<M: prost::Message + Default>(what: &str, bytes: &[u8]) -> Result<M> {
+    M::decode(bytes).map_err(|e| Error::internal(format!("corrupt {what} record: {e}")))
+}
+
+/// A committed blob as one scope sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Info {
+    pub digest: Digest,
+    pub size: i64,
+    pub created_ns: i64,
+    pub updated_ns: i64,
+    pub labels: HashMap<String, String>,
+}
+
+impl Adaptor for Info {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path.first().map(String::as_str) {
+            Some("digest") if path.len() == 1 => Some(self.digest.to_string()),
+            Some("labels") => filter::label_field(path, |k| self.labels.get(k)),
+            _ => None,
+        }
+    }
+}
+
+/// An ingest in progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestStatus {
+    pub reference: String,
+    pub offset: i64,
+    pub total: i64,
+    pub expected: Option<Digest>,
+    pub started_ns: i64,
+    pub updated_ns: i64,
+}
+
+impl Adaptor for IngestStatus {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match (path.len(), path.first().map(String::as_str)) {
+            (1, Some("ref")) => Some(self.reference.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Where a blob's bytes are, for reading.
+#[derive(Debug, Clone, Copy)]
+pub struct BlobLocation {
+    pub extent: u64,
+    pub size: i64,
+}
+
+/// A label update: `None` replaces all labels, otherwise the listed `labels` / `labels.<k>`
+/// paths are applied.
+pub fn validate_labels(labels: &HashMap<String, String>) -> Result<()> {
+    for (k, v) in labels {
+        if k.is_empty() {
+            return Err(Error::invalid("label key must not be empty"));
+        }
+        if k.len() + v.len() > MAX_LABEL_BYTES {
+            return Err(Error::invalid(format!(
+                "label key and value greater than maximum size ({MAX_LABEL_BYTES} bytes), key: {}",
+                k.chars().take(64).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<IngestState>>>;
+
+struct IngestState {
+    rec: IngestRecord,
+    hasher: Hasher,
+}
+
+struct Extents {
+    next: u64,
+    reserved: u64,
+}
+
+pub struct Store {
+    kv: Arc<dyn Kv>,
+    slots: Mutex<HashMap<Vec<u8>, (Slot, Arc<std::sync::atomic::AtomicI64>)>>,
+    digest_locks: Vec<Mutex<()>>,
+    extents: Mutex<Extents>,
+}
+
+impl Store {
+    pub fn open(kv: Arc<dyn Kv>) -> Result<Arc<Store>> {
+        match kv.get(Cf::Meta, META_SCHEMA)? {
+            None => {
+                let mut b = Batch::new();
+                b.put(Cf::Meta, META_SCHEMA, SCHEMA_VERSION);
+                kv.write(b, true)?;
+            }
+            Some(v) if v == SCHEMA_VERSION => {}
+            Some(v) => {
+                return Err(Error::precondition(format!(
+                    "data directory has schema version {:?}; this contentd understands {:?}",
+                    String::from_utf8_lossy(&v),
+                    String::from_utf8_lossy(SCHEMA_VERSION)
+                )));
+            }
+        }
+        let reserved = match kv.get(Cf::Meta, META_EXTENTS)? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v.try_into().expect("8 bytes")),
+            Some(_) => return Err(Error::internal("corrupt extent reservation record")),
+            None => 1,
+        };
+        Ok(Arc::new(Store {
+            kv,
+            slots: Mutex::new(HashMap::new()),
+            digest_locks: (0..64).map(|_| Mutex::new(())).collect(),
+            extents: Mutex::new(Extents { next: reserved, reserved }),
+        }))
+    }
+
+    pub fn kv(&self) -> &Arc<dyn Kv> {
+        &self.kv
+    }
+
+    /// A fresh extent id. Ids are reserved in blocks with a synced write before use, so an id
+    /// seen in any durable record can never be handed out again after a restart.
+    fn new_extent(&self) -> Result<u64> {
+        let mut e = self.extents.lock();
+        if e.next >= e.reserved {
+            let reserved = e.next + EXTENT_RESERVATION;
+            let mut b = Batch::new();
+            b.put(Cf::Meta, META_EXTENTS, reserved.to_be_bytes().to_vec());
+            self.kv.write(b, true)?;
+            e.reserved = reserved;
+        }
+        e.next += 1;
+        Ok(e.next - 1)
+    }
+
+    fn digest_lock(&self, d: &Digest) -> parking_lot::MutexGuard<'_, ()> {
+        let k = d.key();
+        let i = k[1..9].iter().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(*b as usize));
+        self.digest_locks[i % self.digest_locks.len()].lock()
+    }
+
+    fn blob(&self, d: &Digest) -> Result<Option<BlobRecord>> {
+        self.kv.get(Cf::Blobs, &d.key())?.map(|v| decode("blob", &v)).transpose()
+    }
+
+    fn link(&self, scope: &Scope, d: &Digest) -> Result<Option<LinkRecord>> {
+        self.kv.get(Cf::Links, &link_key(scope, d))?.map(|v| decode("link", &v)).transpose()
+    }
+
+    fn not_found(d: &Digest) -> Error {
+        Error::not_found(format!("content {d}: not found"))
+    }
+
+    /// Resolves what `scope` may see of `d`. For a tenant any stored blob is visible and
+    /// becomes held by it (so another tenant's delete can never remove it).
+    fn resolve(&self, scope: &Scope, d: &Digest) -> Result<Option<(BlobRecord, LinkRecord)>> {
+        if let Some(link) = self.link(scope, d)? {
+            let blob = self.blob(d)?.ok_or_else(|| Error::internal(format!("link to missing blob {d}")))?;
+            return Ok(Some((blob, link)));
+        }
+        if !scope.is_tenant() {
+            return Ok(None);
+        }
+        let _g = self.digest_lock(d);
+        let Some(blob) = self.blob(d)? else { return Ok(None) };
+        let now = now_ns();
+        let link = LinkRecord { created_ns: blob.created_ns, updated_ns: now, labels: HashMap::new() };
+        let mut b = Batch::new();
+        self.put_link(&mut b, scope, d, &link);
+        self.kv.write(b, false)?;
+        Ok(Some((blob, link)))
+    }
+
+    fn put_link(&self, b: &mut Batch, scope: &Scope, d: &Digest, link: &LinkRecord) {
+        b.put(Cf::Links, link_key(scope, d), link.encode_to_vec());
+        b.put(Cf::Owners, owner_key(d, scope), Vec::new());
+    }
+
+    fn info_of(d: &Digest, blob: &BlobRecord, link: LinkRecord) -> Info {
+        Info {
+            digest: d.clone(),
+            size: blob.size,
+            created_ns: link.created_ns,
+            updated_ns: link.updated_ns,
+            labels: link.labels,
+        }
+    }
+
+    // ---- provider ---------------------------------------------------------------------------
+
+    pub fn info(&self, scope: &Scope, d: &Digest) -> Result<Info> {
+        let (blob, link) = self.resolve(scope, d)?.ok_or_else(|| Self::not_found(d))?;
+        Ok(Self::info_of(d, &blob, link))
+    }
+
+    /// Where to read `d` from, if `scope` can see it.
+    pub fn locate(&self, scope: &Scope, d: &Digest) -> Result<BlobLocation> {
+        let (blob, _) = self.resolve(scope, d)?.ok_or_else(|| Self::not_found(d))?;
+        Ok(BlobLocation { extent: blob.extent, size: blob.size })
+    }
+
+    /// Up to `max` bytes of an extent starting at `offset` (fewer at a chunk boundary).
+    pub fn read_extent(&self, extent: u64, offset: u64, max: usize) -> Result<Vec<u8>> {
+        let (lower, _) = extent_range(extent);
+        let Some((key, mut data)) = self.kv.floor(Cf::Chunks, &chunk_key(extent, offset), &lower)? else {
+            return Err(Error::data_loss(format!("stored bytes missing at offset {offset}")));
+        };
+        let start = u64::from_be_bytes(key[8..16].try_into().expect("16-byte chunk key"));
+        let skip = (offset - start) as usize;
+        if skip >= data.len() {
+            return Err(Error::data_loss(format!("stored bytes missing at offset {offset}")));
+        }
+        let end = data.len().min(skip + max);
+        data.truncate(end);
+        if skip > 0 {
+            data.drain(..skip);
+        }
+        Ok(data)
+    }
+
+    /// Reads `[offset, offset+len)` of an extent, chunk by chunk.
+    pub fn read_range(&self, extent: u64, offset: u64, len: u64, mut sink: impl FnMut(Vec<u8>) -> Result<()>) -> Result<()> {
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let data = self.read_extent(extent, pos, (end - pos).min(CHUNK_SIZE as u64) as usize)?;
+            pos += data.len() as u64;
+            sink(data)?;
+        }
+        Ok(())
+    }
+
+    /// Re-hashes a stored blob and checks it against its digest and size.
+    pub fn verify(&self, d: &Digest) -> Result<()> {
+        let blob = self.blob(d)?.ok_or_else(|| Self::not_found(d))?;
+        let mut h = d.algorithm().hasher();
+        let mut n = 0i64;
+        self.read_range(blob.extent, 0, blob.size as u64, |c| {
+            n += c.len() as i64;
+            h.update(&c);
+            Ok(())
+        })?;
+        if n != blob.size || h.digest() != *d {
+            return Err(Error::data_loss(format!("content {d}: stored bytes do not match the digest")));
+        }
+        Ok(())
+    }
+
+    // ---- manager ----------------------------------------------------------------------------
+
+    /// Applies a label update. `paths` empty means replace all labels.
+    pub fn update(&self, scope: &Scope, d: &Digest, labels: HashMap<String, String>, paths: &[String]) -> Result<Info> {
+        for p in paths {
+            if p != "labels" && !p.starts_with("labels.") {
+                return Err(Error::invalid(format!("cannot update {p:?} field on content info {d:?}")));
+            }
+        }
+        let (blob, mut link) = self.resolve(scope, d)?.ok_or_else(|| Self::not_found(d))?;
+        if paths.is_empty() || paths.iter().any(|p| p == "labels") {
+            link.labels = labels;
+        } else {
+            for p in paths {
+                let key = &p["labels.".len()..];
+                match labels.get(key) {
+                    Some(v) if !v.is_empty() => {
+                        link.labels.insert(key.to_string(), v.clone());
+                    }
+                    _ => {
+                        link.labels.remove(key);
+                    }
+                }
+            }
+        }
+        if !scope.is_tenant() {
+            validate_labels(&link.labels)?;
+        }
+        link.updated_ns = now_ns();
+        let _g = self.digest_lock(d);
+        if self.link(scope, d)?.is_none() {
+            return Err(Self::not_found(d));
+        }
+        let mut b = Batch::new();
+        b.put(Cf::Links, link_key(scope, d), link.encode_to_vec());
+        self.kv.write(b, false)?;
+        Ok(Self::info_of(d, &blob, link))
+    }
+
+    /// Blobs visible to `scope` that match `filter`, in digest-key order, starting after
+    /// `after` (a digest returned earlier), at most `limit`.
+    pub fn list(&self, scope: &Scope, filter: &Filter, after: Option<&Digest>, limit: usize) -> Result<Vec<Info>> {
+        let prefix = scope.prefix();
+        let start = match after {
+            Some(d) => {
+                let mut k = link_key(scope, d);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        let mut err = None;
+        self.kv.scan(Cf::Links, &start, &prefix_end(&prefix), &mut |k, v| {
+            let r = (|| -> Result<Option<Info>> {
+                let (d, _) = Digest::from_key(&k[prefix.len()..]).ok_or_else(|| Error::internal("corrupt link key"))?;
+                let link: LinkRecord = decode("link", v)?;
+                let Some(blob) = self.blob(&d)? else { return Ok(None) };
+                let info = Self::info_of(&d, &blob, link);
+                Ok(filter.matches(&info).then_some(info))
+            })();
+            match r {
+                Ok(Some(info)) => out.push(info),
+                Ok(None) => {}
+                Err(e) => {
+                    err = Some(e);
+                    return false;
+                }
+            }
+            out.len() < limit
+        })?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Removes `d` from `scope`. The bytes go when no scope links the blob any more.
+    /// Returns whether a link existed.
+    pub fn delete(&self, scope: &Scope, d: &Digest) -> Result<bool> {
+        let _g = self.digest_lock(d);
+        if self.link(scope, d)?.is_none() {
+            return Ok(false);
+        }
+        let mut b = Batch::new();
+        b.delete(Cf::Links, link_key(scope, d));
+        b.delete(Cf::Owners, owner_key(d, scope));
+        let own = owner_key(d, scope);
+        let dk = d.key();
+        let mut others = false;
+        self.kv.scan(Cf::Owners, &dk, &prefix_end(&dk), &mut |k, _| {
+            others = k != own.as_slice();
+            !others
+        })?;
+        if !others {
+            if let Some(blob) = self.blob(d)? {
+                let (from, to) = extent_range(blob.extent);
+                b.delete(Cf::Blobs, dk);
+                b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+            }
+        }
+        self.kv.write(b, true)?;
+        Ok(true)
+    }
+
+    /// Every scope that links `d`.
+    pub fn owners(&self, d: &Digest) -> Result<Vec<Scope>> {
+        let dk = d.key();
+        let mut out = Vec::new();
+        self.kv.scan(Cf::Owners, &dk, &prefix_end(&dk), &mut |k, _| {
+            if let Some(s) = Scope::from_tag(&k[dk.len()..]) {
+                out.push(s);
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
+    // ---- ingests ----------------------------------------------------------------------------
+
+    fn ingest_record(&self, scope: &Scope, r: &str) -> Result<Option<IngestRecord>> {
+        self.kv.get(Cf::Ingests, &ingest_key(scope, r))?.map(|v| decode("ingest", &v)).transpose()
+    }
+
+    fn status_of(reference: String, rec: &IngestRecord) -> IngestStatus {
+        IngestStatus {
+            reference,
+            offset: rec.offset,
+            total: rec.total,
+            expected: Digest::parse(&rec.expected).ok(),
+            started_ns: rec.started_ns,
+            updated_ns: rec.updated_ns,
+        }
+    }
+
+    pub fn status(&self, scope: &Scope, r: &str) -> Result<IngestStatus> {
+        let rec = self
+            .ingest_record(scope, r)?
+            .ok_or_else(|| Error::not_found(format!("could not get status for ref {r:?}: not found")))?;
+        Ok(Self::status_of(r.to_string(), &rec))
+    }
+
+    pub fn list_statuses(&self, scope: &Scope, filter: &Filter) -> Result<Vec<IngestStatus>> {
+        let prefix = scope.prefix();
+        let mut out = Vec::new();
+        let mut bad = 0usize;
+        self.kv.scan(Cf::Ingests, &prefix, &prefix_end(&prefix), &mut |k, v| {
+            // A record that cannot be read is skipped, never fatal to the whole listing.
+            match (std::str::from_utf8(&k[prefix.len()..]), IngestRecord::decode(v)) {
+                (Ok(r), Ok(rec)) => {
+                    let st = Self::status_of(r.to_string(), &rec);
+                    if filter.matches(&st) {
+                        out.push(st);
+                    }
+                }
+                _ => bad += 1,
+            }
+            true
+        })?;
+        if bad > 0 {
+            tracing::warn!(skipped = bad, "unreadable ingest records skipped");
+        }
+        Ok(out)
+    }
+
+    /// Drops an ingest and its bytes. Waits briefly for a live writer to let go.
+    /// Returns whether the ingest existed.
+    pub async fn abort(self: &Arc<Self>, scope: &Scope, r: &str) -> Result<bool> {
+        let key = ingest_key(scope, r);
+        let mut guard = self.lock_slot(&key, r).await?;
+        let store = self.clone();
+        let scope = scope.clone();
+        let r = r.to_string();
+        tokio::task::spawn_blocking(move || {
+            let rec = match guard.as_ref() {
+                Some(st) => Some(st.rec.clone()),
+                None => store.ingest_record(&scope, &r)?,
+            };
+            let Some(rec) = rec else { return Ok(false) };
+            let mut b = Batch::new();
+            b.delete(Cf::Ingests, key.clone());
+            let (from, to) = extent_range(rec.extent);
+            b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+            store.kv.write(b, true)?;
+            *guard = None;
+            store.release_slot(&key);
+            Ok(true)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("abort task failed: {e}")))?
+    }
+
+    fn release_slot(&self, key: &[u8]) {
+        self.slots.lock().remove(key);
+    }
+
+    /// Takes the exclusive lock on an ingest ref, retrying for [`LOCK_WAIT`].
+    async fn lock_slot(&self, key: &[u8], r: &str) -> Result<OwnedMutexGuard<Option<IngestState>>> {
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let (slot, since) = {
+                let mut slots = self.slots.lock();
+                let entry = slots.entry(key.to_vec()).or_insert_with(|| {
+                    (Arc::new(tokio::sync::Mutex::new(None)), Arc::new(std::sync::atomic::AtomicI64::new(0)))
+                });
+                (entry.0.clone(), entry.1.clone())
+            };
+            if let Ok(guard) = slot.clone().try_lock_owned() {
+                // The slot may have been retired (commit/abort) between lookup and lock; only
+                // the slot still registered for this key may be used, or two writers could
+                // share a ref.
+                let current = self.slots.lock().get(key).map(|e| Arc::ptr_eq(&e.0, &slot)).unwrap_or(false);
+                if current {
+                    since.store(now_ns(), std::sync::atomic::Ordering::Relaxed);
+                    return Ok(guard);
+                }
+                continue;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let t = since.load(std::sync::atomic::Ordering::Relaxed);
+                let held = Duration::from_nanos((now_ns() - t).max(0) as u64);
+                return Err(Error::unavailable(format!(
+                    "ref {r} locked for {:.3}s (since {}): another writer holds it",
+                    held.as_secs_f64(),
+                    fmt_ns(t)
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Opens (or resumes) the ingest `r` in `scope` for exclusive writing.
+    pub async fn open_writer(
+        self: &Arc<Self>,
+        scope: Scope,
+        r: &str,
+        total: i64,
+        expected: Option<Digest>,
+    ) -> Result<Writer> {
+        if r.is_empty() {
+            return Err(Error::invalid("ingest ref must not be empty"));
+        }
+        if let Some(d) = &expected {
+            let store = self.clone();
+            let (s, d2) = (scope.clone(), d.clone());
+            if blocking(move || store.resolve(&s, &d2)).await?.is_some() {
+                return Err(Error::exists(format!("content {d}: already exists")));
+            }
+        }
+        let key = ingest_key(&scope, r);
+        let guard = self.lock_slot(&key, r).await?;
+        let store = self.clone();
+        let r = r.to_string();
+        blocking(move || store.load_writer(guard, scope, key, r, total, expected)).await
+    }
+
+    fn load_writer(
+        self: Arc<Self>,
+        mut guard: OwnedMutexGuard<Option<IngestState>>,
+        scope: Scope,
+        key: Vec<u8>,
+        r: String,
+        total: i64,
+        expected: Option<Digest>,
+    ) -> Result<Writer> {
+        if guard.is_none() {
+            *guard = match self.ingest_record(&scope, &r)? {
+                Some(rec) => {
+                    // Resume after a restart (or an evicted slot): the running hash is rebuilt
+                    // from the durable bytes.
+                    let algo = Digest::parse(&rec.expected).map(|d| d.algorithm()).unwrap_or(Algorithm::Sha256);
+                    let hasher = self.rehash(&rec, algo)?;
+                    Some(IngestState { rec, hasher })
+                }
+                None => None,
+            };
+        }
+        let mut w = Writer { store: self.clone(), scope: scope.clone(), key, reference: r, total, guard };
+        match w.guard.as_mut() {
+            Some(st) => {
+                if total > 0 && st.rec.total > 0 && total != st.rec.total && st.rec.shared.is_empty() {
+                    // A different size was asked for: restart from zero rather than mixing data.
+                    w.truncate()?;
+                }
+                let st = w.guard.as_mut().expect("loaded");
+                if total > 0 {
+                    st.rec.total = total;
+                }
+                w.total = st.rec.total;
+            }
+            None => {
+                let now = now_ns();
+                let algo = expected.as_ref().map(|d| d.algorithm()).unwrap_or(Algorithm::Sha256);
+                let mut rec = IngestRecord {
+                    extent: self.new_extent()?,
+                    offset: 0,
+                    total,
+                    expected: expected.as_ref().map(|d| d.to_string()).unwrap_or_default(),
+                    started_ns: now,
+                    updated_ns: now,
+                    shared: String::new(),
+                };
+                // containerd's shared policy: a namespace opening a writer for a blob another
+                // namespace already has sees it complete without uploading it again.
+                if let (Scope::Namespace(_), Some(d)) = (&scope, &expected) {
+                    if let Some(blob) = self.blob(d)? {
+                        if total == 0 || total == blob.size {
+                            rec.shared = d.to_string();
+                            rec.offset = blob.size;
+                            rec.total = blob.size;
+                        }
+                    }
+                }
+                let mut b = Batch::new();
+                b.put(Cf::Ingests, w.key.clone(), rec.encode_to_vec());
+                self.kv.write(b, false)?;
+                w.total = rec.total;
+                *w.guard = Some(IngestState { rec, hasher: algo.hasher() });
+            }
+        }
+        Ok(w)
+    }
+
+    fn rehash(&self, rec: &IngestRecord, algo: Algorithm) -> Result<Hasher> {
+        let mut h = algo.hasher();
+        if rec.shared.is_empty() {
+            self.read_range(rec.extent, 0, rec.offset as u64, |c| {
+                h.update(&c);
+                Ok(())
+            })?;
+        } else {
+            let d = Digest::parse(&rec.shared)?;
+            let blob = self.blob(&d)?.ok_or_else(|| Self::not_found(&d))?;
+            self.read_range(blob.extent, 0, blob.size as u64, |c| {
+                h.update(&c);
+                Ok(())
+            })?;
+        }
+        Ok(h)
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::internal(format!("storage task failed: {e}")))?
+}
+
+pub fn fmt_ns(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let nanos = ns.rem_euclid(1_000_000_000);
+    format!("{secs}.{nanos:09}")
+}
+
+/// Exclusive handle on one ingest. Dropping it leaves the ingest resumable.
+pub struct Writer {
+    store: Arc<Store>,
+    scope: Scope,
+    key: Vec<u8>,
+    reference: String,
+    /// The size to verify at commit, as known to this stream.
+    total: i64,
+    guard: OwnedMutexGuard<Option<IngestState>>,
+}
+
+/// What a writer reports after every step.
+#[derive(Debug, Clone)]
+pub struct WriterStatus {
+    pub offset: i64,
+    pub total: i64,
+    pub started_ns: i64,
+    pub updated_ns: i64,
+    pub digest: Digest,
+}
+
+impl Writer {
+    fn state(&mut self) -> Result<&mut IngestState> {
+        self.guard.as_mut().ok_or_else(|| Error::not_found(format!("ingest {:?} is gone", self.reference)))
+    }
+
+    pub fn reference(&self) -> &str {
+        &self.reference
+    }
+
+    pub fn status(&mut self) -> Result<WriterStatus> {
+        let total = self.total;
+        let st = self.state()?;
+        let digest = if st.rec.shared.is_empty() { st.hasher.digest() } else { Digest::parse(&st.rec.shared)? };
+        Ok(WriterStatus {
+            offset: st.rec.offset,
+            total,
+            started_ns: st.rec.started_ns,
+            updated_ns: st.rec.updated_ns,
+            digest,
+        })
+    }
+
+    pub fn set_total(&mut self, total: i64) {
+        if total > 0 {
+            self.total = total;
+        }
+    }
+
+    /// Records the digest the commit must produce. If it is already visible to this scope the
+    /// ingest is pointless: it is aborted and the caller gets AlreadyExists.
+    pub fn set_expected(&mut self, d: Digest) -> Result<()> {
+        if self.store.resolve(&self.scope, &d)?.is_some() {
+            self.discard()?;
+            return Err(Error::exists(format!("content {d}: already exists")));
+        }
+        let st = self.state()?;
+        st.rec.expected = d.to_string();
+        Ok(())
+    }
+
+    fn persist(&mut self, mut b: Batch) -> Result<()> {
+        let key = self.key.clone();
+        let st = self.state()?;
+        b.put(Cf::Ingests, key, st.rec.encode_to_vec());
+        let kv = self.store.kv.clone();
+        kv.write(b, false)
+    }
+
+    /// Drops all data and restarts the ingest at offset zero (in a fresh extent).
+    fn truncate(&mut self) -> Result<()> {
+        let extent = self.store.new_extent()?;
+        let st = self.state()?;
+        let mut b = Batch::new();
+        if st.rec.shared.is_empty() {
+            let (from, to) = extent_range(st.rec.extent);
+            b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+        }
+        st.rec.extent = extent;
+        st.rec.offset = 0;
+        st.rec.shared.clear();
+        st.rec.updated_ns = now_ns();
+        st.hasher = st.hasher.algorithm().hasher();
+        self.persist(b)
+    }
+
+    /// A shared ingest gets bytes of its own before it is appended to.
+    fn unshare(&mut self) -> Result<()> {
+        let st = self.state()?;
+        if st.rec.shared.is_empty() {
+            return Ok(());
+        }
+        let d = Digest::parse(&st.rec.shared)?;
+        let store = self.store.clone();
+        let blob = store.blob(&d)?.ok_or_else(|| Store::not_found(&d))?;
+        let extent = store.new_extent()?;
+        let mut b = Batch::new();
+        let mut off = 0u64;
+        store.read_range(blob.extent, 0, blob.size as u64, |c| {
+            let len = c.len() as u64;
+            b.put(Cf::Chunks, chunk_key(extent, off).to_vec(), c);
+            off += len;
+            Ok(())
+        })?;
+        let st = self.state()?;
+        st.rec.extent = extent;
+        st.rec.offset = blob.size;
+        st.rec.shared.clear();
+        st.hasher = store.rehash(&st.rec, st.hasher.algorithm())?;
+        self.persist(b)
+    }
+
+    /// Appends `data` at `offset`, following containerd's rules: an offset of zero on an ingest
+    /// that has data restarts it; any other offset must be the current one.
+    pub fn write(&mut self, offset: i64, data: &[u8]) -> Result<()> {
+        let current = self.state()?.rec.offset;
+        if offset > 0 && offset != current {
+            return Err(Error::out_of_range(format!("write @{offset} must occur at current offset {current}")));
+        }
+        if offset == 0 && current > 0 {
+            self.truncate()?;
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.unshare()?;
+        let st = self.state()?;
+        let mut b = Batch::new();
+        let mut pos = st.rec.offset as u64;
+        for piece in data.chunks(CHUNK_SIZE) {
+            b.put(Cf::Chunks, chunk_key(st.rec.extent, pos).to_vec(), piece.to_vec());
+            pos += piece.len() as u64;
+        }
+        st.hasher.update(data);
+        st.rec.offset = pos as i64;
+        st.rec.updated_ns = now_ns();
+        self.persist(b)
+    }
+
+    /// Drops the ingest and its bytes.
+    fn discard(&mut self) -> Result<()> {
+        let Some(st) = self.guard.as_ref() else { return Ok(()) };
+        let mut b = Batch::new();
+        b.delete(Cf::Ingests, self.key.clone());
+        if st.rec.shared.is_empty() {
+            let (from, to) = extent_range(st.rec.extent);
+            b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+        }
+        self.store.kv.write(b, true)?;
+        *self.guard = None;
+        self.store.release_slot(&self.key);
+        Ok(())
+    }
+
+    /// Verifies the ingest against `size` (if > 0) and `expected` (if given) and makes it a
+    /// blob visible to this scope. On a size or digest mismatch the ingest is kept.
+    pub fn commit(&mut self, size: i64, expected: Option<Digest>, labels: Option<HashMap<String, String>>) -> Result<Info> {
+        let size = if size > 0 { size } else { self.total };
+        if let (false, Some(l)) = (self.scope.is_tenant(), labels.as_ref()) {
+            validate_labels(l)?;
+        }
+        let expected = match expected {
+            Some(d) => Some(d),
+            None => Digest::parse(&self.state()?.rec.expected).ok(),
+        };
+        let store = self.store.clone();
+        let st = self.state()?;
+        if size > 0 && st.rec.offset != size {
+            return Err(Error::precondition(format!(
+                "unexpected commit size {}, expected {size}",
+                st.rec.offset
+            )));
+        }
+        let actual = if let Ok(shared) = Digest::parse(&st.rec.shared) {
+            shared
+        } else {
+            match &expected {
+                Some(e) if e.algorithm() != st.hasher.algorithm() => {
+                    st.hasher = store.rehash(&st.rec, e.algorithm())?;
+                    st.hasher.digest()
+                }
+                _ => st.hasher.digest(),
+            }
+        };
+        if let Some(e) = &expected {
+            if *e != actual {
+                return Err(Error::precondition(format!("unexpected commit digest {actual}, expected {e}")));
+            }
+        }
+        let rec = st.rec.clone();
+        let now = now_ns();
+        let link = LinkRecord { created_ns: now, updated_ns: now, labels: labels.unwrap_or_default() };
+        let scope = self.scope.clone();
+        let outcome = {
+            let _g = store.digest_lock(&actual);
+            let mut b = Batch::new();
+            b.delete(Cf::Ingests, self.key.clone());
+            let existing = store.blob(&actual)?;
+            match existing {
+                Some(blob) => {
+                    if rec.shared.is_empty() {
+                        let (from, to) = extent_range(rec.extent);
+                        b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+                    }
+                    let linked = store.link(&scope, &actual)?;
+                    if linked.is_none() {
+                        store.put_link(&mut b, &scope, &actual, &link);
+                    }
+                    store.kv.write(b, true)?;
+                    if linked.is_some() || scope.is_tenant() {
+                        Err(Error::exists(format!("content {actual}: already exists")))
+                    } else {
+                        Ok(Store::info_of(&actual, &blob, link))
+                    }
+                }
+                None if !rec.shared.is_empty() => {
+                    store.kv.write(b, true)?;
+                    Err(Error::precondition(format!(
+                        "content {actual} was removed while a shared ingest of it was open; write it again"
+                    )))
+                }
+                None => {
+                    let blob = BlobRecord { extent: rec.extent, size: rec.offset, created_ns: now };
+                    b.put(Cf::Blobs, actual.key(), blob.encode_to_vec());
+                    store.put_link(&mut b, &scope, &actual, &link);
+                    store.kv.write(b, true)?;
+                    Ok(Store::info_of(&actual, &blob, link))
+                }
+            }
+        };
+        *self.guard = None;
+        store.release_slot(&self.key);
+        outcome
+    }
+}
+
+/// Whether an error says the thing already exists (for callers that treat it as success).
+pub fn is_exists(e: &Error) -> bool {
+    e.is(Kind::AlreadyExists)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,48 @@
+//! Value encodings of the metadata column families (prost messages: compact, and new fields
+//! can be added without a migration).
+
+use std::collections::HashMap;
+
+/// `blobs[dk]`: a committed blob. Its bytes live in `chunks` under `extent`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BlobRecord {
+    #[prost(uint64, tag = "1")]
+    pub extent: u64,
+    #[prost(int64, tag = "2")]
+    pub size: i64,
+    #[prost(int64, tag = "3")]
+    pub created_ns: i64,
+}
+
+/// `links[scope ‖ 0 ‖ dk]`: a blob as one namespace (or backend tenant) sees it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinkRecord {
+    #[prost(int64, tag = "1")]
+    pub created_ns: i64,
+    #[prost(int64, tag = "2")]
+    pub updated_ns: i64,
+    #[prost(map = "string, string", tag = "3")]
+    pub labels: HashMap<String, String>,
+}
+
+/// `ingests[scope ‖ 0 ‖ ref]`: an ingest in progress; its bytes so far live in `chunks` under
+/// `extent` at `[0, offset)`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IngestRecord {
+    #[prost(uint64, tag = "1")]
+    pub extent: u64,
+    #[prost(int64, tag = "2")]
+    pub offset: i64,
+    #[prost(int64, tag = "3")]
+    pub total: i64,
+    #[prost(string, tag = "4")]
+    pub expected: String,
+    #[prost(int64, tag = "5")]
+    pub started_ns: i64,
+    #[prost(int64, tag = "6")]
+    pub updated_ns: i64,
+    /// Set while the ingest only shadows an existing blob (containerd's "shared ingest"): it
+    /// has no bytes of its own until the client writes.
+    #[prost(string, tag = "7")]
+    pub shared: String,
+}

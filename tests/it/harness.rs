@@ -1,0 +1,214 @@
+//! Starts the real `contentd` binary on temporary sockets and hands out clients.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use contentd::api::pb::containerd::services::content::v1 as pb;
+use contentd::client::{Namespace, connect_unix};
+use contentd::digest::{Algorithm, Digest};
+use tonic::codegen::InterceptedService;
+use tonic::transport::Channel;
+
+pub type Client = pb::content_client::ContentClient<InterceptedService<Channel, Namespace>>;
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub client_sock: PathBuf,
+    pub backend_sock: PathBuf,
+    pub other_sock: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        let tmp = tempfile::Builder::new().prefix("contentd-it").tempdir_in("/tmp").unwrap();
+        let mut d = Daemon::start_in(tmp.path());
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Starts (or restarts) a daemon whose data and sockets live under `dir`.
+    pub fn start_in(dir: &Path) -> Daemon {
+        let d = Daemon {
+            child: None,
+            dir: dir.to_path_buf(),
+            client_sock: dir.join("c.sock"),
+            backend_sock: dir.join("b.sock"),
+            other_sock: dir.join("o.sock"),
+            _tmp: None,
+        };
+        d.spawn()
+    }
+
+    fn spawn(mut self) -> Daemon {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_contentd"))
+            .arg("serve")
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--socket")
+            .arg(&self.client_sock)
+            .arg("--backend-socket")
+            .arg(&self.backend_sock)
+            .arg("--backend-socket")
+            .arg(format!("other={}", self.other_sock.display()))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning contentd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for s in [&self.client_sock, &self.backend_sock, &self.other_sock] {
+            while std::os::unix::net::UnixStream::connect(s).is_err() {
+                if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                    panic!("contentd exited early ({st}): {}", self.log());
+                }
+                assert!(Instant::now() < deadline, "contentd did not listen on {}", s.display());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let st = c.wait().unwrap();
+            assert!(st.success(), "contentd exited with {st}: {}", self.log());
+        }
+    }
+
+    pub fn restart(mut self) -> Daemon {
+        self.stop();
+        self.spawn()
+    }
+
+    pub async fn client(&self, ns: Option<&str>) -> Client {
+        connect(&self.client_sock, ns).await
+    }
+
+    pub async fn backend(&self) -> Client {
+        connect(&self.backend_sock, None).await
+    }
+
+    pub async fn other(&self) -> Client {
+        connect(&self.other_sock, None).await
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub async fn connect(sock: &Path, ns: Option<&str>) -> Client {
+    let ch = connect_unix(sock).await.unwrap();
+    pb::content_client::ContentClient::with_interceptor(ch, Namespace::new(ns).unwrap())
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20)
+}
+
+pub fn sha(data: &[u8]) -> Digest {
+    Digest::of(Algorithm::Sha256, data)
+}
+
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `msgs` on one Write stream and collects one result per response, stopping at the
+/// first error.
+pub async fn write_msgs(c: &mut Client, msgs: Vec<pb::WriteContentRequest>) -> Vec<Result<pb::WriteContentResponse, tonic::Status>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(msgs.len() + 1);
+    let mut out = Vec::new();
+    let mut stream = match c.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+        Ok(s) => s.into_inner(),
+        Err(e) => return vec![Err(e)],
+    };
+    for m in msgs {
+        tx.send(m).await.unwrap();
+        match stream.message().await {
+            Ok(Some(r)) => out.push(Ok(r)),
+            Ok(None) => break,
+            Err(e) => {
+                out.push(Err(e));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    out
+}
+
+pub fn commit_msg(r: &str, data: &[u8], labels: &[(&str, &str)]) -> pb::WriteContentRequest {
+    pb::WriteContentRequest {
+        action: pb::WriteAction::Commit as i32,
+        r#ref: r.into(),
+        total: data.len() as i64,
+        expected: sha(data).to_string(),
+        data: data.to_vec().into(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    }
+}
+
+/// Writes a whole blob in one COMMIT message.
+pub async fn put(c: &mut Client, r: &str, data: &[u8]) -> Result<pb::WriteContentResponse, tonic::Status> {
+    write_msgs(c, vec![commit_msg(r, data, &[])]).await.pop().unwrap()
+}
+
+pub async fn read(c: &mut Client, d: &str, offset: i64, size: i64) -> Result<(Vec<u8>, Vec<(i64, usize)>), tonic::Status> {
+    let mut s = c.read(pb::ReadContentRequest { digest: d.into(), offset, size }).await?.into_inner();
+    let mut data = Vec::new();
+    let mut msgs = Vec::new();
+    while let Some(m) = s.message().await? {
+        msgs.push((m.offset, m.data.len()));
+        data.extend_from_slice(&m.data);
+    }
+    Ok((data, msgs))
+}
+
+pub async fn list(c: &mut Client, filters: &[&str]) -> Result<Vec<Vec<pb::Info>>, tonic::Status> {
+    let mut s = c.list(pb::ListContentRequest { filters: filters.iter().map(|f| f.to_string()).collect() }).await?.into_inner();
+    let mut batches = Vec::new();
+    while let Some(m) = s.message().await? {
+        batches.push(m.info);
+    }
+    Ok(batches)
+}
+
+pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(_) => tonic::Code::Ok,
+        Err(e) => e.code(),
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests: each drives the real `contentd` daemon over its unix sockets.
+
+mod backend;
+mod content;
+mod durability;
+mod errors;
+mod harness;
+mod tools;
