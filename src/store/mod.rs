@@ -672,7 +672,7 @@ impl Store {
                 None => None,
             };
         }
-        let mut w = Writer { store: self.clone(), scope: scope.clone(), key, reference: r, total, guard };
+        let mut w = Writer { store: self.clone(), scope: scope.clone(), key, reference: r, total, expected: expected.clone(), guard };
         match w.guard.as_mut() {
             Some(st) => {
                 if total > 0 && st.rec.total > 0 && total != st.rec.total && st.rec.shared.is_empty() {
@@ -755,6 +755,9 @@ pub struct Writer {
     reference: String,
     /// The size to verify at commit, as known to this stream.
     total: i64,
+    /// The digest to verify at commit, as known to this stream (containerd keeps it per
+    /// stream: a later stream on the same ref starts without it).
+    expected: Option<Digest>,
     guard: OwnedMutexGuard<Option<IngestState>>,
 }
 
@@ -803,8 +806,7 @@ impl Writer {
             self.discard()?;
             return Err(Error::exists(format!("content {d}: already exists")));
         }
-        let st = self.state()?;
-        st.rec.expected = d.to_string();
+        self.expected = Some(d);
         Ok(())
     }
 
@@ -845,7 +847,9 @@ impl Writer {
         let extent = store.new_extent()?;
         let mut b = Batch::new();
         let mut off = 0u64;
+        let mut hasher = self.state()?.hasher.algorithm().hasher();
         store.read_range(blob.extent, 0, blob.size as u64, |c| {
+            hasher.update(&c);
             let len = c.len() as u64;
             b.put(Cf::Chunks, chunk_key(extent, off).to_vec(), c);
             off += len;
@@ -855,7 +859,7 @@ impl Writer {
         st.rec.extent = extent;
         st.rec.offset = blob.size;
         st.rec.shared.clear();
-        st.hasher = store.rehash(&st.rec, st.hasher.algorithm())?;
+        st.hasher = hasher;
         self.persist(b)
     }
 
@@ -908,10 +912,7 @@ impl Writer {
         if let (false, Some(l)) = (self.scope.is_tenant(), labels.as_ref()) {
             validate_labels(l)?;
         }
-        let expected = match expected {
-            Some(d) => Some(d),
-            None => Digest::parse(&self.state()?.rec.expected).ok(),
-        };
+        let expected = expected.or_else(|| self.expected.clone());
         let store = self.store.clone();
         let st = self.state()?;
         if size > 0 && st.rec.offset != size {
