@@ -78,8 +78,12 @@ pub fn pid_of_socket(path: &Path) -> Option<u32> {
         })
         .collect();
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             if let Ok(target) = std::fs::read_link(fd.path()) {
                 let t = target.to_string_lossy();
@@ -94,7 +98,12 @@ pub fn pid_of_socket(path: &Path) -> Option<u32> {
 
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+    s.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Samples a process's RSS every 20 ms until dropped; reports the maximum in MiB.
@@ -117,7 +126,10 @@ impl RssSampler {
                 }
             }
         });
-        Some(RssSampler { stop: Some(tx), handle })
+        Some(RssSampler {
+            stop: Some(tx),
+            handle,
+        })
     }
     async fn finish(mut self) -> f64 {
         let _ = self.stop.take().map(|s| s.send(()));
@@ -156,12 +168,25 @@ async fn write_small(client: &mut Client, r: String, data: Vec<u8>) -> anyhow::R
 }
 
 /// Streams a large blob in 1 MiB WRITE messages, then commits.
-async fn write_large(client: &mut Client, r: String, chunks: Arc<Vec<Vec<u8>>>, d: Digest) -> anyhow::Result<()> {
+async fn write_large(
+    client: &mut Client,
+    r: String,
+    chunks: Arc<Vec<Vec<u8>>>,
+    d: Digest,
+) -> anyhow::Result<()> {
     let total: i64 = chunks.iter().map(|c| c.len() as i64).sum();
     let (tx, rx) = mpsc::channel(4);
-    let mut resp = client.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-    tx.send(pb::WriteContentRequest { action: pb::WriteAction::Stat as i32, r#ref: r, total, ..Default::default() })
-        .await?;
+    let mut resp = client
+        .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tx.send(pb::WriteContentRequest {
+        action: pb::WriteAction::Stat as i32,
+        r#ref: r,
+        total,
+        ..Default::default()
+    })
+    .await?;
     resp.message().await?.context("no STAT response")?;
     // Pipelined: keep a few messages in flight, as a streaming client does.
     let producer = tokio::spawn(async move {
@@ -202,7 +227,14 @@ async fn write_large(client: &mut Client, r: String, chunks: Arc<Vec<Vec<u8>>>, 
 }
 
 async fn read_all(client: &mut Client, d: &Digest, offset: i64, size: i64) -> anyhow::Result<u64> {
-    let mut s = client.read(pb::ReadContentRequest { digest: d.to_string(), offset, size }).await?.into_inner();
+    let mut s = client
+        .read(pb::ReadContentRequest {
+            digest: d.to_string(),
+            offset,
+            size,
+        })
+        .await?
+        .into_inner();
     let mut n = 0u64;
     while let Some(m) = s.message().await? {
         n += m.data.len() as u64;
@@ -211,7 +243,11 @@ async fn read_all(client: &mut Client, d: &Digest, offset: i64, size: i64) -> an
 }
 
 /// Runs `total` operations over `conc` workers; returns elapsed time and sorted latencies.
-async fn concurrent<F, Fut>(conc: usize, total: usize, op: F) -> anyhow::Result<(Duration, Vec<Duration>)>
+async fn concurrent<F, Fut>(
+    conc: usize,
+    total: usize,
+    op: F,
+) -> anyhow::Result<(Duration, Vec<Duration>)>
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
@@ -251,9 +287,19 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(16 << 20);
     let pid = opts.pid.or_else(|| pid_of_socket(&opts.socket));
-    let target = opts.label.clone().unwrap_or_else(|| opts.socket.display().to_string());
-    eprintln!("bench: {target} (server pid {})", pid.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into()));
-    let mut report = Report { target, ..Default::default() };
+    let target = opts
+        .label
+        .clone()
+        .unwrap_or_else(|| opts.socket.display().to_string());
+    eprintln!(
+        "bench: {target} (server pid {})",
+        pid.map(|p| p.to_string())
+            .unwrap_or_else(|| "unknown".into())
+    );
+    let mut report = Report {
+        target,
+        ..Default::default()
+    };
     let run_id: u64 = rand::rng().random();
     let mut rng = rand::rngs::StdRng::seed_from_u64(run_id);
     let mut written: Vec<Digest> = Vec::new();
@@ -279,7 +325,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
 
     let s = RssSampler::start(pid);
     let t = Instant::now();
-    write_large(&mut client.clone(), format!("bench-large-{run_id}"), chunks.clone(), big.clone()).await?;
+    write_large(
+        &mut client.clone(),
+        format!("bench-large-{run_id}"),
+        chunks.clone(),
+        big.clone(),
+    )
+    .await?;
     report.large_write_mib_s = bytes / t.elapsed().as_secs_f64();
     report.rss_large_write_mib = finish(s).await;
     written.push(big.clone());
@@ -299,7 +351,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     // 4 KiB blobs.
     let small = Arc::new(tokio::sync::Mutex::new(Vec::new()));
     for conc in [1usize, 16] {
-        let count = if conc == 1 { opts.small_count / 4 } else { opts.small_count };
+        let count = if conc == 1 {
+            opts.small_count / 4
+        } else {
+            opts.small_count
+        };
         let (c, sm) = (client.clone(), small.clone());
         let (el, lat) = concurrent(conc, count, move |i| {
             let mut c = c.clone();
@@ -307,7 +363,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             async move {
                 let mut data = vec![0u8; 4096];
                 rand::rng().fill_bytes(&mut data);
-                let d = write_small(&mut c, format!("bench-small-{run_id}-{conc}-{i}"), data).await?;
+                let d =
+                    write_small(&mut c, format!("bench-small-{run_id}-{conc}-{i}"), data).await?;
                 sm.lock().await.push(d);
                 Ok(())
             }
@@ -316,16 +373,28 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         let rate = count as f64 / el.as_secs_f64();
         let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
         if conc == 1 {
-            (report.small_writes_c1_per_s, report.small_writes_c1_p50_ms, report.small_writes_c1_p99_ms) = (rate, p50, p99);
+            (
+                report.small_writes_c1_per_s,
+                report.small_writes_c1_p50_ms,
+                report.small_writes_c1_p99_ms,
+            ) = (rate, p50, p99);
         } else {
-            (report.small_writes_c16_per_s, report.small_writes_c16_p50_ms, report.small_writes_c16_p99_ms) = (rate, p50, p99);
+            (
+                report.small_writes_c16_per_s,
+                report.small_writes_c16_p50_ms,
+                report.small_writes_c16_p99_ms,
+            ) = (rate, p50, p99);
         }
         eprintln!("  4 KiB writes c={conc}: {rate:.0}/s p50 {p50:.2} ms p99 {p99:.2} ms");
     }
     let small: Vec<Digest> = std::mem::take(&mut *small.lock().await);
 
     // Random 1 MiB ranged reads of the large blob.
-    let (c, b2, max) = (client.clone(), big.clone(), (opts.large_mib.saturating_sub(1) << 20) as i64);
+    let (c, b2, max) = (
+        client.clone(),
+        big.clone(),
+        (opts.large_mib.saturating_sub(1) << 20) as i64,
+    );
     let (el, lat) = concurrent(4, opts.ranged_reads, move |_| {
         let (mut c, b) = (c.clone(), b2.clone());
         async move {
@@ -339,8 +408,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     })
     .await?;
     report.ranged_reads_per_s = opts.ranged_reads as f64 / el.as_secs_f64();
-    (report.ranged_read_p50_ms, report.ranged_read_p99_ms) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
-    eprintln!("  ranged 1 MiB reads: {:.0}/s p99 {:.2} ms", report.ranged_reads_per_s, report.ranged_read_p99_ms);
+    (report.ranged_read_p50_ms, report.ranged_read_p99_ms) =
+        (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    eprintln!(
+        "  ranged 1 MiB reads: {:.0}/s p99 {:.2} ms",
+        report.ranged_reads_per_s, report.ranged_read_p99_ms
+    );
 
     // Info.
     let (c, ds) = (client.clone(), Arc::new(small.clone()));
@@ -348,18 +421,28 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         let (mut c, ds) = (c.clone(), ds.clone());
         async move {
             let d = &ds[i % ds.len()];
-            c.info(pb::InfoRequest { digest: d.to_string() }).await?;
+            c.info(pb::InfoRequest {
+                digest: d.to_string(),
+            })
+            .await?;
             Ok(())
         }
     })
     .await?;
     report.info_per_s = opts.info_calls as f64 / el.as_secs_f64();
     report.info_p99_ms = percentile(&lat, 0.99);
-    eprintln!("  info: {:.0}/s p99 {:.2} ms", report.info_per_s, report.info_p99_ms);
+    eprintln!(
+        "  info: {:.0}/s p99 {:.2} ms",
+        report.info_per_s, report.info_p99_ms
+    );
 
     // List everything visible.
     let t = Instant::now();
-    let mut s = client.clone().list(pb::ListContentRequest { filters: vec![] }).await?.into_inner();
+    let mut s = client
+        .clone()
+        .list(pb::ListContentRequest { filters: vec![] })
+        .await?
+        .into_inner();
     let mut entries = 0;
     while let Some(m) = s.message().await? {
         entries += m.info.len();
@@ -368,36 +451,111 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     report.list_entries = entries;
     eprintln!("  list: {entries} entries in {:.1} ms", report.list_ms);
 
-    report.rss_peak_mib = pid.and_then(|p| status_kib(p, "VmHWM:")).map(|k| k as f64 / 1024.0);
+    report.rss_peak_mib = pid
+        .and_then(|p| status_kib(p, "VmHWM:"))
+        .map(|k| k as f64 / 1024.0);
 
     written.extend(small);
     let mut c = client.clone();
     for d in written {
-        let _ = c.delete(pb::DeleteContentRequest { digest: d.to_string() }).await;
+        let _ = c
+            .delete(pb::DeleteContentRequest {
+                digest: d.to_string(),
+            })
+            .await;
     }
     Ok(report)
 }
 
 pub fn print_table(reports: &[Report]) {
-    let rows: Vec<(&str, Box<dyn Fn(&Report) -> String>)> = vec![
-        ("large write MiB/s", Box::new(|r| format!("{:.0}", r.large_write_mib_s))),
-        ("large read MiB/s", Box::new(|r| format!("{:.0}", r.large_read_mib_s))),
-        ("4KiB writes/s c=1", Box::new(|r| format!("{:.0}", r.small_writes_c1_per_s))),
-        ("  p50/p99 ms", Box::new(|r| format!("{:.2}/{:.2}", r.small_writes_c1_p50_ms, r.small_writes_c1_p99_ms))),
-        ("4KiB writes/s c=16", Box::new(|r| format!("{:.0}", r.small_writes_c16_per_s))),
-        ("  p50/p99 ms", Box::new(|r| format!("{:.2}/{:.2}", r.small_writes_c16_p50_ms, r.small_writes_c16_p99_ms))),
-        ("ranged 1MiB reads/s", Box::new(|r| format!("{:.0}", r.ranged_reads_per_s))),
-        ("  p50/p99 ms", Box::new(|r| format!("{:.2}/{:.2}", r.ranged_read_p50_ms, r.ranged_read_p99_ms))),
+    type Row = (&'static str, Box<dyn Fn(&Report) -> String>);
+    let rows: Vec<Row> = vec![
+        (
+            "large write MiB/s",
+            Box::new(|r| format!("{:.0}", r.large_write_mib_s)),
+        ),
+        (
+            "large read MiB/s",
+            Box::new(|r| format!("{:.0}", r.large_read_mib_s)),
+        ),
+        (
+            "4KiB writes/s c=1",
+            Box::new(|r| format!("{:.0}", r.small_writes_c1_per_s)),
+        ),
+        (
+            "  p50/p99 ms",
+            Box::new(|r| {
+                format!(
+                    "{:.2}/{:.2}",
+                    r.small_writes_c1_p50_ms, r.small_writes_c1_p99_ms
+                )
+            }),
+        ),
+        (
+            "4KiB writes/s c=16",
+            Box::new(|r| format!("{:.0}", r.small_writes_c16_per_s)),
+        ),
+        (
+            "  p50/p99 ms",
+            Box::new(|r| {
+                format!(
+                    "{:.2}/{:.2}",
+                    r.small_writes_c16_p50_ms, r.small_writes_c16_p99_ms
+                )
+            }),
+        ),
+        (
+            "ranged 1MiB reads/s",
+            Box::new(|r| format!("{:.0}", r.ranged_reads_per_s)),
+        ),
+        (
+            "  p50/p99 ms",
+            Box::new(|r| format!("{:.2}/{:.2}", r.ranged_read_p50_ms, r.ranged_read_p99_ms)),
+        ),
         ("Info/s c=16", Box::new(|r| format!("{:.0}", r.info_per_s))),
         ("  p99 ms", Box::new(|r| format!("{:.2}", r.info_p99_ms))),
-        ("List ms (entries)", Box::new(|r| format!("{:.1} ({})", r.list_ms, r.list_entries))),
-        ("RSS during large write MiB", Box::new(|r| r.rss_large_write_mib.map(|v| format!("{v:.1}")).unwrap_or("-".into()))),
-        ("RSS during large read MiB", Box::new(|r| r.rss_large_read_mib.map(|v| format!("{v:.1}")).unwrap_or("-".into()))),
-        ("peak RSS MiB (VmHWM)", Box::new(|r| r.rss_peak_mib.map(|v| format!("{v:.1}")).unwrap_or("-".into()))),
+        (
+            "List ms (entries)",
+            Box::new(|r| format!("{:.1} ({})", r.list_ms, r.list_entries)),
+        ),
+        (
+            "RSS during large write MiB",
+            Box::new(|r| {
+                r.rss_large_write_mib
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or("-".into())
+            }),
+        ),
+        (
+            "RSS during large read MiB",
+            Box::new(|r| {
+                r.rss_large_read_mib
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or("-".into())
+            }),
+        ),
+        (
+            "peak RSS MiB (VmHWM)",
+            Box::new(|r| {
+                r.rss_peak_mib
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or("-".into())
+            }),
+        ),
     ];
     print!("{:<28}", "scenario");
     for r in reports {
-        print!(" {:>22}", r.target.chars().rev().take(22).collect::<String>().chars().rev().collect::<String>());
+        print!(
+            " {:>22}",
+            r.target
+                .chars()
+                .rev()
+                .take(22)
+                .collect::<String>()
+                .chars()
+                .rev()
+                .collect::<String>()
+        );
     }
     println!();
     for (name, f) in rows {

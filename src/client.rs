@@ -12,7 +12,9 @@ pub async fn connect_unix(path: impl Into<PathBuf>) -> anyhow::Result<Channel> {
     let ch = Endpoint::try_from("http://contentd.local")?
         .connect_with_connector(tower::service_fn(move |_| {
             let p = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+            }
         }))
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to {shown}: {e} (is the daemon running?)"))?;
@@ -32,7 +34,8 @@ impl Namespace {
 impl tonic::service::Interceptor for Namespace {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(ns) = &self.0 {
-            req.metadata_mut().insert(crate::api::NAMESPACE_HEADER, ns.clone());
+            req.metadata_mut()
+                .insert(crate::api::NAMESPACE_HEADER, ns.clone());
         }
         Ok(req)
     }

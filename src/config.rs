@@ -21,16 +21,23 @@ impl Backend {
     /// Parses `PATH` or `NAME=PATH` from the command line.
     pub fn parse(s: &str) -> Result<Backend> {
         match s.split_once('=') {
-            Some((name, path)) if !name.contains('/') => {
-                Ok(Backend { name: Some(name.to_string()), socket: PathBuf::from(path) })
-            }
-            _ => Ok(Backend { name: None, socket: PathBuf::from(s) }),
+            Some((name, path)) if !name.contains('/') => Ok(Backend {
+                name: Some(name.to_string()),
+                socket: PathBuf::from(path),
+            }),
+            _ => Ok(Backend {
+                name: None,
+                socket: PathBuf::from(s),
+            }),
         }
     }
 
     pub fn tenant(&self) -> String {
         self.name.clone().unwrap_or_else(|| {
-            self.socket.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "backend".into())
+            self.socket
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "backend".into())
         })
     }
 }
@@ -59,24 +66,37 @@ fn is_root() -> bool {
 impl Default for Config {
     fn default() -> Self {
         let (root, socket) = if is_root() {
-            (PathBuf::from("/var/lib/contentd"), PathBuf::from("/run/contentd/contentd.sock"))
+            (
+                PathBuf::from("/var/lib/contentd"),
+                PathBuf::from("/run/contentd/contentd.sock"),
+            )
         } else {
             let data = std::env::var_os("XDG_DATA_HOME")
                 .map(PathBuf::from)
                 .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
                 .unwrap_or_else(|| PathBuf::from("."));
-            let run = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+            let run = std::env::var_os("XDG_RUNTIME_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir);
             (data.join("contentd"), run.join("contentd/contentd.sock"))
         };
-        Config { root, socket, backend: Vec::new(), tcp: None, log_format: "text".into() }
+        Config {
+            root,
+            socket,
+            backend: Vec::new(),
+            tcp: None,
+            log_format: "text".into(),
+        }
     }
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::invalid(format!("cannot read config file {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| Error::invalid(format!("config file {}: {e}", path.display())))
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::invalid(format!("cannot read config file {}: {e}", path.display()))
+        })?;
+        toml::from_str(&text)
+            .map_err(|e| Error::invalid(format!("config file {}: {e}", path.display())))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -84,17 +104,25 @@ impl Config {
             return Err(Error::invalid("root must not be empty"));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(Error::invalid(format!("log_format {:?}: expected \"text\" or \"json\"", self.log_format)));
+            return Err(Error::invalid(format!(
+                "log_format {:?}: expected \"text\" or \"json\"",
+                self.log_format
+            )));
         }
         let mut seen = std::collections::HashSet::new();
         for b in &self.backend {
             let t = b.tenant();
             crate::store::Scope::tenant(&t)?;
             if !seen.insert(t.clone()) {
-                return Err(Error::invalid(format!("backend tenant {t:?} is configured twice")));
+                return Err(Error::invalid(format!(
+                    "backend tenant {t:?} is configured twice"
+                )));
             }
             if b.socket == self.socket {
-                return Err(Error::invalid(format!("{} is both the client and a backend socket", b.socket.display())));
+                return Err(Error::invalid(format!(
+                    "{} is both the client and a backend socket",
+                    b.socket.display()
+                )));
             }
         }
         if let Some(addr) = &self.tcp {
@@ -131,7 +159,12 @@ mod tests {
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
         let mut bad = c.clone();
         bad.tcp = Some("nope".into());
-        assert!(bad.validate().unwrap_err().message().contains("tcp address"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .message()
+                .contains("tcp address")
+        );
         let mut dup = c.clone();
         dup.backend[1].name = Some("ctrd".into());
         assert!(dup.validate().is_err());

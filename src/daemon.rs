@@ -26,14 +26,19 @@ fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            anyhow::bail!("{} exists and is not a socket; refusing to replace it", path.display());
+            anyhow::bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
         }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!("{} is in use by another process", path.display());
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
@@ -76,8 +81,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(root = %config.root.display(), "store open");
 
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    reporter.set_service_status(CONTENT_SERVICE, tonic_health::ServingStatus::Serving).await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(CONTENT_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
 
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -89,7 +98,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(socket = %config.socket.display(), mode = "client", "listening");
         let r = router!(store, Mode::Client, health.clone());
         let s = stop.clone();
-        tasks.spawn(async move { r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s.cancelled_owned()).await });
+        tasks.spawn(async move {
+            r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s.cancelled_owned())
+                .await
+        });
     }
     for b in &config.backend {
         let l = bind_unix(&b.socket)?;
@@ -98,14 +110,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(socket = %b.socket.display(), mode = "backend", tenant = %tenant, "listening");
         let r = router!(store, Mode::Backend { tenant }, health.clone());
         let s = stop.clone();
-        tasks.spawn(async move { r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s.cancelled_owned()).await });
+        tasks.spawn(async move {
+            r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s.cancelled_owned())
+                .await
+        });
     }
     if let Some(addr) = &config.tcp {
-        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         tracing::info!(addr = %addr, mode = "client", "listening");
         let r = router!(store, Mode::Client, health.clone());
         let s = stop.clone();
-        tasks.spawn(async move { r.serve_with_incoming_shutdown(TcpListenerStream::new(l), s.cancelled_owned()).await });
+        tasks.spawn(async move {
+            r.serve_with_incoming_shutdown(TcpListenerStream::new(l), s.cancelled_owned())
+                .await
+        });
     }
 
     tokio::select! {
@@ -114,11 +134,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             res.context("listener task")?.context("listener failed")?;
         }
     }
-    reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     stop.cancel();
     // In-flight RPCs get a bounded time to finish before the store closes.
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(std::time::Duration::from_secs(10), drain).await.is_err() {
+    if tokio::time::timeout(std::time::Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("listeners did not drain within 10s");
     }
     for s in sockets {

@@ -21,7 +21,8 @@ impl Algorithm {
             Algorithm::Sha512 => "sha512",
         }
     }
-    pub fn len(self) -> usize {
+    /// Length of the raw hash in bytes.
+    pub fn size(self) -> usize {
         match self {
             Algorithm::Sha256 => 32,
             Algorithm::Sha512 => 64,
@@ -74,28 +75,39 @@ impl Digest {
         let algo = match algo {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
-            "" => return Err(Error::invalid(format!("invalid digest {s:?}: empty algorithm"))),
+            "" => {
+                return Err(Error::invalid(format!(
+                    "invalid digest {s:?}: empty algorithm"
+                )));
+            }
             other => {
                 return Err(Error::invalid(format!(
                     "invalid digest {s:?}: unsupported digest algorithm {other:?} (sha256 and sha512 are supported)"
                 )));
             }
         };
-        if hex_part.len() != algo.len() * 2 {
+        if hex_part.len() != algo.size() * 2 {
             return Err(Error::invalid(format!(
                 "invalid digest {s:?}: {} needs {} hex characters, got {}",
                 algo.name(),
-                algo.len() * 2,
+                algo.size() * 2,
                 hex_part.len()
             )));
         }
-        if !hex_part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !hex_part
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(Error::invalid(format!(
                 "invalid digest {s:?}: the encoded part must be lowercase hex"
             )));
         }
-        let bytes = hex::decode(hex_part).map_err(|e| Error::invalid(format!("invalid digest {s:?}: {e}")))?;
-        Ok(Digest { algo, bytes: bytes.into_boxed_slice() })
+        let bytes = hex::decode(hex_part)
+            .map_err(|e| Error::invalid(format!("invalid digest {s:?}: {e}")))?;
+        Ok(Digest {
+            algo,
+            bytes: bytes.into_boxed_slice(),
+        })
     }
 
     /// Fixed-width binary key: one algorithm tag byte followed by the raw hash.
@@ -109,11 +121,17 @@ impl Digest {
     /// Decodes a key written by [`Digest::key`]; returns the digest and the bytes after it.
     pub fn from_key(key: &[u8]) -> Option<(Digest, &[u8])> {
         let algo = Algorithm::from_tag(*key.first()?)?;
-        let end = 1 + algo.len();
+        let end = 1 + algo.size();
         if key.len() < end {
             return None;
         }
-        Some((Digest { algo, bytes: key[1..end].into() }, &key[end..]))
+        Some((
+            Digest {
+                algo,
+                bytes: key[1..end].into(),
+            },
+            &key[end..],
+        ))
     }
 
     /// Digest of `data` with `algo`.
@@ -170,7 +188,10 @@ impl Hasher {
             Hasher::Sha256(h) => h.clone().finalize().to_vec().into_boxed_slice(),
             Hasher::Sha512(h) => h.clone().finalize().to_vec().into_boxed_slice(),
         };
-        Digest { algo: self.algorithm(), bytes }
+        Digest {
+            algo: self.algorithm(),
+            bytes,
+        }
     }
 }
 
@@ -206,7 +227,11 @@ mod tests {
         ] {
             let err = Digest::parse(bad).unwrap_err();
             assert_eq!(err.kind(), Kind::InvalidArgument, "{bad}");
-            assert!(err.message().contains("invalid digest"), "{}", err.message());
+            assert!(
+                err.message().contains("invalid digest"),
+                "{}",
+                err.message()
+            );
         }
     }
 

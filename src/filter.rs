@@ -85,7 +85,13 @@ struct Parser<'a> {
 
 impl<'a> Parser<'a> {
     fn new(input: &'a str) -> Self {
-        Parser { input, chars: input.char_indices().collect(), i: 0, after_op: false, peeked: None }
+        Parser {
+            input,
+            chars: input.char_indices().collect(),
+            i: 0,
+            after_op: false,
+            peeked: None,
+        }
     }
 
     fn err(&self, pos: usize, msg: impl std::fmt::Display) -> Error {
@@ -96,7 +102,10 @@ impl<'a> Parser<'a> {
     }
 
     fn pos(&self) -> usize {
-        self.chars.get(self.i).map(|c| c.0).unwrap_or(self.input.len())
+        self.chars
+            .get(self.i)
+            .map(|c| c.0)
+            .unwrap_or(self.input.len())
     }
 
     fn peek(&mut self) -> Result<&Tok> {
@@ -182,7 +191,10 @@ impl<'a> Parser<'a> {
                 self.i += 1;
             }
             self.after_op = true;
-            return Ok((pos, Tok::Op(self.chars[start..self.i].iter().map(|c| c.1).collect())));
+            return Ok((
+                pos,
+                Tok::Op(self.chars[start..self.i].iter().map(|c| c.1).collect()),
+            ));
         }
         if self.after_op {
             let start = self.i;
@@ -196,14 +208,21 @@ impl<'a> Parser<'a> {
             if start == self.i {
                 return Err(self.err(pos, format!("unexpected character {c:?}")));
             }
-            return Ok((pos, Tok::Value(self.chars[start..self.i].iter().map(|c| c.1).collect())));
+            return Ok((
+                pos,
+                Tok::Value(self.chars[start..self.i].iter().map(|c| c.1).collect()),
+            ));
         }
         if c.is_ascii_alphanumeric() || c == '_' {
             let start = self.i;
-            while matches!(self.chars.get(self.i), Some(&(_, ch)) if ch.is_ascii_alphanumeric() || ch == '_') {
+            while matches!(self.chars.get(self.i), Some(&(_, ch)) if ch.is_ascii_alphanumeric() || ch == '_')
+            {
                 self.i += 1;
             }
-            return Ok((pos, Tok::Field(self.chars[start..self.i].iter().map(|c| c.1).collect())));
+            return Ok((
+                pos,
+                Tok::Field(self.chars[start..self.i].iter().map(|c| c.1).collect()),
+            ));
         }
         Err(self.err(pos, format!("unexpected character {c:?}")))
     }
@@ -235,7 +254,10 @@ impl<'a> Parser<'a> {
             path.push(self.field()?);
         }
         if matches!(self.peek()?, Tok::Sep(',') | Tok::Eof) {
-            return Ok(Selector { path, op: Op::Present });
+            return Ok(Selector {
+                path,
+                op: Op::Present,
+            });
         }
         let (pos, op) = self.next()?;
         let Tok::Op(op) = op else {
@@ -254,7 +276,8 @@ impl<'a> Parser<'a> {
             "==" => Op::Equal(value),
             "!=" => Op::NotEqual(value),
             "~=" => Op::Matches(
-                regex::Regex::new(&value).map_err(|e| self.err(vpos, format!("invalid regexp {value:?}: {e}")))?,
+                regex::Regex::new(&value)
+                    .map_err(|e| self.err(vpos, format!("invalid regexp {value:?}: {e}")))?,
             ),
             other => return Err(self.err(pos, format!("unsupported operator {other:?}"))),
         };
@@ -324,9 +347,23 @@ mod tests {
 
     #[test]
     fn parse_errors_name_the_problem() {
-        for bad in ["==x", "labels.foo==", "labels.foo=x", "a,", "a b", "a==\"unterminated", "a~=(", "a==/x/", "."] {
+        for bad in [
+            "==x",
+            "labels.foo==",
+            "labels.foo=x",
+            "a,",
+            "a b",
+            "a==\"unterminated",
+            "a~=(",
+            "a==/x/",
+            ".",
+        ] {
             let err = Filter::parse_all(&[bad]).unwrap_err();
-            assert!(err.message().starts_with("filters: parse error"), "{bad}: {}", err.message());
+            assert!(
+                err.message().starts_with("filters: parse error"),
+                "{bad}: {}",
+                err.message()
+            );
         }
     }
 }

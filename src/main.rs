@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use contentd::config::{Backend, Config};
 
 #[derive(Parser)]
-#[command(name = "contentd", version, about = "Content-addressable blob store daemon for container images")]
+#[command(
+    name = "contentd",
+    version,
+    about = "Content-addressable blob store daemon for container images"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,15 +69,30 @@ enum Command {
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" { b.json().init() } else { b.init() }
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init()
+    } else {
+        b.init()
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
-        Command::Serve { config, root, socket, backend_socket, tcp, log_format } => {
+        Command::Serve {
+            config,
+            root,
+            socket,
+            backend_socket,
+            tcp,
+            log_format,
+        } => {
             let mut c = match &config {
                 Some(p) => Config::load(p)?,
                 None => Config::default(),
@@ -97,7 +116,15 @@ fn main() -> anyhow::Result<()> {
             init_tracing(&c.log_format);
             rt.block_on(contentd::daemon::serve(c))
         }
-        Command::Bench { socket, namespace, large_mib, small, ranged_reads, info_calls, json } => {
+        Command::Bench {
+            socket,
+            namespace,
+            large_mib,
+            small,
+            ranged_reads,
+            info_calls,
+            json,
+        } => {
             let mut reports = Vec::new();
             for s in socket {
                 let (label, path) = match s.split_once('=') {
@@ -114,7 +141,10 @@ fn main() -> anyhow::Result<()> {
                     info_calls,
                     label,
                 };
-                reports.push(rt.block_on(contentd::bench::run(opts)).with_context(|| format!("benchmarking {s}"))?);
+                reports.push(
+                    rt.block_on(contentd::bench::run(opts))
+                        .with_context(|| format!("benchmarking {s}"))?,
+                );
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);

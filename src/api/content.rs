@@ -67,28 +67,43 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl pb::content_server::Content for ContentService {
-    async fn info(&self, req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
         let scope = self.mode.scope(&req)?;
         let d = parse_digest(&req.get_ref().digest)?;
         let store = self.store.clone();
         let info = blocking(move || store.info(&scope, &d)).await?;
-        Ok(Response::new(pb::InfoResponse { info: Some(info_pb(info)) }))
+        Ok(Response::new(pb::InfoResponse {
+            info: Some(info_pb(info)),
+        }))
     }
 
-    async fn update(&self, req: Request<pb::UpdateRequest>) -> Result<Response<pb::UpdateResponse>, Status> {
+    async fn update(
+        &self,
+        req: Request<pb::UpdateRequest>,
+    ) -> Result<Response<pb::UpdateResponse>, Status> {
         let scope = self.mode.scope(&req)?;
         let req = req.into_inner();
-        let info = req.info.ok_or_else(|| status(Error::invalid("update needs info")))?;
+        let info = req
+            .info
+            .ok_or_else(|| status(Error::invalid("update needs info")))?;
         let d = parse_digest(&info.digest)?;
         let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
         let store = self.store.clone();
         let info = blocking(move || store.update(&scope, &d, info.labels, &paths)).await?;
-        Ok(Response::new(pb::UpdateResponse { info: Some(info_pb(info)) }))
+        Ok(Response::new(pb::UpdateResponse {
+            info: Some(info_pb(info)),
+        }))
     }
 
     type ListStream = BoxStream<pb::ListContentResponse>;
 
-    async fn list(&self, req: Request<pb::ListContentRequest>) -> Result<Response<Self::ListStream>, Status> {
+    async fn list(
+        &self,
+        req: Request<pb::ListContentRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
         let scope = self.mode.scope(&req)?;
         let filter = Filter::parse_all(&req.get_ref().filters).map_err(status)?;
         let store = self.store.clone();
@@ -103,7 +118,9 @@ impl pb::content_server::Content for ContentService {
                     Ok(batch) => {
                         let last = batch.len() < LIST_BATCH;
                         after = batch.last().map(|i| i.digest.clone());
-                        let msg = pb::ListContentResponse { info: batch.into_iter().map(info_pb).collect() };
+                        let msg = pb::ListContentResponse {
+                            info: batch.into_iter().map(info_pb).collect(),
+                        };
                         if tx.send(Ok(msg)).await.is_err() || last {
                             break;
                         }
@@ -133,7 +150,10 @@ impl pb::content_server::Content for ContentService {
 
     type ReadStream = BoxStream<pb::ReadContentResponse>;
 
-    async fn read(&self, req: Request<pb::ReadContentRequest>) -> Result<Response<Self::ReadStream>, Status> {
+    async fn read(
+        &self,
+        req: Request<pb::ReadContentRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
         let scope = self.mode.scope(&req)?;
         let req = req.into_inner();
         let d = parse_digest(&req.digest)?;
@@ -146,7 +166,11 @@ impl pb::content_server::Content for ContentService {
                 loc.size
             ))));
         }
-        let end = if req.size <= 0 || offset.saturating_add(req.size) > loc.size { loc.size } else { offset + req.size };
+        let end = if req.size <= 0 || offset.saturating_add(req.size) > loc.size {
+            loc.size
+        } else {
+            offset + req.size
+        };
         let store = self.store.clone();
         // Two messages in flight: the next chunk is read while the client takes this one, and
         // memory per stream stays a few MiB whatever the blob size.
@@ -161,7 +185,10 @@ impl pb::content_server::Content for ContentService {
                     Ok(data) => {
                         let n = data.len() as i64;
                         // containerd 1.6 numbers messages from the requested offset.
-                        let msg = pb::ReadContentResponse { offset: pos - offset, data: data.into() };
+                        let msg = pb::ReadContentResponse {
+                            offset: pos - offset,
+                            data: data.into(),
+                        };
                         if tx.send(Ok(msg)).await.is_err() {
                             return;
                         }
@@ -177,12 +204,17 @@ impl pb::content_server::Content for ContentService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let scope = self.mode.scope(&req)?;
         let r = req.into_inner().r#ref;
         let store = self.store.clone();
         let st = blocking(move || store.status(&scope, &r)).await?;
-        Ok(Response::new(pb::StatusResponse { status: Some(status_pb(st)) }))
+        Ok(Response::new(pb::StatusResponse {
+            status: Some(status_pb(st)),
+        }))
     }
 
     async fn list_statuses(
@@ -193,7 +225,9 @@ impl pb::content_server::Content for ContentService {
         let filter = Filter::parse_all(&req.get_ref().filters).map_err(status)?;
         let store = self.store.clone();
         let list = blocking(move || store.list_statuses(&scope, &filter)).await?;
-        Ok(Response::new(pb::ListStatusesResponse { statuses: list.into_iter().map(status_pb).collect() }))
+        Ok(Response::new(pb::ListStatusesResponse {
+            statuses: list.into_iter().map(status_pb).collect(),
+        }))
     }
 
     type WriteStream = BoxStream<pb::WriteContentResponse>;
@@ -232,12 +266,23 @@ async fn write_session(
     mut inbound: Streaming<pb::WriteContentRequest>,
     tx: &mpsc::Sender<Result<pb::WriteContentResponse, Status>>,
 ) -> Result<(), Status> {
-    let Some(first) = inbound.message().await? else { return Ok(()) };
+    let Some(first) = inbound.message().await? else {
+        return Ok(());
+    };
     if first.r#ref.is_empty() {
-        return Err(status(Error::invalid("first message must have a reference")));
+        return Err(status(Error::invalid(
+            "first message must have a reference",
+        )));
     }
-    let expected = if first.expected.is_empty() { None } else { Some(parse_digest(&first.expected)?) };
-    let mut writer = store.open_writer(scope, &first.r#ref, first.total, expected).await.map_err(status)?;
+    let expected = if first.expected.is_empty() {
+        None
+    } else {
+        Some(parse_digest(&first.expected)?)
+    };
+    let mut writer = store
+        .open_writer(scope, &first.r#ref, first.total, expected)
+        .await
+        .map_err(status)?;
     let mut msg = first;
     let mut first_message = true;
     loop {
@@ -261,10 +306,18 @@ async fn write_session(
     }
 }
 
-fn step(w: &mut Writer, msg: pb::WriteContentRequest, first: bool) -> crate::error::Result<(pb::WriteContentResponse, bool)> {
+fn step(
+    w: &mut Writer,
+    msg: pb::WriteContentRequest,
+    first: bool,
+) -> crate::error::Result<(pb::WriteContentResponse, bool)> {
     let action = pb::WriteAction::try_from(msg.action)
         .map_err(|_| Error::invalid(format!("unknown write action {}", msg.action)))?;
-    let expected = if msg.expected.is_empty() { None } else { Some(Digest::parse(&msg.expected)?) };
+    let expected = if msg.expected.is_empty() {
+        None
+    } else {
+        Some(Digest::parse(&msg.expected)?)
+    };
     if let (Some(d), false) = (&expected, first) {
         w.set_expected(d.clone())?;
     }
@@ -279,7 +332,11 @@ fn step(w: &mut Writer, msg: pb::WriteContentRequest, first: bool) -> crate::err
         pb::WriteAction::Commit => {
             w.write(msg.offset, &msg.data)?;
             let started = w.status()?.started_ns;
-            let labels = if msg.labels.is_empty() { None } else { Some(msg.labels) };
+            let labels = if msg.labels.is_empty() {
+                None
+            } else {
+                Some(msg.labels)
+            };
             let info = w.commit(msg.total, expected, labels)?;
             done = true;
             Some((started, info))

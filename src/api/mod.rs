@@ -82,7 +82,10 @@ pub fn status(e: Error) -> Status {
 }
 
 pub(crate) fn timestamp(ns: i64) -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp { seconds: ns.div_euclid(1_000_000_000), nanos: ns.rem_euclid(1_000_000_000) as i32 })
+    Some(prost_types::Timestamp {
+        seconds: ns.div_euclid(1_000_000_000),
+        nanos: ns.rem_euclid(1_000_000_000) as i32,
+    })
 }
 
 /// Runs blocking storage work off the async workers.

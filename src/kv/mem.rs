@@ -9,13 +9,19 @@ use parking_lot::RwLock;
 use super::{Batch, Cf, Kv, Op, Visit};
 use crate::error::Result;
 
+type Family = BTreeMap<Vec<u8>, Vec<u8>>;
+
 #[derive(Default)]
 pub struct MemKv {
-    maps: RwLock<BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>>,
+    maps: RwLock<BTreeMap<Cf, Family>>,
 }
 
 fn upper(end: &[u8]) -> Bound<Vec<u8>> {
-    if end.is_empty() { Bound::Unbounded } else { Bound::Excluded(end.to_vec()) }
+    if end.is_empty() {
+        Bound::Unbounded
+    } else {
+        Bound::Excluded(end.to_vec())
+    }
 }
 
 impl Kv for MemKv {
@@ -28,11 +34,15 @@ impl Kv for MemKv {
             return Ok(None);
         }
         let maps = self.maps.read();
-        let Some(m) = maps.get(&cf) else { return Ok(None) };
-        Ok(m
-            .range::<Vec<u8>, _>((Bound::Included(lower.to_vec()), Bound::Included(key.to_vec())))
-            .next_back()
-            .map(|(k, v)| (k.clone(), v.clone())))
+        let Some(m) = maps.get(&cf) else {
+            return Ok(None);
+        };
+        Ok(m.range::<Vec<u8>, _>((
+            Bound::Included(lower.to_vec()),
+            Bound::Included(key.to_vec()),
+        ))
+        .next_back()
+        .map(|(k, v)| (k.clone(), v.clone())))
     }
 
     fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: Visit<'_>) -> Result<()> {
@@ -42,7 +52,9 @@ impl Kv for MemKv {
         // Copy out first so a visitor may call back into the store.
         let items: Vec<(Vec<u8>, Vec<u8>)> = {
             let maps = self.maps.read();
-            let Some(m) = maps.get(&cf) else { return Ok(()) };
+            let Some(m) = maps.get(&cf) else {
+                return Ok(());
+            };
             m.range::<Vec<u8>, _>((Bound::Included(start.to_vec()), upper(end)))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
@@ -70,8 +82,10 @@ impl Kv for MemKv {
                     if from >= to {
                         continue;
                     }
-                    let doomed: Vec<Vec<u8>> =
-                        m.range::<Vec<u8>, _>((Bound::Included(from), Bound::Excluded(to))).map(|(k, _)| k.clone()).collect();
+                    let doomed: Vec<Vec<u8>> = m
+                        .range::<Vec<u8>, _>((Bound::Included(from), Bound::Excluded(to)))
+                        .map(|(k, _)| k.clone())
+                        .collect();
                     for k in doomed {
                         m.remove(&k);
                     }

@@ -31,7 +31,14 @@ pub enum Cf {
 }
 
 impl Cf {
-    pub const ALL: [Cf; 6] = [Cf::Meta, Cf::Chunks, Cf::Blobs, Cf::Links, Cf::Owners, Cf::Ingests];
+    pub const ALL: [Cf; 6] = [
+        Cf::Meta,
+        Cf::Chunks,
+        Cf::Blobs,
+        Cf::Links,
+        Cf::Owners,
+        Cf::Ingests,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             Cf::Meta => "meta",
@@ -107,7 +114,13 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// Collects `[start, end)` as owned pairs, at most `limit`.
-pub fn collect(kv: &dyn Kv, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+pub fn collect(
+    kv: &dyn Kv,
+    cf: Cf,
+    start: &[u8],
+    end: &[u8],
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
     kv.scan(cf, start, end, &mut |k, v| {
         out.push((k.to_vec(), v.to_vec()));
@@ -129,7 +142,10 @@ pub(crate) mod tests {
         b.put(Cf::Links, b"a".to_vec(), b"other-cf".to_vec());
         kv.write(b, true).unwrap();
         assert_eq!(kv.get(Cf::Blobs, b"a").unwrap().as_deref(), Some(&b"1"[..]));
-        assert_eq!(kv.get(Cf::Links, b"a").unwrap().as_deref(), Some(&b"other-cf"[..]));
+        assert_eq!(
+            kv.get(Cf::Links, b"a").unwrap().as_deref(),
+            Some(&b"other-cf"[..])
+        );
         assert_eq!(kv.get(Cf::Owners, b"a").unwrap(), None);
         let mut b = Batch::new();
         b.delete(Cf::Blobs, b"a".to_vec());
@@ -146,13 +162,32 @@ pub(crate) mod tests {
         let all = collect(kv, Cf::Chunks, &[7], &prefix_end(&[7]), usize::MAX).unwrap();
         assert_eq!(all.len(), 10);
         assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
-        assert_eq!(collect(kv, Cf::Chunks, &[7, 3], &[7, 5], usize::MAX).unwrap().len(), 2);
+        assert_eq!(
+            collect(kv, Cf::Chunks, &[7, 3], &[7, 5], usize::MAX)
+                .unwrap()
+                .len(),
+            2
+        );
         assert_eq!(collect(kv, Cf::Chunks, &[7], &[], 3).unwrap().len(), 3);
-        assert_eq!(collect(kv, Cf::Chunks, &[7], &[], usize::MAX).unwrap().len(), 11);
+        assert_eq!(
+            collect(kv, Cf::Chunks, &[7], &[], usize::MAX)
+                .unwrap()
+                .len(),
+            11
+        );
 
         // floor respects the lower bound
-        assert_eq!(kv.floor(Cf::Chunks, &[7, 4, 0xff], &[7]).unwrap().unwrap().0, vec![7, 4]);
-        assert_eq!(kv.floor(Cf::Chunks, &[7, 4], &[7]).unwrap().unwrap().0, vec![7, 4]);
+        assert_eq!(
+            kv.floor(Cf::Chunks, &[7, 4, 0xff], &[7])
+                .unwrap()
+                .unwrap()
+                .0,
+            vec![7, 4]
+        );
+        assert_eq!(
+            kv.floor(Cf::Chunks, &[7, 4], &[7]).unwrap().unwrap().0,
+            vec![7, 4]
+        );
         assert!(kv.floor(Cf::Chunks, &[8, 0], &[8, 1]).unwrap().is_none());
         assert!(kv.floor(Cf::Chunks, &[6], &[]).unwrap().is_none());
 
@@ -160,8 +195,15 @@ pub(crate) mod tests {
         let mut b = Batch::new();
         b.delete_range(Cf::Chunks, vec![7, 2], vec![7, 8]);
         kv.write(b, true).unwrap();
-        let left: Vec<_> = collect(kv, Cf::Chunks, &[], &[], usize::MAX).unwrap().into_iter().map(|e| e.0).collect();
-        assert_eq!(left, vec![vec![7, 0], vec![7, 1], vec![7, 8], vec![7, 9], vec![8, 0]]);
+        let left: Vec<_> = collect(kv, Cf::Chunks, &[], &[], usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(
+            left,
+            vec![vec![7, 0], vec![7, 1], vec![7, 8], vec![7, 9], vec![8, 0]]
+        );
 
         // a batch is atomic and ordered: later ops see earlier ones
         let mut b = Batch::new();

@@ -13,8 +13,8 @@
 use std::path::Path;
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options, ReadOptions,
-    WriteBatch, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
+    ReadOptions, WriteBatch, WriteOptions,
 };
 
 use super::{Batch, Cf, Kv, Op, Visit};
@@ -36,7 +36,11 @@ pub struct Tuning {
 
 impl Default for Tuning {
     fn default() -> Self {
-        Tuning { write_buffer_bytes: 48 << 20, block_cache_bytes: 16 << 20, min_blob_size: 32 << 10 }
+        Tuning {
+            write_buffer_bytes: 48 << 20,
+            block_cache_bytes: 16 << 20,
+            min_blob_size: 32 << 10,
+        }
     }
 }
 
@@ -50,8 +54,12 @@ fn io(e: rocksdb::Error) -> Error {
 
 impl RocksKv {
     pub fn open(path: &Path, tuning: &Tuning) -> Result<RocksKv> {
-        std::fs::create_dir_all(path)
-            .map_err(|e| Error::internal(format!("cannot create data directory {}: {e}", path.display())))?;
+        std::fs::create_dir_all(path).map_err(|e| {
+            Error::internal(format!(
+                "cannot create data directory {}: {e}",
+                path.display()
+            ))
+        })?;
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -88,7 +96,11 @@ impl RocksKv {
                 o.set_blob_gc_force_threshold(0.5);
                 o.set_blob_compaction_readahead_size(2 << 20);
             }
-            let name = if *cf == Cf::Meta { rocksdb::DEFAULT_COLUMN_FAMILY_NAME } else { cf.name() };
+            let name = if *cf == Cf::Meta {
+                rocksdb::DEFAULT_COLUMN_FAMILY_NAME
+            } else {
+                cf.name()
+            };
             ColumnFamilyDescriptor::new(name, o)
         });
         let db = Db::open_cf_descriptors(&db_opts, path, descriptors).map_err(|e| {
@@ -98,14 +110,24 @@ impl RocksKv {
     }
 
     fn cf(&self, cf: Cf) -> &ColumnFamily {
-        let name = if cf == Cf::Meta { rocksdb::DEFAULT_COLUMN_FAMILY_NAME } else { cf.name() };
-        self.db.cf_handle(name).expect("column family opened at start")
+        let name = if cf == Cf::Meta {
+            rocksdb::DEFAULT_COLUMN_FAMILY_NAME
+        } else {
+            cf.name()
+        };
+        self.db
+            .cf_handle(name)
+            .expect("column family opened at start")
     }
 }
 
 impl Kv for RocksKv {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get_pinned_cf(self.cf(cf), key).map_err(io)?.map(|v| v.to_vec()))
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(cf), key)
+            .map_err(io)?
+            .map(|v| v.to_vec()))
     }
 
     fn floor(&self, cf: Cf, key: &[u8], lower: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
@@ -157,8 +179,18 @@ impl Kv for RocksKv {
             .iter()
             .map(|cf| {
                 let h = self.cf(*cf);
-                let sst = self.db.property_int_value_cf(h, "rocksdb.total-sst-files-size").ok().flatten().unwrap_or(0);
-                let blob = self.db.property_int_value_cf(h, "rocksdb.total-blob-file-size").ok().flatten().unwrap_or(0);
+                let sst = self
+                    .db
+                    .property_int_value_cf(h, "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                let blob = self
+                    .db
+                    .property_int_value_cf(h, "rocksdb.total-blob-file-size")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
                 sst + blob
             })
             .sum()

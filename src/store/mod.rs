@@ -53,7 +53,10 @@ const META_SCHEMA: &[u8] = b"schema_version";
 const SCHEMA_VERSION: &[u8] = b"1";
 
 pub fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// Who is looking: a containerd namespace (client listener) or a backend tenant.
@@ -68,7 +71,9 @@ impl Scope {
     pub fn namespace(name: &str) -> Result<Scope> {
         let ok = !name.is_empty()
             && name.len() <= 76
-            && name.split(['.', '_', '-']).all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric()));
+            && name
+                .split(['.', '_', '-'])
+                .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric()));
         if !ok {
             return Err(Error::invalid(format!(
                 "namespace {name:?}: invalid namespace name (letters and digits, separated by single '.', '_' or '-', at most 76 characters)"
@@ -79,7 +84,9 @@ impl Scope {
 
     pub fn tenant(name: &str) -> Result<Scope> {
         if name.is_empty() || name.contains('\0') {
-            return Err(Error::invalid(format!("tenant {name:?}: invalid tenant name")));
+            return Err(Error::invalid(format!(
+                "tenant {name:?}: invalid tenant name"
+            )));
         }
         Ok(Scope::Tenant(name.to_string()))
     }
@@ -213,6 +220,8 @@ pub fn validate_labels(labels: &HashMap<String, String>) -> Result<()> {
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<IngestState>>>;
+/// When the current holder took a slot (ns), for the Unavailable message.
+type LockedSince = Arc<std::sync::atomic::AtomicI64>;
 
 struct IngestState {
     rec: IngestRecord,
@@ -226,7 +235,7 @@ struct Extents {
 
 pub struct Store {
     kv: Arc<dyn Kv>,
-    slots: Mutex<HashMap<Vec<u8>, (Slot, Arc<std::sync::atomic::AtomicI64>)>>,
+    slots: Mutex<HashMap<Vec<u8>, (Slot, LockedSince)>>,
     digest_locks: Vec<Mutex<()>>,
     extents: Mutex<Extents>,
 }
@@ -257,7 +266,10 @@ impl Store {
             kv,
             slots: Mutex::new(HashMap::new()),
             digest_locks: (0..64).map(|_| Mutex::new(())).collect(),
-            extents: Mutex::new(Extents { next: reserved, reserved }),
+            extents: Mutex::new(Extents {
+                next: reserved,
+                reserved,
+            }),
         }))
     }
 
@@ -282,16 +294,24 @@ impl Store {
 
     fn digest_lock(&self, d: &Digest) -> parking_lot::MutexGuard<'_, ()> {
         let k = d.key();
-        let i = k[1..9].iter().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(*b as usize));
+        let i = k[1..9]
+            .iter()
+            .fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(*b as usize));
         self.digest_locks[i % self.digest_locks.len()].lock()
     }
 
     fn blob(&self, d: &Digest) -> Result<Option<BlobRecord>> {
-        self.kv.get(Cf::Blobs, &d.key())?.map(|v| decode("blob", &v)).transpose()
+        self.kv
+            .get(Cf::Blobs, &d.key())?
+            .map(|v| decode("blob", &v))
+            .transpose()
     }
 
     fn link(&self, scope: &Scope, d: &Digest) -> Result<Option<LinkRecord>> {
-        self.kv.get(Cf::Links, &link_key(scope, d))?.map(|v| decode("link", &v)).transpose()
+        self.kv
+            .get(Cf::Links, &link_key(scope, d))?
+            .map(|v| decode("link", &v))
+            .transpose()
     }
 
     fn not_found(d: &Digest) -> Error {
@@ -302,16 +322,24 @@ impl Store {
     /// becomes held by it (so another tenant's delete can never remove it).
     fn resolve(&self, scope: &Scope, d: &Digest) -> Result<Option<(BlobRecord, LinkRecord)>> {
         if let Some(link) = self.link(scope, d)? {
-            let blob = self.blob(d)?.ok_or_else(|| Error::internal(format!("link to missing blob {d}")))?;
+            let blob = self
+                .blob(d)?
+                .ok_or_else(|| Error::internal(format!("link to missing blob {d}")))?;
             return Ok(Some((blob, link)));
         }
         if !scope.is_tenant() {
             return Ok(None);
         }
         let _g = self.digest_lock(d);
-        let Some(blob) = self.blob(d)? else { return Ok(None) };
+        let Some(blob) = self.blob(d)? else {
+            return Ok(None);
+        };
         let now = now_ns();
-        let link = LinkRecord { created_ns: blob.created_ns, updated_ns: now, labels: HashMap::new() };
+        let link = LinkRecord {
+            created_ns: blob.created_ns,
+            updated_ns: now,
+            labels: HashMap::new(),
+        };
         let mut b = Batch::new();
         self.put_link(&mut b, scope, d, &link);
         self.kv.write(b, false)?;
@@ -343,19 +371,29 @@ impl Store {
     /// Where to read `d` from, if `scope` can see it.
     pub fn locate(&self, scope: &Scope, d: &Digest) -> Result<BlobLocation> {
         let (blob, _) = self.resolve(scope, d)?.ok_or_else(|| Self::not_found(d))?;
-        Ok(BlobLocation { extent: blob.extent, size: blob.size })
+        Ok(BlobLocation {
+            extent: blob.extent,
+            size: blob.size,
+        })
     }
 
     /// Up to `max` bytes of an extent starting at `offset` (fewer at a chunk boundary).
     pub fn read_extent(&self, extent: u64, offset: u64, max: usize) -> Result<Vec<u8>> {
         let (lower, _) = extent_range(extent);
-        let Some((key, mut data)) = self.kv.floor(Cf::Chunks, &chunk_key(extent, offset), &lower)? else {
-            return Err(Error::data_loss(format!("stored bytes missing at offset {offset}")));
+        let Some((key, mut data)) =
+            self.kv
+                .floor(Cf::Chunks, &chunk_key(extent, offset), &lower)?
+        else {
+            return Err(Error::data_loss(format!(
+                "stored bytes missing at offset {offset}"
+            )));
         };
         let start = u64::from_be_bytes(key[8..16].try_into().expect("16-byte chunk key"));
         let skip = (offset - start) as usize;
         if skip >= data.len() {
-            return Err(Error::data_loss(format!("stored bytes missing at offset {offset}")));
+            return Err(Error::data_loss(format!(
+                "stored bytes missing at offset {offset}"
+            )));
         }
         let end = data.len().min(skip + max);
         data.truncate(end);
@@ -366,11 +404,18 @@ impl Store {
     }
 
     /// Reads `[offset, offset+len)` of an extent, chunk by chunk.
-    pub fn read_range(&self, extent: u64, offset: u64, len: u64, mut sink: impl FnMut(Vec<u8>) -> Result<()>) -> Result<()> {
+    pub fn read_range(
+        &self,
+        extent: u64,
+        offset: u64,
+        len: u64,
+        mut sink: impl FnMut(Vec<u8>) -> Result<()>,
+    ) -> Result<()> {
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
-            let data = self.read_extent(extent, pos, (end - pos).min(CHUNK_SIZE as u64) as usize)?;
+            let data =
+                self.read_extent(extent, pos, (end - pos).min(CHUNK_SIZE as u64) as usize)?;
             pos += data.len() as u64;
             sink(data)?;
         }
@@ -388,7 +433,9 @@ impl Store {
             Ok(())
         })?;
         if n != blob.size || h.digest() != *d {
-            return Err(Error::data_loss(format!("content {d}: stored bytes do not match the digest")));
+            return Err(Error::data_loss(format!(
+                "content {d}: stored bytes do not match the digest"
+            )));
         }
         Ok(())
     }
@@ -396,10 +443,18 @@ impl Store {
     // ---- manager ----------------------------------------------------------------------------
 
     /// Applies a label update. `paths` empty means replace all labels.
-    pub fn update(&self, scope: &Scope, d: &Digest, labels: HashMap<String, String>, paths: &[String]) -> Result<Info> {
+    pub fn update(
+        &self,
+        scope: &Scope,
+        d: &Digest,
+        labels: HashMap<String, String>,
+        paths: &[String],
+    ) -> Result<Info> {
         for p in paths {
             if p != "labels" && !p.starts_with("labels.") {
-                return Err(Error::invalid(format!("cannot update {p:?} field on content info {d:?}")));
+                return Err(Error::invalid(format!(
+                    "cannot update {p:?} field on content info {d:?}"
+                )));
             }
         }
         let (blob, mut link) = self.resolve(scope, d)?.ok_or_else(|| Self::not_found(d))?;
@@ -434,7 +489,13 @@ impl Store {
 
     /// Blobs visible to `scope` that match `filter`, in digest-key order, starting after
     /// `after` (a digest returned earlier), at most `limit`.
-    pub fn list(&self, scope: &Scope, filter: &Filter, after: Option<&Digest>, limit: usize) -> Result<Vec<Info>> {
+    pub fn list(
+        &self,
+        scope: &Scope,
+        filter: &Filter,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<Info>> {
         let prefix = scope.prefix();
         let start = match after {
             Some(d) => {
@@ -446,24 +507,28 @@ impl Store {
         };
         let mut out = Vec::new();
         let mut err = None;
-        self.kv.scan(Cf::Links, &start, &prefix_end(&prefix), &mut |k, v| {
-            let r = (|| -> Result<Option<Info>> {
-                let (d, _) = Digest::from_key(&k[prefix.len()..]).ok_or_else(|| Error::internal("corrupt link key"))?;
-                let link: LinkRecord = decode("link", v)?;
-                let Some(blob) = self.blob(&d)? else { return Ok(None) };
-                let info = Self::info_of(&d, &blob, link);
-                Ok(filter.matches(&info).then_some(info))
-            })();
-            match r {
-                Ok(Some(info)) => out.push(info),
-                Ok(None) => {}
-                Err(e) => {
-                    err = Some(e);
-                    return false;
+        self.kv
+            .scan(Cf::Links, &start, &prefix_end(&prefix), &mut |k, v| {
+                let r = (|| -> Result<Option<Info>> {
+                    let (d, _) = Digest::from_key(&k[prefix.len()..])
+                        .ok_or_else(|| Error::internal("corrupt link key"))?;
+                    let link: LinkRecord = decode("link", v)?;
+                    let Some(blob) = self.blob(&d)? else {
+                        return Ok(None);
+                    };
+                    let info = Self::info_of(&d, &blob, link);
+                    Ok(filter.matches(&info).then_some(info))
+                })();
+                match r {
+                    Ok(Some(info)) => out.push(info),
+                    Ok(None) => {}
+                    Err(e) => {
+                        err = Some(e);
+                        return false;
+                    }
                 }
-            }
-            out.len() < limit
-        })?;
+                out.len() < limit
+            })?;
         match err {
             Some(e) => Err(e),
             None => Ok(out),
@@ -483,16 +548,15 @@ impl Store {
         let own = owner_key(d, scope);
         let dk = d.key();
         let mut others = false;
-        self.kv.scan(Cf::Owners, &dk, &prefix_end(&dk), &mut |k, _| {
-            others = k != own.as_slice();
-            !others
-        })?;
-        if !others {
-            if let Some(blob) = self.blob(d)? {
-                let (from, to) = extent_range(blob.extent);
-                b.delete(Cf::Blobs, dk);
-                b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
-            }
+        self.kv
+            .scan(Cf::Owners, &dk, &prefix_end(&dk), &mut |k, _| {
+                others = k != own.as_slice();
+                !others
+            })?;
+        if let (false, Some(blob)) = (others, self.blob(d)?) {
+            let (from, to) = extent_range(blob.extent);
+            b.delete(Cf::Blobs, dk);
+            b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
         }
         self.kv.write(b, true)?;
         Ok(true)
@@ -502,19 +566,23 @@ impl Store {
     pub fn owners(&self, d: &Digest) -> Result<Vec<Scope>> {
         let dk = d.key();
         let mut out = Vec::new();
-        self.kv.scan(Cf::Owners, &dk, &prefix_end(&dk), &mut |k, _| {
-            if let Some(s) = Scope::from_tag(&k[dk.len()..]) {
-                out.push(s);
-            }
-            true
-        })?;
+        self.kv
+            .scan(Cf::Owners, &dk, &prefix_end(&dk), &mut |k, _| {
+                if let Some(s) = Scope::from_tag(&k[dk.len()..]) {
+                    out.push(s);
+                }
+                true
+            })?;
         Ok(out)
     }
 
     // ---- ingests ----------------------------------------------------------------------------
 
     fn ingest_record(&self, scope: &Scope, r: &str) -> Result<Option<IngestRecord>> {
-        self.kv.get(Cf::Ingests, &ingest_key(scope, r))?.map(|v| decode("ingest", &v)).transpose()
+        self.kv
+            .get(Cf::Ingests, &ingest_key(scope, r))?
+            .map(|v| decode("ingest", &v))
+            .transpose()
     }
 
     fn status_of(reference: String, rec: &IngestRecord) -> IngestStatus {
@@ -529,9 +597,9 @@ impl Store {
     }
 
     pub fn status(&self, scope: &Scope, r: &str) -> Result<IngestStatus> {
-        let rec = self
-            .ingest_record(scope, r)?
-            .ok_or_else(|| Error::not_found(format!("could not get status for ref {r:?}: not found")))?;
+        let rec = self.ingest_record(scope, r)?.ok_or_else(|| {
+            Error::not_found(format!("could not get status for ref {r:?}: not found"))
+        })?;
         Ok(Self::status_of(r.to_string(), &rec))
     }
 
@@ -539,19 +607,23 @@ impl Store {
         let prefix = scope.prefix();
         let mut out = Vec::new();
         let mut bad = 0usize;
-        self.kv.scan(Cf::Ingests, &prefix, &prefix_end(&prefix), &mut |k, v| {
-            // A record that cannot be read is skipped, never fatal to the whole listing.
-            match (std::str::from_utf8(&k[prefix.len()..]), IngestRecord::decode(v)) {
-                (Ok(r), Ok(rec)) => {
-                    let st = Self::status_of(r.to_string(), &rec);
-                    if filter.matches(&st) {
-                        out.push(st);
+        self.kv
+            .scan(Cf::Ingests, &prefix, &prefix_end(&prefix), &mut |k, v| {
+                // A record that cannot be read is skipped, never fatal to the whole listing.
+                match (
+                    std::str::from_utf8(&k[prefix.len()..]),
+                    IngestRecord::decode(v),
+                ) {
+                    (Ok(r), Ok(rec)) => {
+                        let st = Self::status_of(r.to_string(), &rec);
+                        if filter.matches(&st) {
+                            out.push(st);
+                        }
                     }
+                    _ => bad += 1,
                 }
-                _ => bad += 1,
-            }
-            true
-        })?;
+                true
+            })?;
         if bad > 0 {
             tracing::warn!(skipped = bad, "unreadable ingest records skipped");
         }
@@ -597,7 +669,10 @@ impl Store {
             let (slot, since) = {
                 let mut slots = self.slots.lock();
                 let entry = slots.entry(key.to_vec()).or_insert_with(|| {
-                    (Arc::new(tokio::sync::Mutex::new(None)), Arc::new(std::sync::atomic::AtomicI64::new(0)))
+                    (
+                        Arc::new(tokio::sync::Mutex::new(None)),
+                        Arc::new(std::sync::atomic::AtomicI64::new(0)),
+                    )
                 });
                 (entry.0.clone(), entry.1.clone())
             };
@@ -605,7 +680,12 @@ impl Store {
                 // The slot may have been retired (commit/abort) between lookup and lock; only
                 // the slot still registered for this key may be used, or two writers could
                 // share a ref.
-                let current = self.slots.lock().get(key).map(|e| Arc::ptr_eq(&e.0, &slot)).unwrap_or(false);
+                let current = self
+                    .slots
+                    .lock()
+                    .get(key)
+                    .map(|e| Arc::ptr_eq(&e.0, &slot))
+                    .unwrap_or(false);
                 if current {
                     since.store(now_ns(), std::sync::atomic::Ordering::Relaxed);
                     return Ok(guard);
@@ -665,17 +745,31 @@ impl Store {
                 Some(rec) => {
                     // Resume after a restart (or an evicted slot): the running hash is rebuilt
                     // from the durable bytes.
-                    let algo = Digest::parse(&rec.expected).map(|d| d.algorithm()).unwrap_or(Algorithm::Sha256);
+                    let algo = Digest::parse(&rec.expected)
+                        .map(|d| d.algorithm())
+                        .unwrap_or(Algorithm::Sha256);
                     let hasher = self.rehash(&rec, algo)?;
                     Some(IngestState { rec, hasher })
                 }
                 None => None,
             };
         }
-        let mut w = Writer { store: self.clone(), scope: scope.clone(), key, reference: r, total, expected: expected.clone(), guard };
+        let mut w = Writer {
+            store: self.clone(),
+            scope: scope.clone(),
+            key,
+            reference: r,
+            total,
+            expected: expected.clone(),
+            guard,
+        };
         match w.guard.as_mut() {
             Some(st) => {
-                if total > 0 && st.rec.total > 0 && total != st.rec.total && st.rec.shared.is_empty() {
+                if total > 0
+                    && st.rec.total > 0
+                    && total != st.rec.total
+                    && st.rec.shared.is_empty()
+                {
                     // A different size was asked for: restart from zero rather than mixing data.
                     w.truncate()?;
                 }
@@ -687,7 +781,10 @@ impl Store {
             }
             None => {
                 let now = now_ns();
-                let algo = expected.as_ref().map(|d| d.algorithm()).unwrap_or(Algorithm::Sha256);
+                let algo = expected
+                    .as_ref()
+                    .map(|d| d.algorithm())
+                    .unwrap_or(Algorithm::Sha256);
                 let mut rec = IngestRecord {
                     extent: self.new_extent()?,
                     offset: 0,
@@ -699,20 +796,22 @@ impl Store {
                 };
                 // containerd's shared policy: a namespace opening a writer for a blob another
                 // namespace already has sees it complete without uploading it again.
-                if let (Scope::Namespace(_), Some(d)) = (&scope, &expected) {
-                    if let Some(blob) = self.blob(d)? {
-                        if total == 0 || total == blob.size {
-                            rec.shared = d.to_string();
-                            rec.offset = blob.size;
-                            rec.total = blob.size;
-                        }
-                    }
+                if let (Scope::Namespace(_), Some(d)) = (&scope, &expected)
+                    && let Some(blob) = self.blob(d)?
+                    && (total == 0 || total == blob.size)
+                {
+                    rec.shared = d.to_string();
+                    rec.offset = blob.size;
+                    rec.total = blob.size;
                 }
                 let mut b = Batch::new();
                 b.put(Cf::Ingests, w.key.clone(), rec.encode_to_vec());
                 self.kv.write(b, false)?;
                 w.total = rec.total;
-                *w.guard = Some(IngestState { rec, hasher: algo.hasher() });
+                *w.guard = Some(IngestState {
+                    rec,
+                    hasher: algo.hasher(),
+                });
             }
         }
         Ok(w)
@@ -738,7 +837,9 @@ impl Store {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::internal(format!("storage task failed: {e}")))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("storage task failed: {e}")))?
 }
 
 pub fn fmt_ns(ns: i64) -> String {
@@ -773,7 +874,9 @@ pub struct WriterStatus {
 
 impl Writer {
     fn state(&mut self) -> Result<&mut IngestState> {
-        self.guard.as_mut().ok_or_else(|| Error::not_found(format!("ingest {:?} is gone", self.reference)))
+        self.guard
+            .as_mut()
+            .ok_or_else(|| Error::not_found(format!("ingest {:?} is gone", self.reference)))
     }
 
     pub fn reference(&self) -> &str {
@@ -783,7 +886,11 @@ impl Writer {
     pub fn status(&mut self) -> Result<WriterStatus> {
         let total = self.total;
         let st = self.state()?;
-        let digest = if st.rec.shared.is_empty() { st.hasher.digest() } else { Digest::parse(&st.rec.shared)? };
+        let digest = if st.rec.shared.is_empty() {
+            st.hasher.digest()
+        } else {
+            Digest::parse(&st.rec.shared)?
+        };
         Ok(WriterStatus {
             offset: st.rec.offset,
             total,
@@ -868,7 +975,9 @@ impl Writer {
     pub fn write(&mut self, offset: i64, data: &[u8]) -> Result<()> {
         let current = self.state()?.rec.offset;
         if offset > 0 && offset != current {
-            return Err(Error::out_of_range(format!("write @{offset} must occur at current offset {current}")));
+            return Err(Error::out_of_range(format!(
+                "write @{offset} must occur at current offset {current}"
+            )));
         }
         if offset == 0 && current > 0 {
             self.truncate()?;
@@ -881,7 +990,11 @@ impl Writer {
         let mut b = Batch::new();
         let mut pos = st.rec.offset as u64;
         for piece in data.chunks(CHUNK_SIZE) {
-            b.put(Cf::Chunks, chunk_key(st.rec.extent, pos).to_vec(), piece.to_vec());
+            b.put(
+                Cf::Chunks,
+                chunk_key(st.rec.extent, pos).to_vec(),
+                piece.to_vec(),
+            );
             pos += piece.len() as u64;
         }
         st.hasher.update(data);
@@ -892,7 +1005,9 @@ impl Writer {
 
     /// Drops the ingest and its bytes.
     fn discard(&mut self) -> Result<()> {
-        let Some(st) = self.guard.as_ref() else { return Ok(()) };
+        let Some(st) = self.guard.as_ref() else {
+            return Ok(());
+        };
         let mut b = Batch::new();
         b.delete(Cf::Ingests, self.key.clone());
         if st.rec.shared.is_empty() {
@@ -907,7 +1022,12 @@ impl Writer {
 
     /// Verifies the ingest against `size` (if > 0) and `expected` (if given) and makes it a
     /// blob visible to this scope. On a size or digest mismatch the ingest is kept.
-    pub fn commit(&mut self, size: i64, expected: Option<Digest>, labels: Option<HashMap<String, String>>) -> Result<Info> {
+    pub fn commit(
+        &mut self,
+        size: i64,
+        expected: Option<Digest>,
+        labels: Option<HashMap<String, String>>,
+    ) -> Result<Info> {
         let size = if size > 0 { size } else { self.total };
         if let (false, Some(l)) = (self.scope.is_tenant(), labels.as_ref()) {
             validate_labels(l)?;
@@ -932,14 +1052,20 @@ impl Writer {
                 _ => st.hasher.digest(),
             }
         };
-        if let Some(e) = &expected {
-            if *e != actual {
-                return Err(Error::precondition(format!("unexpected commit digest {actual}, expected {e}")));
-            }
+        if let Some(e) = &expected
+            && *e != actual
+        {
+            return Err(Error::precondition(format!(
+                "unexpected commit digest {actual}, expected {e}"
+            )));
         }
         let rec = st.rec.clone();
         let now = now_ns();
-        let link = LinkRecord { created_ns: now, updated_ns: now, labels: labels.unwrap_or_default() };
+        let link = LinkRecord {
+            created_ns: now,
+            updated_ns: now,
+            labels: labels.unwrap_or_default(),
+        };
         let scope = self.scope.clone();
         let outcome = {
             let _g = store.digest_lock(&actual);
@@ -970,7 +1096,11 @@ impl Writer {
                     )))
                 }
                 None => {
-                    let blob = BlobRecord { extent: rec.extent, size: rec.offset, created_ns: now };
+                    let blob = BlobRecord {
+                        extent: rec.extent,
+                        size: rec.offset,
+                        created_ns: now,
+                    };
                     b.put(Cf::Blobs, actual.key(), blob.encode_to_vec());
                     store.put_link(&mut b, &scope, &actual, &link);
                     store.kv.write(b, true)?;

@@ -16,7 +16,9 @@ fn sha(data: &[u8]) -> Digest {
 }
 
 async fn put(store: &Arc<Store>, scope: &Scope, r: &str, data: &[u8]) -> Result<Info> {
-    let mut w = store.open_writer(scope.clone(), r, data.len() as i64, Some(sha(data))).await?;
+    let mut w = store
+        .open_writer(scope.clone(), r, data.len() as i64, Some(sha(data)))
+        .await?;
     w.write(0, data)?;
     w.commit(data.len() as i64, Some(sha(data)), None)
 }
@@ -43,7 +45,12 @@ async fn conformance(store: Arc<Store>) {
     assert_eq!(info.size, data.len() as i64);
     assert_eq!(read_all(&store, &a, &sha(&data)), data);
     store.verify(&sha(&data)).unwrap();
-    assert_eq!(store.read_extent(store.locate(&a, &sha(&data)).unwrap().extent, 10, 5).unwrap(), &data[10..15]);
+    assert_eq!(
+        store
+            .read_extent(store.locate(&a, &sha(&data)).unwrap().extent, 10, 5)
+            .unwrap(),
+        &data[10..15]
+    );
     assert!(store.status(&a, "r1").unwrap_err().is(Kind::NotFound));
 
     // namespaces isolate visibility
@@ -53,9 +60,15 @@ async fn conformance(store: Arc<Store>) {
     assert!(err.is(Kind::AlreadyExists), "{err}");
 
     // a shared ingest links without a re-upload
-    let mut w = store.open_writer(b.clone(), "r1", data.len() as i64, Some(sha(&data))).await.unwrap();
+    let mut w = store
+        .open_writer(b.clone(), "r1", data.len() as i64, Some(sha(&data)))
+        .await
+        .unwrap();
     let st = w.status().unwrap();
-    assert_eq!((st.offset, st.total), (data.len() as i64, data.len() as i64));
+    assert_eq!(
+        (st.offset, st.total),
+        (data.len() as i64, data.len() as i64)
+    );
     assert_eq!(st.digest, sha(&data));
     w.commit(data.len() as i64, Some(sha(&data)), None).unwrap();
     assert_eq!(store.info(&b, &sha(&data)).unwrap().size, data.len() as i64);
@@ -66,7 +79,13 @@ async fn conformance(store: Arc<Store>) {
     assert_eq!(read_all(&store, &b, &sha(&data)), data);
     let loc = store.locate(&b, &sha(&data)).unwrap();
     assert!(store.delete(&b, &sha(&data)).unwrap());
-    assert!(store.read_extent(loc.extent, 0, 10).unwrap_err().is(Kind::DataLoss), "bytes must go with the last link");
+    assert!(
+        store
+            .read_extent(loc.extent, 0, 10)
+            .unwrap_err()
+            .is(Kind::DataLoss),
+        "bytes must go with the last link"
+    );
 
     // write rules: gap, restart at zero, resume across writers
     let mut w = store.open_writer(a.clone(), "w", 0, None).await.unwrap();
@@ -80,10 +99,24 @@ async fn conformance(store: Arc<Store>) {
     assert_eq!(w.status().unwrap().offset, 2);
     w.write(2, b"z").unwrap();
     // size and digest mismatches keep the ingest
-    assert!(w.commit(99, None, None).unwrap_err().is(Kind::FailedPrecondition));
-    assert!(w.commit(3, Some(sha(b"nope")), None).unwrap_err().is(Kind::FailedPrecondition));
+    assert!(
+        w.commit(99, None, None)
+            .unwrap_err()
+            .is(Kind::FailedPrecondition)
+    );
+    assert!(
+        w.commit(3, Some(sha(b"nope")), None)
+            .unwrap_err()
+            .is(Kind::FailedPrecondition)
+    );
     assert_eq!(store.status(&a, "w").unwrap().offset, 3);
-    let info = w.commit(3, Some(sha(b"xyz")), Some(HashMap::from([("k".into(), "v".into())]))).unwrap();
+    let info = w
+        .commit(
+            3,
+            Some(sha(b"xyz")),
+            Some(HashMap::from([("k".into(), "v".into())])),
+        )
+        .unwrap();
     assert_eq!(info.labels["k"], "v");
 
     // sha512 commits rehash with the expected algorithm
@@ -94,34 +127,69 @@ async fn conformance(store: Arc<Store>) {
     store.verify(&d512).unwrap();
 
     // one live writer per ref
-    let w = store.open_writer(a.clone(), "locked", 0, None).await.unwrap();
-    let err = store.open_writer(a.clone(), "locked", 0, None).await.err().unwrap();
+    let w = store
+        .open_writer(a.clone(), "locked", 0, None)
+        .await
+        .unwrap();
+    let err = store
+        .open_writer(a.clone(), "locked", 0, None)
+        .await
+        .err()
+        .unwrap();
     assert!(err.is(Kind::Unavailable), "{err}");
     drop(w);
-    assert!(store.open_writer(a.clone(), "locked", 0, None).await.is_ok());
+    assert!(
+        store
+            .open_writer(a.clone(), "locked", 0, None)
+            .await
+            .is_ok()
+    );
     assert!(store.abort(&a, "locked").await.unwrap());
     assert!(!store.abort(&a, "locked").await.unwrap());
 
     // labels: masks, limits
     let d = sha(b"xyz");
-    let i = store.update(&a, &d, HashMap::from([("x".into(), "1".into())]), &["labels.x".into()]).unwrap();
+    let i = store
+        .update(
+            &a,
+            &d,
+            HashMap::from([("x".into(), "1".into())]),
+            &["labels.x".into()],
+        )
+        .unwrap();
     assert_eq!(i.labels.len(), 2);
-    let i = store.update(&a, &d, HashMap::new(), &["labels.k".into()]).unwrap();
+    let i = store
+        .update(&a, &d, HashMap::new(), &["labels.k".into()])
+        .unwrap();
     assert_eq!(i.labels.keys().collect::<Vec<_>>(), vec!["x"]);
-    assert!(store.update(&a, &d, HashMap::new(), &["size".into()]).unwrap_err().is(Kind::InvalidArgument));
+    assert!(
+        store
+            .update(&a, &d, HashMap::new(), &["size".into()])
+            .unwrap_err()
+            .is(Kind::InvalidArgument)
+    );
     let huge = HashMap::from([("k".to_string(), "v".repeat(MAX_LABEL_BYTES))]);
-    assert!(store.update(&a, &d, huge, &[]).unwrap_err().is(Kind::InvalidArgument));
+    assert!(
+        store
+            .update(&a, &d, huge, &[])
+            .unwrap_err()
+            .is(Kind::InvalidArgument)
+    );
     let i = store.update(&a, &d, HashMap::new(), &[]).unwrap();
     assert!(i.labels.is_empty());
 
     // list with filters and pagination
     for n in 0..7u8 {
-        put(&store, &ns("l"), &format!("l{n}"), &[n; 10]).await.unwrap();
+        put(&store, &ns("l"), &format!("l{n}"), &[n; 10])
+            .await
+            .unwrap();
     }
     let all = Filter::default();
     assert_eq!(store.list(&ns("l"), &all, None, 100).unwrap().len(), 7);
     let first = store.list(&ns("l"), &all, None, 3).unwrap();
-    let rest = store.list(&ns("l"), &all, Some(&first[2].digest), 100).unwrap();
+    let rest = store
+        .list(&ns("l"), &all, Some(&first[2].digest), 100)
+        .unwrap();
     assert_eq!((first.len(), rest.len()), (3, 4));
     let f = Filter::parse_all(&[format!("digest=={}", sha(&[4; 10]))]).unwrap();
     assert_eq!(store.list(&ns("l"), &f, None, 100).unwrap().len(), 1);
@@ -129,7 +197,13 @@ async fn conformance(store: Arc<Store>) {
     let mut w = store.open_writer(ns("l"), "l9", 0, None).await.unwrap();
     w.write(0, b"pending").unwrap();
     drop(w);
-    assert_eq!(store.list_statuses(&ns("l"), &Filter::default()).unwrap().len(), 1);
+    assert_eq!(
+        store
+            .list_statuses(&ns("l"), &Filter::default())
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(store.list_statuses(&ns("l"), &f).unwrap().len(), 0);
 
     // tenants: any blob is visible and becomes held; delete releases only the hold
@@ -140,7 +214,12 @@ async fn conformance(store: Arc<Store>) {
     assert!(store.list(&t2, &all, None, 100).unwrap().is_empty());
     store.info(&t2, &sha(&shared)).unwrap();
     assert_eq!(store.list(&t2, &all, None, 100).unwrap().len(), 1);
-    assert!(put(&store, &t2, "y", &shared).await.unwrap_err().is(Kind::AlreadyExists));
+    assert!(
+        put(&store, &t2, "y", &shared)
+            .await
+            .unwrap_err()
+            .is(Kind::AlreadyExists)
+    );
     assert!(store.delete(&t1, &sha(&shared)).unwrap());
     assert_eq!(read_all(&store, &t2, &sha(&shared)), shared);
     assert_eq!(store.owners(&sha(&shared)).unwrap(), vec![t2.clone()]);
@@ -154,21 +233,41 @@ async fn store_on_mem_kv() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_on_rocksdb() {
     let dir = tempfile::tempdir().unwrap();
-    conformance(Store::open(Arc::new(RocksKv::open(dir.path(), &Tuning::default()).unwrap())).unwrap()).await;
+    conformance(
+        Store::open(Arc::new(
+            RocksKv::open(dir.path(), &Tuning::default()).unwrap(),
+        ))
+        .unwrap(),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_resumes_after_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let a = ns("a");
-    let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 100)).map(|i| (i * 7 % 255) as u8).collect();
+    let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 100))
+        .map(|i| (i * 7 % 255) as u8)
+        .collect();
     {
-        let store = Store::open(Arc::new(RocksKv::open(dir.path(), &Tuning::default()).unwrap())).unwrap();
-        let mut w = store.open_writer(a.clone(), "resume", data.len() as i64, None).await.unwrap();
+        let store = Store::open(Arc::new(
+            RocksKv::open(dir.path(), &Tuning::default()).unwrap(),
+        ))
+        .unwrap();
+        let mut w = store
+            .open_writer(a.clone(), "resume", data.len() as i64, None)
+            .await
+            .unwrap();
         w.write(0, &data[..CHUNK_SIZE + 7]).unwrap();
     }
-    let store = Store::open(Arc::new(RocksKv::open(dir.path(), &Tuning::default()).unwrap())).unwrap();
-    let mut w = store.open_writer(a.clone(), "resume", 0, None).await.unwrap();
+    let store = Store::open(Arc::new(
+        RocksKv::open(dir.path(), &Tuning::default()).unwrap(),
+    ))
+    .unwrap();
+    let mut w = store
+        .open_writer(a.clone(), "resume", 0, None)
+        .await
+        .unwrap();
     let st = w.status().unwrap();
     assert_eq!(st.offset, (CHUNK_SIZE + 7) as i64);
     assert_eq!(st.total, data.len() as i64);
@@ -177,7 +276,10 @@ async fn ingest_resumes_after_reopen() {
     w.commit(0, Some(sha(&data)), None).unwrap();
     store.verify(&sha(&data)).unwrap();
     // a fresh extent after reopen never collides with a stored one
-    let mut w = store.open_writer(a.clone(), "after", 0, None).await.unwrap();
+    let mut w = store
+        .open_writer(a.clone(), "after", 0, None)
+        .await
+        .unwrap();
     w.write(0, b"new").unwrap();
     w.commit(0, None, None).unwrap();
     assert_eq!(read_all(&store, &a, &sha(&data)), data);

@@ -48,31 +48,57 @@ async fn write_info_read_list_update_delete() {
     let resps: Vec<_> = resps.into_iter().map(|r| r.unwrap()).collect();
     assert_eq!(resps[0].offset, 0);
     assert_eq!(resps[0].total, data.len() as i64);
-    assert_eq!(resps[0].digest, sha(b"").to_string(), "running digest of nothing");
+    assert_eq!(
+        resps[0].digest,
+        sha(b"").to_string(),
+        "running digest of nothing"
+    );
     assert_eq!(resps[2].offset, 1 << 20);
     assert_eq!(resps[2].digest, sha(&data[..1 << 20]).to_string());
     let last = resps.last().unwrap();
     assert_eq!(last.action, pb::WriteAction::Commit as i32);
-    assert_eq!((last.offset, last.digest.as_str()), (data.len() as i64, dg.as_str()));
+    assert_eq!(
+        (last.offset, last.digest.as_str()),
+        (data.len() as i64, dg.as_str())
+    );
 
     // Info: size, labels, nanosecond timestamps inside the commit window.
-    let info = c.info(pb::InfoRequest { digest: dg.clone() }).await.unwrap().into_inner().info.unwrap();
+    let info = c
+        .info(pb::InfoRequest { digest: dg.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
     assert_eq!(info.size, data.len() as i64);
     assert_eq!(info.labels["a"], "1");
     let created = info.created_at.unwrap();
     let created_ns = created.seconds as i128 * 1_000_000_000 + created.nanos as i128;
-    let before_ns = before.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i128;
+    let before_ns = before
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128;
     assert!(created_ns >= before_ns && created_ns <= before_ns + 60_000_000_000);
 
     // Read: 1 MiB messages, offsets relative to the request, ranges, the end.
     let (got, msgs) = read(&mut c, &dg, 0, 0).await.unwrap();
     assert_eq!(got, data);
-    assert_eq!(msgs.iter().map(|m| m.1).collect::<Vec<_>>(), vec![1 << 20, 1 << 20, 1 << 20, 5]);
-    assert_eq!(msgs.iter().map(|m| m.0).collect::<Vec<_>>(), vec![0, 1 << 20, 2 << 20, 3 << 20]);
+    assert_eq!(
+        msgs.iter().map(|m| m.1).collect::<Vec<_>>(),
+        vec![1 << 20, 1 << 20, 1 << 20, 5]
+    );
+    assert_eq!(
+        msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
+        vec![0, 1 << 20, 2 << 20, 3 << 20]
+    );
     let (got, msgs) = read(&mut c, &dg, 10, 5).await.unwrap();
     assert_eq!((got.as_slice(), msgs[0].0), (&data[10..15], 0));
     let (got, _) = read(&mut c, &dg, (1 << 20) - 3, 10).await.unwrap();
-    assert_eq!(got, &data[(1 << 20) - 3..(1 << 20) + 7], "a range across a chunk boundary");
+    assert_eq!(
+        got,
+        &data[(1 << 20) - 3..(1 << 20) + 7],
+        "a range across a chunk boundary"
+    );
     let (got, _) = read(&mut c, &dg, data.len() as i64 - 3, 100).await.unwrap();
     assert_eq!(got, &data[data.len() - 3..]);
     let (got, _) = read(&mut c, &dg, -7, 4).await.unwrap();
@@ -84,37 +110,90 @@ async fn write_info_read_list_update_delete() {
     let upd = |labels: &[(&str, &str)], paths: &[&str]| pb::UpdateRequest {
         info: Some(pb::Info {
             digest: dg.clone(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..Default::default()
         }),
         update_mask: if paths.is_empty() {
             None
         } else {
-            Some(prost_types::FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() })
+            Some(prost_types::FieldMask {
+                paths: paths.iter().map(|p| p.to_string()).collect(),
+            })
         },
     };
-    let i = c.update(upd(&[("b", "2")], &["labels.b"])).await.unwrap().into_inner().info.unwrap();
+    let i = c
+        .update(upd(&[("b", "2")], &["labels.b"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
     assert_eq!(i.labels.len(), 2);
     let (u1, u0) = (i.updated_at.unwrap(), info.updated_at.unwrap());
     assert!((u1.seconds, u1.nanos) >= (u0.seconds, u0.nanos));
-    let i = c.update(upd(&[], &["labels.a"])).await.unwrap().into_inner().info.unwrap();
-    assert_eq!(i.labels.keys().collect::<Vec<_>>(), vec!["b"], "a key absent from the request is removed");
-    let i = c.update(upd(&[("c", "3")], &["labels"])).await.unwrap().into_inner().info.unwrap();
+    let i = c
+        .update(upd(&[], &["labels.a"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(
+        i.labels.keys().collect::<Vec<_>>(),
+        vec!["b"],
+        "a key absent from the request is removed"
+    );
+    let i = c
+        .update(upd(&[("c", "3")], &["labels"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
     assert_eq!(i.labels.keys().collect::<Vec<_>>(), vec!["c"]);
-    let i = c.update(upd(&[("d", "4")], &[])).await.unwrap().into_inner().info.unwrap();
+    let i = c
+        .update(upd(&[("d", "4")], &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
     assert_eq!(i.labels.keys().collect::<Vec<_>>(), vec!["d"]);
 
     // List: batches of at most 100, filters (AND within, OR across).
     for i in 0..250u64 {
-        put(&mut c, &format!("many-{i}"), &pattern(64, 1000 + i)).await.unwrap();
+        put(&mut c, &format!("many-{i}"), &pattern(64, 1000 + i))
+            .await
+            .unwrap();
     }
     let batches = list(&mut c, &[]).await.unwrap();
-    assert_eq!(batches.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![100, 100, 51]);
-    let hits = list(&mut c, &[&format!("digest=={dg},labels.d==4")]).await.unwrap().concat();
+    assert_eq!(
+        batches.iter().map(|b| b.len()).collect::<Vec<_>>(),
+        vec![100, 100, 51]
+    );
+    let hits = list(&mut c, &[&format!("digest=={dg},labels.d==4")])
+        .await
+        .unwrap()
+        .concat();
     assert_eq!(hits.len(), 1);
-    let hits = list(&mut c, &["labels.d==nope", &format!("digest=={}", sha(&pattern(64, 1000)))]).await.unwrap().concat();
+    let hits = list(
+        &mut c,
+        &[
+            "labels.d==nope",
+            &format!("digest=={}", sha(&pattern(64, 1000))),
+        ],
+    )
+    .await
+    .unwrap()
+    .concat();
     assert_eq!(hits.len(), 1);
-    assert!(list(&mut c, &["labels.d==nope"]).await.unwrap().is_empty(), "no matches: no messages");
+    assert!(
+        list(&mut c, &["labels.d==nope"]).await.unwrap().is_empty(),
+        "no matches: no messages"
+    );
 
     // Status / ListStatuses / Abort of an open ingest.
     let r = write_msgs(
@@ -129,31 +208,68 @@ async fn write_info_read_list_update_delete() {
     )
     .await;
     assert_eq!(r[0].as_ref().unwrap().offset, 7);
-    let st = c.status(pb::StatusRequest { r#ref: "pending-1".into() }).await.unwrap().into_inner().status.unwrap();
-    assert_eq!((st.offset, st.total, st.r#ref.as_str()), (7, 100, "pending-1"));
+    let st = c
+        .status(pb::StatusRequest {
+            r#ref: "pending-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(
+        (st.offset, st.total, st.r#ref.as_str()),
+        (7, 100, "pending-1")
+    );
     assert!(st.started_at.is_some() && st.updated_at.is_some());
-    let all = c.list_statuses(pb::ListStatusesRequest { filters: vec![] }).await.unwrap().into_inner().statuses;
+    let all = c
+        .list_statuses(pb::ListStatusesRequest { filters: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .statuses;
     assert_eq!(all.len(), 1);
     let none = c
-        .list_statuses(pb::ListStatusesRequest { filters: vec!["ref==other".into()] })
+        .list_statuses(pb::ListStatusesRequest {
+            filters: vec!["ref==other".into()],
+        })
         .await
         .unwrap()
         .into_inner()
         .statuses;
     assert!(none.is_empty());
     let some = c
-        .list_statuses(pb::ListStatusesRequest { filters: vec!["ref~=^pending-".into()] })
+        .list_statuses(pb::ListStatusesRequest {
+            filters: vec!["ref~=^pending-".into()],
+        })
         .await
         .unwrap()
         .into_inner()
         .statuses;
     assert_eq!(some.len(), 1);
-    c.abort(pb::AbortRequest { r#ref: "pending-1".into() }).await.unwrap();
-    assert_eq!(code(c.status(pb::StatusRequest { r#ref: "pending-1".into() }).await), Code::NotFound);
+    c.abort(pb::AbortRequest {
+        r#ref: "pending-1".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        code(
+            c.status(pb::StatusRequest {
+                r#ref: "pending-1".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
 
     // Delete.
-    c.delete(pb::DeleteContentRequest { digest: dg.clone() }).await.unwrap();
-    assert_eq!(code(c.info(pb::InfoRequest { digest: dg.clone() }).await), Code::NotFound);
+    c.delete(pb::DeleteContentRequest { digest: dg.clone() })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(c.info(pb::InfoRequest { digest: dg.clone() }).await),
+        Code::NotFound
+    );
     assert_eq!(code(read(&mut c, &dg, 0, 0).await), Code::NotFound);
 }
 
@@ -165,14 +281,22 @@ async fn namespaces_share_bytes_not_visibility() {
     let data = pattern(1000, 7);
     let dg = sha(&data).to_string();
     put(&mut a, "r", &data).await.unwrap();
-    assert_eq!(code(b.info(pb::InfoRequest { digest: dg.clone() }).await), Code::NotFound);
+    assert_eq!(
+        code(b.info(pb::InfoRequest { digest: dg.clone() }).await),
+        Code::NotFound
+    );
     assert!(list(&mut b, &[]).await.unwrap().is_empty());
 
     // A shared ingest: ns-b sees the blob complete without sending it, then commits.
     let r = write_msgs(
         &mut b,
         vec![
-            pb::WriteContentRequest { r#ref: "r".into(), total: 1000, expected: dg.clone(), ..Default::default() },
+            pb::WriteContentRequest {
+                r#ref: "r".into(),
+                total: 1000,
+                expected: dg.clone(),
+                ..Default::default()
+            },
             pb::WriteContentRequest {
                 action: pb::WriteAction::Commit as i32,
                 offset: 1000,
@@ -183,9 +307,24 @@ async fn namespaces_share_bytes_not_visibility() {
         ],
     )
     .await;
-    assert_eq!((r[0].as_ref().unwrap().offset, r[0].as_ref().unwrap().digest.as_str()), (1000, dg.as_str()));
+    assert_eq!(
+        (
+            r[0].as_ref().unwrap().offset,
+            r[0].as_ref().unwrap().digest.as_str()
+        ),
+        (1000, dg.as_str())
+    );
     r[1].as_ref().unwrap();
-    assert_eq!(b.info(pb::InfoRequest { digest: dg.clone() }).await.unwrap().into_inner().info.unwrap().size, 1000);
+    assert_eq!(
+        b.info(pb::InfoRequest { digest: dg.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .info
+            .unwrap()
+            .size,
+        1000
+    );
 
     // Appending to a shared ingest copies first, then makes a new blob.
     let mut ext = data.clone();
@@ -193,7 +332,12 @@ async fn namespaces_share_bytes_not_visibility() {
     let r = write_msgs(
         &mut d.client(Some("ns-c")).await,
         vec![
-            pb::WriteContentRequest { r#ref: "r".into(), total: 1000, expected: dg.clone(), ..Default::default() },
+            pb::WriteContentRequest {
+                r#ref: "r".into(),
+                total: 1000,
+                expected: dg.clone(),
+                ..Default::default()
+            },
             pb::WriteContentRequest {
                 action: pb::WriteAction::Commit as i32,
                 offset: 1000,
@@ -208,10 +352,17 @@ async fn namespaces_share_bytes_not_visibility() {
     assert_eq!(r[1].as_ref().unwrap().digest, sha(&ext).to_string());
 
     // Deleting in one namespace keeps the other's view and bytes.
-    a.delete(pb::DeleteContentRequest { digest: dg.clone() }).await.unwrap();
+    a.delete(pb::DeleteContentRequest { digest: dg.clone() })
+        .await
+        .unwrap();
     assert_eq!(read(&mut b, &dg, 0, 0).await.unwrap().0, data);
-    b.delete(pb::DeleteContentRequest { digest: dg.clone() }).await.unwrap();
-    assert_eq!(code(b.info(pb::InfoRequest { digest: dg.clone() }).await), Code::NotFound);
+    b.delete(pb::DeleteContentRequest { digest: dg.clone() })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(b.info(pb::InfoRequest { digest: dg.clone() }).await),
+        Code::NotFound
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -268,13 +419,21 @@ async fn sha512_and_write_state_machine() {
         &mut c,
         vec![
             w(pb::WriteAction::Write, "zero", 0, b"abc"),
-            pb::WriteContentRequest { action: pb::WriteAction::Commit as i32, total: 3, ..Default::default() },
+            pb::WriteContentRequest {
+                action: pb::WriteAction::Commit as i32,
+                total: 3,
+                ..Default::default()
+            },
         ],
     )
     .await;
     assert_eq!(r[1].as_ref().unwrap_err().code(), Code::FailedPrecondition);
 
     // STAT data is ignored.
-    let r = write_msgs(&mut c, vec![w(pb::WriteAction::Stat, "statdata", 0, b"ignored")]).await;
+    let r = write_msgs(
+        &mut c,
+        vec![w(pb::WriteAction::Stat, "statdata", 0, b"ignored")],
+    )
+    .await;
     assert_eq!(r[0].as_ref().unwrap().offset, 0);
 }

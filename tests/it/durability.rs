@@ -10,12 +10,23 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_keeps_blobs_and_resumes_ingests() {
-    let tmp = tempfile::Builder::new().prefix("contentd-it").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("contentd-it")
+        .tempdir_in("/tmp")
+        .unwrap();
     let d = Daemon::start_in(tmp.path());
     let mut c = d.client(Some("persist")).await;
-    let blobs: Vec<Vec<u8>> = (0..5).map(|i| pattern(100_000 * (i + 1), 50 + i as u64)).collect();
+    let blobs: Vec<Vec<u8>> = (0..5)
+        .map(|i| pattern(100_000 * (i + 1), 50 + i as u64))
+        .collect();
     for (i, b) in blobs.iter().enumerate() {
-        write_msgs(&mut c, vec![commit_msg(&format!("p{i}"), b, &[("n", &i.to_string())])]).await[0].as_ref().unwrap();
+        write_msgs(
+            &mut c,
+            vec![commit_msg(&format!("p{i}"), b, &[("n", &i.to_string())])],
+        )
+        .await[0]
+            .as_ref()
+            .unwrap();
     }
     let big = pattern(5 << 20, 99);
     let half = (5 << 20) / 2 + 3;
@@ -36,18 +47,42 @@ async fn restart_keeps_blobs_and_resumes_ingests() {
     let d = d.restart();
     let mut c = d.client(Some("persist")).await;
     for (i, b) in blobs.iter().enumerate() {
-        let info = c.info(pb::InfoRequest { digest: sha(b).to_string() }).await.unwrap().into_inner().info.unwrap();
+        let info = c
+            .info(pb::InfoRequest {
+                digest: sha(b).to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .info
+            .unwrap();
         assert_eq!(info.labels["n"], i.to_string());
         assert_eq!(read(&mut c, &sha(b).to_string(), 0, 0).await.unwrap().0, *b);
     }
     // Resume: STAT reports the durable offset and the digest of the bytes so far.
-    let st = c.status(pb::StatusRequest { r#ref: "resume-me".into() }).await.unwrap().into_inner().status.unwrap();
+    let st = c
+        .status(pb::StatusRequest {
+            r#ref: "resume-me".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
     assert_eq!((st.offset, st.total), (half as i64, big.len() as i64));
     let r = write_msgs(
         &mut c,
         vec![
-            pb::WriteContentRequest { r#ref: "resume-me".into(), ..Default::default() },
-            pb::WriteContentRequest { action: 1, offset: half as i64, data: big[half..].to_vec().into(), ..Default::default() },
+            pb::WriteContentRequest {
+                r#ref: "resume-me".into(),
+                ..Default::default()
+            },
+            pb::WriteContentRequest {
+                action: 1,
+                offset: half as i64,
+                data: big[half..].to_vec().into(),
+                ..Default::default()
+            },
             pb::WriteContentRequest {
                 action: 2,
                 offset: big.len() as i64,
@@ -60,7 +95,10 @@ async fn restart_keeps_blobs_and_resumes_ingests() {
     .await;
     assert_eq!(r[0].as_ref().unwrap().digest, sha(&big[..half]).to_string());
     assert_eq!(r[2].as_ref().unwrap().digest, sha(&big).to_string());
-    assert_eq!(read(&mut c, &sha(&big).to_string(), 0, 0).await.unwrap().0, big);
+    assert_eq!(
+        read(&mut c, &sha(&big).to_string(), 0, 0).await.unwrap().0,
+        big
+    );
 }
 
 /// Concurrent large writers, some blobs committed, the daemon killed with SIGKILL mid-stream.
@@ -70,14 +108,25 @@ async fn restart_keeps_blobs_and_resumes_ingests() {
 async fn kill9_during_concurrent_large_writes() {
     const WRITERS: usize = 4;
     const SIZE: usize = 24 << 20;
-    let tmp = tempfile::Builder::new().prefix("contentd-it").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("contentd-it")
+        .tempdir_in("/tmp")
+        .unwrap();
     let mut d = Daemon::start_in(tmp.path());
     let committed: Arc<Mutex<Vec<String>>> = Arc::default();
-    let blobs: Arc<Vec<Vec<u8>>> = Arc::new((0..WRITERS * 3).map(|i| pattern(SIZE, 500 + i as u64)).collect());
+    let blobs: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..WRITERS * 3)
+            .map(|i| pattern(SIZE, 500 + i as u64))
+            .collect(),
+    );
 
     let mut tasks = Vec::new();
     for w in 0..WRITERS {
-        let (mut c, committed, blobs) = (d.client(Some("crash")).await, committed.clone(), blobs.clone());
+        let (mut c, committed, blobs) = (
+            d.client(Some("crash")).await,
+            committed.clone(),
+            blobs.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             for k in 0..3 {
                 let i = w * 3 + k;
@@ -115,7 +164,10 @@ async fn kill9_during_concurrent_large_writes() {
     // Kill once some commits are acknowledged and the rest are mid-stream.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while committed.lock().unwrap().len() < WRITERS {
-        assert!(std::time::Instant::now() < deadline, "writers made no progress");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writers made no progress"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
@@ -124,37 +176,72 @@ async fn kill9_during_concurrent_large_writes() {
         t.await.unwrap();
     }
     let acked = committed.lock().unwrap().clone();
-    assert!(acked.len() >= WRITERS && acked.len() < WRITERS * 3, "kill landed mid-run ({} commits)", acked.len());
+    assert!(
+        acked.len() >= WRITERS && acked.len() < WRITERS * 3,
+        "kill landed mid-run ({} commits)",
+        acked.len()
+    );
 
     let d = Daemon::start_in(tmp.path());
     let mut c = d.client(Some("crash")).await;
     for dg in &acked {
         let (got, _) = read(&mut c, dg, 0, 0).await.unwrap();
         assert_eq!(got.len(), SIZE);
-        assert_eq!(sha(&got).to_string(), *dg, "committed blob intact and verified");
+        assert_eq!(
+            sha(&got).to_string(),
+            *dg,
+            "committed blob intact and verified"
+        );
     }
     // Nothing else is visible as a blob, and no listed blob is torn.
     let listed = list(&mut c, &[]).await.unwrap().concat();
     for info in &listed {
         assert_eq!(info.size, SIZE as i64);
-        let i = blobs.iter().position(|b| sha(b).to_string() == info.digest).expect("only written blobs");
+        let i = blobs
+            .iter()
+            .position(|b| sha(b).to_string() == info.digest)
+            .expect("only written blobs");
         assert_eq!(read(&mut c, &info.digest, 0, 0).await.unwrap().0, blobs[i]);
     }
     // Every interrupted ingest resumes from its durable offset and commits verified.
-    let statuses = c.list_statuses(pb::ListStatusesRequest::default()).await.unwrap().into_inner().statuses;
+    let statuses = c
+        .list_statuses(pb::ListStatusesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .statuses;
     for st in statuses {
         let i: usize = st.r#ref.trim_start_matches("crash-").parse().unwrap();
         let data = &blobs[i];
-        let stat = write_msgs(&mut c, vec![pb::WriteContentRequest { r#ref: st.r#ref.clone(), ..Default::default() }]).await;
+        let stat = write_msgs(
+            &mut c,
+            vec![pb::WriteContentRequest {
+                r#ref: st.r#ref.clone(),
+                ..Default::default()
+            }],
+        )
+        .await;
         let stat = stat[0].as_ref().unwrap();
         let off = stat.offset as usize;
         assert!(off <= SIZE);
-        assert_eq!(stat.digest, sha(&data[..off]).to_string(), "resumed hash matches the durable prefix");
+        assert_eq!(
+            stat.digest,
+            sha(&data[..off]).to_string(),
+            "resumed hash matches the durable prefix"
+        );
         let r = write_msgs(
             &mut c,
             vec![
-                pb::WriteContentRequest { r#ref: st.r#ref.clone(), ..Default::default() },
-                pb::WriteContentRequest { action: 1, offset: off as i64, data: data[off..].to_vec().into(), ..Default::default() },
+                pb::WriteContentRequest {
+                    r#ref: st.r#ref.clone(),
+                    ..Default::default()
+                },
+                pb::WriteContentRequest {
+                    action: 1,
+                    offset: off as i64,
+                    data: data[off..].to_vec().into(),
+                    ..Default::default()
+                },
                 pb::WriteContentRequest {
                     action: 2,
                     offset: SIZE as i64,
@@ -169,6 +256,9 @@ async fn kill9_during_concurrent_large_writes() {
             Ok(resp) => assert_eq!(resp.digest, sha(data).to_string()),
             Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e}"),
         }
-        assert_eq!(read(&mut c, &sha(data).to_string(), 0, 0).await.unwrap().0, *data);
+        assert_eq!(
+            read(&mut c, &sha(data).to_string(), 0, 0).await.unwrap().0,
+            *data
+        );
     }
 }

@@ -23,7 +23,10 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Daemon {
-        let tmp = tempfile::Builder::new().prefix("contentd-it").tempdir_in("/tmp").unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("contentd-it")
+            .tempdir_in("/tmp")
+            .unwrap();
         let mut d = Daemon::start_in(tmp.path());
         d._tmp = Some(tmp);
         d
@@ -43,7 +46,11 @@ impl Daemon {
     }
 
     fn spawn(mut self) -> Daemon {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_contentd"))
             .arg("serve")
             .arg("--root")
@@ -66,7 +73,11 @@ impl Daemon {
                 if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                     panic!("contentd exited early ({st}): {}", self.log());
                 }
-                assert!(Instant::now() < deadline, "contentd did not listen on {}", s.display());
+                assert!(
+                    Instant::now() < deadline,
+                    "contentd did not listen on {}",
+                    s.display()
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -147,10 +158,16 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// Sends `msgs` on one Write stream and collects one result per response, stopping at the
 /// first error.
-pub async fn write_msgs(c: &mut Client, msgs: Vec<pb::WriteContentRequest>) -> Vec<Result<pb::WriteContentResponse, tonic::Status>> {
+pub async fn write_msgs(
+    c: &mut Client,
+    msgs: Vec<pb::WriteContentRequest>,
+) -> Vec<Result<pb::WriteContentResponse, tonic::Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(msgs.len() + 1);
     let mut out = Vec::new();
-    let mut stream = match c.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+    let mut stream = match c
+        .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
         Ok(s) => s.into_inner(),
         Err(e) => return vec![Err(e)],
     };
@@ -176,18 +193,40 @@ pub fn commit_msg(r: &str, data: &[u8], labels: &[(&str, &str)]) -> pb::WriteCon
         total: data.len() as i64,
         expected: sha(data).to_string(),
         data: data.to_vec().into(),
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..Default::default()
     }
 }
 
 /// Writes a whole blob in one COMMIT message.
-pub async fn put(c: &mut Client, r: &str, data: &[u8]) -> Result<pb::WriteContentResponse, tonic::Status> {
-    write_msgs(c, vec![commit_msg(r, data, &[])]).await.pop().unwrap()
+pub async fn put(
+    c: &mut Client,
+    r: &str,
+    data: &[u8],
+) -> Result<pb::WriteContentResponse, tonic::Status> {
+    write_msgs(c, vec![commit_msg(r, data, &[])])
+        .await
+        .pop()
+        .unwrap()
 }
 
-pub async fn read(c: &mut Client, d: &str, offset: i64, size: i64) -> Result<(Vec<u8>, Vec<(i64, usize)>), tonic::Status> {
-    let mut s = c.read(pb::ReadContentRequest { digest: d.into(), offset, size }).await?.into_inner();
+pub async fn read(
+    c: &mut Client,
+    d: &str,
+    offset: i64,
+    size: i64,
+) -> Result<(Vec<u8>, Vec<(i64, usize)>), tonic::Status> {
+    let mut s = c
+        .read(pb::ReadContentRequest {
+            digest: d.into(),
+            offset,
+            size,
+        })
+        .await?
+        .into_inner();
     let mut data = Vec::new();
     let mut msgs = Vec::new();
     while let Some(m) = s.message().await? {
@@ -198,7 +237,12 @@ pub async fn read(c: &mut Client, d: &str, offset: i64, size: i64) -> Result<(Ve
 }
 
 pub async fn list(c: &mut Client, filters: &[&str]) -> Result<Vec<Vec<pb::Info>>, tonic::Status> {
-    let mut s = c.list(pb::ListContentRequest { filters: filters.iter().map(|f| f.to_string()).collect() }).await?.into_inner();
+    let mut s = c
+        .list(pb::ListContentRequest {
+            filters: filters.iter().map(|f| f.to_string()).collect(),
+        })
+        .await?
+        .into_inner();
     let mut batches = Vec::new();
     while let Some(m) = s.message().await? {
         batches.push(m.info);
