@@ -176,10 +176,8 @@ async fn write_large(
 ) -> anyhow::Result<()> {
     let total: i64 = chunks.iter().map(|c| c.len() as i64).sum();
     let (tx, rx) = mpsc::channel(4);
-    let mut resp = client
-        .write(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    // The first message must be queued before the call: a Go server sends its response
+    // headers only with its first response, which it sends only after the first request.
     tx.send(pb::WriteContentRequest {
         action: pb::WriteAction::Stat as i32,
         r#ref: r,
@@ -187,6 +185,10 @@ async fn write_large(
         ..Default::default()
     })
     .await?;
+    let mut resp = client
+        .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
     resp.message().await?.context("no STAT response")?;
     // Pipelined: keep a few messages in flight, as a streaming client does.
     let producer = tokio::spawn(async move {

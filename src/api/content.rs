@@ -73,8 +73,8 @@ impl pb::content_server::Content for ContentService {
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let scope = self.mode.scope(&req)?;
         let d = parse_digest(&req.get_ref().digest)?;
-        let store = self.store.clone();
-        let info = blocking(move || store.info(&scope, &d)).await?;
+        // Point lookups take microseconds: answered inline, not through the blocking pool.
+        let info = self.store.info(&scope, &d).map_err(status)?;
         Ok(Response::new(pb::InfoResponse {
             info: Some(info_pb(info)),
         }))
@@ -157,8 +157,7 @@ impl pb::content_server::Content for ContentService {
         let scope = self.mode.scope(&req)?;
         let req = req.into_inner();
         let d = parse_digest(&req.digest)?;
-        let store = self.store.clone();
-        let loc = blocking(move || store.locate(&scope, &d)).await?;
+        let loc = self.store.locate(&scope, &d).map_err(status)?;
         let offset = req.offset.max(0);
         if offset > loc.size {
             return Err(status(Error::out_of_range(format!(
@@ -210,8 +209,7 @@ impl pb::content_server::Content for ContentService {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let scope = self.mode.scope(&req)?;
         let r = req.into_inner().r#ref;
-        let store = self.store.clone();
-        let st = blocking(move || store.status(&scope, &r)).await?;
+        let st = self.store.status(&scope, &r).map_err(status)?;
         Ok(Response::new(pb::StatusResponse {
             status: Some(status_pb(st)),
         }))
@@ -288,6 +286,12 @@ async fn write_session(
     loop {
         let (w, result) = tokio::task::spawn_blocking(move || {
             let r = step(&mut writer, msg, first_message);
+            // Whatever this request changed (even if it then failed) is written before the
+            // response goes out, unless a commit already wrote it.
+            let r = match (r, writer.flush()) {
+                (Ok(v), Ok(())) => Ok(v),
+                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            };
             (writer, r)
         })
         .await

@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::sync::OwnedMutexGuard;
@@ -378,29 +379,21 @@ impl Store {
     }
 
     /// Up to `max` bytes of an extent starting at `offset` (fewer at a chunk boundary).
-    pub fn read_extent(&self, extent: u64, offset: u64, max: usize) -> Result<Vec<u8>> {
+    pub fn read_extent(&self, extent: u64, offset: u64, max: usize) -> Result<Bytes> {
         let (lower, _) = extent_range(extent);
-        let Some((key, mut data)) =
-            self.kv
-                .floor(Cf::Chunks, &chunk_key(extent, offset), &lower)?
-        else {
-            return Err(Error::data_loss(format!(
-                "stored bytes missing at offset {offset}"
-            )));
-        };
+        let missing = || Error::data_loss(format!("stored bytes missing at offset {offset}"));
+        let (key, data) = self
+            .kv
+            .floor(Cf::Chunks, &chunk_key(extent, offset), &lower)?
+            .ok_or_else(missing)?;
         let start = u64::from_be_bytes(key[8..16].try_into().expect("16-byte chunk key"));
         let skip = (offset - start) as usize;
         if skip >= data.len() {
-            return Err(Error::data_loss(format!(
-                "stored bytes missing at offset {offset}"
-            )));
+            return Err(missing());
         }
         let end = data.len().min(skip + max);
-        data.truncate(end);
-        if skip > 0 {
-            data.drain(..skip);
-        }
-        Ok(data)
+        // A slice of the chunk, not a copy: ranged reads inside a chunk stay cheap.
+        Ok(Bytes::from(data).slice(skip..end))
     }
 
     /// Reads `[offset, offset+len)` of an extent, chunk by chunk.
@@ -409,7 +402,7 @@ impl Store {
         extent: u64,
         offset: u64,
         len: u64,
-        mut sink: impl FnMut(Vec<u8>) -> Result<()>,
+        mut sink: impl FnMut(Bytes) -> Result<()>,
     ) -> Result<()> {
         let mut pos = offset;
         let end = offset + len;
@@ -761,6 +754,7 @@ impl Store {
             reference: r,
             total,
             expected: expected.clone(),
+            pending: Batch::new(),
             guard,
         };
         match w.guard.as_mut() {
@@ -804,9 +798,8 @@ impl Store {
                     rec.offset = blob.size;
                     rec.total = blob.size;
                 }
-                let mut b = Batch::new();
-                b.put(Cf::Ingests, w.key.clone(), rec.encode_to_vec());
-                self.kv.write(b, false)?;
+                w.pending
+                    .put(Cf::Ingests, w.key.clone(), rec.encode_to_vec());
                 w.total = rec.total;
                 *w.guard = Some(IngestState {
                     rec,
@@ -859,7 +852,19 @@ pub struct Writer {
     /// The digest to verify at commit, as known to this stream (containerd keeps it per
     /// stream: a later stream on the same ref starts without it).
     expected: Option<Digest>,
+    /// Changes not yet written: a single-message upload becomes one synced batch.
+    pending: Batch,
     guard: OwnedMutexGuard<Option<IngestState>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Normally flushed by the caller after each request; this keeps queued bytes of an
+        // abandoned writer resumable too.
+        if let Err(e) = self.flush() {
+            tracing::warn!(reference = %self.reference, error = %e, "could not persist ingest progress");
+        }
+    }
 }
 
 /// What a writer reports after every step.
@@ -917,12 +922,26 @@ impl Writer {
         Ok(())
     }
 
-    fn persist(&mut self, mut b: Batch) -> Result<()> {
+    /// Queues `b` and the updated ingest record; [`Writer::flush`] or the commit batch
+    /// writes them. Chunks and the record that counts them always land in one batch.
+    fn persist(&mut self, b: Batch) -> Result<()> {
         let key = self.key.clone();
-        let st = self.state()?;
-        b.put(Cf::Ingests, key, st.rec.encode_to_vec());
-        let kv = self.store.kv.clone();
-        kv.write(b, false)
+        let rec = self.state()?.rec.encode_to_vec();
+        self.pending.ops.extend(b.ops);
+        self.pending.put(Cf::Ingests, key, rec);
+        Ok(())
+    }
+
+    /// Writes queued changes (unsynced: the WAL keeps them across a process crash, and the
+    /// next synced commit makes them durable against power loss). Called after every
+    /// request that did not commit, so a stream's acknowledged bytes are visible to Status
+    /// and resumable.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let b = std::mem::take(&mut self.pending);
+        self.store.kv.write(b, false)
     }
 
     /// Drops all data and restarts the ingest at offset zero (in a fresh extent).
@@ -958,7 +977,7 @@ impl Writer {
         store.read_range(blob.extent, 0, blob.size as u64, |c| {
             hasher.update(&c);
             let len = c.len() as u64;
-            b.put(Cf::Chunks, chunk_key(extent, off).to_vec(), c);
+            b.put(Cf::Chunks, chunk_key(extent, off).to_vec(), c.to_vec());
             off += len;
             Ok(())
         })?;
@@ -1008,7 +1027,7 @@ impl Writer {
         let Some(st) = self.guard.as_ref() else {
             return Ok(());
         };
-        let mut b = Batch::new();
+        let mut b = std::mem::take(&mut self.pending);
         b.delete(Cf::Ingests, self.key.clone());
         if st.rec.shared.is_empty() {
             let (from, to) = extent_range(st.rec.extent);
@@ -1034,6 +1053,12 @@ impl Writer {
         }
         let expected = expected.or_else(|| self.expected.clone());
         let store = self.store.clone();
+        if expected.as_ref().map(|e| e.algorithm()) != Some(self.state()?.hasher.algorithm())
+            && expected.is_some()
+        {
+            // Re-hashing reads the stored bytes, so queued ones must be written first.
+            self.flush()?;
+        }
         let st = self.state()?;
         if size > 0 && st.rec.offset != size {
             return Err(Error::precondition(format!(
@@ -1069,7 +1094,8 @@ impl Writer {
         let scope = self.scope.clone();
         let outcome = {
             let _g = store.digest_lock(&actual);
-            let mut b = Batch::new();
+            // Queued chunk writes go in the same synced batch as the commit itself.
+            let mut b = std::mem::take(&mut self.pending);
             b.delete(Cf::Ingests, self.key.clone());
             let existing = store.blob(&actual)?;
             match existing {

@@ -109,6 +109,7 @@ async fn conformance(store: Arc<Store>) {
             .unwrap_err()
             .is(Kind::FailedPrecondition)
     );
+    w.flush().unwrap();
     assert_eq!(store.status(&a, "w").unwrap().offset, 3);
     let info = w
         .commit(

@@ -231,25 +231,26 @@ async fn kill9_during_concurrent_large_writes() {
         );
         let r = write_msgs(
             &mut c,
-            vec![
-                pb::WriteContentRequest {
-                    r#ref: st.r#ref.clone(),
-                    ..Default::default()
-                },
+            std::iter::once(pb::WriteContentRequest {
+                r#ref: st.r#ref.clone(),
+                ..Default::default()
+            })
+            .chain(data[off..].chunks(1 << 20).enumerate().map(|(j, piece)| {
                 pb::WriteContentRequest {
                     action: 1,
-                    offset: off as i64,
-                    data: data[off..].to_vec().into(),
+                    offset: (off + (j << 20)) as i64,
+                    data: piece.to_vec().into(),
                     ..Default::default()
-                },
-                pb::WriteContentRequest {
-                    action: 2,
-                    offset: SIZE as i64,
-                    total: SIZE as i64,
-                    expected: sha(data).to_string(),
-                    ..Default::default()
-                },
-            ],
+                }
+            }))
+            .chain(std::iter::once(pb::WriteContentRequest {
+                action: 2,
+                offset: SIZE as i64,
+                total: SIZE as i64,
+                expected: sha(data).to_string(),
+                ..Default::default()
+            }))
+            .collect(),
         )
         .await;
         match &r[r.len() - 1] {

@@ -164,6 +164,12 @@ pub async fn write_msgs(
 ) -> Vec<Result<pb::WriteContentResponse, tonic::Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(msgs.len() + 1);
     let mut out = Vec::new();
+    let mut msgs = msgs.into_iter();
+    // Queue the first message before the call: a server may hold its response headers
+    // until it has answered the first request.
+    if let Some(first) = msgs.next() {
+        tx.send(first).await.unwrap();
+    }
     let mut stream = match c
         .write(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -171,8 +177,15 @@ pub async fn write_msgs(
         Ok(s) => s.into_inner(),
         Err(e) => return vec![Err(e)],
     };
-    for m in msgs {
-        tx.send(m).await.unwrap();
+    let mut pending = true;
+    loop {
+        if !pending {
+            match msgs.next() {
+                Some(m) => tx.send(m).await.unwrap(),
+                None => break,
+            }
+        }
+        pending = false;
         match stream.message().await {
             Ok(Some(r)) => out.push(Ok(r)),
             Ok(None) => break,
