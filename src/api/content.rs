@@ -186,7 +186,7 @@ impl pb::content_server::Content for ContentService {
                         // containerd 1.6 numbers messages from the requested offset.
                         let msg = pb::ReadContentResponse {
                             offset: pos - offset,
-                            data: data.into(),
+                            data,
                         };
                         if tx.send(Ok(msg)).await.is_err() {
                             return;
