@@ -10,6 +10,8 @@ pub async fn connect_unix(path: impl Into<PathBuf>) -> anyhow::Result<Channel> {
     let path: PathBuf = path.into();
     let shown = path.display().to_string();
     let ch = Endpoint::try_from("http://contentd.local")?
+        .initial_stream_window_size(crate::daemon::STREAM_WINDOW)
+        .initial_connection_window_size(crate::daemon::CONNECTION_WINDOW)
         .connect_with_connector(tower::service_fn(move |_| {
             let p = path.clone();
             async move {

@@ -16,6 +16,11 @@ use crate::config::Config;
 use crate::kv::rocks::{RocksKv, Tuning};
 use crate::store::Store;
 
+/// HTTP/2 flow-control windows and frame size for every listener (and the bundled clients).
+pub const STREAM_WINDOW: u32 = 8 << 20;
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+pub const MAX_FRAME: u32 = 1 << 20;
+
 const CONTENT_SERVICE: &str = "containerd.services.content.v1.Content";
 
 /// Binds a unix socket, replacing a stale socket file but never a live one or a non-socket.
@@ -54,7 +59,12 @@ macro_rules! router {
                 .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
+        // Large flow-control windows: with h2's defaults a stream of 1 MiB Write messages
+        // waits a round trip for window updates after every message.
         Server::builder()
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .trace_fn(|req| tracing::info_span!("rpc", path = %req.uri().path()))
             .add_service($health)
             .add_service(reflection().build_v1()?)

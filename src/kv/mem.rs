@@ -67,6 +67,21 @@ impl Kv for MemKv {
         Ok(())
     }
 
+    fn scan_from_floor(
+        &self,
+        cf: Cf,
+        key: &[u8],
+        lower: &[u8],
+        end: &[u8],
+        visit: Visit<'_>,
+    ) -> Result<()> {
+        let start = match self.floor(cf, key, lower)? {
+            Some((k, _)) => k,
+            None => key.to_vec(),
+        };
+        self.scan(cf, &start, end, visit)
+    }
+
     fn write(&self, batch: Batch, _sync: bool) -> Result<()> {
         let mut maps = self.maps.write();
         for op in batch.ops {

@@ -92,6 +92,17 @@ pub trait Kv: Send + Sync + 'static {
     fn floor(&self, cf: Cf, key: &[u8], lower: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
     /// Visits entries with `start <= key < end` in key order (`end` empty = unbounded).
     fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: Visit<'_>) -> Result<()>;
+    /// Like `scan` over `[lower, end)`, but starts at the floor of `key` (the greatest key
+    /// `<= key`), or at the first key after it when there is none. One iterator serves the
+    /// whole walk, which is how a ranged read crosses chunk boundaries cheaply.
+    fn scan_from_floor(
+        &self,
+        cf: Cf,
+        key: &[u8],
+        lower: &[u8],
+        end: &[u8],
+        visit: Visit<'_>,
+    ) -> Result<()>;
     /// Applies `batch` atomically. With `sync`, it (and everything written before it) is on
     /// stable storage when this returns.
     fn write(&self, batch: Batch, sync: bool) -> Result<()>;
@@ -190,6 +201,22 @@ pub(crate) mod tests {
         );
         assert!(kv.floor(Cf::Chunks, &[8, 0], &[8, 1]).unwrap().is_none());
         assert!(kv.floor(Cf::Chunks, &[6], &[]).unwrap().is_none());
+
+        // scan_from_floor starts at the floor, or after it, and stops at the bound
+        let mut seen = Vec::new();
+        kv.scan_from_floor(Cf::Chunks, &[7, 4, 0xff], &[7], &[7, 8], &mut |k, _| {
+            seen.push(k.to_vec());
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, vec![vec![7, 4], vec![7, 5], vec![7, 6], vec![7, 7]]);
+        seen.clear();
+        kv.scan_from_floor(Cf::Chunks, &[6], &[6], &[7, 2], &mut |k, _| {
+            seen.push(k.to_vec());
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, vec![vec![7, 0], vec![7, 1]]);
 
         // range delete is exact
         let mut b = Batch::new();

@@ -37,8 +37,8 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            write_buffer_bytes: 48 << 20,
-            block_cache_bytes: 16 << 20,
+            write_buffer_bytes: 32 << 20,
+            block_cache_bytes: 8 << 20,
             min_blob_size: 32 << 10,
         }
     }
@@ -68,7 +68,6 @@ impl RocksKv {
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(256 << 20);
         db_opts.set_bytes_per_sync(1 << 20);
-        db_opts.set_wal_bytes_per_sync(1 << 20);
         let cache = Cache::new_lru_cache(tuning.block_cache_bytes);
 
         let meta_opts = || {
@@ -85,8 +84,8 @@ impl RocksKv {
             let mut o = meta_opts();
             if *cf == Cf::Chunks {
                 o.set_compression_type(DBCompressionType::None);
-                o.set_write_buffer_size(16 << 20);
-                o.set_max_write_buffer_number(3);
+                o.set_write_buffer_size(8 << 20);
+                o.set_max_write_buffer_number(4);
                 o.set_enable_blob_files(true);
                 o.set_min_blob_size(tuning.min_blob_size);
                 o.set_blob_file_size(256 << 20);
@@ -151,6 +150,34 @@ impl Kv for RocksKv {
         }
         let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
         it.seek(start);
+        while it.valid() {
+            if !visit(it.key().expect("valid"), it.value().expect("valid")) {
+                return Ok(());
+            }
+            it.next();
+        }
+        it.status().map_err(io)
+    }
+
+    fn scan_from_floor(
+        &self,
+        cf: Cf,
+        key: &[u8],
+        lower: &[u8],
+        end: &[u8],
+        visit: Visit<'_>,
+    ) -> Result<()> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(lower.to_vec());
+        if !end.is_empty() {
+            ro.set_iterate_upper_bound(end.to_vec());
+        }
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
+        it.seek_for_prev(key);
+        if !it.valid() {
+            it.status().map_err(io)?;
+            it.seek(key);
+        }
         while it.valid() {
             if !visit(it.key().expect("valid"), it.value().expect("valid")) {
                 return Ok(());

@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::sync::OwnedMutexGuard;
@@ -41,8 +41,12 @@ use crate::error::{Error, Kind, Result};
 use crate::filter::{self, Adaptor, Filter};
 use crate::kv::{Batch, Cf, Kv, prefix_end};
 
-/// Largest value stored under one chunk key.
-pub const CHUNK_SIZE: usize = 1 << 20;
+/// Largest value stored under one chunk key. Small enough that a ranged read at a random
+/// offset reads little beyond what it returns (RocksDB has no partial-value get), large
+/// enough that per-key overhead stays negligible for layers.
+pub const CHUNK_SIZE: usize = 256 << 10;
+/// Cap on the buffer one read call preallocates.
+const READ_BUFFER_LIMIT: usize = 4 << 20;
 /// containerd's limit on one label's key plus value.
 pub const MAX_LABEL_BYTES: usize = 4096;
 /// How long opening a writer waits for a ref held by another stream before `Unavailable`
@@ -323,9 +327,11 @@ impl Store {
     /// becomes held by it (so another tenant's delete can never remove it).
     fn resolve(&self, scope: &Scope, d: &Digest) -> Result<Option<(BlobRecord, LinkRecord)>> {
         if let Some(link) = self.link(scope, d)? {
-            let blob = self
-                .blob(d)?
-                .ok_or_else(|| Error::internal(format!("link to missing blob {d}")))?;
+            let blob = BlobRecord {
+                extent: link.extent,
+                size: link.size,
+                created_ns: link.created_ns,
+            };
             return Ok(Some((blob, link)));
         }
         if !scope.is_tenant() {
@@ -340,6 +346,8 @@ impl Store {
             created_ns: blob.created_ns,
             updated_ns: now,
             labels: HashMap::new(),
+            size: blob.size,
+            extent: blob.extent,
         };
         let mut b = Batch::new();
         self.put_link(&mut b, scope, d, &link);
@@ -378,22 +386,37 @@ impl Store {
         })
     }
 
-    /// Up to `max` bytes of an extent starting at `offset` (fewer at a chunk boundary).
+    /// Up to `max` bytes of an extent starting at `offset`, gathered across chunks with one
+    /// iterator and one copy. Fewer bytes only where the extent's data ends.
     pub fn read_extent(&self, extent: u64, offset: u64, max: usize) -> Result<Bytes> {
         let (lower, _) = extent_range(extent);
-        let missing = || Error::data_loss(format!("stored bytes missing at offset {offset}"));
-        let (key, data) = self
-            .kv
-            .floor(Cf::Chunks, &chunk_key(extent, offset), &lower)?
-            .ok_or_else(missing)?;
-        let start = u64::from_be_bytes(key[8..16].try_into().expect("16-byte chunk key"));
-        let skip = (offset - start) as usize;
-        if skip >= data.len() {
-            return Err(missing());
+        let upper = chunk_key(extent, offset.saturating_add(max as u64));
+        let mut out = BytesMut::with_capacity(max.min(READ_BUFFER_LIMIT));
+        let mut pos = offset;
+        self.kv.scan_from_floor(
+            Cf::Chunks,
+            &chunk_key(extent, offset),
+            &lower,
+            &upper,
+            &mut |k, v| {
+                let start = u64::from_be_bytes(k[8..16].try_into().expect("16-byte chunk key"));
+                if start > pos || start + v.len() as u64 <= pos {
+                    // A gap: the caller's next read reports it.
+                    return false;
+                }
+                let from = (pos - start) as usize;
+                let n = (v.len() - from).min(max - out.len());
+                out.extend_from_slice(&v[from..from + n]);
+                pos += n as u64;
+                out.len() < max
+            },
+        )?;
+        if out.is_empty() {
+            return Err(Error::data_loss(format!(
+                "stored bytes missing at offset {offset}"
+            )));
         }
-        let end = data.len().min(skip + max);
-        // A slice of the chunk, not a copy: ranged reads inside a chunk stay cheap.
-        Ok(Bytes::from(data).slice(skip..end))
+        Ok(out.freeze())
     }
 
     /// Reads `[offset, offset+len)` of an extent, chunk by chunk.
@@ -407,8 +430,11 @@ impl Store {
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
-            let data =
-                self.read_extent(extent, pos, (end - pos).min(CHUNK_SIZE as u64) as usize)?;
+            let data = self.read_extent(
+                extent,
+                pos,
+                (end - pos).min(READ_BUFFER_LIMIT as u64) as usize,
+            )?;
             pos += data.len() as u64;
             sink(data)?;
         }
@@ -506,8 +532,10 @@ impl Store {
                     let (d, _) = Digest::from_key(&k[prefix.len()..])
                         .ok_or_else(|| Error::internal("corrupt link key"))?;
                     let link: LinkRecord = decode("link", v)?;
-                    let Some(blob) = self.blob(&d)? else {
-                        return Ok(None);
+                    let blob = BlobRecord {
+                        extent: link.extent,
+                        size: link.size,
+                        created_ns: link.created_ns,
                     };
                     let info = Self::info_of(&d, &blob, link);
                     Ok(filter.matches(&info).then_some(info))
@@ -1086,10 +1114,12 @@ impl Writer {
         }
         let rec = st.rec.clone();
         let now = now_ns();
-        let link = LinkRecord {
+        let mut link = LinkRecord {
             created_ns: now,
             updated_ns: now,
             labels: labels.unwrap_or_default(),
+            size: 0,
+            extent: 0,
         };
         let scope = self.scope.clone();
         let outcome = {
@@ -1105,6 +1135,7 @@ impl Writer {
                         b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
                     }
                     let linked = store.link(&scope, &actual)?;
+                    (link.size, link.extent) = (blob.size, blob.extent);
                     if linked.is_none() {
                         store.put_link(&mut b, &scope, &actual, &link);
                     }
@@ -1128,6 +1159,7 @@ impl Writer {
                         created_ns: now,
                     };
                     b.put(Cf::Blobs, actual.key(), blob.encode_to_vec());
+                    (link.size, link.extent) = (blob.size, blob.extent);
                     store.put_link(&mut b, &scope, &actual, &link);
                     store.kv.write(b, true)?;
                     Ok(Store::info_of(&actual, &blob, link))

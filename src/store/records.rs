@@ -23,6 +23,12 @@ pub struct LinkRecord {
     pub updated_ns: i64,
     #[prost(map = "string, string", tag = "3")]
     pub labels: HashMap<String, String>,
+    /// Copies of the blob's immutable size and extent, so Info, Read and List need one
+    /// lookup, not two.
+    #[prost(int64, tag = "4")]
+    pub size: i64,
+    #[prost(uint64, tag = "5")]
+    pub extent: u64,
 }
 
 /// `ingests[scope ‖ 0 ‖ ref]`: an ingest in progress; its bytes so far live in `chunks` under
