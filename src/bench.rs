@@ -28,6 +28,8 @@ pub struct Options {
     pub namespace: Option<String>,
     pub pid: Option<u32>,
     pub large_mib: u64,
+    /// How many times the large write and read are repeated (the median is reported).
+    pub runs: usize,
     pub small_count: usize,
     pub ranged_reads: usize,
     pub info_calls: usize,
@@ -134,6 +136,18 @@ impl RssSampler {
     async fn finish(mut self) -> f64 {
         let _ = self.stop.take().map(|s| s.send(()));
         self.handle.await.unwrap_or(0) as f64 / 1024.0
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
     }
 }
 
@@ -306,8 +320,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(run_id);
     let mut written: Vec<Digest> = Vec::new();
 
-    // Large blob: unique content per run, digest computed before timing.
-    let chunks: Vec<Vec<u8>> = (0..opts.large_mib)
+    // Large blob, `runs` times with unique content each time (digest computed before
+    // timing); the median rate is reported, and the highest RSS seen.
+    let mut chunks: Vec<Vec<u8>> = (0..opts.large_mib)
         .map(|i| {
             let mut c = vec![0u8; 1 << 20];
             rng.fill_bytes(&mut c[..4096]);
@@ -319,36 +334,49 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             c
         })
         .collect();
-    let mut h = Algorithm::Sha256.hasher();
-    chunks.iter().for_each(|c| h.update(c));
-    let big = h.digest();
-    let chunks = Arc::new(chunks);
     let bytes = opts.large_mib as f64;
+    let (mut writes, mut reads) = (Vec::new(), Vec::new());
+    let mut big = Digest::of(Algorithm::Sha256, b"");
+    for run in 0..opts.runs.max(1) {
+        for c in chunks.iter_mut() {
+            c[8..16].copy_from_slice(&(run as u64).to_le_bytes());
+        }
+        let mut h = Algorithm::Sha256.hasher();
+        chunks.iter().for_each(|c| h.update(c));
+        big = h.digest();
+        let shared = Arc::new(std::mem::take(&mut chunks));
 
-    let s = RssSampler::start(pid);
-    let t = Instant::now();
-    write_large(
-        &mut client.clone(),
-        format!("bench-large-{run_id}"),
-        chunks.clone(),
-        big.clone(),
-    )
-    .await?;
-    report.large_write_mib_s = bytes / t.elapsed().as_secs_f64();
-    report.rss_large_write_mib = finish(s).await;
-    written.push(big.clone());
-    drop(chunks);
-    eprintln!("  large write: {:.0} MiB/s", report.large_write_mib_s);
+        let s = RssSampler::start(pid);
+        let t = Instant::now();
+        write_large(
+            &mut client.clone(),
+            format!("bench-large-{run_id}-{run}"),
+            shared.clone(),
+            big.clone(),
+        )
+        .await?;
+        writes.push(bytes / t.elapsed().as_secs_f64());
+        report.rss_large_write_mib = max_opt(report.rss_large_write_mib, finish(s).await);
+        written.push(big.clone());
+        chunks =
+            Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("chunk buffers still shared"))?;
 
-    let s = RssSampler::start(pid);
-    let t = Instant::now();
-    let n = read_all(&mut client.clone(), &big, 0, 0).await?;
-    report.large_read_mib_s = bytes / t.elapsed().as_secs_f64();
-    report.rss_large_read_mib = finish(s).await;
-    if n != opts.large_mib << 20 {
-        bail!("large read returned {n} bytes");
+        let s = RssSampler::start(pid);
+        let t = Instant::now();
+        let n = read_all(&mut client.clone(), &big, 0, 0).await?;
+        reads.push(bytes / t.elapsed().as_secs_f64());
+        report.rss_large_read_mib = max_opt(report.rss_large_read_mib, finish(s).await);
+        if n != opts.large_mib << 20 {
+            bail!("large read returned {n} bytes");
+        }
+        eprintln!(
+            "  large write {:.0} MiB/s, read {:.0} MiB/s",
+            writes[run], reads[run]
+        );
     }
-    eprintln!("  large read: {:.0} MiB/s", report.large_read_mib_s);
+    drop(chunks);
+    report.large_write_mib_s = median(&mut writes);
+    report.large_read_mib_s = median(&mut reads);
 
     // 4 KiB blobs.
     let small = Arc::new(tokio::sync::Mutex::new(Vec::new()));

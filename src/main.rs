@@ -53,6 +53,9 @@ enum Command {
         /// Size of the large blob, MiB.
         #[arg(long, default_value_t = 1024)]
         large_mib: u64,
+        /// Repetitions of the large write and read; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
         /// 4 KiB blobs written at concurrency 16 (a quarter of that at concurrency 1).
         #[arg(long, default_value_t = 4000)]
         small: usize,
@@ -125,6 +128,7 @@ fn main() -> anyhow::Result<()> {
             socket,
             namespace,
             large_mib,
+            runs,
             small,
             ranged_reads,
             info_calls,
@@ -141,6 +145,7 @@ fn main() -> anyhow::Result<()> {
                     namespace: Some(namespace.clone()),
                     pid: None,
                     large_mib,
+                    runs,
                     small_count: small,
                     ranged_reads,
                     info_calls,
