@@ -17,8 +17,8 @@ use crate::kv::rocks::{RocksKv, Tuning};
 use crate::store::Store;
 
 /// HTTP/2 flow-control windows and frame size for every listener (and the bundled clients).
-pub const STREAM_WINDOW: u32 = 8 << 20;
-pub const CONNECTION_WINDOW: u32 = 32 << 20;
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
 pub const MAX_FRAME: u32 = 1 << 20;
 
 const CONTENT_SERVICE: &str = "containerd.services.content.v1.Content";
