@@ -82,6 +82,14 @@ impl Kv for MemKv {
         self.scan(cf, &start, end, visit)
     }
 
+    fn write_unlogged(&self, batch: Batch) -> Result<()> {
+        self.write(batch, false)
+    }
+
+    fn flush(&self, _cf: Cf) -> Result<()> {
+        Ok(())
+    }
+
     fn write(&self, batch: Batch, _sync: bool) -> Result<()> {
         let mut maps = self.maps.write();
         for op in batch.ops {

@@ -106,6 +106,11 @@ pub trait Kv: Send + Sync + 'static {
     /// Applies `batch` atomically. With `sync`, it (and everything written before it) is on
     /// stable storage when this returns.
     fn write(&self, batch: Batch, sync: bool) -> Result<()>;
+    /// Applies `batch` atomically without the write-ahead log: cheaper for bulk bytes, but
+    /// lost by a crash unless a [`Kv::flush`] of its families completes first.
+    fn write_unlogged(&self, batch: Batch) -> Result<()>;
+    /// Makes everything written to `cf`, logged or not, durable.
+    fn flush(&self, cf: Cf) -> Result<()>;
     /// Approximate bytes on disk, for reporting only.
     fn disk_usage(&self) -> u64 {
         0
@@ -240,6 +245,16 @@ pub(crate) mod tests {
         kv.write(b, true).unwrap();
         assert_eq!(kv.get(Cf::Meta, b"k").unwrap().as_deref(), Some(&b"v2"[..]));
 
+        // unlogged writes are visible at once and durable after a flush
+        let mut b = Batch::new();
+        b.put(Cf::Chunks, vec![9, 1], b"unlogged".to_vec());
+        kv.write_unlogged(b).unwrap();
+        assert_eq!(
+            kv.get(Cf::Chunks, &[9, 1]).unwrap().as_deref(),
+            Some(&b"unlogged"[..])
+        );
+        kv.flush(Cf::Chunks).unwrap();
+
         // large values survive byte for byte
         let big: Vec<u8> = (0..(1 << 20) + 17).map(|i| (i * 31 % 251) as u8).collect();
         let mut b = Batch::new();
@@ -266,8 +281,12 @@ pub(crate) mod tests {
         let kv = rocks::RocksKv::open(dir.path(), &rocks::Tuning::default()).unwrap();
         conformance(&kv);
         drop(kv);
-        // and it persists
+        // and it persists, flushed unlogged writes included
         let kv = rocks::RocksKv::open(dir.path(), &rocks::Tuning::default()).unwrap();
         assert_eq!(kv.get(Cf::Meta, b"k").unwrap().as_deref(), Some(&b"v2"[..]));
+        assert_eq!(
+            kv.get(Cf::Chunks, &[9, 1]).unwrap().as_deref(),
+            Some(&b"unlogged"[..])
+        );
     }
 }

@@ -6,9 +6,11 @@
 //!   compression there. Metadata families use LZ4.
 //! * Memtables across all families are capped (`db_write_buffer_size`) so a large streaming
 //!   write cannot grow the daemon's memory without bound.
-//! * Durability comes from the WAL: chunk writes go to the WAL unsynced (they survive a process
-//!   kill because the WAL is written with write(2) before `write` returns); a commit batch is
-//!   synced, which makes it and every earlier WAL record durable against power loss too.
+//! * Durability comes from the WAL for metadata and small writes (unsynced writes survive a
+//!   process kill because the WAL is written with write(2) before `write` returns; a synced
+//!   batch makes it and every earlier WAL record durable against power loss too), and from a
+//!   memtable flush for bulk bytes written with `write_unlogged`, which land on disk once
+//!   instead of twice (WAL + blob file).
 
 use std::path::Path;
 
@@ -53,6 +55,18 @@ fn io(e: rocksdb::Error) -> Error {
 }
 
 impl RocksKv {
+    fn batch(&self, batch: &Batch) -> WriteBatch {
+        let mut wb = WriteBatch::default();
+        for op in &batch.ops {
+            match op {
+                Op::Put(cf, k, v) => wb.put_cf(self.cf(*cf), k, v),
+                Op::Delete(cf, k) => wb.delete_cf(self.cf(*cf), k),
+                Op::DeleteRange(cf, from, to) => wb.delete_range_cf(self.cf(*cf), from, to),
+            }
+        }
+        wb
+    }
+
     pub fn open(path: &Path, tuning: &Tuning) -> Result<RocksKv> {
         std::fs::create_dir_all(path).map_err(|e| {
             Error::internal(format!(
@@ -187,18 +201,20 @@ impl Kv for RocksKv {
         it.status().map_err(io)
     }
 
+    fn write_unlogged(&self, batch: Batch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(self.batch(&batch), &wo).map_err(io)
+    }
+
+    fn flush(&self, cf: Cf) -> Result<()> {
+        self.db.flush_cf(self.cf(cf)).map_err(io)
+    }
+
     fn write(&self, batch: Batch, sync: bool) -> Result<()> {
-        let mut wb = WriteBatch::default();
-        for op in &batch.ops {
-            match op {
-                Op::Put(cf, k, v) => wb.put_cf(self.cf(*cf), k, v),
-                Op::Delete(cf, k) => wb.delete_cf(self.cf(*cf), k),
-                Op::DeleteRange(cf, from, to) => wb.delete_range_cf(self.cf(*cf), from, to),
-            }
-        }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.db.write_opt(wb, &wo).map_err(io)
+        self.db.write_opt(self.batch(&batch), &wo).map_err(io)
     }
 
     fn disk_usage(&self) -> u64 {

@@ -45,6 +45,10 @@ use crate::kv::{Batch, Cf, Kv, prefix_end};
 /// offset reads little beyond what it returns (RocksDB has no partial-value get), large
 /// enough that per-key overhead stays negligible for layers.
 pub const CHUNK_SIZE: usize = 256 << 10;
+/// Requests carrying at least this much data write their chunks without the WAL (bytes hit
+/// the disk once); the commit then flushes the chunk memtable before its synced batch.
+/// Smaller writes stay in the WAL so small multi-message uploads commit without a flush.
+const UNLOGGED_MIN: usize = 512 << 10;
 /// Cap on the buffer one read call preallocates.
 const READ_BUFFER_LIMIT: usize = 4 << 20;
 /// containerd's limit on one label's key plus value.
@@ -231,6 +235,10 @@ type LockedSince = Arc<std::sync::atomic::AtomicI64>;
 struct IngestState {
     rec: IngestRecord,
     hasher: Hasher,
+    /// Some chunks were written without the WAL: the commit must flush them first.
+    unlogged: bool,
+    /// Freshly recovered: stale chunks past `rec.offset` must be removed before writing.
+    trim: bool,
 }
 
 struct Extents {
@@ -764,13 +772,12 @@ impl Store {
         if guard.is_none() {
             *guard = match self.ingest_record(&scope, &r)? {
                 Some(rec) => {
-                    // Resume after a restart (or an evicted slot): the running hash is rebuilt
-                    // from the durable bytes.
+                    // Resume after a restart: the running hash is rebuilt from the bytes that
+                    // are actually stored, and the offset trimmed to them.
                     let algo = Digest::parse(&rec.expected)
                         .map(|d| d.algorithm())
                         .unwrap_or(Algorithm::Sha256);
-                    let hasher = self.rehash(&rec, algo)?;
-                    Some(IngestState { rec, hasher })
+                    Some(self.recover(rec, algo)?)
                 }
                 None => None,
             };
@@ -783,10 +790,23 @@ impl Store {
             total,
             expected: expected.clone(),
             pending: Batch::new(),
+            chunks: Batch::new(),
+            chunk_bytes: 0,
             guard,
         };
         match w.guard.as_mut() {
             Some(st) => {
+                if std::mem::take(&mut st.trim) {
+                    let (extent, offset) = (st.rec.extent, st.rec.offset as u64);
+                    let mut b = Batch::new();
+                    b.delete_range(
+                        Cf::Chunks,
+                        chunk_key(extent, offset).to_vec(),
+                        chunk_key(extent + 1, 0).to_vec(),
+                    );
+                    w.persist(b)?;
+                }
+                let st = w.guard.as_mut().expect("loaded");
                 if total > 0
                     && st.rec.total > 0
                     && total != st.rec.total
@@ -832,10 +852,55 @@ impl Store {
                 *w.guard = Some(IngestState {
                     rec,
                     hasher: algo.hasher(),
+                    unlogged: false,
+                    trim: false,
                 });
             }
         }
         Ok(w)
+    }
+
+    /// Rebuilds an ingest's state from storage. Chunks written without the WAL may have been
+    /// lost in a crash that kept the record counting them; the ingest then resumes from the
+    /// end of its contiguous stored bytes, and any stale chunk beyond that point is removed so
+    /// it can never be read as part of the blob.
+    fn recover(&self, mut rec: IngestRecord, algo: Algorithm) -> Result<IngestState> {
+        if !rec.shared.is_empty() {
+            let hasher = self.rehash(&rec, algo)?;
+            return Ok(IngestState {
+                rec,
+                hasher,
+                unlogged: false,
+                trim: false,
+            });
+        }
+        let mut h = algo.hasher();
+        let mut pos = 0u64;
+        while pos < rec.offset as u64 {
+            let want = (rec.offset as u64 - pos).min(READ_BUFFER_LIMIT as u64) as usize;
+            match self.read_extent(rec.extent, pos, want) {
+                Ok(data) => {
+                    h.update(&data);
+                    pos += data.len() as u64;
+                }
+                Err(e) if e.is(Kind::DataLoss) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if pos != rec.offset as u64 {
+            tracing::warn!(
+                recorded = rec.offset,
+                stored = pos,
+                "ingest resumes from its stored bytes"
+            );
+            rec.offset = pos as i64;
+        }
+        Ok(IngestState {
+            rec,
+            hasher: h,
+            unlogged: false,
+            trim: true,
+        })
     }
 
     fn rehash(&self, rec: &IngestRecord, algo: Algorithm) -> Result<Hasher> {
@@ -882,6 +947,9 @@ pub struct Writer {
     expected: Option<Digest>,
     /// Changes not yet written: a single-message upload becomes one synced batch.
     pending: Batch,
+    /// Chunk puts of the current request, written with or without the WAL by `flush`.
+    chunks: Batch,
+    chunk_bytes: usize,
     guard: OwnedMutexGuard<Option<IngestState>>,
 }
 
@@ -965,11 +1033,23 @@ impl Writer {
     /// request that did not commit, so a stream's acknowledged bytes are visible to Status
     /// and resumable.
     pub fn flush(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
+        let mut chunks = std::mem::take(&mut self.chunks);
+        let bytes = std::mem::take(&mut self.chunk_bytes);
+        // Queued metadata (which may trim or drop chunks) goes before the new chunks.
+        let mut b = std::mem::take(&mut self.pending);
+        if bytes < UNLOGGED_MIN {
+            b.ops.append(&mut chunks.ops);
         }
-        let b = std::mem::take(&mut self.pending);
-        self.store.kv.write(b, false)
+        if !b.is_empty() {
+            self.store.kv.write(b, false)?;
+        }
+        if !chunks.is_empty() {
+            // Crash ordering: the record just written may outlive these chunks (they are not
+            // in the WAL); resume re-reads what is actually stored and trims the offset to it.
+            self.store.kv.write_unlogged(chunks)?;
+            self.state()?.unlogged = true;
+        }
+        Ok(())
     }
 
     /// Drops all data and restarts the ingest at offset zero (in a fresh extent).
@@ -1034,20 +1114,18 @@ impl Writer {
         }
         self.unshare()?;
         let st = self.state()?;
-        let mut b = Batch::new();
+        let extent = st.rec.extent;
         let mut pos = st.rec.offset as u64;
+        st.hasher.update(data);
+        st.rec.offset += data.len() as i64;
+        st.rec.updated_ns = now_ns();
         for piece in data.chunks(CHUNK_SIZE) {
-            b.put(
-                Cf::Chunks,
-                chunk_key(st.rec.extent, pos).to_vec(),
-                piece.to_vec(),
-            );
+            self.chunks
+                .put(Cf::Chunks, chunk_key(extent, pos).to_vec(), piece.to_vec());
             pos += piece.len() as u64;
         }
-        st.hasher.update(data);
-        st.rec.offset = pos as i64;
-        st.rec.updated_ns = now_ns();
-        self.persist(b)
+        self.chunk_bytes += data.len();
+        self.persist(Batch::new())
     }
 
     /// Drops the ingest and its bytes.
@@ -1056,6 +1134,8 @@ impl Writer {
             return Ok(());
         };
         let mut b = std::mem::take(&mut self.pending);
+        self.chunks = Batch::new();
+        self.chunk_bytes = 0;
         b.delete(Cf::Ingests, self.key.clone());
         if st.rec.shared.is_empty() {
             let (from, to) = extent_range(st.rec.extent);
@@ -1122,10 +1202,17 @@ impl Writer {
             extent: 0,
         };
         let scope = self.scope.clone();
+        if self.state()?.unlogged {
+            // Crash ordering: bytes written without the WAL must be on disk before the synced
+            // commit record that makes them a blob.
+            store.kv.flush(Cf::Chunks)?;
+        }
         let outcome = {
             let _g = store.digest_lock(&actual);
             // Queued chunk writes go in the same synced batch as the commit itself.
             let mut b = std::mem::take(&mut self.pending);
+            b.ops.append(&mut self.chunks.ops);
+            self.chunk_bytes = 0;
             b.delete(Cf::Ingests, self.key.clone());
             let existing = store.blob(&actual)?;
             match existing {
