@@ -12,5 +12,6 @@ pub mod daemon;
 pub mod digest;
 pub mod error;
 pub mod filter;
+pub mod graph;
 pub mod kv;
 pub mod store;
