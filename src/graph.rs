@@ -169,7 +169,7 @@ pub fn parse(hint: Option<&str>, bytes: &[u8]) -> Parsed {
     let has_manifests = sniff.manifests.is_some();
     let has_image = sniff.config.is_some() && sniff.layers.is_some();
     let kind = match declared.as_deref() {
-        Some(t) if is_index_type(t) && !sniff.config.is_some() => Kind::Index,
+        Some(t) if is_index_type(t) && sniff.config.is_none() => Kind::Index,
         Some(t) if is_manifest_type(t) && !has_manifests => Kind::Manifest,
         Some(t) if is_index_type(t) || is_manifest_type(t) => Kind::Opaque,
         _ if has_manifests && sniff.config.is_none() => Kind::Index,
