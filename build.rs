@@ -2,7 +2,10 @@
 //! set for gRPC server reflection.
 use prost::Message as _;
 
-const PROTOS: &[&str] = &["proto/containerd/services/content/v1/content.proto"];
+const PROTOS: &[&str] = &[
+    "proto/containerd/services/content/v1/content.proto",
+    "proto/contentd/v1/graph.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::api::content::ContentService;
+use crate::api::graph::GraphService;
 use crate::api::{Mode, pb};
 use crate::config::Config;
 use crate::kv::rocks::{RocksKv, Tuning};
@@ -54,6 +55,7 @@ fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 /// A macro because the health service's type is unnameable.
 macro_rules! router {
     ($store:expr, $mode:expr, $health:expr) => {{
+        let mode: Mode = $mode;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -69,7 +71,8 @@ macro_rules! router {
             .add_service($health)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(ContentService::new($store.clone(), $mode).into_server())
+            .add_service(ContentService::new($store.clone(), mode.clone()).into_server())
+            .add_service(GraphService::new($store.clone(), mode).into_server())
     }};
 }
 

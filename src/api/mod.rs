@@ -5,6 +5,7 @@
 //! status codes.
 
 pub mod content;
+pub mod graph;
 
 use tonic::{Code, Status};
 
@@ -19,6 +20,11 @@ pub mod pb {
                     tonic::include_proto!("containerd.services.content.v1");
                 }
             }
+        }
+    }
+    pub mod contentd {
+        pub mod v1 {
+            tonic::include_proto!("contentd.v1");
         }
     }
     /// Every service and message contentd serves, for gRPC reflection.

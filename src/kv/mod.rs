@@ -14,6 +14,8 @@
 //! | `links`   | scope ‖ 0x00 ‖ dk                | `LinkRecord` (times, labels)        |
 //! | `owners`  | dk ‖ scope                       | empty: reverse index of `links`     |
 //! | `ingests` | scope ‖ 0x00 ‖ ref               | `IngestRecord`                      |
+//! | `edges`   | parent dk ‖ role u8 ‖ index u32 BE ‖ child dk | `EdgeRecord` (what the parent says of the child) |
+//! | `parents` | child dk ‖ parent dk ‖ role u8   | `EdgeRecord` of the parent (for referrers) |
 
 pub mod mem;
 pub mod rocks;
@@ -28,16 +30,20 @@ pub enum Cf {
     Links,
     Owners,
     Ingests,
+    Edges,
+    Parents,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 6] = [
+    pub const ALL: [Cf; 8] = [
         Cf::Meta,
         Cf::Chunks,
         Cf::Blobs,
         Cf::Links,
         Cf::Owners,
         Cf::Ingests,
+        Cf::Edges,
+        Cf::Parents,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -47,6 +53,8 @@ impl Cf {
             Cf::Links => "links",
             Cf::Owners => "owners",
             Cf::Ingests => "ingests",
+            Cf::Edges => "edges",
+            Cf::Parents => "parents",
         }
     }
 }

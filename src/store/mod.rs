@@ -34,11 +34,12 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::sync::OwnedMutexGuard;
 
-pub use records::{BlobRecord, IngestRecord, LinkRecord};
+pub use records::{BlobRecord, EdgeRecord, IngestRecord, LinkRecord};
 
 use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{Error, Kind, Result};
 use crate::filter::{self, Adaptor, Filter};
+use crate::graph::{self, Role};
 use crate::kv::{Batch, Cf, Kv, prefix_end};
 
 /// Largest value stored under one chunk key. Small enough that a ranged read at a random
@@ -182,6 +183,31 @@ impl Adaptor for Info {
             _ => None,
         }
     }
+}
+
+/// One edge of the descriptor graph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GraphEdge {
+    pub from: Digest,
+    pub to: Digest,
+    pub role: Role,
+    pub index: u32,
+    pub rec: EdgeRecord,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WalkNode {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: i64,
+    pub present: bool,
+}
+
+/// The closure of a root: every node it keeps alive and the edges between them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Walk {
+    pub nodes: Vec<WalkNode>,
+    pub edges: Vec<GraphEdge>,
 }
 
 /// An ingest in progress.
@@ -339,6 +365,7 @@ impl Store {
                 extent: link.extent,
                 size: link.size,
                 created_ns: link.created_ns,
+                ..Default::default()
             };
             return Ok(Some((blob, link)));
         }
@@ -544,6 +571,7 @@ impl Store {
                         extent: link.extent,
                         size: link.size,
                         created_ns: link.created_ns,
+                        ..Default::default()
                     };
                     let info = Self::info_of(&d, &blob, link);
                     Ok(filter.matches(&info).then_some(info))
@@ -586,6 +614,10 @@ impl Store {
             let (from, to) = extent_range(blob.extent);
             b.delete(Cf::Blobs, dk);
             b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+            for e in self.children(d)? {
+                b.delete(Cf::Edges, edge_key(d, e.role, e.index, &e.to));
+                b.delete(Cf::Parents, parent_key(&e.to, d, e.role));
+            }
         }
         self.kv.write(b, true)?;
         Ok(true)
@@ -603,6 +635,124 @@ impl Store {
                 true
             })?;
         Ok(out)
+    }
+
+    // ---- graph ------------------------------------------------------------------------------
+
+    /// Whether `scope` can see `d`, without creating a hold.
+    pub fn visible(&self, scope: &Scope, d: &Digest) -> Result<bool> {
+        if self.link(scope, d)?.is_some() {
+            return Ok(true);
+        }
+        Ok(scope.is_tenant() && self.blob(d)?.is_some())
+    }
+
+    /// Size of a committed blob.
+    pub fn info_size(&self, d: &Digest) -> Result<i64> {
+        Ok(self.blob(d)?.ok_or_else(|| Self::not_found(d))?.size)
+    }
+
+    /// A committed blob's outgoing edges, in document order (config, layers / manifests, subject).
+    pub fn children(&self, d: &Digest) -> Result<Vec<GraphEdge>> {
+        let dk = d.key();
+        let mut out = Vec::new();
+        let mut err = None;
+        self.kv
+            .scan(Cf::Edges, &dk, &prefix_end(&dk), &mut |k, v| {
+                let rest = &k[dk.len()..];
+                let parsed = (|| {
+                    let role = Role::from_code(*rest.first()?)?;
+                    let index = u32::from_be_bytes(rest.get(1..5)?.try_into().ok()?);
+                    let (to, _) = Digest::from_key(rest.get(5..)?)?;
+                    Some((role, index, to))
+                })();
+                match (parsed, EdgeRecord::decode(v)) {
+                    (Some((role, index, to)), Ok(rec)) => out.push(GraphEdge {
+                        from: d.clone(),
+                        to,
+                        role,
+                        index,
+                        rec,
+                    }),
+                    _ => {
+                        err = Some(Error::internal(format!("corrupt edge record under {d}")));
+                        return false;
+                    }
+                }
+                true
+            })?;
+        err.map_or(Ok(out), Err)
+    }
+
+    /// Documents that point at `d` (`rec` describes the parent itself).
+    pub fn parents(&self, d: &Digest) -> Result<Vec<GraphEdge>> {
+        let dk = d.key();
+        let mut out = Vec::new();
+        self.kv
+            .scan(Cf::Parents, &dk, &prefix_end(&dk), &mut |k, v| {
+                if let (Some((from, rest)), Ok(rec)) =
+                    (Digest::from_key(&k[dk.len()..]), EdgeRecord::decode(v))
+                    && let Some(role) = rest.first().and_then(|c| Role::from_code(*c))
+                {
+                    {
+                        out.push(GraphEdge {
+                            from,
+                            to: d.clone(),
+                            role,
+                            index: 0,
+                            rec,
+                        });
+                    }
+                }
+                true
+            })?;
+        Ok(out)
+    }
+
+    /// Everything `root` keeps alive, as `scope` sees it: nodes with size and presence, and
+    /// every edge met on the way (subject edges are listed but not followed).
+    pub fn walk(&self, scope: &Scope, root: &Digest) -> Result<Walk> {
+        const MAX_NODES: usize = 100_000;
+        let blob = self
+            .blob(root)?
+            .filter(|_| self.visible(scope, root).unwrap_or(false));
+        let blob = blob.ok_or_else(|| Self::not_found(root))?;
+        let mut walk = Walk {
+            nodes: vec![WalkNode {
+                digest: root.clone(),
+                media_type: blob.media_type,
+                size: blob.size,
+                present: true,
+            }],
+            edges: Vec::new(),
+        };
+        let mut seen = std::collections::HashSet::from([root.clone()]);
+        let mut next = 0;
+        while next < walk.nodes.len() {
+            let node = walk.nodes[next].clone();
+            next += 1;
+            if !node.present {
+                continue;
+            }
+            for e in self.children(&node.digest)? {
+                if e.role.keeps_alive() && seen.insert(e.to.clone()) {
+                    if walk.nodes.len() >= MAX_NODES {
+                        return Err(Error::new(
+                            Kind::ResourceExhausted,
+                            format!("graph under {root} has more than {MAX_NODES} nodes"),
+                        ));
+                    }
+                    walk.nodes.push(WalkNode {
+                        digest: e.to.clone(),
+                        media_type: e.rec.media_type.clone(),
+                        size: e.rec.size,
+                        present: self.visible(scope, &e.to)?,
+                    });
+                }
+                walk.edges.push(e);
+            }
+        }
+        Ok(walk)
     }
 
     // ---- ingests ----------------------------------------------------------------------------
@@ -922,6 +1072,51 @@ impl Store {
     }
 }
 
+fn edge_key(parent: &Digest, role: Role, index: u32, child: &Digest) -> Vec<u8> {
+    let mut k = parent.key();
+    k.push(role.code());
+    k.extend_from_slice(&index.to_be_bytes());
+    k.extend_from_slice(&child.key());
+    k
+}
+
+fn parent_key(child: &Digest, parent: &Digest, role: Role) -> Vec<u8> {
+    let mut k = child.key();
+    k.extend_from_slice(&parent.key());
+    k.push(role.code());
+    k
+}
+
+/// Queues a committed document's outgoing edges and their reverse index.
+fn put_edges(b: &mut Batch, parent: &Digest, p: &graph::Parsed) {
+    let me = EdgeRecord {
+        media_type: p.media_type.clone().unwrap_or_default(),
+        size: 0,
+        artifact_type: p.artifact_type.clone().unwrap_or_default(),
+        platform: String::new(),
+        urls: Vec::new(),
+    };
+    for e in &p.edges {
+        let rec = EdgeRecord {
+            media_type: e.media_type.clone(),
+            size: e.size,
+            artifact_type: e.artifact_type.clone().unwrap_or_default(),
+            platform: e.platform.clone().unwrap_or_default(),
+            urls: e.urls.clone(),
+        };
+        b.put(
+            Cf::Edges,
+            edge_key(parent, e.role, e.index, &e.digest),
+            rec.encode_to_vec(),
+        );
+        b.put(
+            Cf::Parents,
+            parent_key(&e.digest, parent, e.role),
+            me.encode_to_vec(),
+        );
+    }
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -1128,6 +1323,54 @@ impl Writer {
         self.persist(Batch::new())
     }
 
+    /// The ingest's bytes when they may be a JSON document worth classifying: small enough,
+    /// and starting like a JSON object. Queued chunks not yet written are included.
+    fn document(&mut self) -> Result<Option<Vec<u8>>> {
+        let (extent, offset) = {
+            let st = self.state()?;
+            (st.rec.extent, st.rec.offset)
+        };
+        if offset == 0 || offset as usize > graph::MAX_DOCUMENT {
+            return Ok(None);
+        }
+        // Queued chunk puts of this extent (copied shared bytes sit in `pending`, new
+        // request data in `chunks`); everything before the first of them is stored.
+        let mut queued: Vec<(u64, &Vec<u8>)> = self
+            .pending
+            .ops
+            .iter()
+            .chain(self.chunks.ops.iter())
+            .filter_map(|op| match op {
+                crate::kv::Op::Put(Cf::Chunks, k, v) if k[..8] == extent.to_be_bytes() => {
+                    Some((u64::from_be_bytes(k[8..16].try_into().ok()?), v))
+                }
+                _ => None,
+            })
+            .collect();
+        queued.sort_by_key(|q| q.0);
+        let stored_len = queued.first().map(|q| q.0).unwrap_or(offset as u64);
+        let mut doc = Vec::with_capacity(offset as usize);
+        if stored_len > 0 {
+            let first = self.store.read_extent(extent, 0, 1)?;
+            if !matches!(first.first(), Some(b'{' | b' ' | b'\n' | b'\r' | b'\t')) {
+                return Ok(None);
+            }
+            self.store.read_range(extent, 0, stored_len, |c| {
+                doc.extend_from_slice(&c);
+                Ok(())
+            })?;
+        } else if !matches!(
+            queued.first().and_then(|q| q.1.first()),
+            Some(b'{' | b' ' | b'\n' | b'\r' | b'\t')
+        ) {
+            return Ok(None);
+        }
+        for (_, v) in queued {
+            doc.extend_from_slice(v);
+        }
+        Ok(Some(doc))
+    }
+
     /// Drops the ingest and its bytes.
     fn discard(&mut self) -> Result<()> {
         let Some(st) = self.guard.as_ref() else {
@@ -1202,6 +1445,13 @@ impl Writer {
             extent: 0,
         };
         let scope = self.scope.clone();
+        let parsed = if rec.shared.is_empty() {
+            self.document()?
+                .map(|doc| graph::parse(None, &doc))
+                .filter(|p| p.kind != graph::Kind::Opaque)
+        } else {
+            None
+        };
         if self.state()?.unlogged {
             // Crash ordering: bytes written without the WAL must be on disk before the synced
             // commit record that makes them a blob.
@@ -1240,11 +1490,19 @@ impl Writer {
                     )))
                 }
                 None => {
-                    let blob = BlobRecord {
+                    let mut blob = BlobRecord {
                         extent: rec.extent,
                         size: rec.offset,
                         created_ns: now,
+                        ..Default::default()
                     };
+                    // The blob's place in the descriptor graph is recorded in the same batch
+                    // that commits it: no committed manifest is ever without its edges.
+                    if let Some(p) = &parsed {
+                        blob.media_type = p.media_type.clone().unwrap_or_default();
+                        blob.artifact_type = p.artifact_type.clone().unwrap_or_default();
+                        put_edges(&mut b, &actual, p);
+                    }
                     b.put(Cf::Blobs, actual.key(), blob.encode_to_vec());
                     (link.size, link.extent) = (blob.size, blob.extent);
                     store.put_link(&mut b, &scope, &actual, &link);

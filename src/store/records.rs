@@ -12,6 +12,27 @@ pub struct BlobRecord {
     pub size: i64,
     #[prost(int64, tag = "3")]
     pub created_ns: i64,
+    /// The blob's own media type when it is an index or manifest (as classified at commit).
+    #[prost(string, tag = "4")]
+    pub media_type: String,
+    #[prost(string, tag = "5")]
+    pub artifact_type: String,
+}
+
+/// `edges[parent ‖ role ‖ index ‖ child]` and `parents[child ‖ parent ‖ role]`: a descriptor
+/// as the document that holds it describes it (for `parents`, the parent's own description).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EdgeRecord {
+    #[prost(string, tag = "1")]
+    pub media_type: String,
+    #[prost(int64, tag = "2")]
+    pub size: i64,
+    #[prost(string, tag = "3")]
+    pub artifact_type: String,
+    #[prost(string, tag = "4")]
+    pub platform: String,
+    #[prost(string, repeated, tag = "5")]
+    pub urls: Vec<String>,
 }
 
 /// `links[scope ‖ 0 ‖ dk]`: a blob as one namespace (or backend tenant) sees it.

@@ -4,5 +4,6 @@ mod backend;
 mod content;
 mod durability;
 mod errors;
+mod graph;
 mod harness;
 mod tools;
