@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod digest;
 pub mod error;
 pub mod filter;
+pub mod gc;
 pub mod graph;
 pub mod kv;
 pub mod store;
