@@ -171,33 +171,30 @@ impl pb::content_server::Content for ContentService {
             offset + req.size
         };
         let store = self.store.clone();
-        // Two messages in flight: the next chunk is read while the client takes this one, and
-        // memory per stream stays a few MiB whatever the blob size.
+        // One storage iterator serves the whole stream from a blocking thread; the bounded
+        // channel is the backpressure (two messages in flight), so memory per stream stays a
+        // few MiB whatever the blob size.
         let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(async move {
+        tokio::task::spawn_blocking(move || {
             let mut pos = offset;
-            while pos < end {
-                let st = store.clone();
-                let want = ((end - pos) as usize).min(READ_CHUNK);
-                let p = pos;
-                match blocking(move || st.read_extent(loc.extent, p as u64, want)).await {
-                    Ok(data) => {
-                        let n = data.len() as i64;
-                        // containerd 1.6 numbers messages from the requested offset.
-                        let msg = pb::ReadContentResponse {
-                            offset: pos - offset,
-                            data,
-                        };
-                        if tx.send(Ok(msg)).await.is_err() {
-                            return;
-                        }
-                        pos += n;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                }
+            let r = store.stream_extent(
+                loc.extent,
+                offset as u64,
+                end as u64,
+                READ_CHUNK,
+                &mut |data| {
+                    let n = data.len() as i64;
+                    // containerd 1.6 numbers messages from the requested offset.
+                    let msg = pb::ReadContentResponse {
+                        offset: pos - offset,
+                        data,
+                    };
+                    pos += n;
+                    tx.blocking_send(Ok(msg)).is_ok()
+                },
+            );
+            if let Err(e) = r {
+                let _ = tx.blocking_send(Err(status(e)));
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -454,6 +454,63 @@ impl Store {
         Ok(out.freeze())
     }
 
+    /// Streams `[offset, end)` of an extent in pieces of `piece` bytes (the last may be
+    /// shorter) through one storage iterator. `sink` returns false to stop early.
+    pub fn stream_extent(
+        &self,
+        extent: u64,
+        offset: u64,
+        end: u64,
+        piece: usize,
+        sink: &mut dyn FnMut(Bytes) -> bool,
+    ) -> Result<()> {
+        if offset >= end {
+            return Ok(());
+        }
+        let (lower, _) = extent_range(extent);
+        let upper = chunk_key(extent, end);
+        let mut buf = BytesMut::with_capacity(piece.min((end - offset) as usize));
+        let mut pos = offset;
+        let mut stopped = false;
+        self.kv.scan_from_floor(
+            Cf::Chunks,
+            &chunk_key(extent, offset),
+            &lower,
+            &upper,
+            &mut |k, v| {
+                let start = u64::from_be_bytes(k[8..16].try_into().expect("16-byte chunk key"));
+                if start > pos || start + v.len() as u64 <= pos {
+                    return false;
+                }
+                let mut from = (pos - start) as usize;
+                let stop = v.len().min((end - start) as usize);
+                while from < stop {
+                    let n = (stop - from).min(piece - buf.len());
+                    buf.extend_from_slice(&v[from..from + n]);
+                    from += n;
+                    pos += n as u64;
+                    if buf.len() == piece || pos == end {
+                        let full = std::mem::replace(
+                            &mut buf,
+                            BytesMut::with_capacity(piece.min((end - pos) as usize)),
+                        );
+                        if !sink(full.freeze()) {
+                            stopped = true;
+                            return false;
+                        }
+                    }
+                }
+                pos < end
+            },
+        )?;
+        if !stopped && pos < end {
+            return Err(Error::data_loss(format!(
+                "stored bytes missing at offset {pos}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Reads `[offset, offset+len)` of an extent, chunk by chunk.
     pub fn read_range(
         &self,
