@@ -4,7 +4,10 @@ use prost::Message as _;
 
 const PROTOS: &[&str] = &[
     "proto/containerd/services/content/v1/content.proto",
+    "proto/containerd/types/descriptor.proto",
+    "proto/containerd/services/images/v1/images.proto",
     "proto/contentd/v1/graph.proto",
+    "proto/contentd/v1/gc.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -56,6 +56,13 @@ pub struct Config {
     pub tcp: Option<String>,
     /// Log format: "text" or "json".
     pub log_format: String,
+    /// Seconds between background garbage collections (0 disables the timer).
+    pub gc_interval_secs: u64,
+    /// Content linked within this many seconds is a GC root (it may still be being
+    /// assembled into an image by a client that uses no lease).
+    pub gc_grace_secs: u64,
+    /// A collection also starts once this many deletions (content, images) accumulate.
+    pub gc_deletion_threshold: u64,
 }
 
 fn is_root() -> bool {
@@ -86,6 +93,9 @@ impl Default for Config {
             backend: Vec::new(),
             tcp: None,
             log_format: "text".into(),
+            gc_interval_secs: 600,
+            gc_grace_secs: 3600,
+            gc_deletion_threshold: 100,
         }
     }
 }

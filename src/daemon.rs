@@ -11,11 +11,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::api::content::ContentService;
+use crate::api::gc::GcService;
 use crate::api::graph::GraphService;
+use crate::api::images::ImagesService;
 use crate::api::{Mode, pb};
 use crate::config::Config;
 use crate::kv::rocks::{RocksKv, Tuning};
-use crate::store::Store;
+use crate::store::{Store, StoreConfig};
 
 /// HTTP/2 flow-control windows and frame size for every listener (and the bundled clients).
 pub const STREAM_WINDOW: u32 = 4 << 20;
@@ -72,7 +74,9 @@ macro_rules! router {
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(ContentService::new($store.clone(), mode.clone()).into_server())
-            .add_service(GraphService::new($store.clone(), mode).into_server())
+            .add_service(GraphService::new($store.clone(), mode.clone()).into_server())
+            .add_service(GcService::new($store.clone(), mode.clone()).into_server())
+            .add_service(ImagesService::new($store.clone(), mode).into_server())
     }};
 }
 
@@ -87,10 +91,39 @@ async fn signalled() {
     }
 }
 
+/// Background garbage collection: on the interval, and once enough deletions accumulate.
+async fn collector(store: Arc<Store>, config: Config, stop: CancellationToken) {
+    let interval = std::time::Duration::from_secs(config.gc_interval_secs.max(1));
+    let mut next = tokio::time::Instant::now() + interval;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(next), if config.gc_interval_secs > 0 => {}
+            _ = store.deletion_noted() => {
+                if store.pending_deletions() < config.gc_deletion_threshold.max(1) {
+                    continue;
+                }
+            }
+        }
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.collect(false)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "garbage collection failed"),
+            Err(e) => tracing::error!(error = %e, "garbage collection task failed"),
+        }
+        next = tokio::time::Instant::now() + interval;
+    }
+}
+
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     let kv = RocksKv::open(&config.root, &Tuning::default())?;
-    let store = Store::open(Arc::new(kv))?;
+    let store = Store::open_with(
+        Arc::new(kv),
+        StoreConfig {
+            gc_grace: std::time::Duration::from_secs(config.gc_grace_secs),
+        },
+    )?;
     tracing::info!(root = %config.root.display(), "store open");
 
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -141,6 +174,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
 
+    let collector = tokio::spawn(collector(store.clone(), config.clone(), stop.clone()));
+
     tokio::select! {
         _ = signalled() => {}
         Some(res) = tasks.join_next() => {
@@ -159,6 +194,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     {
         tracing::warn!("listeners did not drain within 10s");
     }
+    let _ = collector.await;
     for s in sockets {
         let _ = std::fs::remove_file(s);
     }

@@ -38,9 +38,20 @@ impl<N: Clone + Eq + Hash> Marked<N> {
         self.via.is_empty()
     }
 
-    /// Marks `n` and everything it reaches (a write barrier during a concurrent sweep).
-    pub fn mark_more(&mut self, n: N, reason: Reason, children: impl FnMut(&N) -> Vec<N>) {
-        walk(&mut self.via, vec![(n, Via::Root(reason))], children);
+    /// Marks `n` and everything it reaches (a write barrier during a concurrent sweep);
+    /// returns the nodes that were not marked before.
+    pub fn mark_more(
+        &mut self,
+        n: N,
+        reason: Reason,
+        children: impl FnMut(&N) -> Vec<N>,
+    ) -> Vec<N> {
+        walk(&mut self.via, vec![(n, Via::Root(reason))], children)
+    }
+
+    /// Every marked node.
+    pub fn nodes(&self) -> impl Iterator<Item = &N> {
+        self.via.keys()
     }
 
     /// The chain that keeps `n` alive: the root's reason, then nodes from the root to `n`.
@@ -67,22 +78,26 @@ fn walk<N: Clone + Eq + Hash>(
     via: &mut HashMap<N, Via<N>>,
     start: Vec<(N, Via<N>)>,
     mut children: impl FnMut(&N) -> Vec<N>,
-) {
+) -> Vec<N> {
     let mut stack: Vec<N> = Vec::new();
+    let mut added = Vec::new();
     for (n, why) in start {
         if let std::collections::hash_map::Entry::Vacant(e) = via.entry(n.clone()) {
             e.insert(why);
-            stack.push(n);
+            stack.push(n.clone());
+            added.push(n);
         }
     }
     while let Some(n) = stack.pop() {
         for c in children(&n) {
             if let std::collections::hash_map::Entry::Vacant(e) = via.entry(c.clone()) {
                 e.insert(Via::Parent(n.clone()));
-                stack.push(c);
+                stack.push(c.clone());
+                added.push(c);
             }
         }
     }
+    added
 }
 
 /// Marks everything reachable from `roots`.

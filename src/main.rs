@@ -41,6 +41,12 @@ enum Command {
         /// Log format: text or json.
         #[arg(long)]
         log_format: Option<String>,
+        /// Seconds between background garbage collections (0: only on demand and on deletions).
+        #[arg(long)]
+        gc_interval_secs: Option<u64>,
+        /// Content linked within this many seconds is kept by the collector.
+        #[arg(long)]
+        gc_grace_secs: Option<u64>,
     },
     /// Benchmark content.v1 endpoints (contentd or containerd) side by side.
     Bench {
@@ -102,6 +108,8 @@ fn main() -> anyhow::Result<()> {
             backend_socket,
             tcp,
             log_format,
+            gc_interval_secs,
+            gc_grace_secs,
         } => {
             let mut c = match &config {
                 Some(p) => Config::load(p)?,
@@ -121,6 +129,12 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(f) = log_format {
                 c.log_format = f;
+            }
+            if let Some(v) = gc_interval_secs {
+                c.gc_interval_secs = v;
+            }
+            if let Some(v) = gc_grace_secs {
+                c.gc_grace_secs = v;
             }
             c.validate()?;
             init_tracing(&c.log_format);

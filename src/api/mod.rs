@@ -5,7 +5,9 @@
 //! status codes.
 
 pub mod content;
+pub mod gc;
 pub mod graph;
+pub mod images;
 
 use tonic::{Code, Status};
 
@@ -20,6 +22,14 @@ pub mod pb {
                     tonic::include_proto!("containerd.services.content.v1");
                 }
             }
+            pub mod images {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.images.v1");
+                }
+            }
+        }
+        pub mod types {
+            tonic::include_proto!("containerd.types");
         }
     }
     pub mod contentd {

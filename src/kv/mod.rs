@@ -16,6 +16,7 @@
 //! | `ingests` | scope ‖ 0x00 ‖ ref               | `IngestRecord`                      |
 //! | `edges`   | parent dk ‖ role u8 ‖ index u32 BE ‖ child dk | `EdgeRecord` (what the parent says of the child) |
 //! | `parents` | child dk ‖ parent dk ‖ role u8   | `EdgeRecord` of the parent (for referrers) |
+//! | `images`  | scope ‖ 0x00 ‖ name              | `ImageRecord` (a GC root)           |
 
 pub mod mem;
 pub mod rocks;
@@ -32,10 +33,11 @@ pub enum Cf {
     Ingests,
     Edges,
     Parents,
+    Images,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 8] = [
+    pub const ALL: [Cf; 9] = [
         Cf::Meta,
         Cf::Chunks,
         Cf::Blobs,
@@ -44,6 +46,7 @@ impl Cf {
         Cf::Ingests,
         Cf::Edges,
         Cf::Parents,
+        Cf::Images,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -55,6 +58,7 @@ impl Cf {
             Cf::Ingests => "ingests",
             Cf::Edges => "edges",
             Cf::Parents => "parents",
+            Cf::Images => "images",
         }
     }
 }

@@ -23,6 +23,8 @@
 //! writer's lifetime. Commit, delete and hold of one digest serialise on a striped digest
 //! lock, so a dedupe-commit can never race the removal of the blob it links to.
 
+mod collect;
+mod images;
 mod records;
 
 use std::collections::HashMap;
@@ -34,7 +36,8 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::sync::OwnedMutexGuard;
 
-pub use records::{BlobRecord, EdgeRecord, IngestRecord, LinkRecord};
+pub use collect::{Explanation, GcReport};
+pub use records::{BlobRecord, EdgeRecord, ImageRecord, IngestRecord, LinkRecord};
 
 use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{Error, Kind, Result};
@@ -277,10 +280,39 @@ pub struct Store {
     slots: Mutex<HashMap<Vec<u8>, (Slot, LockedSince)>>,
     digest_locks: Vec<Mutex<()>>,
     extents: Mutex<Extents>,
+    /// The collector's write barrier; see `collect.rs` for the invariant.
+    gc_gate: parking_lot::RwLock<()>,
+    barrier: Mutex<Option<Vec<collect::Node>>>,
+    gc_running: Mutex<()>,
+    gc_last: Mutex<Option<GcReport>>,
+    gc_runs: std::sync::atomic::AtomicU64,
+    deletions: std::sync::atomic::AtomicU64,
+    gc_wake: tokio::sync::Notify,
+    gc_grace_ns: i64,
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Content linked more recently than this is a root (it may still be being assembled
+    /// into an image).
+    pub gc_grace: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            gc_grace: Duration::from_secs(3600),
+        }
+    }
 }
 
 impl Store {
     pub fn open(kv: Arc<dyn Kv>) -> Result<Arc<Store>> {
+        Self::open_with(kv, StoreConfig::default())
+    }
+
+    pub fn open_with(kv: Arc<dyn Kv>, config: StoreConfig) -> Result<Arc<Store>> {
         match kv.get(Cf::Meta, META_SCHEMA)? {
             None => {
                 let mut b = Batch::new();
@@ -309,6 +341,14 @@ impl Store {
                 next: reserved,
                 reserved,
             }),
+            gc_gate: parking_lot::RwLock::new(()),
+            barrier: Mutex::new(None),
+            gc_running: Mutex::new(()),
+            gc_last: Mutex::new(None),
+            gc_runs: Default::default(),
+            deletions: Default::default(),
+            gc_wake: tokio::sync::Notify::new(),
+            gc_grace_ns: config.gc_grace.as_nanos().min(i64::MAX as u128) as i64,
         }))
     }
 
@@ -373,9 +413,11 @@ impl Store {
             return Ok(None);
         }
         let _g = self.digest_lock(d);
+        let _gate = self.gc_gate.read();
         let Some(blob) = self.blob(d)? else {
             return Ok(None);
         };
+        self.barrier([collect::node(scope, d)]);
         let now = now_ns();
         let link = LinkRecord {
             created_ns: blob.created_ns,
@@ -589,9 +631,12 @@ impl Store {
         }
         link.updated_ns = now_ns();
         let _g = self.digest_lock(d);
+        let _gate = self.gc_gate.read();
         if self.link(scope, d)?.is_none() {
             return Err(Self::not_found(d));
         }
+        // New gc.ref labels may reach blobs a running collection has not marked.
+        self.barrier([collect::node(scope, d)]);
         let mut b = Batch::new();
         b.put(Cf::Links, link_key(scope, d), link.encode_to_vec());
         self.kv.write(b, false)?;
@@ -649,8 +694,8 @@ impl Store {
         }
     }
 
-    /// Removes `d` from `scope`. The bytes go when no scope links the blob any more.
-    /// Returns whether a link existed.
+    /// Removes `d` from `scope`. The bytes stay until the collector finds nothing that
+    /// reaches the blob any more. Returns whether a link existed.
     pub fn delete(&self, scope: &Scope, d: &Digest) -> Result<bool> {
         let _g = self.digest_lock(d);
         if self.link(scope, d)?.is_none() {
@@ -659,24 +704,8 @@ impl Store {
         let mut b = Batch::new();
         b.delete(Cf::Links, link_key(scope, d));
         b.delete(Cf::Owners, owner_key(d, scope));
-        let own = owner_key(d, scope);
-        let dk = d.key();
-        let mut others = false;
-        self.kv
-            .scan(Cf::Owners, &dk, &prefix_end(&dk), &mut |k, _| {
-                others = k != own.as_slice();
-                !others
-            })?;
-        if let (false, Some(blob)) = (others, self.blob(d)?) {
-            let (from, to) = extent_range(blob.extent);
-            b.delete(Cf::Blobs, dk);
-            b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
-            for e in self.children(d)? {
-                b.delete(Cf::Edges, edge_key(d, e.role, e.index, &e.to));
-                b.delete(Cf::Parents, parent_key(&e.to, d, e.role));
-            }
-        }
         self.kv.write(b, true)?;
+        self.note_deletion();
         Ok(true)
     }
 
@@ -1516,6 +1545,8 @@ impl Writer {
         }
         let outcome = {
             let _g = store.digest_lock(&actual);
+            let _gate = store.gc_gate.read();
+            store.barrier([collect::node(&scope, &actual)]);
             // Queued chunk writes go in the same synced batch as the commit itself.
             let mut b = std::mem::take(&mut self.pending);
             b.ops.append(&mut self.chunks.ops);

@@ -73,3 +73,24 @@ pub struct IngestRecord {
     #[prost(string, tag = "7")]
     pub shared: String,
 }
+
+/// `images[scope ‖ 0 ‖ name]`: a named image; its target is a garbage-collection root.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ImageRecord {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(map = "string, string", tag = "2")]
+    pub labels: HashMap<String, String>,
+    #[prost(string, tag = "3")]
+    pub media_type: String,
+    #[prost(string, tag = "4")]
+    pub digest: String,
+    #[prost(int64, tag = "5")]
+    pub size: i64,
+    #[prost(map = "string, string", tag = "6")]
+    pub annotations: HashMap<String, String>,
+    #[prost(int64, tag = "7")]
+    pub created_ns: i64,
+    #[prost(int64, tag = "8")]
+    pub updated_ns: i64,
+}

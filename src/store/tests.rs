@@ -80,11 +80,28 @@ async fn conformance(store: Arc<Store>) {
     let loc = store.locate(&b, &sha(&data)).unwrap();
     assert!(store.delete(&b, &sha(&data)).unwrap());
     assert!(
+        store.read_extent(loc.extent, 0, 10).is_ok(),
+        "bytes stay until the collector runs"
+    );
+    // A dry run reports exactly what the run then removes.
+    let dry = store.collect(true).unwrap();
+    assert!(
+        store.read_extent(loc.extent, 0, 10).is_ok(),
+        "a dry run removes nothing"
+    );
+    let run = store.collect(false).unwrap();
+    assert_eq!(dry.swept, run.swept);
+    assert_eq!(
+        (dry.blobs_swept, dry.bytes_swept),
+        (run.blobs_swept, run.bytes_swept)
+    );
+    assert!(run.swept.contains(&sha(&data)));
+    assert!(
         store
             .read_extent(loc.extent, 0, 10)
             .unwrap_err()
             .is(Kind::DataLoss),
-        "bytes must go with the last link"
+        "bytes go once nothing links or reaches the blob"
     );
 
     // write rules: gap, restart at zero, resume across writers

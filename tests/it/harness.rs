@@ -18,16 +18,31 @@ pub struct Daemon {
     pub client_sock: PathBuf,
     pub backend_sock: PathBuf,
     pub other_sock: PathBuf,
+    extra: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// A daemon with extra `serve` flags.
+    pub fn start_with(args: &[&str]) -> Daemon {
         let tmp = tempfile::Builder::new()
             .prefix("contentd-it")
             .tempdir_in("/tmp")
             .unwrap();
-        let mut d = Daemon::start_in(tmp.path());
+        let mut d = Daemon {
+            child: None,
+            dir: tmp.path().to_path_buf(),
+            client_sock: tmp.path().join("c.sock"),
+            backend_sock: tmp.path().join("b.sock"),
+            other_sock: tmp.path().join("o.sock"),
+            extra: args.iter().map(|a| a.to_string()).collect(),
+            _tmp: None,
+        }
+        .spawn();
         d._tmp = Some(tmp);
         d
     }
@@ -40,6 +55,7 @@ impl Daemon {
             client_sock: dir.join("c.sock"),
             backend_sock: dir.join("b.sock"),
             other_sock: dir.join("o.sock"),
+            extra: Vec::new(),
             _tmp: None,
         };
         d.spawn()
@@ -61,6 +77,7 @@ impl Daemon {
             .arg(&self.backend_sock)
             .arg("--backend-socket")
             .arg(format!("other={}", self.other_sock.display()))
+            .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -267,5 +284,44 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
     match r {
         Ok(_) => tonic::Code::Ok,
         Err(e) => e.code(),
+    }
+}
+
+/// Runs a garbage collection through `contentd.v1.GC`.
+pub async fn gc(sock: &Path, dry_run: bool) -> contentd::api::pb::contentd::v1::Report {
+    let ch = connect_unix(sock).await.unwrap();
+    let mut c = contentd::api::pb::contentd::v1::gc_client::GcClient::new(ch);
+    c.run(contentd::api::pb::contentd::v1::RunRequest { dry_run })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Writes `bytes` as blob `dg` in 1 MiB WRITE messages; an existing blob is fine.
+pub async fn put_blob(c: &mut Client, dg: &str, bytes: &[u8]) {
+    use contentd::api::pb::containerd::services::content::v1 as cpb;
+    let mut msgs = vec![cpb::WriteContentRequest {
+        r#ref: format!("w-{dg}"),
+        total: bytes.len() as i64,
+        ..Default::default()
+    }];
+    for (j, piece) in bytes.chunks(1 << 20).enumerate() {
+        msgs.push(cpb::WriteContentRequest {
+            action: 1,
+            offset: (j << 20) as i64,
+            data: piece.to_vec().into(),
+            ..Default::default()
+        });
+    }
+    msgs.push(cpb::WriteContentRequest {
+        action: 2,
+        offset: bytes.len() as i64,
+        total: bytes.len() as i64,
+        expected: dg.to_string(),
+        ..Default::default()
+    });
+    match write_msgs(c, msgs).await.pop().unwrap() {
+        Ok(r) => assert_eq!(r.digest, dg),
+        Err(e) => assert_eq!(e.code(), tonic::Code::AlreadyExists, "{dg}: {e}"),
     }
 }

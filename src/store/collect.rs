@@ -1,0 +1,363 @@
+//! Online garbage collection of the store: roots, mark, and a sweep that never races a write.
+//!
+//! Nodes are (scope, blob) pairs, keyed like `links` (scope prefix ‖ digest key), so each
+//! namespace keeps only what its own roots reach, as in containerd. Roots: every backend
+//! tenant hold, blobs labelled `containerd.io/gc.root`, image targets (and their
+//! `gc.ref.content*` labels), shared ingests, and links younger than the grace period.
+//! Edges: the descriptor graph recorded at commit (subject edges excluded) and the
+//! `gc.ref.content*` labels of each link. A blob's bytes go when no scope marks it.
+//!
+//! Locking invariant (the write barrier): every path that creates a link, changes labels or
+//! names an image holds `gc_gate` for reading while it checks and writes, and, while a
+//! collection runs, records what it touched in `barrier`. The sweep takes `gc_gate` for
+//! writing one bounded batch at a time, first marks everything recorded in the barrier (and
+//! all it reaches), then re-checks each candidate. So a write either lands before a batch
+//! (and its targets are marked) or after it (and it never referred to anything swept, since
+//! what it refers to was either marked or already gone before it looked).
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use prost::Message as _;
+
+use super::{
+    ImageRecord, IngestRecord, LinkRecord, Scope, Store, edge_key, extent_range, now_ns, parent_key,
+};
+use crate::digest::Digest;
+use crate::error::Result;
+use crate::gc::{self, Marked};
+use crate::graph;
+use crate::kv::{Batch, Cf, prefix_end};
+
+/// A (scope, blob) pair: scope prefix (tag ‖ name ‖ 0) followed by the digest key.
+pub type Node = Vec<u8>;
+
+/// Roots with the reason each is one.
+type Roots = Vec<(Node, String)>;
+/// Every link, as sweep candidates.
+type Links = Vec<(Node, LinkRecord)>;
+
+/// Links swept per batch: bounds how long any writer can wait on the collector.
+const SWEEP_BATCH: usize = 256;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub started_ns: i64,
+    pub duration_ms: i64,
+    pub marked: i64,
+    pub blobs_swept: i64,
+    pub bytes_swept: i64,
+    pub links_swept: i64,
+    pub swept: Vec<Digest>,
+    pub max_pause_us: i64,
+}
+
+/// Why a blob is alive, or when it stops being.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Explanation {
+    Alive { root: String, path: Vec<Digest> },
+    Unreachable { collectable_after_ns: i64 },
+}
+
+pub(super) fn node(scope: &Scope, d: &Digest) -> Node {
+    super::link_key(scope, d)
+}
+
+fn split(n: &[u8]) -> Option<(Scope, Digest)> {
+    let nul = n.iter().position(|b| *b == 0)?;
+    let scope = Scope::from_tag(&n[..nul])?;
+    let (d, rest) = Digest::from_key(&n[nul + 1..])?;
+    rest.is_empty().then_some((scope, d))
+}
+
+impl Store {
+    /// Records a write for a running collection (call with `gc_gate` held for reading).
+    pub(super) fn barrier(&self, nodes: impl IntoIterator<Item = Node>) {
+        if let Some(b) = self.barrier.lock().as_mut() {
+            b.extend(nodes);
+        }
+    }
+
+    pub(super) fn barrier_image(&self, scope: &Scope, img: &ImageRecord) {
+        if self.barrier.lock().is_none() {
+            return;
+        }
+        let mut nodes: Vec<Node> = graph::label_refs(&img.labels)
+            .iter()
+            .map(|d| node(scope, d))
+            .collect();
+        if let Ok(d) = Digest::parse(&img.digest) {
+            nodes.push(node(scope, &d));
+        }
+        self.barrier(nodes);
+    }
+
+    /// Counts a deletion (images, links): the collector's trigger.
+    pub(super) fn note_deletion(&self) {
+        self.deletions.fetch_add(1, Ordering::Relaxed);
+        self.gc_wake.notify_one();
+    }
+
+    /// Deletions since the last collection.
+    pub fn pending_deletions(&self) -> u64 {
+        self.deletions.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when a deletion has been noted.
+    pub async fn deletion_noted(&self) {
+        self.gc_wake.notified().await
+    }
+
+    fn children_of(&self, n: &Node) -> Vec<Node> {
+        let Some((scope, d)) = split(n) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Node> = self
+            .children(&d)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.role.keeps_alive())
+            .map(|e| node(&scope, &e.to))
+            .collect();
+        if let Ok(Some(link)) = self.link(&scope, &d) {
+            out.extend(
+                graph::label_refs(&link.labels)
+                    .iter()
+                    .map(|c| node(&scope, c)),
+            );
+        }
+        out
+    }
+
+    /// Roots and every link (as sweep candidates, with its size and creation time).
+    fn roots(&self, now: i64) -> Result<(Roots, Links)> {
+        let mut roots = Vec::new();
+        let mut links = Vec::new();
+        let grace = self.gc_grace_ns;
+        self.kv.scan(Cf::Links, &[], &[], &mut |k, v| {
+            let Ok(link) = LinkRecord::decode(v) else {
+                return true;
+            };
+            if let Some((scope, _)) = split(k) {
+                match &scope {
+                    Scope::Tenant(t) => {
+                        roots.push((k.to_vec(), format!("held by backend tenant {t:?}")))
+                    }
+                    Scope::Namespace(ns) if graph::is_gc_root(&link.labels) => roots.push((
+                        k.to_vec(),
+                        format!("label containerd.io/gc.root in namespace {ns:?}"),
+                    )),
+                    Scope::Namespace(ns) if now - link.created_ns < grace => roots.push((
+                        k.to_vec(),
+                        format!("committed in namespace {ns:?} less than the grace period ago"),
+                    )),
+                    _ => {}
+                }
+            }
+            links.push((k.to_vec(), link));
+            true
+        })?;
+        for (scope, img) in self.all_images()? {
+            if let Ok(d) = Digest::parse(&img.digest) {
+                roots.push((node(&scope, &d), format!("image {:?}", img.name)));
+            }
+            for d in graph::label_refs(&img.labels) {
+                roots.push((node(&scope, &d), format!("label of image {:?}", img.name)));
+            }
+        }
+        self.kv.scan(Cf::Ingests, &[], &[], &mut |k, v| {
+            if let (Ok(rec), Some(nul)) = (IngestRecord::decode(v), k.iter().position(|b| *b == 0))
+                && let (Ok(d), Some(scope)) =
+                    (Digest::parse(&rec.shared), Scope::from_tag(&k[..nul]))
+            {
+                roots.push((
+                    node(&scope, &d),
+                    format!("ingest {:?}", String::from_utf8_lossy(&k[nul + 1..])),
+                ));
+            }
+            true
+        })?;
+        Ok((roots, links))
+    }
+
+    fn mark_all(&self, now: i64) -> Result<(Marked<Node>, Links)> {
+        let (roots, links) = self.roots(now)?;
+        Ok((gc::mark(roots, |n| self.children_of(n)), links))
+    }
+
+    /// Why `d` is alive for `scope`, or when it becomes collectable.
+    pub fn explain(&self, scope: &Scope, d: &Digest) -> Result<Explanation> {
+        let link = self.link(scope, d)?;
+        if link.is_none() && self.blob(d)?.is_none() {
+            return Err(Self::not_found(d));
+        }
+        let (marked, _) = self.mark_all(now_ns())?;
+        match marked.explain(&node(scope, d)) {
+            Some((root, path)) => Ok(Explanation::Alive {
+                root,
+                path: path
+                    .iter()
+                    .filter_map(|n| split(n).map(|(_, d)| d))
+                    .collect(),
+            }),
+            None => Ok(Explanation::Unreachable {
+                collectable_after_ns: link
+                    .map(|l| l.created_ns + self.gc_grace_ns)
+                    .unwrap_or(0)
+                    .max(now_ns()),
+            }),
+        }
+    }
+
+    /// One collection. With `dry_run` nothing is removed and the report says exactly what a
+    /// run at this moment would remove.
+    pub fn collect(&self, dry_run: bool) -> Result<GcReport> {
+        let _one = self.gc_running.lock();
+        let t0 = Instant::now();
+        let started_ns = now_ns();
+        self.deletions.store(0, Ordering::Relaxed);
+        *self.barrier.lock() = Some(Vec::new());
+        let result = self.collect_inner(dry_run, started_ns);
+        *self.barrier.lock() = None;
+        let mut report = result?;
+        report.duration_ms = t0.elapsed().as_millis() as i64;
+        *self.gc_last.lock() = Some(report.clone());
+        self.gc_runs.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            dry_run,
+            marked = report.marked,
+            blobs = report.blobs_swept,
+            bytes = report.bytes_swept,
+            links = report.links_swept,
+            ms = report.duration_ms,
+            "garbage collection"
+        );
+        Ok(report)
+    }
+
+    fn collect_inner(&self, dry_run: bool, started_ns: i64) -> Result<GcReport> {
+        let (mut marked, links) = self.mark_all(started_ns)?;
+        let mut live: HashSet<Vec<u8>> = marked
+            .nodes()
+            .filter_map(|n| split(n).map(|(_, d)| d.key()))
+            .collect();
+        let mut report = GcReport {
+            dry_run,
+            started_ns,
+            ..Default::default()
+        };
+        // Every stored blob, as the second sweep's candidates.
+        let mut blobs: Vec<Vec<u8>> = Vec::new();
+        self.kv.scan(Cf::Blobs, &[], &[], &mut |k, _| {
+            blobs.push(k.to_vec());
+            true
+        })?;
+        // Links removed so far (dry runs remember instead of deleting).
+        let mut gone: HashSet<Node> = HashSet::new();
+
+        // Write barrier: whatever was written since the mark is marked now, with all it
+        // reaches. Called with `gc_gate` held for writing.
+        let drain = |marked: &mut Marked<Node>, live: &mut HashSet<Vec<u8>>| {
+            let recorded = self
+                .barrier
+                .lock()
+                .as_mut()
+                .map(std::mem::take)
+                .unwrap_or_default();
+            for n in recorded {
+                for added in marked.mark_more(n, "written during the collection".into(), |n| {
+                    self.children_of(n)
+                }) {
+                    if let Some((_, d)) = split(&added) {
+                        live.insert(d.key());
+                    }
+                }
+            }
+        };
+
+        // Sweep 1: links nothing reaches.
+        let candidates: Vec<&Node> = links
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| !marked.contains(*k))
+            .collect();
+        for batch in candidates.chunks(SWEEP_BATCH) {
+            let pause = Instant::now();
+            let _gate = self.gc_gate.write();
+            drain(&mut marked, &mut live);
+            let mut b = Batch::new();
+            for k in batch {
+                let Some((scope, d)) = split(k) else { continue };
+                // Re-check under the gate: the link may have been rescued, deleted or replaced.
+                if marked.contains(*k) || self.kv.get(Cf::Links, k)?.is_none() {
+                    continue;
+                }
+                b.delete(Cf::Links, (*k).clone());
+                b.delete(Cf::Owners, super::owner_key(&d, &scope));
+                gone.insert((*k).clone());
+                report.links_swept += 1;
+            }
+            if !dry_run && !b.is_empty() {
+                self.kv.write(b, false)?;
+            }
+            report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
+        }
+
+        // Sweep 2: blobs no scope marks and no link holds.
+        let candidates: Vec<&Vec<u8>> = blobs.iter().filter(|dk| !live.contains(*dk)).collect();
+        for batch in candidates.chunks(SWEEP_BATCH) {
+            let pause = Instant::now();
+            let _gate = self.gc_gate.write();
+            drain(&mut marked, &mut live);
+            let mut b = Batch::new();
+            for dk in batch {
+                let Some((d, _)) = Digest::from_key(dk) else {
+                    continue;
+                };
+                if live.contains(*dk) {
+                    continue;
+                }
+                let mut kept = false;
+                self.kv.scan(Cf::Owners, dk, &prefix_end(dk), &mut |k, _| {
+                    let mut n = k[dk.len()..].to_vec();
+                    n.push(0);
+                    n.extend_from_slice(dk);
+                    kept = !gone.contains(&n);
+                    !kept
+                })?;
+                if kept {
+                    continue;
+                }
+                let Some(blob) = self.blob(&d)? else { continue };
+                let (from, to) = extent_range(blob.extent);
+                b.delete(Cf::Blobs, (*dk).clone());
+                b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+                for e in self.children(&d)? {
+                    b.delete(Cf::Edges, edge_key(&d, e.role, e.index, &e.to));
+                    b.delete(Cf::Parents, parent_key(&e.to, &d, e.role));
+                }
+                report.blobs_swept += 1;
+                report.bytes_swept += blob.size;
+                report.swept.push(d);
+            }
+            if !dry_run && !b.is_empty() {
+                self.kv.write(b, false)?;
+            }
+            report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
+        }
+        report.marked = marked.len() as i64;
+        report.swept.sort();
+        Ok(report)
+    }
+
+    pub fn gc_status(&self) -> (bool, Option<GcReport>, u64) {
+        let running = self.gc_running.try_lock().is_none();
+        (
+            running,
+            self.gc_last.lock().clone(),
+            self.gc_runs.load(Ordering::Relaxed),
+        )
+    }
+}

@@ -1,0 +1,199 @@
+//! Images: named, namespaced pointers to a root descriptor (containerd's images service).
+//! An image's target is a garbage-collection root, and so are its `gc.ref.content*` labels.
+
+use std::collections::HashMap;
+
+use prost::Message as _;
+
+use super::{ImageRecord, Scope, Store, decode, now_ns, validate_labels};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::filter::{self, Adaptor, Filter};
+use crate::kv::{Batch, Cf, prefix_end};
+
+impl Adaptor for ImageRecord {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path.first().map(String::as_str) {
+            Some("name") if path.len() == 1 => Some(self.name.clone()),
+            Some("target") if path.len() == 2 => match path[1].as_str() {
+                "digest" => Some(self.digest.clone()),
+                "mediatype" => Some(self.media_type.clone()),
+                _ => None,
+            },
+            Some("labels") => filter::label_field(path, |k| self.labels.get(k)),
+            Some("annotations") if path.len() >= 2 => {
+                self.annotations.get(&path[1..].join(".")).cloned()
+            }
+            _ => None,
+        }
+    }
+}
+
+fn image_key(scope: &Scope, name: &str) -> Vec<u8> {
+    let mut k = scope.prefix();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn validate(img: &ImageRecord) -> Result<()> {
+    if img.name.is_empty() {
+        return Err(Error::invalid("image name must not be empty"));
+    }
+    Digest::parse(&img.digest)
+        .map_err(|e| Error::invalid(format!("image {:?}: target: {}", img.name, e.message())))?;
+    if img.size <= 0 {
+        return Err(Error::invalid(format!(
+            "image {:?}: target size must be greater than zero",
+            img.name
+        )));
+    }
+    if img.media_type.is_empty() {
+        return Err(Error::invalid(format!(
+            "image {:?}: target media type must be set",
+            img.name
+        )));
+    }
+    validate_labels(&img.labels)
+}
+
+impl Store {
+    pub fn image(&self, scope: &Scope, name: &str) -> Result<ImageRecord> {
+        self.kv
+            .get(Cf::Images, &image_key(scope, name))?
+            .map(|v| decode("image", &v))
+            .transpose()?
+            .ok_or_else(|| Error::not_found(format!("image {name:?}: not found")))
+    }
+
+    pub fn list_images(&self, scope: &Scope, f: &Filter) -> Result<Vec<ImageRecord>> {
+        let prefix = scope.prefix();
+        let mut out = Vec::new();
+        let mut err = None;
+        self.kv
+            .scan(Cf::Images, &prefix, &prefix_end(&prefix), &mut |_, v| {
+                match decode::<ImageRecord>("image", v) {
+                    Ok(img) if f.matches(&img) => out.push(img),
+                    Ok(_) => {}
+                    Err(e) => {
+                        err = Some(e);
+                        return false;
+                    }
+                }
+                true
+            })?;
+        err.map_or(Ok(out), Err)
+    }
+
+    /// Records a new image. Its target (which need not be stored yet) becomes a root.
+    pub fn create_image(&self, scope: &Scope, mut img: ImageRecord) -> Result<ImageRecord> {
+        validate(&img)?;
+        let key = image_key(scope, &img.name);
+        let _gate = self.gc_gate.read();
+        if self.kv.get(Cf::Images, &key)?.is_some() {
+            return Err(Error::exists(format!(
+                "image {:?}: already exists",
+                img.name
+            )));
+        }
+        let now = now_ns();
+        (img.created_ns, img.updated_ns) = (now, now);
+        self.barrier_image(scope, &img);
+        let mut b = Batch::new();
+        b.put(Cf::Images, key, img.encode_to_vec());
+        self.kv.write(b, true)?;
+        Ok(img)
+    }
+
+    /// Applies `update` to an image, limited to `paths` (`labels`, `labels.<k>`, `target`,
+    /// `annotations`, `annotations.<k>`); no paths replaces labels, target and annotations.
+    pub fn update_image(
+        &self,
+        scope: &Scope,
+        update: ImageRecord,
+        paths: &[String],
+    ) -> Result<ImageRecord> {
+        let key = image_key(scope, &update.name);
+        let _gate = self.gc_gate.read();
+        let mut img = self.image(scope, &update.name)?;
+        if paths.is_empty() {
+            img.labels = update.labels.clone();
+            img.annotations = update.annotations.clone();
+            (img.media_type, img.digest, img.size) = (
+                update.media_type.clone(),
+                update.digest.clone(),
+                update.size,
+            );
+        }
+        for p in paths {
+            let set = |map: &mut HashMap<String, String>,
+                       from: &HashMap<String, String>,
+                       k: &str| match from.get(k) {
+                Some(v) if !v.is_empty() => {
+                    map.insert(k.to_string(), v.clone());
+                }
+                _ => {
+                    map.remove(k);
+                }
+            };
+            match p.as_str() {
+                "labels" => img.labels = update.labels.clone(),
+                "annotations" => img.annotations = update.annotations.clone(),
+                "target" => {
+                    (img.media_type, img.digest, img.size) = (
+                        update.media_type.clone(),
+                        update.digest.clone(),
+                        update.size,
+                    );
+                    img.annotations = update.annotations.clone();
+                }
+                p if p.starts_with("labels.") => {
+                    set(&mut img.labels, &update.labels, &p["labels.".len()..])
+                }
+                p if p.starts_with("annotations.") => set(
+                    &mut img.annotations,
+                    &update.annotations,
+                    &p["annotations.".len()..],
+                ),
+                other => {
+                    return Err(Error::invalid(format!(
+                        "cannot update {other:?} field on image {:?}",
+                        img.name
+                    )));
+                }
+            }
+        }
+        validate(&img)?;
+        img.updated_ns = now_ns();
+        self.barrier_image(scope, &img);
+        let mut b = Batch::new();
+        b.put(Cf::Images, key, img.encode_to_vec());
+        self.kv.write(b, true)?;
+        Ok(img)
+    }
+
+    pub fn delete_image(&self, scope: &Scope, name: &str) -> Result<()> {
+        let key = image_key(scope, name);
+        if self.kv.get(Cf::Images, &key)?.is_none() {
+            return Err(Error::not_found(format!("image {name:?}: not found")));
+        }
+        let mut b = Batch::new();
+        b.delete(Cf::Images, key);
+        self.kv.write(b, true)?;
+        self.note_deletion();
+        Ok(())
+    }
+
+    /// Every image of every scope, for the collector's roots.
+    pub(super) fn all_images(&self) -> Result<Vec<(Scope, ImageRecord)>> {
+        let mut out = Vec::new();
+        self.kv.scan(Cf::Images, &[], &[], &mut |k, v| {
+            if let (Some(nul), Ok(img)) = (k.iter().position(|b| *b == 0), ImageRecord::decode(v))
+                && let Some(scope) = Scope::from_tag(&k[..nul])
+            {
+                out.push((scope, img));
+            }
+            true
+        })?;
+        Ok(out)
+    }
+}

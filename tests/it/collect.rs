@@ -1,0 +1,186 @@
+//! Online garbage collection with images as roots, on real images (umoci/skopeo fixtures).
+
+use std::collections::BTreeSet;
+
+use contentd::api::pb::containerd::services::images::v1 as ipb;
+use contentd::api::pb::containerd::types::Descriptor;
+use contentd::api::pb::contentd::v1 as gpb;
+use contentd::client::{Namespace, connect_unix};
+use serde_json::Value;
+
+use crate::graph::{blob_files, fixtures};
+use crate::harness::*;
+
+fn nodes(fx: &Value) -> BTreeSet<String> {
+    fx["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["present"].as_bool().unwrap())
+        .map(|n| n["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_keep_their_blobs_and_deleting_one_sweeps_only_its_own() {
+    let Some((dir, _keep)) = fixtures() else {
+        return;
+    };
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    let files = blob_files(&dir);
+    let fx = |name: &str| {
+        summary["fixtures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let (single, multi) = (fx("oci-single"), fx("oci-multi"));
+
+    // No grace period: only images hold content.
+    let d = Daemon::start_with(&["--gc-grace-secs", "0", "--gc-interval-secs", "0"]);
+    let mut c = d.client(Some("gc")).await;
+    for n in nodes(&single).union(&nodes(&multi)) {
+        put_blob(&mut c, n, &std::fs::read(&files[n]).unwrap()).await;
+    }
+    let loose = pattern(5000, 9);
+    put(&mut c, "loose", &loose).await.unwrap();
+    let ch = connect_unix(&d.client_sock).await.unwrap();
+    let ns = Namespace::new(Some("gc")).unwrap();
+    let mut images = ipb::images_client::ImagesClient::with_interceptor(ch.clone(), ns.clone());
+    let mut gcc = gpb::gc_client::GcClient::with_interceptor(ch, ns);
+    for (name, f) in [
+        ("fixtures/single:oci", &single),
+        ("fixtures/multi:oci", &multi),
+    ] {
+        let root = &f["root"];
+        images
+            .create(ipb::CreateImageRequest {
+                image: Some(ipb::Image {
+                    name: name.into(),
+                    target: Some(Descriptor {
+                        media_type: root["mediaType"].as_str().unwrap().into(),
+                        digest: root["digest"].as_str().unwrap().into(),
+                        size: root["size"].as_i64().unwrap(),
+                        annotations: Default::default(),
+                    }),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+    }
+
+    // Images keep every blob they reach; the loose blob goes.
+    let r = gcc
+        .run(gpb::RunRequest { dry_run: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.swept, vec![sha(&loose).to_string()], "{r:?}");
+    for n in nodes(&single).union(&nodes(&multi)) {
+        let (got, _) = read(&mut c, n, 0, 0).await.unwrap();
+        assert_eq!(sha(&got).to_string(), *n, "{n} verifies after collection");
+    }
+
+    // Explain names the image and the path to a layer.
+    let layer = single["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["role"] == "layer")
+        .unwrap()["to"]
+        .as_str()
+        .unwrap();
+    let e = gcc
+        .explain(gpb::ExplainRequest {
+            digest: layer.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(e.alive, "{e:?}");
+    assert!(e.root.contains("image"), "{e:?}");
+    assert_eq!(e.path.last().map(String::as_str), Some(layer));
+    assert_eq!(e.path.len(), 2, "root manifest, then the layer: {e:?}");
+
+    // Deleting one image: a dry run reports exactly what the run removes, which is the blobs
+    // only that image reached; the shared base layer stays.
+    images
+        .delete(ipb::DeleteImageRequest {
+            name: "fixtures/multi:oci".into(),
+            sync: false,
+        })
+        .await
+        .unwrap();
+    let exclusive: Vec<String> = nodes(&multi).difference(&nodes(&single)).cloned().collect();
+    let dry = gcc
+        .run(gpb::RunRequest { dry_run: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dry.swept, exclusive);
+    for n in &exclusive {
+        read(&mut c, n, 0, 0)
+            .await
+            .expect("a dry run deletes nothing");
+    }
+    let run = gcc
+        .run(gpb::RunRequest { dry_run: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run.swept, exclusive);
+    assert_eq!(run.bytes_swept, dry.bytes_swept);
+    for n in &exclusive {
+        assert_eq!(code(read(&mut c, n, 0, 0).await), tonic::Code::NotFound);
+    }
+    for n in nodes(&single) {
+        read(&mut c, &n, 0, 0).await.expect("shared blobs stay");
+    }
+    let st = gcc
+        .status(gpb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.last.unwrap().blobs_swept, exclusive.len() as i64);
+    assert!(st.runs >= 3);
+
+    // A blob nothing reaches is explained as collectable.
+    let orphan = pattern(100, 10);
+    put(&mut c, "orphan", &orphan).await.unwrap();
+    let e = gcc
+        .explain(gpb::ExplainRequest {
+            digest: sha(&orphan).to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!e.alive && e.collectable_after.is_some(), "{e:?}");
+
+    // gc.root labels are roots too.
+    let labelled = pattern(100, 11);
+    write_msgs(
+        &mut c,
+        vec![commit_msg(
+            "lab",
+            &labelled,
+            &[("containerd.io/gc.root", "x")],
+        )],
+    )
+    .await[0]
+        .as_ref()
+        .unwrap();
+    let r = gcc
+        .run(gpb::RunRequest { dry_run: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.swept, vec![sha(&orphan).to_string()]);
+    read(&mut c, &sha(&labelled).to_string(), 0, 0)
+        .await
+        .unwrap();
+}
