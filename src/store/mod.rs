@@ -9,8 +9,9 @@
 //! * `Scope::Namespace` (client listeners): containerd's namespaced store. A link is made by a
 //!   commit in that namespace (or a shared ingest); Delete removes only the link.
 //! * `Scope::Tenant` (backend listeners): the flat store containerd expects behind a proxy
-//!   plugin. The tenant sees every blob, and any blob it commits or looks up becomes *held*
-//!   (linked) for it. List shows only its holds; Delete releases only its hold.
+//!   plugin. The tenant can read every stored blob, and any blob it commits or looks up
+//!   becomes *held* (linked) for it. List shows only its holds; Delete releases only its
+//!   hold; a commit answers AlreadyExists only for what the tenant already holds.
 //!
 //! Bytes are removed when the last link of a blob goes (reachability GC builds on this).
 //!
@@ -985,7 +986,7 @@ impl Store {
         if let Some(d) = &expected {
             let store = self.clone();
             let (s, d2) = (scope.clone(), d.clone());
-            if blocking(move || store.resolve(&s, &d2)).await?.is_some() {
+            if blocking(move || store.link(&s, &d2)).await?.is_some() {
                 return Err(Error::exists(format!("content {d}: already exists")));
             }
         }
@@ -1288,10 +1289,11 @@ impl Writer {
         }
     }
 
-    /// Records the digest the commit must produce. If it is already visible to this scope the
-    /// ingest is pointless: it is aborted and the caller gets AlreadyExists.
+    /// Records the digest the commit must produce. If this scope already has it (linked, or
+    /// held by this tenant) the ingest is pointless: it is aborted and the caller gets
+    /// AlreadyExists.
     pub fn set_expected(&mut self, d: Digest) -> Result<()> {
-        if self.store.resolve(&self.scope, &d)?.is_some() {
+        if self.store.link(&self.scope, &d)?.is_some() {
             self.discard()?;
             return Err(Error::exists(format!("content {d}: already exists")));
         }
@@ -1565,7 +1567,7 @@ impl Writer {
                         store.put_link(&mut b, &scope, &actual, &link);
                     }
                     store.kv.write(b, true)?;
-                    if linked.is_some() || scope.is_tenant() {
+                    if linked.is_some() {
                         Err(Error::exists(format!("content {actual}: already exists")))
                     } else {
                         Ok(Store::info_of(&actual, &blob, link))
