@@ -596,3 +596,138 @@ pub fn print_table(reports: &[Report]) {
         println!();
     }
 }
+
+/// Figures from `contentd bench-gc`.
+#[derive(Debug, Serialize, Default)]
+pub struct GcBench {
+    pub blobs: usize,
+    pub images_rooted: usize,
+    pub setup_s: f64,
+    pub gc_s: f64,
+    pub marked: i64,
+    pub swept_blobs: i64,
+    pub collector_max_pause_ms: f64,
+    pub writes_during_gc: usize,
+    pub write_p50_ms: f64,
+    pub write_p99_ms: f64,
+    pub write_max_ms: f64,
+}
+
+/// Builds a synthetic store of `blobs` blobs (images of 1 manifest, 1 config and 8 layers;
+/// every other image named, the rest garbage) in `root`, then collects it while a writer
+/// keeps committing small blobs, and reports the collection time and the write latencies.
+pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
+    use crate::kv::rocks::{RocksKv, Tuning};
+    use crate::store::{ImageRecord, Scope, Store, StoreConfig};
+    let kv = RocksKv::open(root, &Tuning::default())?;
+    let store = Store::open_with(Arc::new(kv), StoreConfig { gc_grace: Duration::ZERO })?;
+    let scope = Scope::namespace("bench")?;
+    let images = (blobs / 10).max(1);
+    let t = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (store, scope, next) = (store.clone(), scope.clone(), next.clone());
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= images {
+                    return anyhow::Ok(());
+                }
+                let mut layers = Vec::new();
+                for l in 0..8 {
+                    let data = format!("layer {l} of image {i}").into_bytes();
+                    layers.push((Digest::of(Algorithm::Sha256, &data), data.len()));
+                    put_in(&store, &scope, format!("l-{i}-{l}"), data).await?;
+                }
+                let config = format!("{{\"config of\":{i}}}").into_bytes();
+                let cd = Digest::of(Algorithm::Sha256, &config);
+                let clen = config.len();
+                put_in(&store, &scope, format!("c-{i}"), config).await?;
+                let layers_json: Vec<String> = layers
+                    .iter()
+                    .map(|(d, n)| format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{d}","size":{n}}}"#))
+                    .collect();
+                let manifest = format!(
+                    r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{clen}}},"layers":[{}]}}"#,
+                    layers_json.join(",")
+                )
+                .into_bytes();
+                let md = Digest::of(Algorithm::Sha256, &manifest);
+                let mlen = manifest.len() as i64;
+                put_in(&store, &scope, format!("m-{i}"), manifest).await?;
+                if i % 2 == 0 {
+                    let (st, sc) = (store.clone(), scope.clone());
+                    tokio::task::spawn_blocking(move || {
+                        st.create_image(
+                            &sc,
+                            ImageRecord {
+                                name: format!("bench/{i}"),
+                                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                                digest: md.to_string(),
+                                size: mlen,
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .await??;
+                }
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    let setup_s = t.elapsed().as_secs_f64();
+    eprintln!("bench-gc: {} blobs written in {setup_s:.1} s", images * 10);
+
+    // A writer commits small blobs back to back while the collection runs.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ws, wsc, wstop) = (store.clone(), scope.clone(), stop.clone());
+    let writer = tokio::spawn(async move {
+        let mut lat = Vec::new();
+        let mut i = 0u64;
+        while !wstop.load(std::sync::atomic::Ordering::Relaxed) {
+            let data = format!("write during gc {i}").into_bytes();
+            let t = Instant::now();
+            put_in(&ws, &wsc, format!("during-{i}"), data).await?;
+            lat.push(t.elapsed());
+            i += 1;
+        }
+        anyhow::Ok(lat)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let st = store.clone();
+    let report = tokio::task::spawn_blocking(move || st.collect(false)).await??;
+    let gc_s = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut lat = writer.await??;
+    lat.sort();
+    Ok(GcBench {
+        blobs: images * 10,
+        images_rooted: images.div_ceil(2),
+        setup_s,
+        gc_s,
+        marked: report.marked,
+        swept_blobs: report.blobs_swept,
+        collector_max_pause_ms: report.max_pause_us as f64 / 1e3,
+        writes_during_gc: lat.len(),
+        write_p50_ms: percentile(&lat, 0.5),
+        write_p99_ms: percentile(&lat, 0.99),
+        write_max_ms: lat.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
+    })
+}
+
+/// One blob through the store's write path (single-message upload).
+async fn put_in(store: &Arc<crate::store::Store>, scope: &crate::store::Scope, r: String, data: Vec<u8>) -> anyhow::Result<()> {
+    let d = Digest::of(Algorithm::Sha256, &data);
+    let mut w = store.open_writer(scope.clone(), &r, data.len() as i64, Some(d.clone())).await?;
+    tokio::task::spawn_blocking(move || {
+        w.write(0, &data)?;
+        w.commit(data.len() as i64, Some(d), None)
+    })
+    .await??;
+    Ok(())
+}

@@ -48,6 +48,15 @@ enum Command {
         #[arg(long)]
         gc_grace_secs: Option<u64>,
     },
+    /// Benchmark garbage collection on a synthetic store built in DIR (in-process).
+    BenchGc {
+        /// Directory for the synthetic store (must not exist).
+        #[arg(long)]
+        root: PathBuf,
+        /// Blobs to create (images of 10 blobs; every other image is garbage).
+        #[arg(long, default_value_t = 100_000)]
+        blobs: usize,
+    },
     /// Benchmark content.v1 endpoints (contentd or containerd) side by side.
     Bench {
         /// Unix socket of an endpoint, `PATH` or `LABEL=PATH`; repeat to compare.
@@ -139,6 +148,14 @@ fn main() -> anyhow::Result<()> {
             c.validate()?;
             init_tracing(&c.log_format);
             rt.block_on(contentd::daemon::serve(c))
+        }
+        Command::BenchGc { root, blobs } => {
+            if root.exists() {
+                anyhow::bail!("{} exists; bench-gc builds a fresh store", root.display());
+            }
+            let r = rt.block_on(contentd::bench::gc_bench(&root, blobs))?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
         }
         Command::Bench {
             socket,
