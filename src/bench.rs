@@ -620,7 +620,12 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
     use crate::kv::rocks::{RocksKv, Tuning};
     use crate::store::{ImageRecord, Scope, Store, StoreConfig};
     let kv = RocksKv::open(root, &Tuning::default())?;
-    let store = Store::open_with(Arc::new(kv), StoreConfig { gc_grace: Duration::ZERO })?;
+    let store = Store::open_with(
+        Arc::new(kv),
+        StoreConfig {
+            gc_grace: Duration::ZERO,
+        },
+    )?;
     let scope = Scope::namespace("bench")?;
     let images = (blobs / 10).max(1);
     let t = Instant::now();
@@ -721,9 +726,16 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
 }
 
 /// One blob through the store's write path (single-message upload).
-async fn put_in(store: &Arc<crate::store::Store>, scope: &crate::store::Scope, r: String, data: Vec<u8>) -> anyhow::Result<()> {
+async fn put_in(
+    store: &Arc<crate::store::Store>,
+    scope: &crate::store::Scope,
+    r: String,
+    data: Vec<u8>,
+) -> anyhow::Result<()> {
     let d = Digest::of(Algorithm::Sha256, &data);
-    let mut w = store.open_writer(scope.clone(), &r, data.len() as i64, Some(d.clone())).await?;
+    let mut w = store
+        .open_writer(scope.clone(), &r, data.len() as i64, Some(d.clone()))
+        .await?;
     tokio::task::spawn_blocking(move || {
         w.write(0, &data)?;
         w.commit(data.len() as i64, Some(d), None)

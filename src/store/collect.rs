@@ -15,20 +15,18 @@
 //! (and its targets are marked) or after it (and it never referred to anything swept, since
 //! what it refers to was either marked or already gone before it looked).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use prost::Message as _;
 
-use super::{
-    ImageRecord, IngestRecord, LinkRecord, Scope, Store, edge_key, extent_range, now_ns, parent_key,
-};
+use super::{ImageRecord, IngestRecord, LinkRecord, Scope, Store, extent_range, now_ns};
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::gc::{self, Marked};
 use crate::graph;
-use crate::kv::{Batch, Cf, prefix_end};
+use crate::kv::{Batch, Cf};
 
 /// A (scope, blob) pair: scope prefix (tag ‖ name ‖ 0) followed by the digest key.
 pub type Node = Vec<u8>;
@@ -37,6 +35,9 @@ pub type Node = Vec<u8>;
 type Roots = Vec<(Node, String)>;
 /// Every link, as sweep candidates.
 type Links = Vec<(Node, LinkRecord)>;
+
+/// Parent digest key → (edge key, child digest key, role).
+type EdgeMap = HashMap<Vec<u8>, Vec<(Vec<u8>, Vec<u8>, graph::Role)>>;
 
 /// Links swept per batch: bounds how long any writer can wait on the collector.
 const SWEEP_BATCH: usize = 256;
@@ -182,9 +183,62 @@ impl Store {
         Ok((roots, links))
     }
 
-    fn mark_all(&self, now: i64) -> Result<(Marked<Node>, Links)> {
+    /// Every edge, read in one sequential scan: parent digest key → (edge key, child digest
+    /// key, role). Marking then never touches storage per node.
+    fn edge_map(&self) -> Result<EdgeMap> {
+        let mut map: EdgeMap = HashMap::new();
+        self.kv.scan(Cf::Edges, &[], &[], &mut |k, _| {
+            if let Some((_, rest)) = Digest::from_key(k)
+                && let (Some(role), Some(child)) = (
+                    rest.first().and_then(|r| graph::Role::from_code(*r)),
+                    rest.get(5..),
+                )
+            {
+                let pk = k[..k.len() - rest.len()].to_vec();
+                map.entry(pk)
+                    .or_default()
+                    .push((k.to_vec(), child.to_vec(), role));
+            }
+            true
+        })?;
+        Ok(map)
+    }
+
+    fn mark_all(&self, now: i64) -> Result<(Marked<Node>, Links, EdgeMap)> {
         let (roots, links) = self.roots(now)?;
-        Ok((gc::mark(roots, |n| self.children_of(n)), links))
+        let edges = self.edge_map()?;
+        let mut labels: HashMap<&[u8], Vec<Node>> = HashMap::new();
+        for (k, link) in &links {
+            let refs = graph::label_refs(&link.labels);
+            if !refs.is_empty()
+                && let Some(nul) = k.iter().position(|b| *b == 0)
+            {
+                labels.insert(
+                    k,
+                    refs.iter()
+                        .map(|d| [&k[..=nul], &d.key()[..]].concat())
+                        .collect(),
+                );
+            }
+        }
+        let marked = gc::mark(roots, |n| {
+            let Some(nul) = n.iter().position(|b| *b == 0) else {
+                return Vec::new();
+            };
+            let (prefix, dk) = (&n[..=nul], &n[nul + 1..]);
+            let mut out: Vec<Node> = edges
+                .get(dk)
+                .into_iter()
+                .flatten()
+                .filter(|e| e.2.keeps_alive())
+                .map(|e| [prefix, &e.1[..]].concat())
+                .collect();
+            if let Some(l) = labels.get(&n[..]) {
+                out.extend(l.iter().cloned());
+            }
+            out
+        });
+        Ok((marked, links, edges))
     }
 
     /// Why `d` is alive for `scope`, or when it becomes collectable.
@@ -193,7 +247,7 @@ impl Store {
         if link.is_none() && self.blob(d)?.is_none() {
             return Err(Self::not_found(d));
         }
-        let (marked, _) = self.mark_all(now_ns())?;
+        let (marked, _, _) = self.mark_all(now_ns())?;
         match marked.explain(&node(scope, d)) {
             Some((root, path)) => Ok(Explanation::Alive {
                 root,
@@ -238,7 +292,7 @@ impl Store {
     }
 
     fn collect_inner(&self, dry_run: bool, started_ns: i64) -> Result<GcReport> {
-        let (mut marked, links) = self.mark_all(started_ns)?;
+        let (mut marked, links, edges) = self.mark_all(started_ns)?;
         let mut live: HashSet<Vec<u8>> = marked
             .nodes()
             .filter_map(|n| split(n).map(|(_, d)| d.key()))
@@ -254,8 +308,6 @@ impl Store {
             blobs.push(k.to_vec());
             true
         })?;
-        // Links removed so far (dry runs remember instead of deleting).
-        let mut gone: HashSet<Node> = HashSet::new();
 
         // Write barrier: whatever was written since the mark is marked now, with all it
         // reaches. Called with `gc_gate` held for writing.
@@ -284,19 +336,22 @@ impl Store {
             .filter(|k| !marked.contains(*k))
             .collect();
         for batch in candidates.chunks(SWEEP_BATCH) {
+            // Most of the barrier is marked before taking the gate, so a writer only ever
+            // waits for what arrived in the last moment plus one bounded batch.
+            drain(&mut marked, &mut live);
             let pause = Instant::now();
             let _gate = self.gc_gate.write();
             drain(&mut marked, &mut live);
             let mut b = Batch::new();
             for k in batch {
                 let Some((scope, d)) = split(k) else { continue };
-                // Re-check under the gate: the link may have been rescued, deleted or replaced.
-                if marked.contains(*k) || self.kv.get(Cf::Links, k)?.is_none() {
+                // Rescued by the barrier? (A link deleted meanwhile is deleted again: harmless;
+                // one created or replaced meanwhile is in the barrier, so marked.)
+                if marked.contains(*k) {
                     continue;
                 }
                 b.delete(Cf::Links, (*k).clone());
                 b.delete(Cf::Owners, super::owner_key(&d, &scope));
-                gone.insert((*k).clone());
                 report.links_swept += 1;
             }
             if !dry_run && !b.is_empty() {
@@ -305,9 +360,10 @@ impl Store {
             report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
         }
 
-        // Sweep 2: blobs no scope marks and no link holds.
+        // Sweep 2: blobs no scope marks.
         let candidates: Vec<&Vec<u8>> = blobs.iter().filter(|dk| !live.contains(*dk)).collect();
         for batch in candidates.chunks(SWEEP_BATCH) {
+            drain(&mut marked, &mut live);
             let pause = Instant::now();
             let _gate = self.gc_gate.write();
             drain(&mut marked, &mut live);
@@ -316,27 +372,21 @@ impl Store {
                 let Some((d, _)) = Digest::from_key(dk) else {
                     continue;
                 };
+                // Unmarked in every scope means every link it had was swept above, and any
+                // link made since is in the barrier, hence marked.
                 if live.contains(*dk) {
-                    continue;
-                }
-                let mut kept = false;
-                self.kv.scan(Cf::Owners, dk, &prefix_end(dk), &mut |k, _| {
-                    let mut n = k[dk.len()..].to_vec();
-                    n.push(0);
-                    n.extend_from_slice(dk);
-                    kept = !gone.contains(&n);
-                    !kept
-                })?;
-                if kept {
                     continue;
                 }
                 let Some(blob) = self.blob(&d)? else { continue };
                 let (from, to) = extent_range(blob.extent);
                 b.delete(Cf::Blobs, (*dk).clone());
                 b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
-                for e in self.children(&d)? {
-                    b.delete(Cf::Edges, edge_key(&d, e.role, e.index, &e.to));
-                    b.delete(Cf::Parents, parent_key(&e.to, &d, e.role));
+                for (ek, child, role) in edges.get(*dk).into_iter().flatten() {
+                    b.delete(Cf::Edges, ek.clone());
+                    b.delete(
+                        Cf::Parents,
+                        [&child[..], &dk[..], &[role.code()][..]].concat(),
+                    );
                 }
                 report.blobs_swept += 1;
                 report.bytes_swept += blob.size;
