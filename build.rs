@@ -6,6 +6,7 @@ const PROTOS: &[&str] = &[
     "proto/containerd/services/content/v1/content.proto",
     "proto/containerd/types/descriptor.proto",
     "proto/containerd/services/images/v1/images.proto",
+    "proto/containerd/services/leases/v1/leases.proto",
     "proto/contentd/v1/graph.proto",
     "proto/contentd/v1/gc.proto",
 ];

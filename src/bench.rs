@@ -734,7 +734,7 @@ async fn put_in(
 ) -> anyhow::Result<()> {
     let d = Digest::of(Algorithm::Sha256, &data);
     let mut w = store
-        .open_writer(scope.clone(), &r, data.len() as i64, Some(d.clone()))
+        .open_writer(scope.clone(), &r, data.len() as i64, Some(d.clone()), None)
         .await?;
     tokio::task::spawn_blocking(move || {
         w.write(0, &data)?;

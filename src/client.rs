@@ -23,21 +23,39 @@ pub async fn connect_unix(path: impl Into<PathBuf>) -> anyhow::Result<Channel> {
     Ok(ch)
 }
 
-/// Adds containerd's namespace header to every request on a channel.
+type Header = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
+
+/// Adds containerd's namespace (and optionally lease) header to every request on a channel.
 #[derive(Clone)]
-pub struct Namespace(pub Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub struct Namespace {
+    ns: Option<Header>,
+    lease: Option<Header>,
+}
 
 impl Namespace {
     pub fn new(ns: Option<&str>) -> anyhow::Result<Self> {
-        Ok(Namespace(ns.map(|n| n.parse()).transpose()?))
+        Ok(Namespace {
+            ns: ns.map(|n| n.parse()).transpose()?,
+            lease: None,
+        })
+    }
+
+    /// Also sends `containerd-lease: lease`.
+    pub fn with_lease(mut self, lease: &str) -> anyhow::Result<Self> {
+        self.lease = Some(lease.parse()?);
+        Ok(self)
     }
 }
 
 impl tonic::service::Interceptor for Namespace {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(ns) = &self.0 {
+        if let Some(ns) = &self.ns {
             req.metadata_mut()
                 .insert(crate::api::NAMESPACE_HEADER, ns.clone());
+        }
+        if let Some(l) = &self.lease {
+            req.metadata_mut()
+                .insert(crate::api::LEASE_HEADER, l.clone());
         }
         Ok(req)
     }

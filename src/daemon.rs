@@ -14,6 +14,7 @@ use crate::api::content::ContentService;
 use crate::api::gc::GcService;
 use crate::api::graph::GraphService;
 use crate::api::images::ImagesService;
+use crate::api::leases::LeasesService;
 use crate::api::{Mode, pb};
 use crate::config::Config;
 use crate::kv::rocks::{RocksKv, Tuning};
@@ -76,7 +77,8 @@ macro_rules! router {
             .add_service(ContentService::new($store.clone(), mode.clone()).into_server())
             .add_service(GraphService::new($store.clone(), mode.clone()).into_server())
             .add_service(GcService::new($store.clone(), mode.clone()).into_server())
-            .add_service(ImagesService::new($store.clone(), mode).into_server())
+            .add_service(ImagesService::new($store.clone(), mode.clone()).into_server())
+            .add_service(LeasesService::new($store.clone(), mode).into_server())
     }};
 }
 

@@ -49,6 +49,17 @@ impl<N: Clone + Eq + Hash> Marked<N> {
         walk(&mut self.via, vec![(n, Via::Root(reason))], children)
     }
 
+    /// Marks `n` alone, without following its edges (containerd's `gc.flat` leases).
+    pub fn mark_flat(&mut self, n: N, reason: Reason) -> bool {
+        match self.via.entry(n) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Via::Root(reason));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Every marked node.
     pub fn nodes(&self) -> impl Iterator<Item = &N> {
         self.via.keys()

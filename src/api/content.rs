@@ -232,11 +232,12 @@ impl pb::content_server::Content for ContentService {
         req: Request<Streaming<pb::WriteContentRequest>>,
     ) -> Result<Response<Self::WriteStream>, Status> {
         let scope = self.mode.scope(&req)?;
+        let lease = self.mode.lease(&req)?;
         let inbound = req.into_inner();
         let store = self.store.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            if let Err(e) = write_session(store, scope, inbound, &tx).await {
+            if let Err(e) = write_session(store, scope, lease, inbound, &tx).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
@@ -258,6 +259,7 @@ impl pb::content_server::Content for ContentService {
 async fn write_session(
     store: Arc<Store>,
     scope: Scope,
+    lease: Option<String>,
     mut inbound: Streaming<pb::WriteContentRequest>,
     tx: &mpsc::Sender<Result<pb::WriteContentResponse, Status>>,
 ) -> Result<(), Status> {
@@ -275,7 +277,7 @@ async fn write_session(
         Some(parse_digest(&first.expected)?)
     };
     let mut writer = store
-        .open_writer(scope, &first.r#ref, first.total, expected)
+        .open_writer(scope, &first.r#ref, first.total, expected, lease)
         .await
         .map_err(status)?;
     let mut msg = first;

@@ -8,6 +8,7 @@ pub mod content;
 pub mod gc;
 pub mod graph;
 pub mod images;
+pub mod leases;
 
 use tonic::{Code, Status};
 
@@ -27,6 +28,11 @@ pub mod pb {
                     tonic::include_proto!("containerd.services.images.v1");
                 }
             }
+            pub mod leases {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.leases.v1");
+                }
+            }
         }
         pub mod types {
             tonic::include_proto!("containerd.types");
@@ -43,6 +49,8 @@ pub mod pb {
 
 /// containerd's namespace header.
 pub const NAMESPACE_HEADER: &str = "containerd-namespace";
+/// containerd's lease header.
+pub const LEASE_HEADER: &str = "containerd-lease";
 
 /// What a listener is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +77,21 @@ impl Mode {
                     .map_err(|_| status(Error::invalid("namespace header is not valid ASCII")))?;
                 Scope::namespace(ns).map_err(status)
             }
+        }
+    }
+
+    /// The `containerd-lease` a request works under (client listeners only: containerd never
+    /// forwards leases to a backend).
+    pub fn lease<T>(&self, req: &tonic::Request<T>) -> Result<Option<String>, Status> {
+        if self.is_backend() {
+            return Ok(None);
+        }
+        match req.metadata().get(LEASE_HEADER) {
+            None => Ok(None),
+            Some(v) => v
+                .to_str()
+                .map(|s| Some(s.to_string()))
+                .map_err(|_| status(Error::invalid("lease header is not valid ASCII"))),
         }
     }
 

@@ -17,6 +17,8 @@
 //! | `edges`   | parent dk ‖ role u8 ‖ index u32 BE ‖ child dk | `EdgeRecord` (what the parent says of the child) |
 //! | `parents` | child dk ‖ parent dk ‖ role u8   | `EdgeRecord` of the parent (for referrers) |
 //! | `images`  | scope ‖ 0x00 ‖ name              | `ImageRecord` (a GC root)           |
+//! | `leases`  | scope ‖ 0x00 ‖ lease id          | `LeaseRecord` (a GC root until it expires) |
+//! | `lease_resources` | scope ‖ 0x00 ‖ lease id ‖ 0x00 ‖ type ‖ 0x00 ‖ resource id | empty |
 
 pub mod mem;
 pub mod rocks;
@@ -34,10 +36,12 @@ pub enum Cf {
     Edges,
     Parents,
     Images,
+    Leases,
+    LeaseResources,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 9] = [
+    pub const ALL: [Cf; 11] = [
         Cf::Meta,
         Cf::Chunks,
         Cf::Blobs,
@@ -47,6 +51,8 @@ impl Cf {
         Cf::Edges,
         Cf::Parents,
         Cf::Images,
+        Cf::Leases,
+        Cf::LeaseResources,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -59,6 +65,8 @@ impl Cf {
             Cf::Edges => "edges",
             Cf::Parents => "parents",
             Cf::Images => "images",
+            Cf::Leases => "leases",
+            Cf::LeaseResources => "lease_resources",
         }
     }
 }

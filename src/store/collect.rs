@@ -39,6 +39,9 @@ type Links = Vec<(Node, LinkRecord)>;
 /// Parent digest key → (edge key, child digest key, role).
 type EdgeMap = HashMap<Vec<u8>, Vec<(Vec<u8>, Vec<u8>, graph::Role)>>;
 
+/// What marking yields: the marks, every link, every edge, and the expired leases.
+type MarkResult = (Marked<Node>, Links, EdgeMap, Vec<(Scope, String)>);
+
 /// Links swept per batch: bounds how long any writer can wait on the collector.
 const SWEEP_BATCH: usize = 256;
 
@@ -133,6 +136,28 @@ impl Store {
     }
 
     /// Roots and every link (as sweep candidates, with its size and creation time).
+    /// Unexpired leases' content as roots (flat ones separately: not followed), and the
+    /// expired leases, which the sweep deletes.
+    #[allow(clippy::type_complexity)]
+    fn lease_roots(&self, now: i64) -> Result<(Roots, Roots, Vec<(Scope, String)>)> {
+        let (mut deep, mut flat, mut expired) = (Vec::new(), Vec::new(), Vec::new());
+        for (scope, lease, content) in self.all_leases()? {
+            if lease.expires_ns().is_some_and(|t| t <= now) {
+                expired.push((scope, lease.id));
+                continue;
+            }
+            let target = if lease.is_flat() {
+                &mut flat
+            } else {
+                &mut deep
+            };
+            for d in content {
+                target.push((node(&scope, &d), format!("lease {:?}", lease.id)));
+            }
+        }
+        Ok((deep, flat, expired))
+    }
+
     fn roots(&self, now: i64) -> Result<(Roots, Links)> {
         let mut roots = Vec::new();
         let mut links = Vec::new();
@@ -204,8 +229,10 @@ impl Store {
         Ok(map)
     }
 
-    fn mark_all(&self, now: i64) -> Result<(Marked<Node>, Links, EdgeMap)> {
-        let (roots, links) = self.roots(now)?;
+    fn mark_all(&self, now: i64) -> Result<MarkResult> {
+        let (mut roots, links) = self.roots(now)?;
+        let (deep, flat, expired) = self.lease_roots(now)?;
+        roots.extend(deep);
         let edges = self.edge_map()?;
         let mut labels: HashMap<&[u8], Vec<Node>> = HashMap::new();
         for (k, link) in &links {
@@ -221,7 +248,7 @@ impl Store {
                 );
             }
         }
-        let marked = gc::mark(roots, |n| {
+        let mut marked = gc::mark(roots, |n| {
             let Some(nul) = n.iter().position(|b| *b == 0) else {
                 return Vec::new();
             };
@@ -238,7 +265,10 @@ impl Store {
             }
             out
         });
-        Ok((marked, links, edges))
+        for (n, reason) in flat {
+            marked.mark_flat(n, reason);
+        }
+        Ok((marked, links, edges, expired))
     }
 
     /// Why `d` is alive for `scope`, or when it becomes collectable.
@@ -247,7 +277,7 @@ impl Store {
         if link.is_none() && self.blob(d)?.is_none() {
             return Err(Self::not_found(d));
         }
-        let (marked, _, _) = self.mark_all(now_ns())?;
+        let (marked, _, _, _) = self.mark_all(now_ns())?;
         match marked.explain(&node(scope, d)) {
             Some((root, path)) => Ok(Explanation::Alive {
                 root,
@@ -292,7 +322,7 @@ impl Store {
     }
 
     fn collect_inner(&self, dry_run: bool, started_ns: i64) -> Result<GcReport> {
-        let (mut marked, links, edges) = self.mark_all(started_ns)?;
+        let (mut marked, links, edges, expired) = self.mark_all(started_ns)?;
         let mut live: HashSet<Vec<u8>> = marked
             .nodes()
             .filter_map(|n| split(n).map(|(_, d)| d.key()))
@@ -328,6 +358,15 @@ impl Store {
                 }
             }
         };
+
+        // Expired leases go by the clock.
+        if !dry_run && !expired.is_empty() {
+            let mut b = Batch::new();
+            for (scope, id) in &expired {
+                self.drop_lease(&mut b, scope, id);
+            }
+            self.kv.write(b, false)?;
+        }
 
         // Sweep 1: links nothing reaches.
         let candidates: Vec<&Node> = links

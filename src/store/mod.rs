@@ -26,6 +26,7 @@
 
 mod collect;
 mod images;
+mod leases;
 mod records;
 
 use std::collections::HashMap;
@@ -38,7 +39,8 @@ use prost::Message as _;
 use tokio::sync::OwnedMutexGuard;
 
 pub use collect::{Explanation, GcReport};
-pub use records::{BlobRecord, EdgeRecord, ImageRecord, IngestRecord, LinkRecord};
+pub use leases::parse_rfc3339;
+pub use records::{BlobRecord, EdgeRecord, ImageRecord, IngestRecord, LeaseRecord, LinkRecord};
 
 use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{Error, Kind, Result};
@@ -979,14 +981,28 @@ impl Store {
         r: &str,
         total: i64,
         expected: Option<Digest>,
+        lease: Option<String>,
     ) -> Result<Writer> {
         if r.is_empty() {
             return Err(Error::invalid("ingest ref must not be empty"));
         }
+        if let Some(l) = &lease {
+            self.require_lease(&scope, l)?;
+        }
         if let Some(d) = &expected {
             let store = self.clone();
-            let (s, d2) = (scope.clone(), d.clone());
-            if blocking(move || store.link(&s, &d2)).await?.is_some() {
+            let (s, d2, l) = (scope.clone(), d.clone(), lease.clone());
+            let exists = blocking(move || {
+                let exists = store.link(&s, &d2)?.is_some();
+                // Opening a writer for content one has is how containerd clients check and
+                // pin in one step: the lease gets the blob.
+                if let (true, Some(l)) = (exists, l) {
+                    store.add_lease_resource(&s, &l, "content", &d2.to_string())?;
+                }
+                Ok(exists)
+            })
+            .await?;
+            if exists {
                 return Err(Error::exists(format!("content {d}: already exists")));
             }
         }
@@ -994,9 +1010,10 @@ impl Store {
         let guard = self.lock_slot(&key, r).await?;
         let store = self.clone();
         let r = r.to_string();
-        blocking(move || store.load_writer(guard, scope, key, r, total, expected)).await
+        blocking(move || store.load_writer(guard, scope, key, r, total, expected, lease)).await
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn load_writer(
         self: Arc<Self>,
         mut guard: OwnedMutexGuard<Option<IngestState>>,
@@ -1005,6 +1022,7 @@ impl Store {
         r: String,
         total: i64,
         expected: Option<Digest>,
+        lease: Option<String>,
     ) -> Result<Writer> {
         if guard.is_none() {
             *guard = match self.ingest_record(&scope, &r)? {
@@ -1026,11 +1044,15 @@ impl Store {
             reference: r,
             total,
             expected: expected.clone(),
+            lease: lease.clone(),
             pending: Batch::new(),
             chunks: Batch::new(),
             chunk_bytes: 0,
             guard,
         };
+        if let Some(l) = &lease {
+            self.queue_lease_resource(&mut w.pending, &scope, l, "ingests", &w.reference.clone());
+        }
         match w.guard.as_mut() {
             Some(st) => {
                 if std::mem::take(&mut st.trim) {
@@ -1227,6 +1249,8 @@ pub struct Writer {
     /// The digest to verify at commit, as known to this stream (containerd keeps it per
     /// stream: a later stream on the same ref starts without it).
     expected: Option<Digest>,
+    /// The `containerd-lease` this writer works under: it gets the ingest, then the blob.
+    lease: Option<String>,
     /// Changes not yet written: a single-message upload becomes one synced batch.
     pending: Batch,
     /// Chunk puts of the current request, written with or without the WAL by `flush`.
@@ -1294,6 +1318,10 @@ impl Writer {
     /// AlreadyExists.
     pub fn set_expected(&mut self, d: Digest) -> Result<()> {
         if self.store.link(&self.scope, &d)?.is_some() {
+            if let Some(l) = self.lease.clone() {
+                self.store
+                    .add_lease_resource(&self.scope, &l, "content", &d.to_string())?;
+            }
             self.discard()?;
             return Err(Error::exists(format!("content {d}: already exists")));
         }
@@ -1554,6 +1582,11 @@ impl Writer {
             b.ops.append(&mut self.chunks.ops);
             self.chunk_bytes = 0;
             b.delete(Cf::Ingests, self.key.clone());
+            if let Some(l) = &self.lease {
+                // The lease moves from the ingest to the blob, in the commit itself.
+                store.queue_lease_resource_removal(&mut b, &scope, l, "ingests", &self.reference);
+                store.queue_lease_resource(&mut b, &scope, l, "content", &actual.to_string());
+            }
             let existing = store.blob(&actual)?;
             match existing {
                 Some(blob) => {

@@ -94,3 +94,14 @@ pub struct ImageRecord {
     #[prost(int64, tag = "8")]
     pub updated_ns: i64,
 }
+
+/// `leases[scope ‖ 0 ‖ id]`: a lease; its resources are roots until it expires.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeaseRecord {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(int64, tag = "2")]
+    pub created_ns: i64,
+    #[prost(map = "string, string", tag = "3")]
+    pub labels: HashMap<String, String>,
+}

@@ -17,7 +17,7 @@ fn sha(data: &[u8]) -> Digest {
 
 async fn put(store: &Arc<Store>, scope: &Scope, r: &str, data: &[u8]) -> Result<Info> {
     let mut w = store
-        .open_writer(scope.clone(), r, data.len() as i64, Some(sha(data)))
+        .open_writer(scope.clone(), r, data.len() as i64, Some(sha(data)), None)
         .await?;
     w.write(0, data)?;
     w.commit(data.len() as i64, Some(sha(data)), None)
@@ -61,7 +61,7 @@ async fn conformance(store: Arc<Store>) {
 
     // a shared ingest links without a re-upload
     let mut w = store
-        .open_writer(b.clone(), "r1", data.len() as i64, Some(sha(&data)))
+        .open_writer(b.clone(), "r1", data.len() as i64, Some(sha(&data)), None)
         .await
         .unwrap();
     let st = w.status().unwrap();
@@ -105,14 +105,20 @@ async fn conformance(store: Arc<Store>) {
     );
 
     // write rules: gap, restart at zero, resume across writers
-    let mut w = store.open_writer(a.clone(), "w", 0, None).await.unwrap();
+    let mut w = store
+        .open_writer(a.clone(), "w", 0, None, None)
+        .await
+        .unwrap();
     assert!(w.write(5, b"abc").unwrap_err().is(Kind::OutOfRange));
     w.write(0, b"hello world").unwrap();
     w.write(11, b"!!").unwrap();
     w.write(0, b"xy").unwrap();
     assert_eq!(w.status().unwrap().digest, sha(b"xy"));
     drop(w);
-    let mut w = store.open_writer(a.clone(), "w", 0, None).await.unwrap();
+    let mut w = store
+        .open_writer(a.clone(), "w", 0, None, None)
+        .await
+        .unwrap();
     assert_eq!(w.status().unwrap().offset, 2);
     w.write(2, b"z").unwrap();
     // size and digest mismatches keep the ingest
@@ -138,7 +144,10 @@ async fn conformance(store: Arc<Store>) {
     assert_eq!(info.labels["k"], "v");
 
     // sha512 commits rehash with the expected algorithm
-    let mut w = store.open_writer(a.clone(), "w512", 0, None).await.unwrap();
+    let mut w = store
+        .open_writer(a.clone(), "w512", 0, None, None)
+        .await
+        .unwrap();
     w.write(0, b"sha512 content").unwrap();
     let d512 = Digest::of(Algorithm::Sha512, b"sha512 content");
     assert_eq!(w.commit(0, Some(d512.clone()), None).unwrap().digest, d512);
@@ -146,11 +155,11 @@ async fn conformance(store: Arc<Store>) {
 
     // one live writer per ref
     let w = store
-        .open_writer(a.clone(), "locked", 0, None)
+        .open_writer(a.clone(), "locked", 0, None, None)
         .await
         .unwrap();
     let err = store
-        .open_writer(a.clone(), "locked", 0, None)
+        .open_writer(a.clone(), "locked", 0, None, None)
         .await
         .err()
         .unwrap();
@@ -158,7 +167,7 @@ async fn conformance(store: Arc<Store>) {
     drop(w);
     assert!(
         store
-            .open_writer(a.clone(), "locked", 0, None)
+            .open_writer(a.clone(), "locked", 0, None, None)
             .await
             .is_ok()
     );
@@ -212,7 +221,10 @@ async fn conformance(store: Arc<Store>) {
     let f = Filter::parse_all(&[format!("digest=={}", sha(&[4; 10]))]).unwrap();
     assert_eq!(store.list(&ns("l"), &f, None, 100).unwrap().len(), 1);
     let f = Filter::parse_all(&["ref~=^l[0-2]$"]).unwrap();
-    let mut w = store.open_writer(ns("l"), "l9", 0, None).await.unwrap();
+    let mut w = store
+        .open_writer(ns("l"), "l9", 0, None, None)
+        .await
+        .unwrap();
     w.write(0, b"pending").unwrap();
     drop(w);
     assert_eq!(
@@ -273,7 +285,7 @@ async fn ingest_resumes_after_reopen() {
         ))
         .unwrap();
         let mut w = store
-            .open_writer(a.clone(), "resume", data.len() as i64, None)
+            .open_writer(a.clone(), "resume", data.len() as i64, None, None)
             .await
             .unwrap();
         w.write(0, &data[..CHUNK_SIZE + 7]).unwrap();
@@ -283,7 +295,7 @@ async fn ingest_resumes_after_reopen() {
     ))
     .unwrap();
     let mut w = store
-        .open_writer(a.clone(), "resume", 0, None)
+        .open_writer(a.clone(), "resume", 0, None, None)
         .await
         .unwrap();
     let st = w.status().unwrap();
@@ -295,7 +307,7 @@ async fn ingest_resumes_after_reopen() {
     store.verify(&sha(&data)).unwrap();
     // a fresh extent after reopen never collides with a stored one
     let mut w = store
-        .open_writer(a.clone(), "after", 0, None)
+        .open_writer(a.clone(), "after", 0, None, None)
         .await
         .unwrap();
     w.write(0, b"new").unwrap();

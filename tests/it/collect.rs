@@ -185,10 +185,9 @@ async fn images_keep_their_blobs_and_deleting_one_sweeps_only_its_own() {
         .unwrap();
 }
 
-/// Writers push real images (layers first, then configs and manifests, then the image) and
-/// delete older ones, while the collector runs in a tight loop. Content younger than the grace
-/// period is a root, which is what lets a lease-less client assemble an image. At the end
-/// every image is complete and verifies, and the deleted images' exclusive blobs are gone.
+/// Writers push real images (layers first, then configs and manifests, then the image) under
+/// a lease, as containerd clients do, and delete older images, while the collector runs in a
+/// tight loop with no grace period. At the end every image is complete and verifies.
 #[tokio::test(flavor = "multi_thread")]
 async fn collection_never_races_writers() {
     let Some((dir, _keep)) = fixtures() else {
@@ -208,7 +207,7 @@ async fn collection_never_races_writers() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let d = Daemon::start_with(&["--gc-grace-secs", "10", "--gc-interval-secs", "0"]);
+    let d = Daemon::start_with(&["--gc-grace-secs", "0", "--gc-interval-secs", "0"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
 
     // The collector, back to back.
@@ -228,17 +227,21 @@ async fn collection_never_races_writers() {
     for w in 0..3usize {
         let (sock, files, fixtures) = (d.client_sock.clone(), files.clone(), fixtures.clone());
         writers.push(tokio::spawn(async move {
+            use contentd::api::pb::containerd::services::leases::v1 as lpb;
             let ns = format!("w{w}");
-            let mut c = connect(&sock, Some(&ns)).await;
             let ch = connect_unix(&sock).await.unwrap();
-            let mut images = ipb::images_client::ImagesClient::with_interceptor(
-                ch,
-                Namespace::new(Some(&ns)).unwrap(),
-            );
+            let mut images = ipb::images_client::ImagesClient::with_interceptor(ch.clone(), Namespace::new(Some(&ns)).unwrap());
+            let mut leases = lpb::leases_client::LeasesClient::with_interceptor(ch.clone(), Namespace::new(Some(&ns)).unwrap());
             let mut round = 0usize;
             let mut live: Vec<(String, Value)> = Vec::new();
             while std::time::Instant::now() < deadline {
                 let fx = &fixtures[(w + round) % fixtures.len()];
+                let lease = format!("push-{w}-{round}");
+                leases.create(lpb::CreateRequest { id: lease.clone(), labels: Default::default() }).await.unwrap();
+                let mut c = contentd::api::pb::containerd::services::content::v1::content_client::ContentClient::with_interceptor(
+                    ch.clone(),
+                    Namespace::new(Some(&ns)).unwrap().with_lease(&lease).unwrap(),
+                );
                 // Layers first, then configs and manifests (children before parents).
                 let mut order: Vec<(usize, String)> = Vec::new();
                 for n in fx["nodes"]
@@ -287,6 +290,7 @@ async fn collection_never_races_writers() {
                     })
                     .await
                     .unwrap();
+                leases.delete(lpb::DeleteRequest { id: lease, sync: false }).await.unwrap();
                 live.push((name, fx.clone()));
                 if live.len() > 3 {
                     let (old, _) = live.remove(0);
@@ -334,4 +338,149 @@ async fn collection_never_races_writers() {
         "collector: {runs} runs, {swept} blobs swept; {checked} blobs of live images verified"
     );
     assert!(checked > 0);
+}
+
+/// A lease keeps what is written under it (`containerd-lease` header) until it is deleted,
+/// or until its `containerd.io/gc.expire` time passes — by the clock, with no other change.
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_hold_content_until_they_expire() {
+    use contentd::api::pb::containerd::services::leases::v1 as lpb;
+    let d = Daemon::start_with(&["--gc-grace-secs", "0", "--gc-interval-secs", "0"]);
+    let ch = connect_unix(&d.client_sock).await.unwrap();
+    let ns = Namespace::new(Some("lz")).unwrap();
+    let mut leases = lpb::leases_client::LeasesClient::with_interceptor(ch.clone(), ns.clone());
+    let mut gcc = gpb::gc_client::GcClient::with_interceptor(ch.clone(), ns);
+    let expire = std::time::SystemTime::now() + std::time::Duration::from_secs(3);
+    let secs = expire
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since the epoch.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let stamp = format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    );
+    leases
+        .create(lpb::CreateRequest {
+            id: "short".into(),
+            labels: [("containerd.io/gc.expire".to_string(), stamp.clone())].into(),
+        })
+        .await
+        .unwrap();
+    leases
+        .create(lpb::CreateRequest {
+            id: "kept".into(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        leases
+            .create(lpb::CreateRequest {
+                id: "kept".into(),
+                labels: Default::default()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::AlreadyExists
+    );
+
+    // Write under each lease through the header.
+    let mut short = pb_client(&d, "short").await;
+    let mut kept = pb_client(&d, "kept").await;
+    let (a, b) = (pattern(4000, 1), pattern(4000, 2));
+    put(&mut short, "a", &a).await.unwrap();
+    put(&mut kept, "b", &b).await.unwrap();
+    let res = leases
+        .list_resources(lpb::ListResourcesRequest { id: "short".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(res.resources.len(), 1, "{res:?}");
+    assert_eq!(
+        (
+            res.resources[0].r#type.as_str(),
+            res.resources[0].id.clone()
+        ),
+        ("content", sha(&a).to_string())
+    );
+
+    let r = gcc
+        .run(gpb::RunRequest { dry_run: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.swept.is_empty(), "both leases hold: {r:?}");
+    let e = gcc
+        .explain(gpb::ExplainRequest {
+            digest: sha(&a).to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(e.alive && e.root.contains("lease"), "{e:?}");
+
+    // Nothing else happens; the clock passes the expiry.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let r = gcc
+        .run(gpb::RunRequest { dry_run: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.swept, vec![sha(&a).to_string()], "{stamp}: {r:?}");
+    let ids: Vec<String> = leases
+        .list(lpb::ListRequest { filters: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .leases
+        .into_iter()
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["kept".to_string()],
+        "the expired lease is gone too"
+    );
+
+    // Deleting the other lease (sync) collects its content at once.
+    leases
+        .delete(lpb::DeleteRequest {
+            id: "kept".into(),
+            sync: true,
+        })
+        .await
+        .unwrap();
+    let mut plain = d.client(Some("lz")).await;
+    assert_eq!(
+        code(read(&mut plain, &sha(&b).to_string(), 0, 0).await),
+        tonic::Code::NotFound
+    );
+    // Unknown leases are NotFound, in the header too.
+    let mut ghost = pb_client(&d, "ghost").await;
+    assert_eq!(
+        code(put(&mut ghost, "g", b"ghost").await),
+        tonic::Code::NotFound
+    );
+}
+
+async fn pb_client(d: &Daemon, lease: &str) -> Client {
+    let ch = connect_unix(&d.client_sock).await.unwrap();
+    contentd::api::pb::containerd::services::content::v1::content_client::ContentClient::with_interceptor(
+        ch,
+        Namespace::new(Some("lz")).unwrap().with_lease(lease).unwrap(),
+    )
 }
