@@ -624,6 +624,7 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
         Arc::new(kv),
         StoreConfig {
             gc_grace: Duration::ZERO,
+            ..Default::default()
         },
     )?;
     let scope = Scope::namespace("bench")?;

@@ -63,6 +63,8 @@ pub struct Config {
     pub gc_grace_secs: u64,
     /// A collection also starts once this many deletions (content, images) accumulate.
     pub gc_deletion_threshold: u64,
+    /// An ingest no lease holds is dropped after this many seconds without a write.
+    pub ingest_expiry_secs: u64,
 }
 
 fn is_root() -> bool {
@@ -96,6 +98,7 @@ impl Default for Config {
             gc_interval_secs: 600,
             gc_grace_secs: 3600,
             gc_deletion_threshold: 100,
+            ingest_expiry_secs: 24 * 3600,
         }
     }
 }

@@ -124,6 +124,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Arc::new(kv),
         StoreConfig {
             gc_grace: std::time::Duration::from_secs(config.gc_grace_secs),
+            ingest_expiry: std::time::Duration::from_secs(config.ingest_expiry_secs),
         },
     )?;
     tracing::info!(root = %config.root.display(), "store open");

@@ -34,6 +34,7 @@ fn report_pb(r: GcReport) -> pb::Report {
         links_swept: r.links_swept,
         swept: r.swept.iter().map(|d| d.to_string()).collect(),
         max_pause_us: r.max_pause_us,
+        ingests_expired: r.ingests_expired,
     }
 }
 

@@ -56,6 +56,8 @@ pub struct GcReport {
     pub links_swept: i64,
     pub swept: Vec<Digest>,
     pub max_pause_us: i64,
+    /// Unleased ingests dropped because nobody wrote to them for the expiry time.
+    pub ingests_expired: i64,
 }
 
 /// Why a blob is alive, or when it stops being.
@@ -368,6 +370,8 @@ impl Store {
             self.kv.write(b, false)?;
         }
 
+        report.ingests_expired = self.expire_ingests(started_ns, dry_run)?;
+
         // Sweep 1: links nothing reaches.
         let candidates: Vec<&Node> = links
             .iter()
@@ -439,6 +443,58 @@ impl Store {
         report.marked = marked.len() as i64;
         report.swept.sort();
         Ok(report)
+    }
+
+    /// Drops ingests that no lease holds and nobody has written to for `ingest_expiry`.
+    fn expire_ingests(&self, now: i64, dry_run: bool) -> Result<i64> {
+        let mut leased: HashSet<Vec<u8>> = HashSet::new();
+        self.kv.scan(Cf::LeaseResources, &[], &[], &mut |k, _| {
+            // scope ‖ 0 ‖ lease ‖ 0 ‖ "ingests" ‖ 0 ‖ ref  →  scope ‖ 0 ‖ ref
+            let parts: Vec<&[u8]> = k.splitn(4, |b| *b == 0).collect();
+            if parts.len() == 4 && parts[2] == b"ingests" {
+                leased.insert([parts[0], &[0], parts[3]].concat());
+            }
+            true
+        })?;
+        let mut stale = Vec::new();
+        self.kv.scan(Cf::Ingests, &[], &[], &mut |k, v| {
+            if let Ok(rec) = IngestRecord::decode(v)
+                && now - rec.updated_ns > self.ingest_expiry_ns
+                && !leased.contains(k)
+            {
+                stale.push((k.to_vec(), rec.extent, rec.shared.is_empty()));
+            }
+            true
+        })?;
+        let mut n = 0;
+        for (key, extent, owns_extent) in stale {
+            // A live writer holds the slot: leave it. The slots map lock keeps a new writer
+            // from opening the ingest while it is dropped.
+            let mut slots = self.slots.lock();
+            let guard = match slots.get(&key) {
+                Some((slot, _)) => match slot.clone().try_lock_owned() {
+                    Ok(g) => Some(g),
+                    Err(_) => continue,
+                },
+                None => None,
+            };
+            n += 1;
+            if dry_run {
+                continue;
+            }
+            let mut b = Batch::new();
+            b.delete(Cf::Ingests, key.clone());
+            if owns_extent {
+                let (from, to) = extent_range(extent);
+                b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+            }
+            self.kv.write(b, false)?;
+            if let Some(mut g) = guard {
+                *g = None;
+            }
+            slots.remove(&key);
+        }
+        Ok(n)
     }
 
     pub fn gc_status(&self) -> (bool, Option<GcReport>, u64) {

@@ -292,6 +292,7 @@ pub struct Store {
     deletions: std::sync::atomic::AtomicU64,
     gc_wake: tokio::sync::Notify,
     gc_grace_ns: i64,
+    ingest_expiry_ns: i64,
 }
 
 /// Store settings.
@@ -300,12 +301,15 @@ pub struct StoreConfig {
     /// Content linked more recently than this is a root (it may still be being assembled
     /// into an image).
     pub gc_grace: Duration,
+    /// An ingest no lease holds is dropped once it has not been written for this long.
+    pub ingest_expiry: Duration,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             gc_grace: Duration::from_secs(3600),
+            ingest_expiry: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -352,6 +356,7 @@ impl Store {
             deletions: Default::default(),
             gc_wake: tokio::sync::Notify::new(),
             gc_grace_ns: config.gc_grace.as_nanos().min(i64::MAX as u128) as i64,
+            ingest_expiry_ns: config.ingest_expiry.as_nanos().min(i64::MAX as u128) as i64,
         }))
     }
 

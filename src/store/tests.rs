@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::*;
 use crate::kv::mem::MemKv;
 use crate::kv::rocks::{RocksKv, Tuning};
+use crate::store::StoreConfig;
 
 fn ns(n: &str) -> Scope {
     Scope::namespace(n).unwrap()
@@ -313,4 +314,47 @@ async fn ingest_resumes_after_reopen() {
     w.write(0, b"new").unwrap();
     w.commit(0, None, None).unwrap();
     assert_eq!(read_all(&store, &a, &sha(&data)), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unleased_ingests_expire_and_leased_ones_stay() {
+    let store = Store::open_with(
+        Arc::new(MemKv::default()),
+        StoreConfig {
+            gc_grace: std::time::Duration::ZERO,
+            ingest_expiry: std::time::Duration::ZERO,
+        },
+    )
+    .unwrap();
+    let a = ns("a");
+    store.create_lease(&a, "keep", HashMap::new()).unwrap();
+    let mut w = store
+        .open_writer(a.clone(), "loose", 0, None, None)
+        .await
+        .unwrap();
+    w.write(0, b"abandoned").unwrap();
+    drop(w);
+    let mut w = store
+        .open_writer(a.clone(), "held", 0, None, Some("keep".into()))
+        .await
+        .unwrap();
+    w.write(0, b"leased").unwrap();
+    drop(w);
+    // A live writer is never expired under it.
+    let mut live = store
+        .open_writer(a.clone(), "live", 0, None, None)
+        .await
+        .unwrap();
+    live.write(0, b"busy").unwrap();
+    live.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let dry = store.collect(true).unwrap();
+    assert_eq!(dry.ingests_expired, 1);
+    assert!(store.status(&a, "loose").is_ok(), "a dry run drops nothing");
+    let r = store.collect(false).unwrap();
+    assert_eq!(r.ingests_expired, 1);
+    assert!(store.status(&a, "loose").unwrap_err().is(Kind::NotFound));
+    assert_eq!(store.status(&a, "held").unwrap().offset, 6);
+    live.write(4, b"!").unwrap();
+    live.commit(0, None, None).unwrap();
 }
