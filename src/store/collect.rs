@@ -304,7 +304,12 @@ impl Store {
         let t0 = Instant::now();
         let started_ns = now_ns();
         self.deletions.store(0, Ordering::Relaxed);
-        *self.barrier.lock() = Some(Vec::new());
+        {
+            // Opened under the gate: a write in flight when the collection starts has landed
+            // (so the scans below see it), and every later one is recorded.
+            let _gate = self.gc_gate.write();
+            *self.barrier.lock() = Some(Vec::new());
+        }
         let result = self.collect_inner(dry_run, started_ns);
         *self.barrier.lock() = None;
         let mut report = result?;
