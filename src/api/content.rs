@@ -172,9 +172,9 @@ impl pb::content_server::Content for ContentService {
         };
         let store = self.store.clone();
         // One storage iterator serves the whole stream from a blocking thread; the bounded
-        // channel is the backpressure (two messages in flight), so memory per stream stays a
+        // channel is the backpressure (four 1 MiB messages in flight), so memory per stream stays a
         // few MiB whatever the blob size.
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let mut pos = offset;
             let r = store.stream_extent(
