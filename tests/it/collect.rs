@@ -11,6 +11,23 @@ use serde_json::Value;
 use crate::graph::{blob_files, fixtures};
 use crate::harness::*;
 
+/// An image named `name` whose target is the fixture's root.
+fn image_of(name: &str, fx: &Value) -> ipb::CreateImageRequest {
+    let root = &fx["root"];
+    ipb::CreateImageRequest {
+        image: Some(ipb::Image {
+            name: name.into(),
+            target: Some(Descriptor {
+                media_type: root["mediaType"].as_str().unwrap().into(),
+                digest: root["digest"].as_str().unwrap().into(),
+                size: root["size"].as_i64().unwrap(),
+                annotations: Default::default(),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
 fn nodes(fx: &Value) -> BTreeSet<String> {
     fx["nodes"]
         .as_array()
@@ -56,22 +73,7 @@ async fn images_keep_their_blobs_and_deleting_one_sweeps_only_its_own() {
         ("fixtures/single:oci", &single),
         ("fixtures/multi:oci", &multi),
     ] {
-        let root = &f["root"];
-        images
-            .create(ipb::CreateImageRequest {
-                image: Some(ipb::Image {
-                    name: name.into(),
-                    target: Some(Descriptor {
-                        media_type: root["mediaType"].as_str().unwrap().into(),
-                        digest: root["digest"].as_str().unwrap().into(),
-                        size: root["size"].as_i64().unwrap(),
-                        annotations: Default::default(),
-                    }),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .unwrap();
+        images.create(image_of(name, f)).await.unwrap();
     }
 
     // Images keep every blob they reach; the loose blob goes.
@@ -274,22 +276,7 @@ async fn collection_never_races_writers() {
                 .await
                 .unwrap();
                 let name = format!("img-{w}-{round}");
-                let root = &fx["root"];
-                images
-                    .create(ipb::CreateImageRequest {
-                        image: Some(ipb::Image {
-                            name: name.clone(),
-                            target: Some(Descriptor {
-                                media_type: root["mediaType"].as_str().unwrap().into(),
-                                digest: root["digest"].as_str().unwrap().into(),
-                                size: root["size"].as_i64().unwrap(),
-                                annotations: Default::default(),
-                            }),
-                            ..Default::default()
-                        }),
-                    })
-                    .await
-                    .unwrap();
+                images.create(image_of(&name, fx)).await.unwrap();
                 leases.delete(lpb::DeleteRequest { id: lease, sync: false }).await.unwrap();
                 live.push((name, fx.clone()));
                 if live.len() > 3 {

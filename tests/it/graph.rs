@@ -121,37 +121,7 @@ async fn graph_of_real_images_matches_the_reference() {
             .filter(|n| n["present"].as_bool().unwrap())
         {
             let dg = n["digest"].as_str().unwrap();
-            let bytes = std::fs::read(&files[dg]).unwrap();
-            let mut msgs = vec![
-                contentd::api::pb::containerd::services::content::v1::WriteContentRequest {
-                    r#ref: format!("fx-{dg}"),
-                    total: bytes.len() as i64,
-                    ..Default::default()
-                },
-            ];
-            for (j, piece) in bytes.chunks(1 << 20).enumerate() {
-                msgs.push(
-                    contentd::api::pb::containerd::services::content::v1::WriteContentRequest {
-                        action: 1,
-                        offset: (j << 20) as i64,
-                        data: piece.to_vec().into(),
-                        ..Default::default()
-                    },
-                );
-            }
-            msgs.push(
-                contentd::api::pb::containerd::services::content::v1::WriteContentRequest {
-                    action: 2,
-                    offset: bytes.len() as i64,
-                    total: bytes.len() as i64,
-                    expected: dg.to_string(),
-                    ..Default::default()
-                },
-            );
-            match write_msgs(&mut c, msgs).await.pop().unwrap() {
-                Ok(r) => assert_eq!(r.digest, dg),
-                Err(e) => assert_eq!(e.code(), tonic::Code::AlreadyExists, "{dg}: {e}"),
-            }
+            put_blob(&mut c, dg, &std::fs::read(&files[dg]).unwrap()).await;
         }
     }
 
