@@ -93,14 +93,28 @@ async fn signalled() {
     }
 }
 
-/// Background garbage collection: on the interval, and once enough deletions accumulate.
+/// Background garbage collection: on the interval, when a lease expires, and once enough
+/// deletions accumulate.
 async fn collector(store: Arc<Store>, config: Config, stop: CancellationToken) {
     let interval = std::time::Duration::from_secs(config.gc_interval_secs.max(1));
     let mut next = tokio::time::Instant::now() + interval;
     loop {
+        // Leases expire by the clock: wake when the next one does, not only on the interval.
+        let s = store.clone();
+        let expiry = tokio::task::spawn_blocking(move || s.next_lease_expiry())
+            .await
+            .ok()
+            .flatten();
+        let expiry_at = expiry.map(|ns| {
+            let wait = (ns - crate::store::now_ns()).max(0) as u64;
+            tokio::time::Instant::now()
+                + std::time::Duration::from_nanos(wait)
+                + std::time::Duration::from_millis(10)
+        });
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep_until(next), if config.gc_interval_secs > 0 => {}
+            _ = tokio::time::sleep_until(expiry_at.unwrap_or(next)), if expiry_at.is_some() => {}
             _ = store.deletion_noted() => {
                 if store.pending_deletions() < config.gc_deletion_threshold.max(1) {
                     continue;

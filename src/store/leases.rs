@@ -179,6 +179,10 @@ impl Store {
         let mut b = Batch::new();
         b.put(Cf::Leases, lease_key(scope, &id), rec.encode_to_vec());
         self.kv.write(b, true)?;
+        if rec.expires_ns().is_some() {
+            // The collector re-plans its wake-up around the new expiry.
+            self.gc_wake.notify_one();
+        }
         Ok(rec)
     }
 
@@ -294,6 +298,18 @@ impl Store {
                 true
             })?;
         Ok(out)
+    }
+
+    /// When the next lease expires (ns since the epoch), if any lease has an expiry.
+    pub fn next_lease_expiry(&self) -> Option<i64> {
+        let mut next: Option<i64> = None;
+        let _ = self.kv.scan(Cf::Leases, &[], &[], &mut |_, v| {
+            if let Some(t) = LeaseRecord::decode(v).ok().and_then(|l| l.expires_ns()) {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+            true
+        });
+        next
     }
 
     /// Every lease of every scope with its content resources, for the collector.

@@ -420,14 +420,24 @@ async fn leases_hold_content_until_they_expire() {
         .into_inner();
     assert!(e.alive && e.root.contains("lease"), "{e:?}");
 
-    // Nothing else happens; the clock passes the expiry.
-    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
-    let r = gcc
-        .run(gpb::RunRequest { dry_run: false })
+    // Nothing else happens; the clock passes the expiry and the daemon collects by itself
+    // (its interval timer is off).
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let st = gcc
+        .status(gpb::StatusRequest {})
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.swept, vec![sha(&a).to_string()], "{stamp}: {r:?}");
+    let last = st.last.unwrap();
+    assert!(
+        !last.dry_run && last.swept == vec![sha(&a).to_string()],
+        "{stamp}: {last:?}"
+    );
+    let mut plain = d.client(Some("lz")).await;
+    assert_eq!(
+        code(read(&mut plain, &sha(&a).to_string(), 0, 0).await),
+        tonic::Code::NotFound
+    );
     let ids: Vec<String> = leases
         .list(lpb::ListRequest { filters: vec![] })
         .await
@@ -451,7 +461,6 @@ async fn leases_hold_content_until_they_expire() {
         })
         .await
         .unwrap();
-    let mut plain = d.client(Some("lz")).await;
     assert_eq!(
         code(read(&mut plain, &sha(&b).to_string(), 0, 0).await),
         tonic::Code::NotFound
