@@ -70,18 +70,7 @@ impl pb::graph_server::Graph for GraphService {
         let scope = self.mode.scope(&req)?;
         let d = digest(&req.get_ref().digest)?;
         let store = self.store.clone();
-        let edges = blocking(move || {
-            let all = store.parents(&d)?;
-            // Only parents the caller can see.
-            let mut out = Vec::with_capacity(all.len());
-            for e in all {
-                if store.visible(&scope, &e.from)? {
-                    out.push(e);
-                }
-            }
-            Ok(out)
-        })
-        .await?;
+        let edges = blocking(move || store.visible_parents(&scope, &d)).await?;
         Ok(Response::new(pb::EdgesResponse {
             edges: edges.into_iter().map(edge_pb).collect(),
         }))
@@ -97,13 +86,10 @@ impl pb::graph_server::Graph for GraphService {
         let store = self.store.clone();
         let referrers = blocking(move || {
             let mut out = Vec::new();
-            for e in store.parents(&d)? {
+            for e in store.visible_parents(&scope, &d)? {
                 if e.role != crate::graph::Role::Subject
                     || (!want.is_empty() && e.rec.artifact_type != want)
                 {
-                    continue;
-                }
-                if !store.visible(&scope, &e.from)? {
                     continue;
                 }
                 let size = store.info_size(&e.from)?;

@@ -471,41 +471,32 @@ impl Store {
         })
     }
 
-    /// Up to `max` bytes of an extent starting at `offset`, gathered across chunks with one
-    /// iterator and one copy. Fewer bytes only where the extent's data ends.
+    /// Up to `max` bytes of an extent starting at `offset` (one iterator, one copy). Fewer
+    /// bytes only where the extent's stored data ends.
     pub fn read_extent(&self, extent: u64, offset: u64, max: usize) -> Result<Bytes> {
-        let (lower, _) = extent_range(extent);
-        let upper = chunk_key(extent, offset.saturating_add(max as u64));
-        let mut out = BytesMut::with_capacity(max.min(READ_BUFFER_LIMIT));
-        let mut pos = offset;
-        self.kv.scan_from_floor(
-            Cf::Chunks,
-            &chunk_key(extent, offset),
-            &lower,
-            &upper,
-            &mut |k, v| {
-                let start = u64::from_be_bytes(k[8..16].try_into().expect("16-byte chunk key"));
-                if start > pos || start + v.len() as u64 <= pos {
-                    // A gap: the caller's next read reports it.
-                    return false;
-                }
-                let from = (pos - start) as usize;
-                let n = (v.len() - from).min(max - out.len());
-                out.extend_from_slice(&v[from..from + n]);
-                pos += n as u64;
-                out.len() < max
+        let mut got = None;
+        let r = self.stream_extent(
+            extent,
+            offset,
+            offset.saturating_add(max as u64),
+            max,
+            &mut |b| {
+                got = Some(b);
+                false
             },
-        )?;
-        if out.is_empty() {
-            return Err(Error::data_loss(format!(
+        );
+        match (got, r) {
+            (Some(b), _) => Ok(b),
+            (None, Err(e)) => Err(e),
+            (None, Ok(())) => Err(Error::data_loss(format!(
                 "stored bytes missing at offset {offset}"
-            )));
+            ))),
         }
-        Ok(out.freeze())
     }
 
     /// Streams `[offset, end)` of an extent in pieces of `piece` bytes (the last may be
-    /// shorter) through one storage iterator. `sink` returns false to stop early.
+    /// shorter) through one storage iterator. `sink` returns false to stop early. Where the
+    /// stored bytes end before `end`, what precedes the gap is delivered, then DataLoss.
     pub fn stream_extent(
         &self,
         extent: u64,
@@ -554,6 +545,10 @@ impl Store {
             },
         )?;
         if !stopped && pos < end {
+            // Bytes before the gap are still delivered; the gap itself is the error.
+            if !buf.is_empty() {
+                sink(buf.freeze());
+            }
             return Err(Error::data_loss(format!(
                 "stored bytes missing at offset {pos}"
             )));
@@ -800,6 +795,17 @@ impl Store {
                 }
                 true
             })?;
+        Ok(out)
+    }
+
+    /// The parents of `d` that `scope` can see.
+    pub fn visible_parents(&self, scope: &Scope, d: &Digest) -> Result<Vec<GraphEdge>> {
+        let mut out = Vec::new();
+        for e in self.parents(d)? {
+            if self.visible(scope, &e.from)? {
+                out.push(e);
+            }
+        }
         Ok(out)
     }
 

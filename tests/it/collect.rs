@@ -8,7 +8,7 @@ use contentd::api::pb::contentd::v1 as gpb;
 use contentd::client::{Namespace, connect_unix};
 use serde_json::Value;
 
-use crate::graph::{blob_files, fixtures};
+use crate::graph::{blob_files, first_layer, fixtures};
 use crate::harness::*;
 
 /// An image named `name` whose target is the fixture's root.
@@ -89,14 +89,7 @@ async fn images_keep_their_blobs_and_deleting_one_sweeps_only_its_own() {
     }
 
     // Explain names the image and the path to a layer.
-    let layer = single["edges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["role"] == "layer")
-        .unwrap()["to"]
-        .as_str()
-        .unwrap();
+    let layer = first_layer(&single);
     let e = gcc
         .explain(gpb::ExplainRequest {
             digest: layer.into(),

@@ -76,6 +76,18 @@ pub fn blob_files(root: &Path) -> HashMap<String, PathBuf> {
     out
 }
 
+/// The first layer a fixture's root manifest lists.
+pub fn first_layer(fx: &Value) -> &str {
+    fx["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["role"] == "layer")
+        .unwrap()["to"]
+        .as_str()
+        .unwrap()
+}
+
 fn platform(v: &Value) -> String {
     match v.get("platform") {
         Some(p) => {
@@ -237,14 +249,7 @@ async fn graph_of_real_images_matches_the_reference() {
     }
 
     // Parents: the shared base layer is held by several manifests.
-    let base = fixtures[0]["edges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["role"] == "layer")
-        .unwrap()["to"]
-        .as_str()
-        .unwrap();
+    let base = first_layer(&fixtures[0]);
     let parents = g
         .parents(gpb::DigestRequest {
             digest: base.into(),
