@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/containerd/services/leases/v1/leases.proto",
     "proto/contentd/v1/graph.proto",
     "proto/contentd/v1/gc.proto",
+    "proto/contentd/v1/blobs.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .bytes(".containerd.services.content.v1.ReadContentResponse.data")
         .bytes(".containerd.services.content.v1.WriteContentRequest.data")
+        .bytes(".contentd.v1.PutRequest.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -63,6 +63,9 @@ pub struct Config {
     pub gc_grace_secs: u64,
     /// A collection also starts once this many deletions (content, images) accumulate.
     pub gc_deletion_threshold: u64,
+    /// A collection also starts once this many mutations (new blobs, image creates and
+    /// updates, lease resources added) accumulate; 0 disables this trigger.
+    pub gc_mutation_threshold: u64,
     /// An ingest no lease holds is dropped after this many seconds without a write.
     pub ingest_expiry_secs: u64,
 }
@@ -98,6 +101,7 @@ impl Default for Config {
             gc_interval_secs: 600,
             gc_grace_secs: 3600,
             gc_deletion_threshold: 100,
+            gc_mutation_threshold: 1000,
             ingest_expiry_secs: 24 * 3600,
         }
     }

@@ -10,6 +10,7 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
+use crate::api::blobs::BlobsService;
 use crate::api::content::ContentService;
 use crate::api::gc::GcService;
 use crate::api::graph::GraphService;
@@ -75,6 +76,7 @@ macro_rules! router {
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(ContentService::new($store.clone(), mode.clone()).into_server())
+            .add_service(BlobsService::new($store.clone(), mode.clone()).into_server())
             .add_service(GraphService::new($store.clone(), mode.clone()).into_server())
             .add_service(GcService::new($store.clone(), mode.clone()).into_server())
             .add_service(ImagesService::new($store.clone(), mode.clone()).into_server())
@@ -94,7 +96,7 @@ async fn signalled() {
 }
 
 /// Background garbage collection: on the interval, when a lease expires, and once enough
-/// deletions accumulate.
+/// deletions or mutations accumulate.
 async fn collector(store: Arc<Store>, config: Config, stop: CancellationToken) {
     let interval = std::time::Duration::from_secs(config.gc_interval_secs.max(1));
     let mut next = tokio::time::Instant::now() + interval;
@@ -115,8 +117,8 @@ async fn collector(store: Arc<Store>, config: Config, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep_until(next), if config.gc_interval_secs > 0 => {}
             _ = tokio::time::sleep_until(expiry_at.unwrap_or(next)), if expiry_at.is_some() => {}
-            _ = store.deletion_noted() => {
-                if store.pending_deletions() < config.gc_deletion_threshold.max(1) {
+            _ = store.changes_noted() => {
+                if !store.collection_due() {
                     continue;
                 }
             }
@@ -139,6 +141,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         StoreConfig {
             gc_grace: std::time::Duration::from_secs(config.gc_grace_secs),
             ingest_expiry: std::time::Duration::from_secs(config.ingest_expiry_secs),
+            gc_deletion_threshold: config.gc_deletion_threshold,
+            gc_mutation_threshold: config.gc_mutation_threshold,
         },
     )?;
     tracing::info!(root = %config.root.display(), "store open");

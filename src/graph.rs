@@ -97,7 +97,7 @@ pub struct Parsed {
 }
 
 impl Parsed {
-    fn opaque(media_type: Option<&str>) -> Parsed {
+    pub fn opaque(media_type: Option<&str>) -> Parsed {
         Parsed {
             kind: Kind::Opaque,
             media_type: media_type.map(str::to_string),
@@ -120,6 +120,12 @@ struct Sniff {
 
 fn is_index_type(t: &str) -> bool {
     t == OCI_INDEX || t == DOCKER_LIST
+}
+
+/// Whether a declared media type names a document that can have edges (an index, a manifest
+/// list or a manifest). Anything else given by a client is opaque without being read.
+pub fn is_document_type(t: &str) -> bool {
+    is_index_type(t) || is_manifest_type(t)
 }
 
 fn is_manifest_type(t: &str) -> bool {

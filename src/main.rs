@@ -47,6 +47,12 @@ enum Command {
         /// Content linked within this many seconds is kept by the collector.
         #[arg(long)]
         gc_grace_secs: Option<u64>,
+        /// A collection starts once this many mutations accumulate (0: never by count).
+        #[arg(long)]
+        gc_mutation_threshold: Option<u64>,
+        /// A collection starts once this many deletions accumulate.
+        #[arg(long)]
+        gc_deletion_threshold: Option<u64>,
     },
     /// Benchmark garbage collection on a synthetic store built in DIR (in-process).
     BenchGc {
@@ -119,6 +125,8 @@ fn main() -> anyhow::Result<()> {
             log_format,
             gc_interval_secs,
             gc_grace_secs,
+            gc_mutation_threshold,
+            gc_deletion_threshold,
         } => {
             let mut c = match &config {
                 Some(p) => Config::load(p)?,
@@ -144,6 +152,12 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(v) = gc_grace_secs {
                 c.gc_grace_secs = v;
+            }
+            if let Some(v) = gc_mutation_threshold {
+                c.gc_mutation_threshold = v;
+            }
+            if let Some(v) = gc_deletion_threshold {
+                c.gc_deletion_threshold = v;
             }
             c.validate()?;
             init_tracing(&c.log_format);

@@ -4,6 +4,7 @@
 //! on a client or a backend listener), and the single mapping from domain errors to gRPC
 //! status codes.
 
+pub mod blobs;
 pub mod content;
 pub mod gc;
 pub mod graph;

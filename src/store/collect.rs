@@ -100,19 +100,40 @@ impl Store {
         self.barrier(nodes);
     }
 
-    /// Counts a deletion (images, links): the collector's trigger.
+    /// Counts a deletion (images, links, lease resources): one of the collector's triggers.
     pub(super) fn note_deletion(&self) {
-        self.deletions.fetch_add(1, Ordering::Relaxed);
-        self.gc_wake.notify_one();
+        let n = self.deletions.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.gc_deletion_threshold {
+            self.gc_wake.notify_one();
+        }
     }
 
-    /// Deletions since the last collection.
-    pub fn pending_deletions(&self) -> u64 {
-        self.deletions.load(Ordering::Relaxed)
+    /// Counts a mutation that may leave garbage behind later (a new blob, an image created or
+    /// retargeted, a lease resource added): the other count trigger.
+    pub(super) fn note_mutation(&self) {
+        let n = self.mutations.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.gc_mutation_threshold > 0 && n >= self.gc_mutation_threshold {
+            self.gc_wake.notify_one();
+        }
     }
 
-    /// Resolves when a deletion has been noted.
-    pub async fn deletion_noted(&self) {
+    /// Deletions and mutations since the last collection.
+    pub fn pending_changes(&self) -> (u64, u64) {
+        (
+            self.deletions.load(Ordering::Relaxed),
+            self.mutations.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether enough has changed since the last collection for another to be due.
+    pub fn collection_due(&self) -> bool {
+        let (d, m) = self.pending_changes();
+        d >= self.gc_deletion_threshold
+            || (self.gc_mutation_threshold > 0 && m >= self.gc_mutation_threshold)
+    }
+
+    /// Resolves when a count trigger has fired (see [`Store::collection_due`]).
+    pub async fn changes_noted(&self) {
         self.gc_wake.notified().await
     }
 
@@ -304,6 +325,7 @@ impl Store {
         let t0 = Instant::now();
         let started_ns = now_ns();
         self.deletions.store(0, Ordering::Relaxed);
+        self.mutations.store(0, Ordering::Relaxed);
         {
             // Opened under the gate: a write in flight when the collection starts has landed
             // (so the scans below see it), and every later one is recorded.

@@ -101,6 +101,7 @@ impl Store {
         let mut b = Batch::new();
         b.put(Cf::Images, key, img.encode_to_vec());
         self.kv.write(b, true)?;
+        self.note_mutation();
         Ok(img)
     }
 
@@ -168,6 +169,7 @@ impl Store {
         let mut b = Batch::new();
         b.put(Cf::Images, key, img.encode_to_vec());
         self.kv.write(b, true)?;
+        self.note_mutation();
         Ok(img)
     }
 

@@ -232,7 +232,9 @@ impl Store {
             resource_key(scope, id, kind, rid),
             Vec::new(),
         );
-        self.kv.write(b, false)
+        self.kv.write(b, false)?;
+        self.note_mutation();
+        Ok(())
     }
 
     pub(super) fn queue_lease_resource(

@@ -290,6 +290,9 @@ pub struct Store {
     gc_last: Mutex<Option<GcReport>>,
     gc_runs: std::sync::atomic::AtomicU64,
     deletions: std::sync::atomic::AtomicU64,
+    mutations: std::sync::atomic::AtomicU64,
+    gc_deletion_threshold: u64,
+    gc_mutation_threshold: u64,
     gc_wake: tokio::sync::Notify,
     gc_grace_ns: i64,
     ingest_expiry_ns: i64,
@@ -303,6 +306,10 @@ pub struct StoreConfig {
     pub gc_grace: Duration,
     /// An ingest no lease holds is dropped once it has not been written for this long.
     pub ingest_expiry: Duration,
+    /// A collection is due once this many deletions accumulate.
+    pub gc_deletion_threshold: u64,
+    /// A collection is due once this many mutations accumulate (0: never by count).
+    pub gc_mutation_threshold: u64,
 }
 
 impl Default for StoreConfig {
@@ -310,6 +317,8 @@ impl Default for StoreConfig {
         StoreConfig {
             gc_grace: Duration::from_secs(3600),
             ingest_expiry: Duration::from_secs(24 * 3600),
+            gc_deletion_threshold: 100,
+            gc_mutation_threshold: 1000,
         }
     }
 }
@@ -354,6 +363,9 @@ impl Store {
             gc_last: Mutex::new(None),
             gc_runs: Default::default(),
             deletions: Default::default(),
+            mutations: Default::default(),
+            gc_deletion_threshold: config.gc_deletion_threshold.max(1),
+            gc_mutation_threshold: config.gc_mutation_threshold,
             gc_wake: tokio::sync::Notify::new(),
             gc_grace_ns: config.gc_grace.as_nanos().min(i64::MAX as u128) as i64,
             ingest_expiry_ns: config.ingest_expiry.as_nanos().min(i64::MAX as u128) as i64,
@@ -1056,6 +1068,7 @@ impl Store {
             total,
             expected: expected.clone(),
             lease: lease.clone(),
+            media_type: None,
             pending: Batch::new(),
             chunks: Batch::new(),
             chunk_bytes: 0,
@@ -1262,6 +1275,8 @@ pub struct Writer {
     expected: Option<Digest>,
     /// The `containerd-lease` this writer works under: it gets the ingest, then the blob.
     lease: Option<String>,
+    /// The media type the client declared (contentd's own API); without it, commit sniffs.
+    media_type: Option<String>,
     /// Changes not yet written: a single-message upload becomes one synced batch.
     pending: Batch,
     /// Chunk puts of the current request, written with or without the WAL by `flush`.
@@ -1316,6 +1331,12 @@ impl Writer {
             updated_ns: st.rec.updated_ns,
             digest,
         })
+    }
+
+    /// Declares the blob's media type: commit classifies by it instead of sniffing, and a
+    /// declared non-document type (a layer, a config) is never parsed at all.
+    pub fn set_media_type(&mut self, media_type: Option<String>) {
+        self.media_type = media_type.filter(|m| !m.is_empty());
     }
 
     pub fn set_total(&mut self, total: i64) {
@@ -1572,12 +1593,13 @@ impl Writer {
             extent: 0,
         };
         let scope = self.scope.clone();
-        let parsed = if rec.shared.is_empty() {
-            self.document()?
-                .map(|doc| graph::parse(None, &doc))
-                .filter(|p| p.kind != graph::Kind::Opaque)
-        } else {
-            None
+        let parsed = match self.media_type.clone() {
+            _ if !rec.shared.is_empty() => None,
+            Some(mt) if !graph::is_document_type(&mt) => Some(graph::Parsed::opaque(Some(&mt))),
+            hint => self
+                .document()?
+                .map(|doc| graph::parse(hint.as_deref(), &doc))
+                .or_else(|| hint.as_deref().map(|h| graph::Parsed::opaque(Some(h)))),
         };
         if self.state()?.unlogged {
             // Crash ordering: bytes written without the WAL must be on disk before the synced
@@ -1635,12 +1657,15 @@ impl Writer {
                     if let Some(p) = &parsed {
                         blob.media_type = p.media_type.clone().unwrap_or_default();
                         blob.artifact_type = p.artifact_type.clone().unwrap_or_default();
-                        put_edges(&mut b, &actual, p);
+                        if p.kind != graph::Kind::Opaque {
+                            put_edges(&mut b, &actual, p);
+                        }
                     }
                     b.put(Cf::Blobs, actual.key(), blob.encode_to_vec());
                     (link.size, link.extent) = (blob.size, blob.extent);
                     store.put_link(&mut b, &scope, &actual, &link);
                     store.kv.write(b, true)?;
+                    store.note_mutation();
                     Ok(Store::info_of(&actual, &blob, link))
                 }
             }
@@ -1648,6 +1673,49 @@ impl Writer {
         *self.guard = None;
         store.release_slot(&self.key);
         outcome
+    }
+}
+
+/// A [`Writer`] driven from async code (the Put API, pulls, imports): each step runs on the
+/// blocking pool and what it queued is flushed before it returns, so progress is resumable
+/// and visible to live readers exactly as with a content.v1 Write.
+pub struct AsyncWriter(Option<Writer>);
+
+impl AsyncWriter {
+    pub fn new(w: Writer) -> Self {
+        AsyncWriter(Some(w))
+    }
+
+    pub async fn step<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut Writer) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let mut w = self
+            .0
+            .take()
+            .ok_or_else(|| Error::internal("writer lost by an earlier failed step"))?;
+        let (w, r) = tokio::task::spawn_blocking(move || {
+            let r = f(&mut w);
+            let r = match (r, w.flush()) {
+                (Ok(v), Ok(())) => Ok(v),
+                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            };
+            (w, r)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("write task failed: {e}")))?;
+        self.0 = Some(w);
+        r
+    }
+
+    /// Appends at the ingest's current offset.
+    pub async fn append(&mut self, data: Bytes) -> Result<i64> {
+        self.step(move |w| {
+            let at = w.status()?.offset;
+            w.write(at, &data)?;
+            Ok(at + data.len() as i64)
+        })
+        .await
     }
 }
 

@@ -323,6 +323,7 @@ async fn unleased_ingests_expire_and_leased_ones_stay() {
         StoreConfig {
             gc_grace: std::time::Duration::ZERO,
             ingest_expiry: std::time::Duration::ZERO,
+            ..Default::default()
         },
     )
     .unwrap();

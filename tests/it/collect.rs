@@ -473,3 +473,50 @@ async fn pb_client(d: &Daemon, lease: &str) -> Client {
         Namespace::new(Some("lz")).unwrap().with_lease(lease).unwrap(),
     )
 }
+
+/// Enough mutations start a collection on their own (no interval, no request).
+#[tokio::test(flavor = "multi_thread")]
+async fn mutation_count_triggers_a_collection() {
+    let d = Daemon::start_with(&[
+        "--gc-grace-secs",
+        "0",
+        "--gc-interval-secs",
+        "0",
+        "--gc-mutation-threshold",
+        "5",
+    ]);
+    let mut c = d.client(Some("mut")).await;
+    let ch = connect_unix(&d.client_sock).await.unwrap();
+    let mut gcc = gpb::gc_client::GcClient::new(ch);
+    for i in 0..4 {
+        put(&mut c, &format!("m{i}"), &pattern(100, i))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let st = gcc
+        .status(gpb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.runs, 0, "four mutations are below the threshold");
+    put(&mut c, "m4", &pattern(100, 4)).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let st = gcc
+            .status(gpb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if st.runs >= 1 && !st.running {
+            // Nothing roots the loose blobs (grace 0): the triggered run swept them.
+            assert_eq!(st.last.unwrap().blobs_swept, 5);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no collection started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -274,3 +274,155 @@ async fn graph_of_real_images_matches_the_reference() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+async fn put_declared(
+    ch: &tonic::transport::Channel,
+    ns: &str,
+    data: &[u8],
+    media_type: &str,
+    digest: &str,
+    pieces: usize,
+) -> Result<gpb::PutResponse, tonic::Status> {
+    let mut c = gpb::blobs_client::BlobsClient::with_interceptor(
+        ch.clone(),
+        Namespace::new(Some(ns)).unwrap(),
+    );
+    let step = data.len().div_ceil(pieces.max(1)).max(1);
+    let mut msgs: Vec<gpb::PutRequest> = data
+        .chunks(step)
+        .map(|p| gpb::PutRequest {
+            data: p.to_vec().into(),
+            ..Default::default()
+        })
+        .collect();
+    if msgs.is_empty() {
+        msgs.push(Default::default());
+    }
+    msgs[0].digest = digest.to_string();
+    msgs[0].size = data.len() as i64;
+    msgs[0].media_type = media_type.to_string();
+    c.put(tokio_stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A media type declared through contentd.v1.Blobs decides how a blob is classified: a
+/// manifest-shaped blob declared as a layer gets no edges, and a declared manifest does.
+#[tokio::test(flavor = "multi_thread")]
+async fn declared_media_type_decides_classification() {
+    let d = Daemon::start();
+    let ch = connect_unix(&d.client_sock).await.unwrap();
+    let mut graph = gpb::graph_client::GraphClient::with_interceptor(
+        ch.clone(),
+        Namespace::new(Some("mt")).unwrap(),
+    );
+    let config = pattern(300, 1);
+    let layer = pattern(3000, 2);
+    let manifest = |pad: &str| {
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",{pad}"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":300}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":3000}}]}}"#,
+            sha(&config),
+            sha(&layer)
+        )
+        .into_bytes()
+    };
+    let children = |g: &mut gpb::graph_client::GraphClient<_>, dg: String| {
+        let mut g = g.clone();
+        async move {
+            g.children(gpb::DigestRequest { digest: dg })
+                .await
+                .unwrap()
+                .into_inner()
+                .edges
+        }
+    };
+
+    // Declared as a layer: opaque, though it looks like a manifest.
+    let as_layer = manifest("");
+    let dg = sha(&as_layer).to_string();
+    let r = put_declared(
+        &ch,
+        "mt",
+        &as_layer,
+        "application/vnd.oci.image.layer.v1.tar",
+        &dg,
+        3,
+    )
+    .await
+    .unwrap();
+    assert!(r.created);
+    assert_eq!(r.size, as_layer.len() as i64);
+    assert!(children(&mut graph, dg.clone()).await.is_empty());
+    let walk = graph
+        .walk(gpb::DigestRequest { digest: dg.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        walk.nodes[0].media_type,
+        "application/vnd.oci.image.layer.v1.tar"
+    );
+
+    // Declared as a manifest: config and layer edges.
+    let as_manifest = manifest(r#""annotations":{"x":"y"},"#);
+    let dg = sha(&as_manifest).to_string();
+    put_declared(
+        &ch,
+        "mt",
+        &as_manifest,
+        "application/vnd.oci.image.manifest.v1+json",
+        &dg,
+        1,
+    )
+    .await
+    .unwrap();
+    let edges = children(&mut graph, dg.clone()).await;
+    let roles: Vec<&str> = edges.iter().map(|e| e.role.as_str()).collect();
+    assert_eq!(roles, ["config", "layer"]);
+    assert_eq!(edges[1].to, sha(&layer).to_string());
+
+    // Declared as an index but shaped as a manifest: a contradiction is opaque.
+    let contradiction = manifest(r#""annotations":{"z":"1"},"#);
+    let cdg = sha(&contradiction).to_string();
+    put_declared(
+        &ch,
+        "mt",
+        &contradiction,
+        "application/vnd.oci.image.index.v1+json",
+        &cdg,
+        2,
+    )
+    .await
+    .unwrap();
+    assert!(children(&mut graph, cdg).await.is_empty());
+
+    // Again: nothing is read, created is false.
+    let again = put_declared(&ch, "mt", &as_manifest, "", &dg, 1)
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(again.size, as_manifest.len() as i64);
+
+    // Wrong bytes for the digest: FailedPrecondition naming both, nothing stored.
+    let wrong = sha(b"something else").to_string();
+    let e = put_declared(&ch, "mt", &layer, "", &wrong, 2)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains(&wrong), "{e}");
+    let mut c = d.client(Some("mt")).await;
+    let info = c
+        .info(
+            contentd::api::pb::containerd::services::content::v1::InfoRequest {
+                digest: wrong.clone(),
+            },
+        )
+        .await;
+    assert_eq!(code(info), tonic::Code::NotFound);
+
+    // No digest: InvalidArgument.
+    let e = put_declared(&ch, "mt", &layer, "", "", 1)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+}
