@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "proto/contentd/v1/graph.proto",
     "proto/contentd/v1/gc.proto",
     "proto/contentd/v1/blobs.proto",
+    "proto/contentd/v1/registry.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -68,6 +68,9 @@ pub struct Config {
     pub gc_mutation_threshold: u64,
     /// An ingest no lease holds is dropped after this many seconds without a write.
     pub ingest_expiry_secs: u64,
+    /// Upstream registries for pulls and on-demand fetches (`[upstream]`,
+    /// `[upstream.registries."HOST"]`).
+    pub upstream: crate::upstream::UpstreamConfig,
 }
 
 fn is_root() -> bool {
@@ -103,6 +106,7 @@ impl Default for Config {
             gc_deletion_threshold: 100,
             gc_mutation_threshold: 1000,
             ingest_expiry_secs: 24 * 3600,
+            upstream: Default::default(),
         }
     }
 }
@@ -146,6 +150,7 @@ impl Config {
             addr.parse::<std::net::SocketAddr>()
                 .map_err(|e| Error::invalid(format!("tcp address {addr:?}: {e}")))?;
         }
+        self.upstream.validate()?;
         if self.socket.as_os_str().is_empty() && self.backend.is_empty() && self.tcp.is_none() {
             return Err(Error::invalid("no listener configured"));
         }

@@ -16,6 +16,7 @@ use crate::api::gc::GcService;
 use crate::api::graph::GraphService;
 use crate::api::images::ImagesService;
 use crate::api::leases::LeasesService;
+use crate::api::registry::RegistryService;
 use crate::api::{Mode, pb};
 use crate::config::Config;
 use crate::kv::rocks::{RocksKv, Tuning};
@@ -58,7 +59,7 @@ fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 /// One listener's services: content (in the listener's mode), health, reflection v1 and v1alpha.
 /// A macro because the health service's type is unnameable.
 macro_rules! router {
-    ($store:expr, $mode:expr, $health:expr) => {{
+    ($store:expr, $reads:expr, $puller:expr, $mode:expr, $health:expr) => {{
         let mode: Mode = $mode;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -75,7 +76,10 @@ macro_rules! router {
             .add_service($health)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(ContentService::new($store.clone(), mode.clone()).into_server())
+            .add_service(
+                ContentService::new($store.clone(), $reads.clone(), mode.clone()).into_server(),
+            )
+            .add_service(RegistryService::new($puller.clone(), mode.clone()).into_server())
             .add_service(BlobsService::new($store.clone(), mode.clone()).into_server())
             .add_service(GraphService::new($store.clone(), mode.clone()).into_server())
             .add_service(GcService::new($store.clone(), mode.clone()).into_server())
@@ -146,6 +150,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         },
     )?;
     tracing::info!(root = %config.root.display(), "store open");
+    let upstream = Arc::new(crate::upstream::Upstream::new(config.upstream.clone())?);
+    let puller = Some(crate::upstream::pull::Puller::new(store.clone(), upstream));
+    let reads = crate::reads::Reads::new(store.clone(), puller.clone());
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -163,7 +170,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let l = bind_unix(&config.socket)?;
         sockets.push(config.socket.clone());
         tracing::info!(socket = %config.socket.display(), mode = "client", "listening");
-        let r = router!(store, Mode::Client, health.clone());
+        let r = router!(store, reads, puller, Mode::Client, health.clone());
         let s = stop.clone();
         tasks.spawn(async move {
             r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s.cancelled_owned())
@@ -175,7 +182,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         sockets.push(b.socket.clone());
         let tenant = b.tenant();
         tracing::info!(socket = %b.socket.display(), mode = "backend", tenant = %tenant, "listening");
-        let r = router!(store, Mode::Backend { tenant }, health.clone());
+        let r = router!(
+            store,
+            reads,
+            puller,
+            Mode::Backend { tenant },
+            health.clone()
+        );
         let s = stop.clone();
         tasks.spawn(async move {
             r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s.cancelled_owned())
@@ -187,7 +200,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         tracing::info!(addr = %addr, mode = "client", "listening");
-        let r = router!(store, Mode::Client, health.clone());
+        let r = router!(store, reads, puller, Mode::Client, health.clone());
         let s = stop.clone();
         tasks.spawn(async move {
             r.serve_with_incoming_shutdown(TcpListenerStream::new(l), s.cancelled_owned())

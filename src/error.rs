@@ -18,9 +18,13 @@ pub enum Kind {
     ResourceExhausted,
     Unimplemented,
     Internal,
+    /// The operation was cut short by another (an ingest aborted under a reader).
+    Aborted,
+    /// An upstream registry refused the credentials contentd holds.
+    PermissionDenied,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub struct Error {
     kind: Kind,
     message: String,
@@ -67,6 +71,9 @@ impl Error {
     }
     pub fn data_loss(message: impl Into<String>) -> Self {
         Self::new(Kind::DataLoss, message)
+    }
+    pub fn aborted(message: impl Into<String>) -> Self {
+        Self::new(Kind::Aborted, message)
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(Kind::Internal, message)

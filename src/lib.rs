@@ -2,7 +2,9 @@
 //!
 //! Layers (imports point downwards only): `digest`/`filter` (pure) → `kv` (the storage
 //! boundary; RocksDB named only in `kv::rocks`) → `store` (the content domain) → `api` (gRPC
-//! translation) → `daemon` (listeners and lifecycle). `bench` and `client` are clients.
+//! translation) → `daemon` (listeners and lifecycle). `upstream` (registries, pulls) and
+//! `reads` (the read path: stored, live, lazy) sit beside `store`, above it. `bench` and
+//! `client` are clients.
 
 pub mod api;
 pub mod bench;
@@ -15,4 +17,6 @@ pub mod filter;
 pub mod gc;
 pub mod graph;
 pub mod kv;
+pub mod reads;
 pub mod store;
+pub mod upstream;

@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -15,20 +15,25 @@ use super::{Mode, blocking, status, timestamp};
 use crate::digest::Digest;
 use crate::error::Error;
 use crate::filter::Filter;
+use crate::reads::Reads;
 use crate::store::{self, Scope, Store, Writer};
 
 /// Largest Read message payload (containerd's server uses the same).
 pub const READ_CHUNK: usize = 1 << 20;
 const LIST_BATCH: usize = 100;
+/// Set on the Info of a blob that is not stored yet but will be fetched from upstream on
+/// first read: its value is `registry/repository`.
+pub const LAZY_LABEL: &str = "contentd.io/lazy";
 
 pub struct ContentService {
     store: Arc<Store>,
+    reads: Arc<Reads>,
     mode: Mode,
 }
 
 impl ContentService {
-    pub fn new(store: Arc<Store>, mode: Mode) -> Self {
-        ContentService { store, mode }
+    pub fn new(store: Arc<Store>, reads: Arc<Reads>, mode: Mode) -> Self {
+        ContentService { store, reads, mode }
     }
 
     pub fn into_server(self) -> pb::content_server::ContentServer<Self> {
@@ -74,7 +79,27 @@ impl pb::content_server::Content for ContentService {
         let scope = self.mode.scope(&req)?;
         let d = parse_digest(&req.get_ref().digest)?;
         // Point lookups take microseconds: answered inline, not through the blocking pool.
-        let info = self.store.info(&scope, &d).map_err(status)?;
+        let info = match self.store.info(&scope, &d) {
+            Err(e) if e.is(crate::error::Kind::NotFound) => {
+                // A lazy blob (pulled, not yet fetched) exists for its namespace: a read
+                // fetches it. The label says where from.
+                match self.store.source(&scope, &d).map_err(status)? {
+                    Some(src) if src.size > 0 => store::Info {
+                        digest: d.clone(),
+                        size: src.size,
+                        created_ns: src.created_ns,
+                        updated_ns: src.created_ns,
+                        labels: [(
+                            LAZY_LABEL.to_string(),
+                            format!("{}/{}", src.registry, src.repository),
+                        )]
+                        .into(),
+                    },
+                    _ => return Err(status(e)),
+                }
+            }
+            r => r.map_err(status)?,
+        };
         Ok(Response::new(pb::InfoResponse {
             info: Some(info_pb(info)),
         }))
@@ -157,47 +182,22 @@ impl pb::content_server::Content for ContentService {
         let scope = self.mode.scope(&req)?;
         let req = req.into_inner();
         let d = parse_digest(&req.digest)?;
-        let loc = self.store.locate(&scope, &d).map_err(status)?;
-        let offset = req.offset.max(0);
-        if offset > loc.size {
-            return Err(status(Error::out_of_range(format!(
-                "read past object length: offset {offset}, size {}",
-                loc.size
-            ))));
-        }
-        let end = if req.size <= 0 || offset.saturating_add(req.size) > loc.size {
-            loc.size
-        } else {
-            offset + req.size
-        };
-        let store = self.store.clone();
-        // One storage iterator serves the whole stream from a blocking thread; the bounded
-        // channel is the backpressure (four 1 MiB messages in flight), so memory per stream stays a
-        // few MiB whatever the blob size.
-        let (tx, rx) = mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
-            let mut pos = offset;
-            let r = store.stream_extent(
-                loc.extent,
-                offset as u64,
-                end as u64,
-                READ_CHUNK,
-                &mut |data| {
-                    let n = data.len() as i64;
-                    // containerd 1.6 numbers messages from the requested offset.
-                    let msg = pb::ReadContentResponse {
-                        offset: pos - offset,
-                        data,
-                    };
-                    pos += n;
-                    tx.blocking_send(Ok(msg)).is_ok()
-                },
-            );
-            if let Err(e) = r {
-                let _ = tx.blocking_send(Err(status(e)));
-            }
+        let opened = self
+            .reads
+            .open(&scope, &d, req.offset, req.size, READ_CHUNK)
+            .await
+            .map_err(status)?;
+        // containerd 1.6 numbers messages from the requested offset.
+        let mut pos = 0i64;
+        let stream = ReceiverStream::new(opened.rx).map(move |item| {
+            item.map(|data| {
+                let m = pb::ReadContentResponse { offset: pos, data };
+                pos += m.data.len() as i64;
+                m
+            })
+            .map_err(status)
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn status(

@@ -10,6 +10,7 @@ pub mod gc;
 pub mod graph;
 pub mod images;
 pub mod leases;
+pub mod registry;
 
 use tonic::{Code, Status};
 
@@ -114,6 +115,8 @@ pub fn status(e: Error) -> Status {
         Kind::ResourceExhausted => Code::ResourceExhausted,
         Kind::Unimplemented => Code::Unimplemented,
         Kind::Internal => Code::Internal,
+        Kind::Aborted => Code::Aborted,
+        Kind::PermissionDenied => Code::PermissionDenied,
     };
     if code == Code::Internal {
         tracing::error!(error = %e, "internal error");

@@ -19,6 +19,7 @@
 //! | `images`  | scope ‖ 0x00 ‖ name              | `ImageRecord` (a GC root)           |
 //! | `leases`  | scope ‖ 0x00 ‖ lease id          | `LeaseRecord` (a GC root until it expires) |
 //! | `lease_resources` | scope ‖ 0x00 ‖ lease id ‖ 0x00 ‖ type ‖ 0x00 ‖ resource id | empty |
+//! | `sources` | scope ‖ 0x00 ‖ dk                | `SourceRecord` (upstream registry + repository) |
 
 pub mod mem;
 pub mod rocks;
@@ -38,10 +39,11 @@ pub enum Cf {
     Images,
     Leases,
     LeaseResources,
+    Sources,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 11] = [
+    pub const ALL: [Cf; 12] = [
         Cf::Meta,
         Cf::Chunks,
         Cf::Blobs,
@@ -53,6 +55,7 @@ impl Cf {
         Cf::Images,
         Cf::Leases,
         Cf::LeaseResources,
+        Cf::Sources,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -67,6 +70,7 @@ impl Cf {
             Cf::Images => "images",
             Cf::Leases => "leases",
             Cf::LeaseResources => "lease_resources",
+            Cf::Sources => "sources",
         }
     }
 }

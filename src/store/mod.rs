@@ -27,6 +27,7 @@
 mod collect;
 mod images;
 mod leases;
+mod live;
 mod records;
 
 use std::collections::HashMap;
@@ -40,7 +41,10 @@ use tokio::sync::OwnedMutexGuard;
 
 pub use collect::{Explanation, GcReport};
 pub use leases::parse_rfc3339;
-pub use records::{BlobRecord, EdgeRecord, ImageRecord, IngestRecord, LeaseRecord, LinkRecord};
+pub use live::{LiveIngest, LiveState};
+pub use records::{
+    BlobRecord, EdgeRecord, ImageRecord, IngestRecord, LeaseRecord, LinkRecord, SourceRecord,
+};
 
 use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{Error, Kind, Result};
@@ -294,6 +298,8 @@ pub struct Store {
     gc_deletion_threshold: u64,
     gc_mutation_threshold: u64,
     gc_wake: tokio::sync::Notify,
+    /// Ingests readers can follow, by the digest they will commit (see `live.rs`).
+    live: Mutex<HashMap<Digest, Vec<Arc<LiveIngest>>>>,
     gc_grace_ns: i64,
     ingest_expiry_ns: i64,
 }
@@ -367,6 +373,7 @@ impl Store {
             gc_deletion_threshold: config.gc_deletion_threshold.max(1),
             gc_mutation_threshold: config.gc_mutation_threshold,
             gc_wake: tokio::sync::Notify::new(),
+            live: Mutex::new(HashMap::new()),
             gc_grace_ns: config.gc_grace.as_nanos().min(i64::MAX as u128) as i64,
             ingest_expiry_ns: config.ingest_expiry.as_nanos().min(i64::MAX as u128) as i64,
         }))
@@ -465,6 +472,23 @@ impl Store {
             updated_ns: link.updated_ns,
             labels: link.labels,
         }
+    }
+
+    // ---- upstream sources ---------------------------------------------------------------------
+
+    /// Records where `scope` can fetch `d` from (a pull records every blob it saw).
+    pub fn put_source(&self, scope: &Scope, d: &Digest, rec: &SourceRecord) -> Result<()> {
+        let mut b = Batch::new();
+        b.put(Cf::Sources, link_key(scope, d), rec.encode_to_vec());
+        self.kv.write(b, false)
+    }
+
+    /// Where `scope` can fetch `d` from; a tenant may use any scope's source.
+    pub fn source(&self, scope: &Scope, d: &Digest) -> Result<Option<SourceRecord>> {
+        if let Some(v) = self.kv.get(Cf::Sources, &link_key(scope, d))? {
+            return decode("source", &v).map(Some);
+        }
+        Ok(None)
     }
 
     // ---- provider ---------------------------------------------------------------------------
@@ -1069,6 +1093,7 @@ impl Store {
             expected: expected.clone(),
             lease: lease.clone(),
             media_type: None,
+            live: None,
             pending: Batch::new(),
             chunks: Batch::new(),
             chunk_bytes: 0,
@@ -1139,6 +1164,9 @@ impl Store {
                     trim: false,
                 });
             }
+        }
+        if let Some(d) = expected {
+            w.go_live(d)?;
         }
         Ok(w)
     }
@@ -1277,6 +1305,8 @@ pub struct Writer {
     lease: Option<String>,
     /// The media type the client declared (contentd's own API); without it, commit sniffs.
     media_type: Option<String>,
+    /// Readers following this ingest, when it is the live one for its digest.
+    live: Option<Arc<LiveIngest>>,
     /// Changes not yet written: a single-message upload becomes one synced batch.
     pending: Batch,
     /// Chunk puts of the current request, written with or without the WAL by `flush`.
@@ -1291,6 +1321,16 @@ impl Drop for Writer {
         // abandoned writer resumable too.
         if let Err(e) = self.flush() {
             tracing::warn!(reference = %self.reference, error = %e, "could not persist ingest progress");
+        }
+        if let Some(l) = self.live.take() {
+            let offset = self.guard.as_ref().map(|st| st.rec.offset).unwrap_or(0);
+            self.store.live_end(
+                &l,
+                Err(Error::unavailable(format!(
+                    "the upload of this blob stopped at offset {offset} before it committed; \
+                     retry once it resumes"
+                ))),
+            );
         }
     }
 }
@@ -1357,8 +1397,33 @@ impl Writer {
             self.discard()?;
             return Err(Error::exists(format!("content {d}: already exists")));
         }
-        self.expected = Some(d);
+        self.expected = Some(d.clone());
+        self.go_live(d)
+    }
+
+    /// Lets readers follow this ingest as the blob `d` (unless another ingest of `d` in this
+    /// scope already is the live one).
+    fn go_live(&mut self, d: Digest) -> Result<()> {
+        if self.live.is_some() {
+            return Ok(());
+        }
+        let total = self.total;
+        let st = self.state()?;
+        if !st.rec.shared.is_empty() {
+            return Ok(());
+        }
+        let (extent, offset) = (st.rec.extent, st.rec.offset);
+        self.live = self
+            .store
+            .live_register(&self.scope, &d, extent, offset, total);
         Ok(())
+    }
+
+    /// Ends the live entry (if this writer has one) with `result`.
+    fn end_live(&mut self, result: Result<(), Error>) {
+        if let Some(l) = self.live.take() {
+            self.store.live_end(&l, result);
+        }
     }
 
     /// Queues `b` and the updated ingest record; [`Writer::flush`] or the commit batch
@@ -1392,11 +1457,27 @@ impl Writer {
             self.store.kv.write_unlogged(chunks)?;
             self.state()?.unlogged = true;
         }
+        if let (Some(l), Some(st)) = (&self.live, self.guard.as_ref()) {
+            // Only now are the bytes up to this offset readable from the store.
+            l.publish(st.rec.extent, st.rec.offset, self.total);
+        }
         Ok(())
     }
 
     /// Drops all data and restarts the ingest at offset zero (in a fresh extent).
     fn truncate(&mut self) -> Result<()> {
+        // A reader that followed the old bytes cannot be told they were rewritten.
+        if let Some(l) = self.live.take() {
+            self.store.live_end(
+                &l,
+                Err(Error::aborted(
+                    "the upload of this blob restarted from offset 0; read it again",
+                )),
+            );
+            if let Some(d) = self.expected.clone() {
+                self.live = self.store.live_register(&self.scope, &d, 0, 0, self.total);
+            }
+        }
         let extent = self.store.new_extent()?;
         let st = self.state()?;
         let mut b = Batch::new();
@@ -1519,6 +1600,11 @@ impl Writer {
         Ok(Some(doc))
     }
 
+    /// Drops the ingest and its bytes (live readers see Aborted).
+    pub fn abort(&mut self) -> Result<()> {
+        self.discard()
+    }
+
     /// Drops the ingest and its bytes.
     fn discard(&mut self) -> Result<()> {
         let Some(st) = self.guard.as_ref() else {
@@ -1535,6 +1621,7 @@ impl Writer {
         self.store.kv.write(b, true)?;
         *self.guard = None;
         self.store.release_slot(&self.key);
+        self.end_live(Err(Error::aborted("the upload of this blob was aborted")));
         Ok(())
     }
 
@@ -1560,10 +1647,14 @@ impl Writer {
         }
         let st = self.state()?;
         if size > 0 && st.rec.offset != size {
-            return Err(Error::precondition(format!(
+            let e = Error::precondition(format!(
                 "unexpected commit size {}, expected {size}",
                 st.rec.offset
-            )));
+            ));
+            self.end_live(Err(Error::data_loss(format!(
+                "the upload of this blob failed verification: {e}"
+            ))));
+            return Err(e);
         }
         let actual = if let Ok(shared) = Digest::parse(&st.rec.shared) {
             shared
@@ -1579,9 +1670,11 @@ impl Writer {
         if let Some(e) = &expected
             && *e != actual
         {
-            return Err(Error::precondition(format!(
-                "unexpected commit digest {actual}, expected {e}"
-            )));
+            let e = Error::precondition(format!("unexpected commit digest {actual}, expected {e}"));
+            self.end_live(Err(Error::data_loss(format!(
+                "the upload of this blob failed verification: {e}"
+            ))));
+            return Err(e);
         }
         let rec = st.rec.clone();
         let now = now_ns();
@@ -1672,6 +1765,11 @@ impl Writer {
         };
         *self.guard = None;
         store.release_slot(&self.key);
+        self.end_live(match &outcome {
+            Ok(_) => Ok(()),
+            Err(e) if e.is(Kind::AlreadyExists) => Ok(()),
+            Err(e) => Err(e.clone()),
+        });
         outcome
     }
 }

@@ -105,3 +105,19 @@ pub struct LeaseRecord {
     #[prost(map = "string, string", tag = "3")]
     pub labels: HashMap<String, String>,
 }
+
+/// `sources[scope ‖ 0 ‖ dk]`: where a blob this scope pulled (lazily or not yet) can be
+/// fetched from. A read of a blob that is not stored fetches it from here.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SourceRecord {
+    #[prost(string, tag = "1")]
+    pub registry: String,
+    #[prost(string, tag = "2")]
+    pub repository: String,
+    #[prost(string, tag = "3")]
+    pub media_type: String,
+    #[prost(int64, tag = "4")]
+    pub size: i64,
+    #[prost(int64, tag = "5")]
+    pub created_ns: i64,
+}

@@ -1,0 +1,499 @@
+//! Upstream OCI registries: per-host configuration (endpoint, mirrors, plain HTTP, CA/TLS,
+//! basic auth; the distribution-spec bearer-token flow is negotiated per request) and a
+//! distribution-spec client for what contentd needs — resolving a reference to a manifest
+//! and fetching blobs, whole or by range.
+//!
+//! oci-client is named only in this file. Everything leaves here as domain types and
+//! [`Error`]s with a kind: 404s are NotFound, refused credentials PermissionDenied, a dead or
+//! crawling upstream Unavailable, wrong bytes DataLoss (caught at commit by the store).
+
+pub mod pull;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use parking_lot::Mutex;
+use serde::Deserialize;
+
+use crate::digest::Digest;
+use crate::error::{Error, Kind, Result};
+
+/// Every manifest type contentd understands, in order of preference.
+pub const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// How to reach one registry host (the `[upstream.registries."HOST"]` table).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryHost {
+    /// Where the registry really answers, e.g. "https://registry.example.com" or
+    /// "http://127.0.0.1:5000". Default: https://HOST (http:// for loopback hosts).
+    pub endpoint: Option<String>,
+    /// Tried in order before the endpoint; a mirror that fails or lacks the content is
+    /// skipped. Same URL form as `endpoint`.
+    pub mirrors: Vec<String>,
+    /// PEM file of extra CA certificates trusted for this host's endpoints.
+    pub ca_file: Option<PathBuf>,
+    /// Skip TLS certificate verification (testing only).
+    pub insecure_skip_verify: bool,
+    /// Basic credentials, sent directly or exchanged for a bearer token as the registry asks.
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// The `[upstream]` table.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub registries: HashMap<String, RegistryHost>,
+    /// Seconds to wait for a connection.
+    pub connect_timeout_secs: u64,
+    /// Seconds without a byte from the upstream before a fetch is abandoned (a crawling
+    /// upstream is an error, not a hang).
+    pub read_timeout_secs: u64,
+    /// Layers fetched at once by one eager pull.
+    pub max_concurrent_downloads: usize,
+    /// Attempts per blob when the upstream fails mid-stream (each resumes with Range).
+    pub fetch_attempts: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            registries: HashMap::new(),
+            connect_timeout_secs: 10,
+            read_timeout_secs: 30,
+            max_concurrent_downloads: 3,
+            fetch_attempts: 4,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (host, h) in &self.registries {
+            for url in h.endpoint.iter().chain(h.mirrors.iter()) {
+                Endpoint::parse(url)
+                    .map_err(|e| Error::invalid(format!("upstream registry {host:?}: {e}")))?;
+            }
+            if let Some(f) = &h.ca_file {
+                std::fs::read(f).map_err(|e| {
+                    Error::invalid(format!(
+                        "upstream registry {host:?}: ca_file {}: {e}",
+                        f.display()
+                    ))
+                })?;
+            }
+            if h.username.is_some() != h.password.is_some() {
+                return Err(Error::invalid(format!(
+                    "upstream registry {host:?}: username and password go together"
+                )));
+            }
+        }
+        if self.max_concurrent_downloads == 0 || self.fetch_attempts == 0 {
+            return Err(Error::invalid(
+                "upstream max_concurrent_downloads and fetch_attempts must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One place a registry answers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Endpoint {
+    plain_http: bool,
+    /// host[:port], as the HTTP client addresses it.
+    host: String,
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> std::result::Result<Endpoint, String> {
+        let (plain_http, rest) = if let Some(r) = url.strip_prefix("http://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (false, r)
+        } else {
+            return Err(format!(
+                "endpoint {url:?} must start with http:// or https://"
+            ));
+        };
+        let host = rest.trim_end_matches('/');
+        if host.is_empty() || host.contains('/') {
+            return Err(format!(
+                "endpoint {url:?} must be a scheme and host[:port], without a path"
+            ));
+        }
+        Ok(Endpoint {
+            plain_http,
+            host: host.to_string(),
+        })
+    }
+
+    fn default_for(host: &str) -> Endpoint {
+        let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+        let loopback = name == "localhost"
+            || name == "[::1]"
+            || name
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        Endpoint {
+            plain_http: loopback,
+            host: if host == "docker.io" {
+                "index.docker.io".to_string()
+            } else {
+                host.to_string()
+            },
+        }
+    }
+}
+
+/// Where a blob can be fetched from: the registry host as named in the reference (its
+/// configuration picks endpoints and credentials) and the repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub registry: String,
+    pub repository: String,
+}
+
+/// A blob body from the upstream.
+pub struct BlobBody {
+    /// Bytes from the requested offset on.
+    pub stream: futures::stream::BoxStream<'static, Result<Bytes>>,
+    /// Content-Length of this response, when sent.
+    pub length: Option<u64>,
+}
+
+/// The distribution-spec client.
+pub struct Upstream {
+    config: UpstreamConfig,
+    clients: Mutex<HashMap<Endpoint, Arc<Client>>>,
+}
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig) -> Result<Upstream> {
+        config.validate()?;
+        // reqwest is built without a bundled TLS provider; ring is the one rustls uses here.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Ok(Upstream {
+            config,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    fn host(&self, registry: &str) -> RegistryHost {
+        self.config
+            .registries
+            .get(registry)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Mirrors first, then the endpoint.
+    fn endpoints(&self, registry: &str) -> Vec<Endpoint> {
+        let h = self.host(registry);
+        let mut out: Vec<Endpoint> = h
+            .mirrors
+            .iter()
+            .filter_map(|m| Endpoint::parse(m).ok())
+            .collect();
+        out.push(
+            h.endpoint
+                .as_deref()
+                .and_then(|e| Endpoint::parse(e).ok())
+                .unwrap_or_else(|| Endpoint::default_for(registry)),
+        );
+        out
+    }
+
+    fn auth(&self, registry: &str) -> RegistryAuth {
+        let h = self.host(registry);
+        match (h.username, h.password) {
+            (Some(u), Some(p)) => RegistryAuth::Basic(u, p),
+            _ => RegistryAuth::Anonymous,
+        }
+    }
+
+    fn client(&self, registry: &str, ep: &Endpoint) -> Result<Arc<Client>> {
+        if let Some(c) = self.clients.lock().get(ep) {
+            return Ok(c.clone());
+        }
+        let h = self.host(registry);
+        let mut extra = Vec::new();
+        if let Some(f) = &h.ca_file {
+            let data = std::fs::read(f).map_err(|e| {
+                Error::invalid(format!("ca_file {} for {registry}: {e}", f.display()))
+            })?;
+            extra.push(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            });
+        }
+        let config = ClientConfig {
+            protocol: if ep.plain_http {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            accept_invalid_certificates: h.insecure_skip_verify,
+            extra_root_certificates: extra,
+            platform_resolver: None,
+            connect_timeout: Some(Duration::from_secs(self.config.connect_timeout_secs)),
+            read_timeout: Some(Duration::from_secs(self.config.read_timeout_secs)),
+            user_agent: concat!("contentd/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        };
+        let c = Arc::new(
+            Client::try_from(config)
+                .map_err(|e| Error::invalid(format!("upstream client for {registry}: {e}")))?,
+        );
+        self.clients.lock().insert(ep.clone(), c.clone());
+        Ok(c)
+    }
+
+    /// Tries each endpoint of `registry` in turn; the first success wins. The error returned
+    /// is the endpoint's own (mirrors are best effort), else the last mirror's.
+    async fn each_endpoint<T, F, Fut>(&self, registry: &str, what: &str, f: F) -> Result<T>
+    where
+        F: Fn(Arc<Client>, String, RegistryAuth) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
+    {
+        let eps = self.endpoints(registry);
+        let n = eps.len();
+        let mut last = None;
+        for (i, ep) in eps.into_iter().enumerate() {
+            let c = self.client(registry, &ep)?;
+            match f(c, ep.host.clone(), self.auth(registry)).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let e = map_err(e, what, &ep.host);
+                    if i + 1 < n {
+                        tracing::debug!(mirror = %ep.host, error = %e, "mirror failed; trying the next endpoint");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::internal("no endpoint")))
+    }
+
+    /// Fetches a manifest (or index) by tag or digest, with the Accept list of every
+    /// manifest type contentd understands. Returns its bytes and digest (checked against the
+    /// reference's digest, when it has one).
+    pub async fn manifest(&self, src: &Source, tag_or_digest: &str) -> Result<(Bytes, Digest)> {
+        let what = format!(
+            "manifest {}/{}:{tag_or_digest}",
+            src.registry, src.repository
+        );
+        let (body, digest) = self
+            .each_endpoint(&src.registry, &what, |c, host, auth| {
+                let r = reference(&host, &src.repository, tag_or_digest);
+                async move { c.pull_manifest_raw(&r, &auth, MANIFEST_TYPES).await }
+            })
+            .await?;
+        let digest = Digest::parse(&digest)
+            .map_err(|e| Error::data_loss(format!("{what}: upstream digest: {e}")))?;
+        Ok((body, digest))
+    }
+
+    /// Opens a blob body from `offset` (to the end, or for `length` bytes). A registry that
+    /// ignores Range is handled here: the bytes before `offset` are skipped.
+    pub async fn blob(
+        &self,
+        src: &Source,
+        d: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobBody> {
+        let what = format!("blob {d} from {}/{}", src.registry, src.repository);
+        let resp = self
+            .each_endpoint(&src.registry, &what, |c, host, auth| {
+                let r = Reference::with_digest(host, src.repository.clone(), d.to_string());
+                let desc = oci_client::manifest::OciDescriptor {
+                    digest: d.to_string(),
+                    ..Default::default()
+                };
+                async move {
+                    c.store_auth_if_needed(r.resolve_registry(), &auth).await;
+                    c.pull_blob_stream_partial(&r, &desc, offset, length).await
+                }
+            })
+            .await?;
+        let host = src.registry.clone();
+        let what2 = what.clone();
+        let (sized, skip) = match resp {
+            BlobResponse::Partial(s) => (s, 0),
+            BlobResponse::Full(s) => (s, offset),
+        };
+        let length = sized.content_length.map(|l| l.saturating_sub(skip));
+        let mut skip = skip;
+        let stream = sized
+            .stream
+            .map_err(move |e| {
+                Error::unavailable(format!(
+                    "{what2}: the upstream {host} failed mid-stream: {e}"
+                ))
+            })
+            .filter_map(move |r| {
+                let out = match r {
+                    Ok(mut b) if skip > 0 => {
+                        let n = (b.len() as u64).min(skip);
+                        skip -= n;
+                        let _ = b.split_to(n as usize);
+                        (!b.is_empty()).then_some(Ok(b))
+                    }
+                    other => Some(other),
+                };
+                futures::future::ready(out)
+            });
+        let stream: futures::stream::BoxStream<'static, Result<Bytes>> = match length {
+            // A body that ends early is an error, not a short blob.
+            Some(len) => Box::pin(exact(stream, len, what)),
+            None => Box::pin(stream),
+        };
+        Ok(BlobBody { stream, length })
+    }
+}
+
+/// Passes `len` bytes through and turns an early end into Unavailable.
+fn exact(
+    s: impl Stream<Item = Result<Bytes>> + Send + 'static,
+    len: u64,
+    what: String,
+) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
+    let mut seen = 0u64;
+    let mut s = Box::pin(s);
+    async_stream_like(move |tx| async move {
+        while let Some(item) = s.next().await {
+            if let Ok(b) = &item {
+                seen += b.len() as u64;
+            }
+            let stop = item.is_err();
+            if tx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+        if seen < len {
+            let _ = tx
+                .send(Err(Error::unavailable(format!(
+                    "{what}: the upstream closed the body after {seen} of {len} bytes"
+                ))))
+                .await;
+        }
+    })
+}
+
+/// A stream fed by a task through a one-slot channel (backpressure: the task waits for the
+/// consumer).
+fn async_stream_like<F, Fut>(f: F) -> impl Stream<Item = Result<Bytes>> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn reference(host: &str, repo: &str, tag_or_digest: &str) -> Reference {
+    if tag_or_digest.contains(':') {
+        Reference::with_digest(
+            host.to_string(),
+            repo.to_string(),
+            tag_or_digest.to_string(),
+        )
+    } else {
+        Reference::with_tag(
+            host.to_string(),
+            repo.to_string(),
+            tag_or_digest.to_string(),
+        )
+    }
+}
+
+/// Splits "host/repo[:tag][@digest]" into its source and the tag or digest to resolve.
+pub fn parse_reference(s: &str) -> Result<(Source, String)> {
+    let r: Reference = s
+        .parse()
+        .map_err(|e| Error::invalid(format!("reference {s:?}: {e}")))?;
+    let at = r
+        .digest()
+        .map(str::to_string)
+        .or_else(|| r.tag().map(str::to_string))
+        .unwrap_or_else(|| "latest".to_string());
+    Ok((
+        Source {
+            registry: r.registry().to_string(),
+            repository: r.repository().to_string(),
+        },
+        at,
+    ))
+}
+
+/// The single translation of registry failures into domain errors.
+fn map_err(e: OciDistributionError, what: &str, host: &str) -> Error {
+    use OciDistributionError as E;
+    let kind_of_status = |code: u16| match code {
+        404 => Kind::NotFound,
+        401 | 403 => Kind::PermissionDenied,
+        400 | 405 | 406 | 416 => Kind::FailedPrecondition,
+        _ => Kind::Unavailable,
+    };
+    let (kind, detail) = match &e {
+        E::RegistryError { envelope, .. } => {
+            use oci_client::errors::OciErrorCode as C;
+            let kind = match envelope.errors.first().map(|x| &x.code) {
+                Some(C::BlobUnknown | C::ManifestUnknown | C::NameUnknown | C::NotFound) => {
+                    Kind::NotFound
+                }
+                Some(C::Unauthorized | C::Denied) => Kind::PermissionDenied,
+                Some(C::Toomanyrequests) => Kind::Unavailable,
+                _ => Kind::FailedPrecondition,
+            };
+            let msgs: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|x| format!("{:?}: {}", x.code, x.message))
+                .collect();
+            (kind, msgs.join("; "))
+        }
+        E::ServerError { code, message, .. } => (
+            kind_of_status(*code),
+            format!(
+                "HTTP {code}: {}",
+                message.chars().take(200).collect::<String>()
+            ),
+        ),
+        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => {
+            (Kind::PermissionDenied, e.to_string())
+        }
+        E::ImageManifestNotFoundError(_) => (Kind::NotFound, e.to_string()),
+        E::DigestError(_) => (Kind::DataLoss, e.to_string()),
+        E::RequestError(r) if r.is_timeout() => (Kind::Unavailable, format!("timed out: {r}")),
+        E::RequestError(r) => (
+            Kind::Unavailable,
+            format!("{r} ({:?})", std::error::Error::source(r)),
+        ),
+        E::IoError(_) => (Kind::Unavailable, e.to_string()),
+        _ => (Kind::FailedPrecondition, e.to_string()),
+    };
+    Error::new(kind, format!("{what}: upstream {host}: {detail}"))
+}

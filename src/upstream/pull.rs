@@ -1,0 +1,721 @@
+//! Pulling images from upstream registries, and fetching lazy blobs on demand.
+//!
+//! A pull resolves a reference, stores the index, manifests and configs, records every
+//! blob's source (registry + repository, per scope), creates the image root, and either
+//! fetches the layers or leaves them lazy. Everything enters the store through the one write
+//! path ([`crate::store::Writer`]), which verifies the digest before commit: bytes from an
+//! upstream are never trusted.
+//!
+//! Single flight. On-demand fetches are keyed by (scope, digest): however many readers ask
+//! for a lazy blob, one fetch runs, and readers follow its live ingest. An interrupted fetch
+//! leaves its ingest (ref `fetch-DIGEST`) to be resumed with a Range request, by a retry in
+//! the same fetch or by the next one; bytes that fail verification are discarded, never
+//! resumed from.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+
+use super::{Source, Upstream, parse_reference};
+use crate::digest::Digest;
+use crate::error::{Error, Kind, Result};
+use crate::graph::{self, Kind as DocKind, Role};
+use crate::store::{AsyncWriter, ImageRecord, Scope, SourceRecord, Store, is_exists, now_ns};
+
+/// What a pull reports as it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The reference resolved to this root.
+    Resolved {
+        digest: Digest,
+        media_type: String,
+        size: i64,
+    },
+    /// A document or blob was fetched and stored.
+    Stored {
+        digest: Digest,
+        media_type: String,
+        size: i64,
+    },
+    /// Already stored: nothing fetched.
+    Exists {
+        digest: Digest,
+        media_type: String,
+        size: i64,
+    },
+    /// Left upstream; a read fetches it.
+    Lazy {
+        digest: Digest,
+        media_type: String,
+        size: i64,
+    },
+    /// Not fetched, with the reason (foreign layers, platforms not asked for).
+    Skipped {
+        digest: Digest,
+        media_type: String,
+        size: i64,
+        reason: String,
+    },
+    /// Bytes of a blob so far.
+    Fetching {
+        digest: Digest,
+        offset: i64,
+        size: i64,
+    },
+    /// The image record now points at the root.
+    Done { image: String, digest: Digest },
+}
+
+/// How a pull treats layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Eager,
+    Lazy,
+}
+
+#[derive(Debug, Clone)]
+pub struct PullRequest {
+    pub reference: String,
+    /// `os/arch[/variant]`; empty means every platform.
+    pub platforms: Vec<String>,
+    pub mode: Mode,
+    /// The image record's name; defaults to the reference.
+    pub image_name: Option<String>,
+}
+
+/// Where an on-demand fetch is.
+#[derive(Debug, Clone)]
+pub enum FetchPhase {
+    /// Opening the ingest.
+    Starting,
+    /// The ingest is live: follow it through [`Store::live`].
+    Live,
+    /// Finished: committed, or failed with this error.
+    Done(std::result::Result<(), Error>),
+}
+
+pub struct Puller {
+    store: Arc<Store>,
+    upstream: Arc<Upstream>,
+    fetching: Mutex<HashMap<(Scope, Digest), watch::Receiver<FetchPhase>>>,
+}
+
+/// How long a pull's temporary lease lives if the daemon dies mid-pull.
+const PULL_LEASE_SECS: i64 = 3600;
+/// Upstream body pieces are gathered up to this size before each store write.
+const GATHER: usize = 1 << 20;
+
+impl Puller {
+    pub fn new(store: Arc<Store>, upstream: Arc<Upstream>) -> Arc<Puller> {
+        Arc::new(Puller {
+            store,
+            upstream,
+            fetching: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
+    /// Pulls `req` into `scope`, reporting progress on `events`.
+    pub async fn pull(
+        self: &Arc<Self>,
+        scope: &Scope,
+        req: PullRequest,
+        events: mpsc::Sender<Event>,
+    ) -> Result<ImageRecord> {
+        let (src, at) = parse_reference(&req.reference)?;
+        for p in &req.platforms {
+            if p.split('/').count() < 2 || p.split('/').any(str::is_empty) {
+                return Err(Error::invalid(format!(
+                    "platform {p:?}: expected os/architecture[/variant]"
+                )));
+            }
+        }
+        // Everything this pull stores is held by a lease until the image record exists, so a
+        // collection in between cannot take it (the lease expires on its own if we die).
+        let lease = format!("pull-{}", now_ns());
+        let mut labels = HashMap::new();
+        labels.insert(
+            "containerd.io/gc.expire".to_string(),
+            rfc3339(now_ns() / 1_000_000_000 + PULL_LEASE_SECS),
+        );
+        self.store.create_lease(scope, &lease, labels)?;
+        let r = self
+            .pull_leased(scope, &req, &src, &at, &lease, &events)
+            .await;
+        if let Err(e) = self.store.delete_lease(scope, &lease) {
+            tracing::warn!(lease, error = %e, "could not delete a pull's lease");
+        }
+        r
+    }
+
+    async fn pull_leased(
+        self: &Arc<Self>,
+        scope: &Scope,
+        req: &PullRequest,
+        src: &Source,
+        at: &str,
+        lease: &str,
+        events: &mpsc::Sender<Event>,
+    ) -> Result<ImageRecord> {
+        let (root_bytes, root) = self.upstream.manifest(src, at).await?;
+        let root_doc = graph::parse(None, &root_bytes);
+        let root_type = root_doc.media_type.clone().unwrap_or_default();
+        let root_size = root_bytes.len() as i64;
+        let _ = events
+            .send(Event::Resolved {
+                digest: root.clone(),
+                media_type: root_type.clone(),
+                size: root_size,
+            })
+            .await;
+        self.store_document(
+            scope,
+            src,
+            lease,
+            &root,
+            &root_type,
+            root_bytes.clone(),
+            events,
+        )
+        .await?;
+
+        let mut layers: Vec<(Digest, String, i64)> = Vec::new();
+        let mut seen = HashSet::from([root.clone()]);
+        let mut docs = vec![(root.clone(), root_doc)];
+        while let Some((_, doc)) = docs.pop() {
+            match doc.kind {
+                DocKind::Index => {
+                    for e in doc.edges.iter().filter(|e| e.role == Role::Manifest) {
+                        if !seen.insert(e.digest.clone()) {
+                            continue;
+                        }
+                        if !platform_wanted(&req.platforms, e.platform.as_deref()) {
+                            let _ = events
+                                .send(Event::Skipped {
+                                    digest: e.digest.clone(),
+                                    media_type: e.media_type.clone(),
+                                    size: e.size,
+                                    reason: format!(
+                                        "platform {} not requested",
+                                        e.platform.as_deref().unwrap_or("(none)")
+                                    ),
+                                })
+                                .await;
+                            continue;
+                        }
+                        let bytes = self
+                            .document(scope, src, lease, &e.digest, &e.media_type, events)
+                            .await?;
+                        docs.push((e.digest.clone(), graph::parse(Some(&e.media_type), &bytes)));
+                    }
+                }
+                DocKind::Manifest => {
+                    for e in &doc.edges {
+                        if e.role == Role::Subject || !seen.insert(e.digest.clone()) {
+                            continue;
+                        }
+                        let rec = SourceRecord {
+                            registry: src.registry.clone(),
+                            repository: src.repository.clone(),
+                            media_type: e.media_type.clone(),
+                            size: e.size,
+                            created_ns: now_ns(),
+                        };
+                        let foreign = !e.urls.is_empty()
+                            || e.media_type.contains("nondistributable")
+                            || e.media_type.contains("foreign");
+                        if foreign {
+                            let _ = events
+                                .send(Event::Skipped {
+                                    digest: e.digest.clone(),
+                                    media_type: e.media_type.clone(),
+                                    size: e.size,
+                                    reason: "non-distributable layer".into(),
+                                })
+                                .await;
+                            continue;
+                        }
+                        self.store.put_source(scope, &e.digest, &rec)?;
+                        if e.role == Role::Config {
+                            self.fetch_blob(
+                                scope,
+                                src,
+                                lease,
+                                &e.digest,
+                                e.size,
+                                &e.media_type,
+                                events,
+                            )
+                            .await?;
+                        } else if req.mode == Mode::Lazy {
+                            if self.store.info(scope, &e.digest).is_ok() {
+                                let _ = events
+                                    .send(Event::Exists {
+                                        digest: e.digest.clone(),
+                                        media_type: e.media_type.clone(),
+                                        size: e.size,
+                                    })
+                                    .await;
+                            } else {
+                                let _ = events
+                                    .send(Event::Lazy {
+                                        digest: e.digest.clone(),
+                                        media_type: e.media_type.clone(),
+                                        size: e.size,
+                                    })
+                                    .await;
+                            }
+                        } else {
+                            layers.push((e.digest.clone(), e.media_type.clone(), e.size));
+                        }
+                    }
+                }
+                DocKind::Opaque => {}
+            }
+        }
+
+        let n = self.upstream.config().max_concurrent_downloads;
+        let mut fetches = futures::stream::iter(layers.into_iter().map(|(d, mt, size)| {
+            let me = self.clone();
+            let (scope, src, lease, events) = (
+                scope.clone(),
+                src.clone(),
+                lease.to_string(),
+                events.clone(),
+            );
+            async move {
+                me.fetch_blob(&scope, &src, &lease, &d, size, &mt, &events)
+                    .await
+            }
+        }))
+        .buffer_unordered(n);
+        while let Some(r) = fetches.next().await {
+            r?;
+        }
+
+        let name = req
+            .image_name
+            .clone()
+            .unwrap_or_else(|| req.reference.clone());
+        let img = ImageRecord {
+            name: name.clone(),
+            media_type: root_type,
+            digest: root.to_string(),
+            size: root_size,
+            ..Default::default()
+        };
+        let img = match self.store.create_image(scope, img.clone()) {
+            Ok(i) => i,
+            Err(e) if is_exists(&e) => {
+                self.store
+                    .update_image(scope, img, &["target".to_string()])?
+            }
+            Err(e) => return Err(e),
+        };
+        let _ = events
+            .send(Event::Done {
+                image: name,
+                digest: root,
+            })
+            .await;
+        Ok(img)
+    }
+
+    /// A manifest or index by digest: from the store when present, else from upstream.
+    async fn document(
+        &self,
+        scope: &Scope,
+        src: &Source,
+        lease: &str,
+        d: &Digest,
+        media_type: &str,
+        events: &mpsc::Sender<Event>,
+    ) -> Result<Bytes> {
+        if let Ok(loc) = self.store.locate(scope, d)
+            && loc.size as usize <= graph::MAX_DOCUMENT
+        {
+            let store = self.store.clone();
+            let bytes = tokio::task::spawn_blocking(move || {
+                store.read_extent(loc.extent, 0, loc.size as usize)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("read task failed: {e}")))??;
+            self.store
+                .add_lease_resource(scope, lease, "content", &d.to_string())?;
+            let _ = events
+                .send(Event::Exists {
+                    digest: d.clone(),
+                    media_type: media_type.to_string(),
+                    size: loc.size,
+                })
+                .await;
+            return Ok(bytes);
+        }
+        let (bytes, got) = self.upstream.manifest(src, &d.to_string()).await?;
+        if got != *d {
+            return Err(Error::data_loss(format!(
+                "upstream {} served manifest {got} for {d}",
+                src.registry
+            )));
+        }
+        self.store_document(scope, src, lease, d, media_type, bytes.clone(), events)
+            .await?;
+        Ok(bytes)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn store_document(
+        &self,
+        scope: &Scope,
+        src: &Source,
+        lease: &str,
+        d: &Digest,
+        media_type: &str,
+        bytes: Bytes,
+        events: &mpsc::Sender<Event>,
+    ) -> Result<()> {
+        self.store.put_source(
+            scope,
+            d,
+            &SourceRecord {
+                registry: src.registry.clone(),
+                repository: src.repository.clone(),
+                media_type: media_type.to_string(),
+                size: bytes.len() as i64,
+                created_ns: now_ns(),
+            },
+        )?;
+        let size = bytes.len() as i64;
+        let r = format!("fetch-{d}");
+        let w = self
+            .store
+            .open_writer(
+                scope.clone(),
+                &r,
+                size,
+                Some(d.clone()),
+                Some(lease.to_string()),
+            )
+            .await;
+        let event = match w {
+            Err(e) if is_exists(&e) => Event::Exists {
+                digest: d.clone(),
+                media_type: media_type.to_string(),
+                size,
+            },
+            Err(e) => return Err(e),
+            Ok(w) => {
+                let mut w = AsyncWriter::new(w);
+                let mt = (!media_type.is_empty()).then(|| media_type.to_string());
+                let d2 = d.clone();
+                match w
+                    .step(move |w| {
+                        w.set_media_type(mt);
+                        w.write(0, &bytes)?;
+                        w.commit(size, Some(d2), None)
+                    })
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if is_exists(&e) => {}
+                    Err(e) => return Err(e),
+                }
+                Event::Stored {
+                    digest: d.clone(),
+                    media_type: media_type.to_string(),
+                    size,
+                }
+            }
+        };
+        let _ = events.send(event).await;
+        Ok(())
+    }
+
+    /// Fetches a blob into the store through the write path, resuming with Range after an
+    /// interruption, and verifying before commit.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_blob(
+        &self,
+        scope: &Scope,
+        src: &Source,
+        lease: &str,
+        d: &Digest,
+        size: i64,
+        media_type: &str,
+        events: &mpsc::Sender<Event>,
+    ) -> Result<()> {
+        let lease = (!lease.is_empty()).then(|| lease.to_string());
+        let stored = self
+            .fetch_into(scope, src, lease, d, size, media_type, Some(events), None)
+            .await?;
+        let _ = events
+            .send(if stored {
+                Event::Stored {
+                    digest: d.clone(),
+                    media_type: media_type.to_string(),
+                    size,
+                }
+            } else {
+                Event::Exists {
+                    digest: d.clone(),
+                    media_type: media_type.to_string(),
+                    size,
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    /// The one upstream fetch loop. Returns false when the blob was already stored.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_into(
+        &self,
+        scope: &Scope,
+        src: &Source,
+        lease: Option<String>,
+        d: &Digest,
+        size: i64,
+        media_type: &str,
+        events: Option<&mpsc::Sender<Event>>,
+        live: Option<&watch::Sender<FetchPhase>>,
+    ) -> Result<bool> {
+        let r = format!("fetch-{d}");
+        let w = match self
+            .store
+            .open_writer(scope.clone(), &r, size.max(0), Some(d.clone()), lease)
+            .await
+        {
+            Ok(w) => w,
+            Err(e) if is_exists(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let mut w = AsyncWriter::new(w);
+        let mt = (!media_type.is_empty()).then(|| media_type.to_string());
+        w.step(move |w| {
+            w.set_media_type(mt);
+            Ok(())
+        })
+        .await?;
+        if let Some(l) = live {
+            let _ = l.send(FetchPhase::Live);
+        }
+        let attempts = self.upstream.config().fetch_attempts;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let offset = w.step(|w| Ok(w.status()?.offset)).await?;
+            let r = if size > 0 && offset >= size {
+                Ok(())
+            } else {
+                self.copy_body(&mut w, src, d, offset, size, events).await
+            };
+            match r {
+                Ok(()) => break,
+                Err(e) if e.is(Kind::Unavailable) && attempt < attempts => {
+                    let pause = Duration::from_millis(200 << attempt.min(5));
+                    tracing::warn!(digest = %d, offset, attempt, error = %e, "upstream fetch interrupted; resuming");
+                    tokio::time::sleep(pause).await;
+                }
+                // The ingest stays: the next fetch resumes where this one stopped.
+                Err(e) => return Err(e),
+            }
+        }
+        let d2 = d.clone();
+        match w.step(move |w| w.commit(size, Some(d2), None)).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_exists(&e) => Ok(false),
+            Err(e) if e.is(Kind::FailedPrecondition) => {
+                // Wrong bytes: nothing of them may be resumed from.
+                let _ = w.step(|w| w.abort()).await;
+                Err(Error::data_loss(format!(
+                    "upstream {}/{} served wrong bytes for {d}: {e}",
+                    src.registry, src.repository
+                )))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn copy_body(
+        &self,
+        w: &mut AsyncWriter,
+        src: &Source,
+        d: &Digest,
+        offset: i64,
+        size: i64,
+        events: Option<&mpsc::Sender<Event>>,
+    ) -> Result<()> {
+        let body = self.upstream.blob(src, d, offset as u64, None).await?;
+        // Whatever is ready is written at once (a reader waiting on the first bytes gets them
+        // without waiting for a full buffer), up to GATHER bytes per store write.
+        let mut chunks = body.stream.ready_chunks(64);
+        let mut pos = offset;
+        let mut reported = pos;
+        while let Some(items) = chunks.next().await {
+            let mut buf = BytesMut::new();
+            let mut failed = None;
+            for it in items {
+                match it {
+                    Ok(b) => buf.extend_from_slice(&b),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                if buf.len() >= GATHER {
+                    pos = w.append(std::mem::take(&mut buf).freeze()).await?;
+                }
+            }
+            if !buf.is_empty() {
+                pos = w.append(buf.freeze()).await?;
+            }
+            if size > 0 && pos > size {
+                return Err(Error::data_loss(format!(
+                    "upstream {} sent more than the {size} bytes of {d}",
+                    src.registry
+                )));
+            }
+            if let Some(ev) = events
+                && pos - reported >= 8 << 20
+            {
+                reported = pos;
+                let _ = ev.try_send(Event::Fetching {
+                    digest: d.clone(),
+                    offset: pos,
+                    size,
+                });
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+        if size > 0 && pos < size {
+            return Err(Error::unavailable(format!(
+                "upstream {} ended {d} at {pos} of {size} bytes",
+                src.registry
+            )));
+        }
+        Ok(())
+    }
+
+    /// Starts (or joins) the on-demand fetch of `d` for `scope` from its recorded source.
+    /// NotFound when `d` has no source.
+    pub fn ensure_fetch(
+        self: &Arc<Self>,
+        scope: &Scope,
+        d: &Digest,
+    ) -> Result<watch::Receiver<FetchPhase>> {
+        let key = (scope.clone(), d.clone());
+        let mut fetching = self.fetching.lock();
+        if let Some(rx) = fetching.get(&key) {
+            return Ok(rx.clone());
+        }
+        let src = self
+            .store
+            .source(scope, d)?
+            .ok_or_else(|| Error::not_found(format!("content {d}: not found")))?;
+        let (tx, rx) = watch::channel(FetchPhase::Starting);
+        fetching.insert(key.clone(), rx.clone());
+        drop(fetching);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (scope, d) = key.clone();
+            let source = Source {
+                registry: src.registry.clone(),
+                repository: src.repository.clone(),
+            };
+            tracing::info!(digest = %d, registry = %source.registry, repository = %source.repository, "fetching on demand");
+            let r = me
+                .fetch_into(
+                    &scope,
+                    &source,
+                    None,
+                    &d,
+                    src.size,
+                    &src.media_type,
+                    None,
+                    Some(&tx),
+                )
+                .await
+                .map(|_| ());
+            if let Err(e) = &r {
+                tracing::warn!(digest = %d, error = %e, "on-demand fetch failed");
+            }
+            me.fetching.lock().remove(&key);
+            let _ = tx.send(FetchPhase::Done(r));
+        });
+        Ok(rx)
+    }
+}
+
+fn platform_wanted(wanted: &[String], platform: Option<&str>) -> bool {
+    if wanted.is_empty() {
+        return true;
+    }
+    let Some(p) = platform else { return false };
+    wanted.iter().any(|w| {
+        let (w, p): (Vec<&str>, Vec<&str>) = (w.split('/').collect(), p.split('/').collect());
+        w.len() >= 2
+            && p.len() >= 2
+            && w[0] == p[0]
+            && w[1] == p[1]
+            && (w.len() < 3 || p.get(2) == w.get(2))
+    })
+}
+
+/// `secs` since the epoch as RFC 3339 UTC (for lease expiry labels).
+pub fn rfc3339(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_round_trips_through_the_lease_parser() {
+        for secs in [0i64, 951_782_400, 1_700_000_000, 4_102_444_799] {
+            let s = rfc3339(secs);
+            assert_eq!(
+                crate::store::parse_rfc3339(&s).unwrap(),
+                secs * 1_000_000_000,
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn platforms() {
+        let w = vec!["linux/arm64".to_string()];
+        assert!(platform_wanted(&w, Some("linux/arm64/v8")));
+        assert!(!platform_wanted(&w, Some("linux/amd64")));
+        assert!(!platform_wanted(&w, None));
+        assert!(platform_wanted(&[], None));
+        let v = vec!["linux/arm/v7".to_string()];
+        assert!(!platform_wanted(&v, Some("linux/arm/v6")));
+    }
+}
