@@ -165,7 +165,10 @@ impl Reads {
                     (None, t) if t > 0 => t,
                     (None, _) => i64::MAX,
                 };
-                if pos >= end {
+                // A read to the end of the blob ends only with the upload's verdict, so a
+                // reader never takes unverified bytes for the blob. (A read of a range that
+                // ends earlier is served as it lands, like an upstream Range read.)
+                if pos >= end && (want_end.is_some_and(|w| st.total <= 0 || w < st.total)) {
                     return;
                 }
                 if let Some(result) = st.end {
@@ -175,7 +178,10 @@ impl Reads {
                         Ok(()) => match store.locate(&scope, &d) {
                             Ok(loc) => {
                                 let end = want_end.map_or(loc.size, |w| w.min(loc.size));
-                                let _ = pump(&store, loc.extent, pos, end, piece, &tx).await;
+                                if let Err(e) = pump(&store, loc.extent, pos, end, piece, &tx).await
+                                {
+                                    let _ = tx.send(Err(e)).await;
+                                }
                             }
                             Err(e) => {
                                 let _ = tx.send(Err(e)).await;
@@ -188,7 +194,7 @@ impl Reads {
                     return;
                 }
                 let upto = st.offset.min(end);
-                if upto > pos {
+                if upto > pos && pos < end {
                     match pump(&store, st.extent, pos, upto, piece, &tx).await {
                         Ok(n) => pos = n,
                         Err(e) => {

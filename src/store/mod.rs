@@ -1419,6 +1419,12 @@ impl Writer {
         Ok(())
     }
 
+    /// Tells readers following this ingest why it stopped (the ingest itself stays, to be
+    /// resumed).
+    pub fn fail_live(&mut self, e: Error) {
+        self.end_live(Err(e));
+    }
+
     /// Ends the live entry (if this writer has one) with `result`.
     fn end_live(&mut self, result: Result<(), Error>) {
         if let Some(l) = self.live.take() {

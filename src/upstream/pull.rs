@@ -524,8 +524,18 @@ impl Puller {
                     tracing::warn!(digest = %d, offset, attempt, error = %e, "upstream fetch interrupted; resuming");
                     tokio::time::sleep(pause).await;
                 }
-                // The ingest stays: the next fetch resumes where this one stopped.
-                Err(e) => return Err(e),
+                // The ingest stays: the next fetch resumes where this one stopped. Readers
+                // following it learn why it stopped.
+                Err(e) => {
+                    let e2 = e.clone();
+                    let _ = w
+                        .step(move |w| {
+                            w.fail_live(e2);
+                            Ok(())
+                        })
+                        .await;
+                    return Err(e);
+                }
             }
         }
         let d2 = d.clone();

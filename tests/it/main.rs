@@ -7,4 +7,7 @@ mod durability;
 mod errors;
 mod graph;
 mod harness;
+mod live;
+mod registry;
 mod tools;
+mod upstream;
