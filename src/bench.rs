@@ -98,7 +98,7 @@ pub fn pid_of_socket(path: &Path) -> Option<u32> {
     None
 }
 
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
+pub(crate) fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
         .find(|l| l.starts_with(field))?
@@ -109,13 +109,13 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 }
 
 /// Samples a process's RSS every 20 ms until dropped; reports the maximum in MiB.
-struct RssSampler {
+pub(crate) struct RssSampler {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<u64>,
 }
 
 impl RssSampler {
-    fn start(pid: Option<u32>) -> Option<RssSampler> {
+    pub(crate) fn start(pid: Option<u32>) -> Option<RssSampler> {
         let pid = pid?;
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let handle = tokio::spawn(async move {
@@ -133,13 +133,13 @@ impl RssSampler {
             handle,
         })
     }
-    async fn finish(mut self) -> f64 {
+    pub(crate) async fn finish(mut self) -> f64 {
         let _ = self.stop.take().map(|s| s.send(()));
         self.handle.await.unwrap_or(0) as f64 / 1024.0
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }

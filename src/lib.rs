@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_pull;
 pub mod client;
 pub mod config;
 pub mod daemon;

@@ -63,6 +63,22 @@ enum Command {
         #[arg(long, default_value_t = 100_000)]
         blobs: usize,
     },
+    /// Benchmark pull-through against a registry: lazy time to first byte vs a direct GET,
+    /// eager pull vs skopeo copy, daemon memory during a large lazy read. The daemon must run
+    /// with --gc-grace-secs 0 (each run's content is collected before the next).
+    BenchPull {
+        /// The daemon's client socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Image whose largest layer is measured, e.g. 127.0.0.1:5055/fixtures/single:oci.
+        #[arg(long)]
+        reference: String,
+        /// Image with a large layer for the memory figure.
+        #[arg(long)]
+        big_reference: Option<String>,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Benchmark content.v1 endpoints (contentd or containerd) side by side.
     Bench {
         /// Unix socket of an endpoint, `PATH` or `LABEL=PATH`; repeat to compare.
@@ -162,6 +178,21 @@ fn main() -> anyhow::Result<()> {
             c.validate()?;
             init_tracing(&c.log_format);
             rt.block_on(contentd::daemon::serve(c))
+        }
+        Command::BenchPull {
+            socket,
+            reference,
+            big_reference,
+            runs,
+        } => {
+            let f = rt.block_on(contentd::bench_pull::run(contentd::bench_pull::Options {
+                socket,
+                reference,
+                big_reference,
+                runs,
+            }))?;
+            contentd::bench_pull::print(&f);
+            Ok(())
         }
         Command::BenchGc { root, blobs } => {
             if root.exists() {

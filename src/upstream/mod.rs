@@ -181,7 +181,11 @@ pub struct BlobBody {
 /// The distribution-spec client.
 pub struct Upstream {
     config: UpstreamConfig,
-    clients: Mutex<HashMap<Endpoint, Arc<Client>>>,
+    /// Per endpoint: (authenticating client, bare client). The bare one never has
+    /// credentials stored, so it sends no auth probe before each request; anonymous blob
+    /// fetches use it until the endpoint asks for a token (`needs_token`).
+    clients: Mutex<HashMap<Endpoint, (Arc<Client>, Arc<Client>)>>,
+    needs_token: Mutex<std::collections::HashSet<Endpoint>>,
 }
 
 impl Upstream {
@@ -192,6 +196,7 @@ impl Upstream {
         Ok(Upstream {
             config,
             clients: Mutex::new(HashMap::new()),
+            needs_token: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -233,6 +238,10 @@ impl Upstream {
     }
 
     fn client(&self, registry: &str, ep: &Endpoint) -> Result<Arc<Client>> {
+        Ok(self.clients(registry, ep)?.0)
+    }
+
+    fn clients(&self, registry: &str, ep: &Endpoint) -> Result<(Arc<Client>, Arc<Client>)> {
         if let Some(c) = self.clients.lock().get(ep) {
             return Ok(c.clone());
         }
@@ -261,10 +270,22 @@ impl Upstream {
             user_agent: concat!("contentd/", env!("CARGO_PKG_VERSION")),
             ..Default::default()
         };
-        let c = Arc::new(
+        let make = |config: ClientConfig| {
             Client::try_from(config)
-                .map_err(|e| Error::invalid(format!("upstream client for {registry}: {e}")))?,
-        );
+                .map(Arc::new)
+                .map_err(|e| Error::invalid(format!("upstream client for {registry}: {e}")))
+        };
+        let bare_config = ClientConfig {
+            protocol: config.protocol.clone(),
+            accept_invalid_certificates: config.accept_invalid_certificates,
+            extra_root_certificates: config.extra_root_certificates.clone(),
+            platform_resolver: None,
+            connect_timeout: config.connect_timeout,
+            read_timeout: config.read_timeout,
+            user_agent: config.user_agent,
+            ..Default::default()
+        };
+        let c = (make(config)?, make(bare_config)?);
         self.clients.lock().insert(ep.clone(), c.clone());
         Ok(c)
     }
@@ -331,7 +352,31 @@ impl Upstream {
                     digest: d.to_string(),
                     ..Default::default()
                 };
+                let ep = self
+                    .endpoints(&src.registry)
+                    .into_iter()
+                    .find(|e| e.host == r.registry());
+                // Anonymous: first without any auth (no probe round trip before the
+                // request); a registry that answers 401 gets the token flow from then on.
+                let bare = match (&auth, &ep) {
+                    (RegistryAuth::Anonymous, Some(ep))
+                        if !self.needs_token.lock().contains(ep) =>
+                    {
+                        self.clients(&src.registry, ep).ok().map(|c| c.1)
+                    }
+                    _ => None,
+                };
                 async move {
+                    if let Some(b) = bare {
+                        match b.pull_blob_stream_partial(&r, &desc, offset, length).await {
+                            Err(OciDistributionError::UnauthorizedError { .. }) => {
+                                if let Some(ep) = ep {
+                                    self.needs_token.lock().insert(ep);
+                                }
+                            }
+                            other => return other,
+                        }
+                    }
                     c.store_auth_if_needed(r.resolve_registry(), &auth).await;
                     c.pull_blob_stream_partial(&r, &desc, offset, length).await
                 }

@@ -488,14 +488,29 @@ impl Puller {
         live: Option<&watch::Sender<FetchPhase>>,
     ) -> Result<bool> {
         let r = format!("fetch-{d}");
+        // With nothing stored yet the fetch starts at offset 0: the request goes out now,
+        // overlapping the registry's latency with opening the ingest.
+        let early = match self.store.status(scope, &r) {
+            Err(e) if e.is(Kind::NotFound) && self.store.info(scope, d).is_err() => {
+                let (up, src2, d2) = (self.upstream.clone(), src.clone(), d.clone());
+                Some(tokio::spawn(
+                    async move { up.blob(&src2, &d2, 0, None).await },
+                ))
+            }
+            _ => None,
+        };
         let w = match self
             .store
             .open_writer(scope.clone(), &r, size.max(0), Some(d.clone()), lease)
             .await
         {
             Ok(w) => w,
-            Err(e) if is_exists(&e) => return Ok(false),
-            Err(e) => return Err(e),
+            Err(e) => {
+                if let Some(h) = early {
+                    h.abort();
+                }
+                return if is_exists(&e) { Ok(false) } else { Err(e) };
+            }
         };
         let mut w = AsyncWriter::new(w);
         let mt = (!media_type.is_empty()).then(|| media_type.to_string());
@@ -509,13 +524,26 @@ impl Puller {
         }
         let attempts = self.upstream.config().fetch_attempts;
         let mut attempt = 0;
+        let mut early = early;
         loop {
             attempt += 1;
             let offset = w.step(|w| Ok(w.status()?.offset)).await?;
+            let body = match early.take() {
+                Some(h) if offset == 0 => Some(
+                    h.await
+                        .map_err(|e| Error::internal(format!("fetch task failed: {e}")))?,
+                ),
+                Some(h) => {
+                    h.abort();
+                    None
+                }
+                None => None,
+            };
             let r = if size > 0 && offset >= size {
                 Ok(())
             } else {
-                self.copy_body(&mut w, src, d, offset, size, events).await
+                self.copy_body(&mut w, src, d, offset, size, events, body)
+                    .await
             };
             match r {
                 Ok(()) => break,
@@ -554,6 +582,7 @@ impl Puller {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn copy_body(
         &self,
         w: &mut AsyncWriter,
@@ -562,8 +591,12 @@ impl Puller {
         offset: i64,
         size: i64,
         events: Option<&mpsc::Sender<Event>>,
+        body: Option<Result<super::BlobBody>>,
     ) -> Result<()> {
-        let body = self.upstream.blob(src, d, offset as u64, None).await?;
+        let body = match body {
+            Some(b) => b?,
+            None => self.upstream.blob(src, d, offset as u64, None).await?,
+        };
         // Whatever is ready is written at once (a reader waiting on the first bytes gets them
         // without waiting for a full buffer), up to GATHER bytes per store write.
         let mut chunks = body.stream.ready_chunks(64);
