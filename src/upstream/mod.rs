@@ -178,13 +178,16 @@ pub struct BlobBody {
     pub length: Option<u64>,
 }
 
+/// An endpoint's (authenticating, bare) clients.
+type ClientPair = (Arc<Client>, Arc<Client>);
+
 /// The distribution-spec client.
 pub struct Upstream {
     config: UpstreamConfig,
     /// Per endpoint: (authenticating client, bare client). The bare one never has
     /// credentials stored, so it sends no auth probe before each request; anonymous blob
     /// fetches use it until the endpoint asks for a token (`needs_token`).
-    clients: Mutex<HashMap<Endpoint, (Arc<Client>, Arc<Client>)>>,
+    clients: Mutex<HashMap<Endpoint, ClientPair>>,
     needs_token: Mutex<std::collections::HashSet<Endpoint>>,
 }
 
@@ -241,7 +244,7 @@ impl Upstream {
         Ok(self.clients(registry, ep)?.0)
     }
 
-    fn clients(&self, registry: &str, ep: &Endpoint) -> Result<(Arc<Client>, Arc<Client>)> {
+    fn clients(&self, registry: &str, ep: &Endpoint) -> Result<ClientPair> {
         if let Some(c) = self.clients.lock().get(ep) {
             return Ok(c.clone());
         }
