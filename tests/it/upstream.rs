@@ -541,3 +541,139 @@ async fn upstream_faults_are_clear_errors() {
     let (data, _) = read(&mut c2, &big, 0, 0).await.unwrap();
     assert!(data == bytes, "wrong bytes after the upstream came back");
 }
+
+/// A registry that speaks only TLS (a private CA) and wants basic credentials: pulls work
+/// with the configured CA file and credentials, and fail clearly without the credentials.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_registry_with_basic_auth() {
+    let Some((dir, _keep)) = fixtures() else {
+        return;
+    };
+    let required = std::env::var_os("CONTENTD_REQUIRE_TOOLS").is_some();
+    let have = |c: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {c}")])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    for tool in ["docker-registry", "openssl", "htpasswd", "skopeo"] {
+        if !have(tool) {
+            assert!(!required, "{tool} is not installed");
+            eprintln!("skipping: {tool} not installed");
+            return;
+        }
+    }
+    let w = tempfile::tempdir().unwrap();
+    let p = |f: &str| w.path().join(f).to_str().unwrap().to_string();
+    let sh = |cmd: &str| {
+        let out = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // A private CA and a server certificate it signed (webpki refuses a CA as end entity).
+    std::fs::write(
+        p("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    sh(&format!(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout {ck} -out {ca} -days 1 -subj /CN=contentd-test-ca \
+           -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null && \
+         openssl req -newkey rsa:2048 -nodes -keyout {key} -out {csr} -subj /CN=127.0.0.1 2>/dev/null && \
+         openssl x509 -req -in {csr} -CA {ca} -CAkey {ck} -CAcreateserial -out {cert} -days 1 -extfile {ext} 2>/dev/null",
+        ck = p("ca.key"),
+        ca = p("ca.pem"),
+        key = p("key.pem"),
+        csr = p("req.csr"),
+        cert = p("cert.pem"),
+        ext = p("leaf.ext"),
+    ));
+    sh(&format!("htpasswd -cbB {} puller s3cret", p("htpasswd")));
+    let addr = format!("127.0.0.1:{}", free_port());
+    std::fs::write(
+        p("config.yml"),
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: contentd-test\n    path: {}\n",
+            p("data"),
+            p("cert.pem"),
+            p("key.pem"),
+            p("htpasswd")
+        ),
+    )
+    .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _reg = Kill(
+        std::process::Command::new("docker-registry")
+            .args(["serve", &p("config.yml")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(p("registry.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "the TLS registry did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::create_dir_all(p("certs")).unwrap();
+    std::fs::copy(p("ca.pem"), w.path().join("certs/ca.crt")).unwrap();
+    std::fs::write(
+        p("policy.json"),
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    sh(&format!(
+        "skopeo --policy {} copy -q --preserve-digests --dest-cert-dir {} --dest-creds puller:s3cret oci:{}/oci:single docker://{addr}/private/single:v1",
+        p("policy.json"),
+        p("certs"),
+        dir.display()
+    ));
+
+    let s = summary(&dir);
+    let fx = fixture(&s, "oci-single");
+    let root = fx["root"]["digest"].as_str().unwrap();
+    let r = format!("{addr}/private/single:v1");
+    let (_cfg, path) = config_with(
+        &addr,
+        "",
+        &format!(
+            "endpoint = \"https://{addr}\"\nca_file = \"{}\"\nusername = \"puller\"\npassword = \"s3cret\"",
+            p("ca.pem")
+        ),
+    );
+    let d = Daemon::start_with(&["--config", path.to_str().unwrap()]);
+    let ch = connect_unix(&d.client_sock).await.unwrap();
+    let events = pull(&ch, "tls", &r, false).await.unwrap();
+    assert_eq!(events.last().unwrap().digest, root);
+    let w2 = walk(&ch, "tls", root).await;
+    assert_eq!(walk_nodes(&w2), want_nodes(fx));
+
+    // Without credentials: the registry's 401 is PermissionDenied, named.
+    let (_cfg2, path2) = config_with(
+        &addr,
+        "",
+        &format!(
+            "endpoint = \"https://{addr}\"\nca_file = \"{}\"",
+            p("ca.pem")
+        ),
+    );
+    let d2 = Daemon::start_with(&["--config", path2.to_str().unwrap()]);
+    let ch2 = connect_unix(&d2.client_sock).await.unwrap();
+    let e = pull(&ch2, "tls", &r, false).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains(&addr), "{e}");
+}
