@@ -611,6 +611,9 @@ pub struct GcBench {
     pub write_p50_ms: f64,
     pub write_p99_ms: f64,
     pub write_max_ms: f64,
+    /// The same writer for 5 s before the collection, with nothing else running.
+    pub baseline_write_p99_ms: f64,
+    pub baseline_write_max_ms: f64,
 }
 
 /// Builds a synthetic store of `blobs` blobs (images of 1 manifest, 1 config and 8 layers;
@@ -687,21 +690,31 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
     let setup_s = t.elapsed().as_secs_f64();
     eprintln!("bench-gc: {} blobs written in {setup_s:.1} s", images * 10);
 
-    // A writer commits small blobs back to back while the collection runs.
+    // A writer commits small blobs back to back: first with no collection (the baseline:
+    // fsync and compaction jitter alone), then while the collection runs.
+    let writer = |tag: &'static str, stop: Arc<std::sync::atomic::AtomicBool>| {
+        let (ws, wsc) = (store.clone(), scope.clone());
+        tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let data = format!("write {tag} {i}").into_bytes();
+                let t = Instant::now();
+                put_in(&ws, &wsc, format!("{tag}-{i}"), data).await?;
+                lat.push(t.elapsed());
+                i += 1;
+            }
+            anyhow::Ok(lat)
+        })
+    };
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (ws, wsc, wstop) = (store.clone(), scope.clone(), stop.clone());
-    let writer = tokio::spawn(async move {
-        let mut lat = Vec::new();
-        let mut i = 0u64;
-        while !wstop.load(std::sync::atomic::Ordering::Relaxed) {
-            let data = format!("write during gc {i}").into_bytes();
-            let t = Instant::now();
-            put_in(&ws, &wsc, format!("during-{i}"), data).await?;
-            lat.push(t.elapsed());
-            i += 1;
-        }
-        anyhow::Ok(lat)
-    });
+    let baseline = writer("baseline", stop.clone());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut base = baseline.await??;
+    base.sort();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = writer("during", stop.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = Instant::now();
     let st = store.clone();
@@ -723,6 +736,8 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
         write_p50_ms: percentile(&lat, 0.5),
         write_p99_ms: percentile(&lat, 0.99),
         write_max_ms: lat.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
+        baseline_write_p99_ms: percentile(&base, 0.99),
+        baseline_write_max_ms: base.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
     })
 }
 

@@ -434,24 +434,32 @@ impl Store {
         let candidates: Vec<&Vec<u8>> = blobs.iter().filter(|dk| !live.contains(*dk)).collect();
         for batch in candidates.chunks(SWEEP_BATCH) {
             drain(&mut marked, &mut live);
-            let pause = Instant::now();
-            let _gate = self.gc_gate.write();
-            drain(&mut marked, &mut live);
-            let mut b = Batch::new();
+            // Blob records are read before the gate is taken: only the collector removes
+            // them (one collection at a time), so they cannot change meanwhile, and the
+            // pause a writer may see is just the batch write.
+            let mut records = Vec::with_capacity(batch.len());
             for dk in batch {
                 let Some((d, _)) = Digest::from_key(dk) else {
                     continue;
                 };
+                if let Some(blob) = self.blob(&d)? {
+                    records.push((*dk, d, blob));
+                }
+            }
+            let pause = Instant::now();
+            let _gate = self.gc_gate.write();
+            drain(&mut marked, &mut live);
+            let mut b = Batch::new();
+            for (dk, d, blob) in records {
                 // Unmarked in every scope means every link it had was swept above, and any
                 // link made since is in the barrier, hence marked.
-                if live.contains(*dk) {
+                if live.contains(dk) {
                     continue;
                 }
-                let Some(blob) = self.blob(&d)? else { continue };
                 let (from, to) = extent_range(blob.extent);
                 b.delete(Cf::Blobs, (*dk).clone());
                 b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
-                for (ek, child, role) in edges.get(*dk).into_iter().flatten() {
+                for (ek, child, role) in edges.get(dk).into_iter().flatten() {
                     b.delete(Cf::Edges, ek.clone());
                     b.delete(
                         Cf::Parents,
