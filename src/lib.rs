@@ -9,6 +9,7 @@
 pub mod api;
 pub mod bench;
 pub mod bench_pull;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;

@@ -13,12 +13,16 @@ use contentd::config::{Backend, Config};
     about = "Content-addressable blob store daemon for container images"
 )]
 struct Cli {
+    #[command(flatten)]
+    conn: contentd::cli::Conn,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Client(contentd::cli::Verb),
     /// Run the daemon. With no flags: data in /var/lib/contentd, client socket
     /// /run/contentd/contentd.sock (for non-root users, under XDG_DATA_HOME / XDG_RUNTIME_DIR).
     Serve {
@@ -28,9 +32,6 @@ enum Command {
         /// RocksDB data directory.
         #[arg(long)]
         root: Option<PathBuf>,
-        /// Client-mode unix socket (containerd content-service semantics).
-        #[arg(long)]
-        socket: Option<PathBuf>,
         /// Backend-mode unix socket for a containerd proxy plugin, `PATH` or `TENANT=PATH`;
         /// repeat for one tenant each.
         #[arg(long = "backend-socket")]
@@ -121,21 +122,34 @@ fn init_tracing(format: &str) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     // glibc gives every thread that frees a 1 MiB chunk buffer its own arena; with the
     // blocking pool that grows RSS far past what is live. Two arenas keep memory near the
     // working set.
     // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let cli = Cli::parse();
+    match cli.command {
+        Command::Client(verb) => contentd::cli::main(cli.conn, verb),
+        command => match run(cli.conn, command) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match cli.command {
+    match command {
+        Command::Client(_) => unreachable!("client verbs are dispatched in main"),
         Command::Serve {
             config,
             root,
-            socket,
             backend_socket,
             tcp,
             log_format,
@@ -151,7 +165,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(r) = root {
                 c.root = r;
             }
-            if let Some(s) = socket {
+            if let Some(s) = conn.socket {
                 c.socket = s;
             }
             for b in &backend_socket {
