@@ -368,7 +368,7 @@ fn import_and_export_round_trip_with_other_tools() {
             "sha256:394ca2e392f96e4914fac49928a9ccb30eb32a5f3bea464b49c1ecb2fcfdabcd",
         ),
     ] {
-        let tarp = out(&format!("{}.tar", root[7..19].to_string()));
+        let tarp = out(&format!("{}.tar", &root[7..19]));
         ok(&cli(s, &["export", name, "-o", &tarp]));
         let got = untar(Path::new(&tarp), w.path());
         let index: Value = serde_json::from_slice(&got["index.json"]).unwrap();
