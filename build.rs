@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "proto/contentd/v1/gc.proto",
     "proto/contentd/v1/blobs.proto",
     "proto/contentd/v1/registry.proto",
+    "proto/contentd/v1/scrub.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -68,6 +68,21 @@ pub struct Config {
     pub gc_mutation_threshold: u64,
     /// An ingest no lease holds is dropped after this many seconds without a write.
     pub ingest_expiry_secs: u64,
+    /// Permission bits of every unix socket contentd creates (octal, e.g. "0660").
+    pub socket_mode: String,
+    /// Owner of the sockets: a user name or numeric uid (default: the daemon's user).
+    pub socket_owner: Option<String>,
+    /// Group of the sockets: a group name or numeric gid (default: the daemon's group).
+    pub socket_group: Option<String>,
+    /// Address of a TCP listener serving only gRPC health checks (for Kubernetes probes),
+    /// e.g. "0.0.0.0:7071". It exposes nothing else.
+    pub health_tcp: Option<String>,
+    /// Address of the Prometheus metrics endpoint (HTTP, path /metrics), e.g. "127.0.0.1:9105".
+    pub metrics_addr: Option<String>,
+    /// Seconds between background re-verifications of every stored blob (0 disables).
+    pub scrub_interval_secs: u64,
+    /// Read rate of the background scrub, MiB/s (it competes with clients for the disk).
+    pub scrub_rate_mib_s: u64,
     /// Upstream registries for pulls and on-demand fetches (`[upstream]`,
     /// `[upstream.registries."HOST"]`).
     pub upstream: crate::upstream::UpstreamConfig,
@@ -106,12 +121,147 @@ impl Default for Config {
             gc_deletion_threshold: 100,
             gc_mutation_threshold: 1000,
             ingest_expiry_secs: 24 * 3600,
+            socket_mode: "0660".into(),
+            socket_owner: None,
+            socket_group: None,
+            health_tcp: None,
+            metrics_addr: None,
+            scrub_interval_secs: 24 * 3600,
+            scrub_rate_mib_s: 32,
             upstream: Default::default(),
         }
     }
 }
 
+/// The default configuration as a commented TOML file: every option, its default, and what
+/// it means. Parsing it gives `Config::default()`.
+pub fn default_toml() -> String {
+    let c = Config::default();
+    let u = crate::upstream::UpstreamConfig::default();
+    let q = |p: &std::path::Path| format!("{:?}", p.display().to_string());
+    format!(
+        r#"# contentd configuration (TOML). Every option is shown with its default.
+# Command-line flags and CONTENTD_* environment variables override this file.
+
+# RocksDB data directory (created if missing).
+root = {root}
+
+# Client-mode unix socket: containerd's content service semantics, a containerd-namespace
+# header on every call. "" disables it.
+socket = {socket}
+
+# Permission bits, owner and group of every unix socket contentd creates.
+socket_mode = "{mode}"
+# socket_owner = "root"          # user name or uid
+# socket_group = "containerd"    # group name or gid
+
+# Backend-mode sockets: one per containerd using contentd through a proxy_plugins entry;
+# each is a tenant whose deletes release only its own holds.
+# [[backend]]
+# name = "containerd"
+# socket = "/run/contentd/containerd.sock"
+
+# Client-mode TCP listener (plaintext: bind it to loopback).
+# tcp = "127.0.0.1:7070"
+
+# TCP listener serving only gRPC health checks, for Kubernetes probes.
+# health_tcp = "0.0.0.0:7071"
+
+# Prometheus metrics endpoint (HTTP, GET /metrics).
+# metrics_addr = "127.0.0.1:9105"
+
+# Log format: "text" or "json" (level: RUST_LOG, default info).
+log_format = "{log}"
+
+# Garbage collection: every gc_interval_secs (0: only on demand and by count), and once
+# gc_deletion_threshold deletions or gc_mutation_threshold mutations (0: off) accumulate.
+gc_interval_secs = {gi}
+gc_deletion_threshold = {gd}
+gc_mutation_threshold = {gm}
+# Content linked more recently than this is kept even without a root (a client may still
+# be assembling an image without a lease).
+gc_grace_secs = {gg}
+# An ingest no lease holds is dropped after this long without a write.
+ingest_expiry_secs = {ie}
+
+# Background re-verification of every stored blob (0 disables), and its read rate.
+scrub_interval_secs = {si}
+scrub_rate_mib_s = {sr}
+
+[upstream]
+# Seconds to connect, and without a byte before a fetch is abandoned.
+connect_timeout_secs = {ct}
+read_timeout_secs = {rt}
+# Layers one eager pull fetches at once; attempts per blob (each resumes with Range).
+max_concurrent_downloads = {md}
+fetch_attempts = {fa}
+
+# Per registry host (as written in image references). Loopback hosts default to plain HTTP,
+# others to HTTPS.
+# [upstream.registries."registry.example.com"]
+# endpoint = "https://registry.example.com"
+# mirrors = ["https://mirror.example.com"]
+# ca_file = "/etc/contentd/registry-ca.pem"
+# insecure_skip_verify = false
+# username = "puller"
+# password = "secret"
+"#,
+        root = q(&c.root),
+        socket = q(&c.socket),
+        mode = c.socket_mode,
+        log = c.log_format,
+        gi = c.gc_interval_secs,
+        gd = c.gc_deletion_threshold,
+        gm = c.gc_mutation_threshold,
+        gg = c.gc_grace_secs,
+        ie = c.ingest_expiry_secs,
+        si = c.scrub_interval_secs,
+        sr = c.scrub_rate_mib_s,
+        ct = u.connect_timeout_secs,
+        rt = u.read_timeout_secs,
+        md = u.max_concurrent_downloads,
+        fa = u.fetch_attempts,
+    )
+}
+
+/// A user or group given by name or number, resolved through /etc/passwd or /etc/group.
+pub fn resolve_id(name: &str, file: &str, what: &str) -> Result<u32> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Error::invalid(format!(
+            "cannot read {file} to resolve {what} {name:?}: {e}"
+        ))
+    })?;
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 3 && f[0] == name).then(|| f[2].parse::<u32>().ok())?
+        })
+        .next()
+        .ok_or_else(|| Error::invalid(format!("no {what} named {name:?} in {file}")))
+}
+
 impl Config {
+    /// The socket permission bits.
+    pub fn socket_mode_bits(&self) -> Result<u32> {
+        let m =
+            u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8).map_err(|_| {
+                Error::invalid(format!(
+                    "socket_mode {:?}: expected octal like \"0660\"",
+                    self.socket_mode
+                ))
+            })?;
+        if m > 0o777 {
+            return Err(Error::invalid(format!(
+                "socket_mode {:?}: at most 0777",
+                self.socket_mode
+            )));
+        }
+        Ok(m)
+    }
+
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             Error::invalid(format!("cannot read config file {}: {e}", path.display()))
@@ -151,6 +301,22 @@ impl Config {
                 .map_err(|e| Error::invalid(format!("tcp address {addr:?}: {e}")))?;
         }
         self.upstream.validate()?;
+        self.socket_mode_bits()?;
+        if let Some(o) = &self.socket_owner {
+            resolve_id(o, "/etc/passwd", "user")?;
+        }
+        if let Some(g) = &self.socket_group {
+            resolve_id(g, "/etc/group", "group")?;
+        }
+        for (what, addr) in [
+            ("health_tcp", &self.health_tcp),
+            ("metrics_addr", &self.metrics_addr),
+        ] {
+            if let Some(a) = addr {
+                a.parse::<std::net::SocketAddr>()
+                    .map_err(|e| Error::invalid(format!("{what} {a:?}: {e}")))?;
+            }
+        }
         if self.socket.as_os_str().is_empty() && self.backend.is_empty() && self.tcp.is_none() {
             return Err(Error::invalid("no listener configured"));
         }
@@ -190,6 +356,27 @@ mod tests {
         let mut dup = c.clone();
         dup.backend[1].name = Some("ctrd".into());
         assert!(dup.validate().is_err());
+    }
+
+    #[test]
+    fn the_printed_default_is_the_default() {
+        let c: Config = toml::from_str(&default_toml()).unwrap();
+        assert_eq!(c, Config::default());
+        c.validate().unwrap();
+        let bad: Config = toml::from_str("socket_mode = \"0999\"").unwrap();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .message()
+                .contains("socket_mode")
+        );
+        let bad: Config = toml::from_str("socket_group = \"no-such-group-here\"").unwrap();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .message()
+                .contains("no group named")
+        );
     }
 
     #[test]

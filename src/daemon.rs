@@ -29,8 +29,34 @@ pub const MAX_FRAME: u32 = 1 << 20;
 
 const CONTENT_SERVICE: &str = "containerd.services.content.v1.Content";
 
+/// Who may use the sockets: mode bits, and optionally owner and group.
+#[derive(Clone, Copy)]
+struct SocketPerms {
+    mode: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+impl SocketPerms {
+    fn of(c: &Config) -> anyhow::Result<SocketPerms> {
+        Ok(SocketPerms {
+            mode: c.socket_mode_bits()?,
+            uid: c
+                .socket_owner
+                .as_deref()
+                .map(|o| crate::config::resolve_id(o, "/etc/passwd", "user"))
+                .transpose()?,
+            gid: c
+                .socket_group
+                .as_deref()
+                .map(|g| crate::config::resolve_id(g, "/etc/group", "group"))
+                .transpose()?,
+        })
+    }
+}
+
 /// Binds a unix socket, replacing a stale socket file but never a live one or a non-socket.
-fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+fn bind_unix(path: &Path, perms: SocketPerms) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -51,8 +77,12 @@ fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     let l = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("binding {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(perms.mode))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
+    if perms.uid.is_some() || perms.gid.is_some() {
+        std::os::unix::fs::chown(path, perms.uid, perms.gid)
+            .with_context(|| format!("setting the owner of {}", path.display()))?;
+    }
     Ok(l)
 }
 
@@ -72,7 +102,22 @@ macro_rules! router {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .trace_fn(|req| tracing::info_span!("rpc", path = %req.uri().path()))
+            .trace_fn(|req| {
+                let ns = req
+                    .headers()
+                    .get(crate::api::NAMESPACE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                tracing::info_span!(
+                    "rpc",
+                    path = %req.uri().path(),
+                    namespace = %ns,
+                    digest = tracing::field::Empty,
+                    r#ref = tracing::field::Empty,
+                )
+            })
+            .layer(crate::api::observe::ObserveLayer)
             .add_service($health)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
@@ -80,6 +125,10 @@ macro_rules! router {
                 ContentService::new($store.clone(), $reads.clone(), mode.clone()).into_server(),
             )
             .add_service(RegistryService::new($puller.clone(), mode.clone()).into_server())
+            .add_service(
+                crate::api::scrub::ScrubService::new($store.clone(), $puller.clone(), mode.clone())
+                    .into_server(),
+            )
             .add_service(BlobsService::new($store.clone(), mode.clone()).into_server())
             .add_service(GraphService::new($store.clone(), mode.clone()).into_server())
             .add_service(GcService::new($store.clone(), mode.clone()).into_server())
@@ -137,6 +186,109 @@ async fn collector(store: Arc<Store>, config: Config, stop: CancellationToken) {
     }
 }
 
+/// Background re-verification of every stored blob, once per interval, throttled.
+async fn scrubber(
+    store: Arc<Store>,
+    puller: Option<Arc<crate::upstream::pull::Puller>>,
+    config: Config,
+    stop: CancellationToken,
+) {
+    let interval = std::time::Duration::from_secs(config.scrub_interval_secs);
+    let rate = config.scrub_rate_mib_s.saturating_mul(1 << 20);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.scrub(&[], rate)).await {
+            Ok(Ok(r)) => {
+                tracing::info!(
+                    checked = r.checked,
+                    bytes = r.bytes,
+                    corrupt = r.corrupt.len(),
+                    "scrub finished"
+                );
+                for c in &r.corrupt {
+                    crate::api::scrub::refetch(puller.as_ref(), c);
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "scrub failed"),
+            Err(e) => tracing::error!(error = %e, "scrub task failed"),
+        }
+    }
+}
+
+/// The Prometheus endpoint: a minimal HTTP/1.1 responder for `GET /metrics`.
+async fn serve_metrics(l: tokio::net::TcpListener, store: Arc<Store>, stop: CancellationToken) {
+    loop {
+        let (mut conn, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = l.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+        };
+        let store = store.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => return,
+                }
+            }
+            let line = String::from_utf8_lossy(&head);
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, ctype, body) = if method != "GET" {
+                (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "GET only\n".to_string(),
+                )
+            } else if path == "/metrics" || path.starts_with("/metrics?") {
+                let s = store.clone();
+                let usage = tokio::task::spawn_blocking(move || s.usage()).await;
+                let (blobs, bytes, ingests) = match usage {
+                    Ok(Ok(u)) => u,
+                    _ => (0, 0, 0),
+                };
+                let g = crate::metrics::Gauges {
+                    store_bytes: bytes,
+                    store_blobs: blobs,
+                    ingests,
+                    quarantined: store.quarantined_count(),
+                };
+                (
+                    "200 OK",
+                    "text/plain; version=0.0.4",
+                    crate::metrics::render(&g),
+                )
+            } else {
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    "metrics are at /metrics\n".to_string(),
+                )
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     let kv = RocksKv::open(&config.root, &Tuning::default())?;
@@ -164,10 +316,30 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
+    let perms = SocketPerms::of(&config)?;
+    if let Some(addr) = &config.health_tcp {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(addr = %addr, "health checks listening");
+        let r = Server::builder().add_service(health.clone());
+        let s = stop.clone();
+        tasks.spawn(async move {
+            r.serve_with_incoming_shutdown(TcpListenerStream::new(l), s.cancelled_owned())
+                .await
+        });
+    }
+    if let Some(addr) = &config.metrics_addr {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(addr = %addr, "metrics listening on /metrics");
+        tokio::spawn(serve_metrics(l, store.clone(), stop.clone()));
+    }
     let mut sockets = Vec::new();
 
     if !config.socket.as_os_str().is_empty() {
-        let l = bind_unix(&config.socket)?;
+        let l = bind_unix(&config.socket, perms)?;
         sockets.push(config.socket.clone());
         tracing::info!(socket = %config.socket.display(), mode = "client", "listening");
         let r = router!(store, reads, puller, Mode::Client, health.clone());
@@ -178,7 +350,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
     for b in &config.backend {
-        let l = bind_unix(&b.socket)?;
+        let l = bind_unix(&b.socket, perms)?;
         sockets.push(b.socket.clone());
         let tenant = b.tenant();
         tracing::info!(socket = %b.socket.display(), mode = "backend", tenant = %tenant, "listening");
@@ -209,6 +381,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let collector = tokio::spawn(collector(store.clone(), config.clone(), stop.clone()));
+    if config.scrub_interval_secs > 0 {
+        tokio::spawn(scrubber(
+            store.clone(),
+            puller.clone(),
+            config.clone(),
+            stop.clone(),
+        ));
+    }
 
     tokio::select! {
         _ = signalled() => {}

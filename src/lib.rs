@@ -19,6 +19,7 @@ pub mod filter;
 pub mod gc;
 pub mod graph;
 pub mod kv;
+pub mod metrics;
 pub mod reads;
 pub mod store;
 pub mod upstream;

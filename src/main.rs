@@ -20,6 +20,14 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the default configuration as a commented TOML file.
+    Default,
+    /// Validate a configuration file (and the environment's overrides).
+    Check { path: PathBuf },
+}
+
+#[derive(Subcommand)]
 enum Command {
     #[command(flatten)]
     Client(contentd::cli::Verb),
@@ -30,30 +38,48 @@ enum Command {
         #[arg(long, env = "CONTENTD_CONFIG")]
         config: Option<PathBuf>,
         /// RocksDB data directory.
-        #[arg(long)]
+        #[arg(long, env = "CONTENTD_ROOT")]
         root: Option<PathBuf>,
         /// Backend-mode unix socket for a containerd proxy plugin, `PATH` or `TENANT=PATH`;
         /// repeat for one tenant each.
         #[arg(long = "backend-socket")]
         backend_socket: Vec<String>,
         /// Client-mode TCP listener address, e.g. 127.0.0.1:7070.
-        #[arg(long)]
+        #[arg(long, env = "CONTENTD_TCP")]
         tcp: Option<String>,
         /// Log format: text or json.
-        #[arg(long)]
+        #[arg(long, env = "CONTENTD_LOG_FORMAT")]
         log_format: Option<String>,
         /// Seconds between background garbage collections (0: only on demand and on deletions).
-        #[arg(long)]
+        #[arg(long, env = "CONTENTD_GC_INTERVAL_SECS")]
         gc_interval_secs: Option<u64>,
         /// Content linked within this many seconds is kept by the collector.
-        #[arg(long)]
+        #[arg(long, env = "CONTENTD_GC_GRACE_SECS")]
         gc_grace_secs: Option<u64>,
         /// A collection starts once this many mutations accumulate (0: never by count).
-        #[arg(long)]
+        #[arg(long, env = "CONTENTD_GC_MUTATION_THRESHOLD")]
         gc_mutation_threshold: Option<u64>,
         /// A collection starts once this many deletions accumulate.
-        #[arg(long)]
+        #[arg(long, env = "CONTENTD_GC_DELETION_THRESHOLD")]
         gc_deletion_threshold: Option<u64>,
+        /// TCP address serving only gRPC health checks (Kubernetes probes), e.g. 0.0.0.0:7071.
+        #[arg(long, env = "CONTENTD_HEALTH_TCP")]
+        health_tcp: Option<String>,
+        /// Prometheus metrics endpoint address (HTTP, /metrics), e.g. 127.0.0.1:9105.
+        #[arg(long, env = "CONTENTD_METRICS_ADDR")]
+        metrics_addr: Option<String>,
+        /// Permission bits of the unix sockets (octal).
+        #[arg(long, env = "CONTENTD_SOCKET_MODE")]
+        socket_mode: Option<String>,
+        /// Seconds between background scrubs of every blob (0 disables).
+        #[arg(long, env = "CONTENTD_SCRUB_INTERVAL_SECS")]
+        scrub_interval_secs: Option<u64>,
+    },
+    /// Configuration: `config default` prints every option with its default and meaning;
+    /// `config check FILE` validates a file.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
     },
     /// Benchmark garbage collection on a synthetic store built in DIR (in-process).
     BenchGc {
@@ -157,6 +183,10 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             gc_grace_secs,
             gc_mutation_threshold,
             gc_deletion_threshold,
+            health_tcp,
+            metrics_addr,
+            socket_mode,
+            scrub_interval_secs,
         } => {
             let mut c = match &config {
                 Some(p) => Config::load(p)?,
@@ -189,10 +219,34 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             if let Some(v) = gc_deletion_threshold {
                 c.gc_deletion_threshold = v;
             }
+            if health_tcp.is_some() {
+                c.health_tcp = health_tcp;
+            }
+            if metrics_addr.is_some() {
+                c.metrics_addr = metrics_addr;
+            }
+            if let Some(v) = socket_mode {
+                c.socket_mode = v;
+            }
+            if let Some(v) = scrub_interval_secs {
+                c.scrub_interval_secs = v;
+            }
             c.validate()?;
             init_tracing(&c.log_format);
             rt.block_on(contentd::daemon::serve(c))
         }
+        Command::Config { cmd } => match cmd {
+            ConfigCmd::Default => {
+                print!("{}", contentd::config::default_toml());
+                Ok(())
+            }
+            ConfigCmd::Check { path } => {
+                let c = Config::load(&path)?;
+                c.validate()?;
+                println!("{}: valid", path.display());
+                Ok(())
+            }
+        },
         Command::BenchPull {
             socket,
             reference,

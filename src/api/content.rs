@@ -77,6 +77,7 @@ impl pb::content_server::Content for ContentService {
         req: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let scope = self.mode.scope(&req)?;
+        tracing::Span::current().record("digest", req.get_ref().digest.as_str());
         let d = parse_digest(&req.get_ref().digest)?;
         // Point lookups take microseconds: answered inline, not through the blocking pool.
         let info = match self.store.info(&scope, &d) {
@@ -162,6 +163,7 @@ impl pb::content_server::Content for ContentService {
 
     async fn delete(&self, req: Request<pb::DeleteContentRequest>) -> Result<Response<()>, Status> {
         let scope = self.mode.scope(&req)?;
+        tracing::Span::current().record("digest", req.get_ref().digest.as_str());
         let d = parse_digest(&req.get_ref().digest)?;
         let store = self.store.clone();
         let d2 = d.clone();
@@ -181,6 +183,7 @@ impl pb::content_server::Content for ContentService {
     ) -> Result<Response<Self::ReadStream>, Status> {
         let scope = self.mode.scope(&req)?;
         let req = req.into_inner();
+        tracing::Span::current().record("digest", req.digest.as_str());
         let d = parse_digest(&req.digest)?;
         let opened = self
             .reads
@@ -191,6 +194,9 @@ impl pb::content_server::Content for ContentService {
         let mut pos = 0i64;
         let stream = ReceiverStream::new(opened.rx).map(move |item| {
             item.map(|data| {
+                crate::metrics::get()
+                    .content_bytes
+                    .add(&["out"], data.len() as u64);
                 let m = pb::ReadContentResponse { offset: pos, data };
                 pos += m.data.len() as i64;
                 m
@@ -270,6 +276,10 @@ async fn write_session(
         return Err(status(Error::invalid(
             "first message must have a reference",
         )));
+    }
+    tracing::Span::current().record("ref", first.r#ref.as_str());
+    if !first.expected.is_empty() {
+        tracing::Span::current().record("digest", first.expected.as_str());
     }
     let expected = if first.expected.is_empty() {
         None

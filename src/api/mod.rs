@@ -10,7 +10,9 @@ pub mod gc;
 pub mod graph;
 pub mod images;
 pub mod leases;
+pub mod observe;
 pub mod registry;
+pub mod scrub;
 
 use tonic::{Code, Status};
 

@@ -139,6 +139,9 @@ pub enum Verb {
         #[arg(long)]
         platform: Option<String>,
     },
+    /// Re-verify stored blobs against their digests now (all, or the ones named); corrupt
+    /// ones are quarantined and reported (exit code 5).
+    Verify { digests: Vec<String> },
     /// Ingests in progress.
     Status,
     /// Whether the daemon answers and serves.
@@ -462,6 +465,7 @@ async fn run(conn: Conn, verb: Verb) -> R<()> {
             )
             .await
         }
+        Verb::Verify { digests } => verify(&cx, digests).await,
         Verb::Status => status(&cx).await,
         Verb::Health => health(&cx).await,
     }
@@ -1066,6 +1070,39 @@ async fn pull(
         println!("{image} {digest}");
     }
     Ok(())
+}
+
+async fn verify(cx: &Ctx, digests: Vec<String>) -> R<()> {
+    for d in &digests {
+        digest_arg(d)?;
+    }
+    let mut c = gpb::scrub_client::ScrubClient::with_interceptor(cx.ch.clone(), cx.ns());
+    let r = c.verify(gpb::VerifyRequest { digests }).await?.into_inner();
+    if cx.conn.json {
+        output::json(&serde_json::json!({
+            "checked": r.checked, "bytes": r.bytes,
+            "corrupt": r.corrupt.iter().map(|c| serde_json::json!({
+                "digest": c.digest, "reason": c.reason, "refetching": c.refetching,
+            })).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!("verified {} blobs ({})", r.checked, human_size(r.bytes));
+        for c in &r.corrupt {
+            println!("CORRUPT {} — quarantined: {}", c.digest, c.reason);
+            if !c.refetching.is_empty() {
+                println!("  fetching it again for {}", c.refetching.join(", "));
+            }
+        }
+    }
+    if r.corrupt.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            5,
+            format!("{} corrupt blob(s) quarantined", r.corrupt.len()),
+        )
+        .hint("images that need them show them absent; push or pull them again"))
+    }
 }
 
 async fn status(cx: &Ctx) -> R<()> {

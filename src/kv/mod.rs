@@ -20,6 +20,7 @@
 //! | `leases`  | scope ‖ 0x00 ‖ lease id          | `LeaseRecord` (a GC root until it expires) |
 //! | `lease_resources` | scope ‖ 0x00 ‖ lease id ‖ 0x00 ‖ type ‖ 0x00 ‖ resource id | empty |
 //! | `sources` | scope ‖ 0x00 ‖ dk                | `SourceRecord` (upstream registry + repository) |
+//! | `quarantine` | dk                            | `QuarantineRecord` (a corrupt blob taken out of service) |
 
 pub mod mem;
 pub mod rocks;
@@ -40,10 +41,11 @@ pub enum Cf {
     Leases,
     LeaseResources,
     Sources,
+    Quarantine,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 12] = [
+    pub const ALL: [Cf; 13] = [
         Cf::Meta,
         Cf::Chunks,
         Cf::Blobs,
@@ -56,6 +58,7 @@ impl Cf {
         Cf::Leases,
         Cf::LeaseResources,
         Cf::Sources,
+        Cf::Quarantine,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -71,6 +74,7 @@ impl Cf {
             Cf::Leases => "leases",
             Cf::LeaseResources => "lease_resources",
             Cf::Sources => "sources",
+            Cf::Quarantine => "quarantine",
         }
     }
 }

@@ -334,8 +334,25 @@ impl Store {
         }
         let result = self.collect_inner(dry_run, started_ns);
         *self.barrier.lock() = None;
-        let mut report = result?;
+        let m = crate::metrics::get();
+        let mut report = match result {
+            Ok(r) => r,
+            Err(e) => {
+                m.gc_runs.add(&["error"], 1);
+                return Err(e);
+            }
+        };
         report.duration_ms = t0.elapsed().as_millis() as i64;
+        if !dry_run {
+            m.gc_runs.add(&["ok"], 1);
+            m.gc_seconds.observe(&[], t0.elapsed().as_secs_f64());
+            m.gc_swept.add(&["blobs"], report.blobs_swept as u64);
+            m.gc_swept.add(&["bytes"], report.bytes_swept.max(0) as u64);
+            self.blob_count
+                .fetch_sub(report.blobs_swept, Ordering::Relaxed);
+            self.blob_bytes
+                .fetch_sub(report.bytes_swept, Ordering::Relaxed);
+        }
         *self.gc_last.lock() = Some(report.clone());
         self.gc_runs.fetch_add(1, Ordering::Relaxed);
         tracing::info!(

@@ -29,6 +29,7 @@ mod images;
 mod leases;
 mod live;
 mod records;
+mod scrub;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,8 +44,10 @@ pub use collect::{Explanation, GcReport};
 pub use leases::parse_rfc3339;
 pub use live::{LiveIngest, LiveState};
 pub use records::{
-    BlobRecord, EdgeRecord, ImageRecord, IngestRecord, LeaseRecord, LinkRecord, SourceRecord,
+    BlobRecord, EdgeRecord, ImageRecord, IngestRecord, LeaseRecord, LinkRecord, QuarantineRecord,
+    SourceRecord,
 };
+pub use scrub::{Corrupt, ScrubReport};
 
 use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{Error, Kind, Result};
@@ -298,6 +301,9 @@ pub struct Store {
     gc_deletion_threshold: u64,
     gc_mutation_threshold: u64,
     gc_wake: tokio::sync::Notify,
+    /// Committed blobs and their bytes (counted at open, kept by commit and sweep).
+    blob_count: std::sync::atomic::AtomicI64,
+    blob_bytes: std::sync::atomic::AtomicI64,
     /// Ingests readers can follow, by the digest they will commit (see `live.rs`).
     live: Mutex<HashMap<Digest, Vec<Arc<LiveIngest>>>>,
     gc_grace_ns: i64,
@@ -355,7 +361,7 @@ impl Store {
             Some(_) => return Err(Error::internal("corrupt extent reservation record")),
             None => 1,
         };
-        Ok(Arc::new(Store {
+        let store = Arc::new(Store {
             kv,
             slots: Mutex::new(HashMap::new()),
             digest_locks: (0..64).map(|_| Mutex::new(())).collect(),
@@ -374,13 +380,55 @@ impl Store {
             gc_mutation_threshold: config.gc_mutation_threshold,
             gc_wake: tokio::sync::Notify::new(),
             live: Mutex::new(HashMap::new()),
+            blob_count: Default::default(),
+            blob_bytes: Default::default(),
             gc_grace_ns: config.gc_grace.as_nanos().min(i64::MAX as u128) as i64,
             ingest_expiry_ns: config.ingest_expiry.as_nanos().min(i64::MAX as u128) as i64,
-        }))
+        });
+        store.count_blobs()?;
+        Ok(store)
     }
 
     pub fn kv(&self) -> &Arc<dyn Kv> {
         &self.kv
+    }
+
+    /// Counts the committed blobs once, at open; commits and sweeps keep the count.
+    fn count_blobs(&self) -> Result<()> {
+        let (mut n, mut bytes) = (0i64, 0i64);
+        let mut bad = None;
+        self.kv.scan(Cf::Blobs, &[], &[], &mut |_, v| {
+            match decode::<BlobRecord>("blob", v) {
+                Ok(b) => {
+                    n += 1;
+                    bytes += b.size;
+                }
+                Err(e) => bad = Some(e),
+            }
+            true
+        })?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
+        self.blob_count
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+        self.blob_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// (committed blobs, their bytes, ingests in progress), for metrics.
+    pub fn usage(&self) -> Result<(i64, i64, i64)> {
+        let mut ingests = 0i64;
+        self.kv.scan(Cf::Ingests, &[], &[], &mut |_, _| {
+            ingests += 1;
+            true
+        })?;
+        Ok((
+            self.blob_count.load(std::sync::atomic::Ordering::Relaxed),
+            self.blob_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            ingests,
+        ))
     }
 
     /// A fresh extent id. Ids are reserved in blocks with a synced write before use, so an id
@@ -1555,6 +1603,9 @@ impl Writer {
             pos += piece.len() as u64;
         }
         self.chunk_bytes += data.len();
+        crate::metrics::get()
+            .content_bytes
+            .add(&["in"], data.len() as u64);
         self.persist(Batch::new())
     }
 
@@ -1765,6 +1816,12 @@ impl Writer {
                     store.put_link(&mut b, &scope, &actual, &link);
                     store.kv.write(b, true)?;
                     store.note_mutation();
+                    store
+                        .blob_count
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    store
+                        .blob_bytes
+                        .fetch_add(blob.size, std::sync::atomic::Ordering::Relaxed);
                     Ok(Store::info_of(&actual, &blob, link))
                 }
             }

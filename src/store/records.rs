@@ -121,3 +121,20 @@ pub struct SourceRecord {
     #[prost(int64, tag = "5")]
     pub created_ns: i64,
 }
+
+/// `quarantine[dk]`: a blob the scrubber found corrupt. It is out of service (no blob record,
+/// no links); its bytes stay in `extent` for inspection.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QuarantineRecord {
+    #[prost(uint64, tag = "1")]
+    pub extent: u64,
+    #[prost(int64, tag = "2")]
+    pub size: i64,
+    #[prost(int64, tag = "3")]
+    pub detected_ns: i64,
+    #[prost(string, tag = "4")]
+    pub reason: String,
+    /// Scopes that saw the blob (`n:NAMESPACE` or `t:TENANT`).
+    #[prost(string, repeated, tag = "5")]
+    pub scopes: Vec<String>,
+}

@@ -474,9 +474,41 @@ impl Puller {
         Ok(())
     }
 
+    /// Counts a fetch and its bytes (by registry) for metrics.
+    fn count_fetch(src: &Source, r: &Result<bool>, bytes: i64) {
+        let m = crate::metrics::get();
+        let result = match r {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("{:?}", e.kind()),
+        };
+        m.upstream_fetches.add(&[&src.registry, &result], 1);
+        if bytes > 0 {
+            m.upstream_bytes.add(&[&src.registry], bytes as u64);
+        }
+    }
+
     /// The one upstream fetch loop. Returns false when the blob was already stored.
     #[allow(clippy::too_many_arguments)]
     async fn fetch_into(
+        &self,
+        scope: &Scope,
+        src: &Source,
+        lease: Option<String>,
+        d: &Digest,
+        size: i64,
+        media_type: &str,
+        events: Option<&mpsc::Sender<Event>>,
+        live: Option<&watch::Sender<FetchPhase>>,
+    ) -> Result<bool> {
+        let r = self
+            .fetch_into_inner(scope, src, lease, d, size, media_type, events, live)
+            .await;
+        Self::count_fetch(src, &r, if matches!(r, Ok(true)) { size } else { 0 });
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_into_inner(
         &self,
         scope: &Scope,
         src: &Source,

@@ -9,6 +9,7 @@ mod errors;
 mod graph;
 mod harness;
 mod live;
+mod ops;
 mod registry;
 mod tools;
 mod upstream;

@@ -1,0 +1,165 @@
+//! Request observation for every listener: a tower layer that counts each gRPC call by
+//! method and status code and times it to the end of its response stream. The status of a
+//! streaming call is only known from its trailers, so the response body is wrapped and the
+//! call is recorded when the trailers (or the end) pass through.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body::{Body, Frame};
+use tower::{Layer, Service};
+
+#[derive(Clone, Default)]
+pub struct ObserveLayer;
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+}
+
+/// What is recorded when the call ends.
+struct Call {
+    method: String,
+    start: Instant,
+    done: bool,
+}
+
+impl Call {
+    fn finish(&mut self, code: &str) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let m = crate::metrics::get();
+        m.rpc_requests.add(&[&self.method, code], 1);
+        m.rpc_seconds
+            .observe(&[&self.method], self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // A stream the client abandoned never reaches its trailers.
+        self.finish("CANCELLED");
+    }
+}
+
+fn code_name(v: &[u8]) -> &'static str {
+    match std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+    {
+        Some(c) => match tonic::Code::from_i32(c) {
+            tonic::Code::Ok => "OK",
+            tonic::Code::Cancelled => "CANCELLED",
+            tonic::Code::Unknown => "UNKNOWN",
+            tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+            tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            tonic::Code::NotFound => "NOT_FOUND",
+            tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+            tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+            tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+            tonic::Code::Aborted => "ABORTED",
+            tonic::Code::OutOfRange => "OUT_OF_RANGE",
+            tonic::Code::Unimplemented => "UNIMPLEMENTED",
+            tonic::Code::Internal => "INTERNAL",
+            tonic::Code::Unavailable => "UNAVAILABLE",
+            tonic::Code::DataLoss => "DATA_LOSS",
+            tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+        },
+        None => "UNKNOWN",
+    }
+}
+
+pub struct ObservedBody<B> {
+    inner: B,
+    call: Option<Call>,
+}
+
+impl<B: Body + Unpin> Body for ObservedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(t) = f.trailers_ref() {
+                    let code = t.get("grpc-status").map(|v| code_name(v.as_bytes()));
+                    if let Some(c) = self.call.as_mut() {
+                        c.finish(code.unwrap_or("OK"));
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(c) = self.call.as_mut() {
+                    c.finish("INTERNAL");
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(c) = self.call.as_mut() {
+                    c.finish("OK");
+                }
+            }
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Observe<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Send,
+    S::Future: Send + 'static,
+    ResBody: Body + Unpin,
+{
+    type Response = http::Response<ObservedBody<ResBody>>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let method = req.uri().path().trim_start_matches('/').to_string();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let mut call = Call {
+                method,
+                start: Instant::now(),
+                done: false,
+            };
+            let resp = fut.await?;
+            // A "trailers-only" response (an error before any message) carries the status
+            // in its headers.
+            if let Some(v) = resp.headers().get("grpc-status") {
+                call.finish(code_name(v.as_bytes()));
+            }
+            Ok(resp.map(|inner| ObservedBody {
+                inner,
+                call: Some(call),
+            }))
+        })
+    }
+}

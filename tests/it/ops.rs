@@ -1,0 +1,298 @@
+//! Operating contentd: the metrics endpoint, socket permissions, the health-only TCP
+//! listener, scrubbing a blob corrupted behind the daemon's back, and the deploy/ files.
+
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::process::Command;
+
+use contentd::api::pb::containerd::services::content::v1 as cpb;
+use contentd::api::pb::contentd::v1 as gpb;
+
+use crate::harness::*;
+use crate::registry::free_port;
+
+fn scrape(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of the sample `name{labels}` (labels as written, in order), 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_endpoint_shows_the_workload() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start_with(&["--metrics-addr", &addr, "--gc-grace-secs", "0"]);
+    let before = scrape(&addr);
+    assert_eq!(sample(&before, "contentd_store_blobs"), 0.0);
+
+    let mut c = d.client(Some("m")).await;
+    let data = pattern(700_000, 4);
+    put(&mut c, "m1", &data).await.unwrap();
+    let (back, _) = read(&mut c, &sha(&data).to_string(), 0, 0).await.unwrap();
+    assert_eq!(back.len(), data.len());
+    let missing = c
+        .info(cpb::InfoRequest {
+            digest: sha(b"nope").to_string(),
+        })
+        .await;
+    assert_eq!(code(missing), tonic::Code::NotFound);
+    gc(&d.client_sock, false).await;
+
+    let m = scrape(&addr);
+    let info_nf = r#"contentd_grpc_requests_total{method="containerd.services.content.v1.Content/Info",code="NOT_FOUND"}"#;
+    assert_eq!(sample(&m, info_nf), 1.0, "{m}");
+    let write_ok = r#"contentd_grpc_requests_total{method="containerd.services.content.v1.Content/Write",code="OK"}"#;
+    assert!(sample(&m, write_ok) >= 1.0, "{m}");
+    let read_ok = r#"contentd_grpc_requests_total{method="containerd.services.content.v1.Content/Read",code="OK"}"#;
+    assert!(sample(&m, read_ok) >= 1.0, "{m}");
+    assert!(m.contains(r#"contentd_grpc_request_duration_seconds_count{method="containerd.services.content.v1.Content/Write"}"#));
+    assert!(sample(&m, r#"contentd_content_bytes_total{direction="in"}"#) >= data.len() as f64);
+    assert!(sample(&m, r#"contentd_content_bytes_total{direction="out"}"#) >= data.len() as f64);
+    assert!(sample(&m, r#"contentd_gc_runs_total{result="ok"}"#) >= 1.0);
+    // Nothing roots the blob (grace 0): the collection took it, and the gauges say so.
+    assert_eq!(
+        sample(&m, r#"contentd_gc_swept_total{what="blobs"}"#),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(sample(&m, "contentd_store_blobs"), 0.0, "{m}");
+    assert!(m.contains("# TYPE contentd_grpc_request_duration_seconds histogram"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sockets_get_the_configured_mode_and_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "socket_mode = \"0600\"\nsocket_group = \"1\"\n").unwrap();
+    let d = Daemon::start_with(&["--config", cfg.to_str().unwrap()]);
+    for s in [&d.client_sock, &d.backend_sock, &d.other_sock] {
+        let meta = std::fs::metadata(s).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", s.display());
+        assert_eq!(meta.gid(), 1, "{}", s.display());
+    }
+    // A bad value is refused at start, naming the option.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "socket_mode = \"rw-rw----\"\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_contentd"))
+        .args([
+            "serve",
+            "--root",
+            dir.path().join("r").to_str().unwrap(),
+            "--config",
+            bad.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("socket_mode"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_listener_serves_health_and_nothing_else() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _d = Daemon::start_with(&["--health-tcp", &addr]);
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let r = h
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let mut c = cpb::content_client::ContentClient::new(ch);
+    let e = c
+        .info(cpb::InfoRequest {
+            digest: sha(b"x").to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+}
+
+/// A byte of a stored chunk is changed in RocksDB while the daemon is down; verification
+/// finds it, quarantines the blob (reads stop serving it) and reports it.
+#[tokio::test(flavor = "multi_thread")]
+async fn scrub_finds_a_chunk_corrupted_behind_the_daemons_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start_in(dir.path());
+    let mut c = d.client(Some("s")).await;
+    let good = pattern(300_000, 1);
+    let bad = pattern(600_000, 2);
+    put(&mut c, "good", &good).await.unwrap();
+    put(&mut c, "bad", &bad).await.unwrap();
+    let bad_dg = sha(&bad);
+    drop(c);
+    d.stop();
+    {
+        use contentd::kv::{Batch, Cf};
+        let kv = contentd::kv::rocks::RocksKv::open(&dir.path().join("root"), &Default::default())
+            .unwrap();
+        let store = contentd::store::Store::open(std::sync::Arc::new(kv)).unwrap();
+        let scope = contentd::store::Scope::namespace("s").unwrap();
+        let loc = store.locate(&scope, &bad_dg).unwrap();
+        let mut key = loc.extent.to_be_bytes().to_vec();
+        key.extend_from_slice(&0u64.to_be_bytes());
+        let mut v = store
+            .kv()
+            .get(Cf::Chunks, &key)
+            .unwrap()
+            .expect("the first chunk");
+        v[100] ^= 0x5a;
+        let mut b = Batch::new();
+        b.put(Cf::Chunks, key, v);
+        store.kv().write(b, true).unwrap();
+    }
+    let d = Daemon::start_in(dir.path());
+    let o = Command::new(env!("CARGO_BIN_EXE_contentd"))
+        .args(["verify", "--json"])
+        .env("CONTENTD_SOCKET", &d.client_sock)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["checked"], 2);
+    assert_eq!(v["corrupt"].as_array().unwrap().len(), 1);
+    assert_eq!(v["corrupt"][0]["digest"], bad_dg.to_string());
+    let mut c = d.client(Some("s")).await;
+    assert_eq!(
+        code(read(&mut c, &bad_dg.to_string(), 0, 0).await),
+        tonic::Code::NotFound
+    );
+    let (g, _) = read(&mut c, &sha(&good).to_string(), 0, 0).await.unwrap();
+    assert!(g == good);
+    let ch = contentd::client::connect_unix(&d.client_sock)
+        .await
+        .unwrap();
+    let mut s = gpb::scrub_client::ScrubClient::with_interceptor(
+        ch,
+        contentd::client::Namespace::new(Some("s")).unwrap(),
+    );
+    let q = s
+        .quarantined(gpb::QuarantinedRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .blobs;
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].digest, bad_dg.to_string());
+    assert_eq!(q[0].scopes, vec!["n:s".to_string()]);
+    // Stored again by a client, it is served again.
+    put(&mut c, "bad-again", &bad).await.unwrap();
+    let (b2, _) = read(&mut c, &bad_dg.to_string(), 0, 0).await.unwrap();
+    assert!(b2 == bad);
+}
+
+/// deploy/: the systemd unit passes `systemd-analyze verify`, the Kubernetes manifests parse
+/// and their probes, ports and volumes agree, and the container recipe builds what the
+/// README builds.
+#[test]
+fn deploy_files_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let required = std::env::var_os("CONTENTD_REQUIRE_TOOLS").is_some();
+    let unit = std::fs::read_to_string(root.join("deploy/systemd/contentd.service")).unwrap();
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        // The unit names /usr/local/bin/contentd; verify it against the binary built here.
+        let dir = tempfile::tempdir().unwrap();
+        let u = dir.path().join("contentd.service");
+        std::fs::write(
+            &u,
+            unit.replace("/usr/local/bin/contentd", env!("CARGO_BIN_EXE_contentd")),
+        )
+        .unwrap();
+        let o = Command::new("systemd-analyze")
+            .args(["verify", u.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        let relevant: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains("contentd.service"))
+            .collect();
+        assert!(o.status.success() && relevant.is_empty(), "{err}");
+    } else {
+        assert!(!required, "systemd-analyze is not installed");
+    }
+    let check = r#"
+import sys, yaml
+for path in sys.argv[1:]:
+    for doc in yaml.safe_load_all(open(path)):
+        kind = doc["kind"]
+        spec = doc["spec"]["template"]["spec"] if kind == "DaemonSet" else doc["spec"]
+        assert doc["apiVersion"] == {"DaemonSet": "apps/v1", "Pod": "v1"}[kind], path
+        vols = {v["name"] for v in spec["volumes"]}
+        for c in spec["containers"]:
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in vols, (path, m)
+            ports = {p["containerPort"] for p in c.get("ports", [])}
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                if probe in c:
+                    assert c[probe]["grpc"]["port"] in ports, (path, probe)
+                    assert any(a == "--health-tcp=0.0.0.0:%d" % c[probe]["grpc"]["port"] for a in c["args"]), (path, c["args"])
+        if kind == "DaemonSet":
+            assert doc["spec"]["selector"]["matchLabels"].items() <= doc["spec"]["template"]["metadata"]["labels"].items()
+            assert {v["hostPath"]["path"] for v in spec["volumes"]} == {"/var/lib/contentd", "/run/contentd"}
+print("ok")
+"#;
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(check)
+        .arg(root.join("deploy/kubernetes/daemonset.yaml"))
+        .arg(root.join("deploy/kubernetes/sidecar.yaml"))
+        .output();
+    match o {
+        Ok(o) if o.status.success() => {}
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named 'yaml'") => {
+            assert!(!required, "python3-yaml is not installed")
+        }
+        Ok(o) => panic!("{}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => assert!(!required, "python3: {e}"),
+    }
+    // The recipe runs the README's build and takes the binary from the configured target dir.
+    let recipe = std::fs::read_to_string(root.join("deploy/Containerfile")).unwrap();
+    let cargo_cfg = std::fs::read_to_string(root.join(".cargo/config.toml")).unwrap();
+    let target = cargo_cfg
+        .lines()
+        .find_map(|l| {
+            l.trim().strip_prefix("target-dir").map(|r| {
+                r.trim_start_matches([' ', '='])
+                    .trim()
+                    .trim_matches('"')
+                    .to_string()
+            })
+        })
+        .unwrap();
+    assert!(recipe.contains("cargo build --locked --bin contentd"));
+    assert!(
+        recipe.contains(&format!("{target}/debug/contentd")),
+        "{target}"
+    );
+}
