@@ -42,6 +42,17 @@ impl Backend {
     }
 }
 
+/// Byte quotas: the bytes of the blobs a namespace links. A write that would pass its
+/// namespace's quota is refused with ResourceExhausted and nothing is stored.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quotas {
+    /// Quota of every namespace not listed below (0: unlimited).
+    pub default_bytes: u64,
+    /// Per-namespace quotas, bytes.
+    pub namespaces: std::collections::HashMap<String, u64>,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -83,6 +94,8 @@ pub struct Config {
     pub scrub_interval_secs: u64,
     /// Read rate of the background scrub, MiB/s (it competes with clients for the disk).
     pub scrub_rate_mib_s: u64,
+    /// Byte quotas per namespace (`[quotas]`).
+    pub quotas: Quotas,
     /// Upstream registries for pulls and on-demand fetches (`[upstream]`,
     /// `[upstream.registries."HOST"]`).
     pub upstream: crate::upstream::UpstreamConfig,
@@ -128,6 +141,7 @@ impl Default for Config {
             metrics_addr: None,
             scrub_interval_secs: 24 * 3600,
             scrub_rate_mib_s: 32,
+            quotas: Quotas::default(),
             upstream: Default::default(),
         }
     }
@@ -187,6 +201,12 @@ ingest_expiry_secs = {ie}
 # Background re-verification of every stored blob (0 disables), and its read rate.
 scrub_interval_secs = {si}
 scrub_rate_mib_s = {sr}
+
+[quotas]
+# Bytes of blobs a namespace may link; writes past it get ResourceExhausted (0: unlimited).
+default_bytes = 0
+# [quotas.namespaces]
+# "team-a" = 107374182400
 
 [upstream]
 # Seconds to connect, and without a byte before a fetch is abandoned.

@@ -299,6 +299,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             ingest_expiry: std::time::Duration::from_secs(config.ingest_expiry_secs),
             gc_deletion_threshold: config.gc_deletion_threshold,
             gc_mutation_threshold: config.gc_mutation_threshold,
+            quotas: config.quotas.namespaces.clone(),
+            default_quota: config.quotas.default_bytes,
         },
     )?;
     tracing::info!(root = %config.root.display(), "store open");

@@ -72,6 +72,9 @@ impl Error {
     pub fn data_loss(message: impl Into<String>) -> Self {
         Self::new(Kind::DataLoss, message)
     }
+    pub fn exhausted(message: impl Into<String>) -> Self {
+        Self::new(Kind::ResourceExhausted, message)
+    }
     pub fn aborted(message: impl Into<String>) -> Self {
         Self::new(Kind::Aborted, message)
     }

@@ -301,6 +301,8 @@ pub struct Store {
     gc_deletion_threshold: u64,
     gc_mutation_threshold: u64,
     gc_wake: tokio::sync::Notify,
+    quotas: HashMap<String, u64>,
+    default_quota: u64,
     /// Committed blobs and their bytes (counted at open, kept by commit and sweep).
     blob_count: std::sync::atomic::AtomicI64,
     blob_bytes: std::sync::atomic::AtomicI64,
@@ -322,6 +324,10 @@ pub struct StoreConfig {
     pub gc_deletion_threshold: u64,
     /// A collection is due once this many mutations accumulate (0: never by count).
     pub gc_mutation_threshold: u64,
+    /// Byte quotas per namespace (bytes of the blobs it links); `default_quota` applies to
+    /// namespaces not listed (0: unlimited).
+    pub quotas: HashMap<String, u64>,
+    pub default_quota: u64,
 }
 
 impl Default for StoreConfig {
@@ -331,6 +337,8 @@ impl Default for StoreConfig {
             ingest_expiry: Duration::from_secs(24 * 3600),
             gc_deletion_threshold: 100,
             gc_mutation_threshold: 1000,
+            quotas: HashMap::new(),
+            default_quota: 0,
         }
     }
 }
@@ -382,6 +390,8 @@ impl Store {
             live: Mutex::new(HashMap::new()),
             blob_count: Default::default(),
             blob_bytes: Default::default(),
+            quotas: config.quotas.clone(),
+            default_quota: config.default_quota,
             gc_grace_ns: config.gc_grace.as_nanos().min(i64::MAX as u128) as i64,
             ingest_expiry_ns: config.ingest_expiry.as_nanos().min(i64::MAX as u128) as i64,
         });
@@ -415,6 +425,43 @@ impl Store {
         self.blob_bytes
             .store(bytes, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The byte quota of a namespace, if it has one.
+    fn quota(&self, scope: &Scope) -> Option<u64> {
+        let Scope::Namespace(ns) = scope else {
+            return None;
+        };
+        match self.quotas.get(ns).copied().unwrap_or(self.default_quota) {
+            0 => None,
+            q => Some(q),
+        }
+    }
+
+    /// Bytes of the blobs a scope links.
+    pub fn usage_of(&self, scope: &Scope) -> Result<i64> {
+        let p = scope.prefix();
+        let mut total = 0i64;
+        let mut bad = None;
+        self.kv.scan(Cf::Links, &p, &prefix_end(&p), &mut |_, v| {
+            match decode::<LinkRecord>("link", v) {
+                Ok(l) => total += l.size,
+                Err(e) => bad = Some(e),
+            }
+            true
+        })?;
+        bad.map_or(Ok(total), Err)
+    }
+
+    fn over_quota(scope: &Scope, limit: u64, used: i64, more: i64) -> Error {
+        let ns = match scope {
+            Scope::Namespace(n) | Scope::Tenant(n) => n.as_str(),
+        };
+        crate::metrics::get().quota_rejections.add(&[ns], 1);
+        Error::exhausted(format!(
+            "namespace {ns:?} is over its quota: {used} of {limit} bytes used, {more} more needed; \
+             delete content or raise the quota"
+        ))
     }
 
     /// (committed blobs, their bytes, ingests in progress), for metrics.
@@ -1142,6 +1189,10 @@ impl Store {
             lease: lease.clone(),
             media_type: None,
             live: None,
+            quota: match self.quota(&scope) {
+                Some(q) => Some((q, self.usage_of(&scope)?)),
+                None => None,
+            },
             pending: Batch::new(),
             chunks: Batch::new(),
             chunk_bytes: 0,
@@ -1355,6 +1406,9 @@ pub struct Writer {
     media_type: Option<String>,
     /// Readers following this ingest, when it is the live one for its digest.
     live: Option<Arc<LiveIngest>>,
+    /// (quota, bytes the scope used when the writer opened): writes past it are refused
+    /// before anything is stored; commit checks exactly.
+    quota: Option<(u64, i64)>,
     /// Changes not yet written: a single-message upload becomes one synced batch.
     pending: Batch,
     /// Chunk puts of the current request, written with or without the WAL by `flush`.
@@ -1584,6 +1638,12 @@ impl Writer {
                 "write @{offset} must occur at current offset {current}"
             )));
         }
+        if let Some((limit, used)) = self.quota {
+            let after = if offset == 0 { 0 } else { current } + data.len() as i64;
+            if used + after > limit as i64 {
+                return Err(Store::over_quota(&self.scope, limit, used, after));
+            }
+        }
         if offset == 0 && current > 0 {
             self.truncate()?;
         }
@@ -1760,6 +1820,16 @@ impl Writer {
             let _g = store.digest_lock(&actual);
             let _gate = store.gc_gate.read();
             store.barrier([collect::node(&scope, &actual)]);
+            if let Some(limit) = store.quota(&scope)
+                && store.link(&scope, &actual)?.is_none()
+            {
+                // Exact, under the digest lock: nothing is committed past the quota. The
+                // ingest stays (an abort or a later retry decides).
+                let used = store.usage_of(&scope)?;
+                if used + rec.offset > limit as i64 {
+                    return Err(Store::over_quota(&scope, limit, used, rec.offset));
+                }
+            }
             // Queued chunk writes go in the same synced batch as the commit itself.
             let mut b = std::mem::take(&mut self.pending);
             b.ops.append(&mut self.chunks.ops);

@@ -296,3 +296,52 @@ print("ok")
         "{target}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quota_breach_is_resource_exhausted_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[quotas.namespaces]\nq = 1000000\n").unwrap();
+    let d = Daemon::start_with(&["--config", cfg.to_str().unwrap()]);
+    let mut q = d.client(Some("q")).await;
+    let first = pattern(600_000, 1);
+    let second = pattern(600_000, 2);
+    put(&mut q, "first", &first).await.unwrap();
+    let e = put(&mut q, "second", &second).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("\"q\"") && e.message().contains("quota"), "{e}");
+    let info = q
+        .info(cpb::InfoRequest {
+            digest: sha(&second).to_string(),
+        })
+        .await;
+    assert_eq!(code(info), tonic::Code::NotFound);
+    let st = q
+        .status(cpb::StatusRequest { r#ref: "second".into() })
+        .await
+        .map(|s| s.into_inner().status.unwrap().offset);
+    assert!(matches!(st, Err(_) | Ok(0)), "bytes were stored: {st:?}");
+    // Across messages: refused at the message that crosses the line.
+    let msgs: Vec<cpb::WriteContentRequest> = (0..3)
+        .map(|i| cpb::WriteContentRequest {
+            action: 1,
+            r#ref: if i == 0 { "multi".into() } else { String::new() },
+            offset: i * 200_000,
+            data: second[(i as usize) * 200_000..(i as usize + 1) * 200_000].to_vec().into(),
+            ..Default::default()
+        })
+        .collect();
+    let rs = write_msgs(&mut q, msgs).await;
+    assert!(rs[0].is_ok() && rs[1].is_ok(), "{rs:?}");
+    assert_eq!(rs.last().unwrap().as_ref().unwrap_err().code(), tonic::Code::ResourceExhausted);
+    // Other namespaces are not affected; freeing space lets the write through.
+    let mut free = d.client(Some("free")).await;
+    put(&mut free, "second", &second).await.unwrap();
+    q.abort(cpb::AbortRequest { r#ref: "multi".into() }).await.unwrap();
+    q.delete(cpb::DeleteContentRequest {
+        digest: sha(&first).to_string(),
+    })
+    .await
+    .unwrap();
+    put(&mut q, "second-again", &second).await.unwrap();
+}
