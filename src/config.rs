@@ -94,6 +94,12 @@ pub struct Config {
     pub scrub_interval_secs: u64,
     /// Read rate of the background scrub, MiB/s (it competes with clients for the disk).
     pub scrub_rate_mib_s: u64,
+    /// When the filesystem holding `root` is fuller than this (percent), unreachable content
+    /// is evicted at once, grace period or not (never reachable, leased or held content).
+    /// 0 disables.
+    pub eviction_high_watermark_percent: u8,
+    /// Seconds between disk-usage checks for eviction.
+    pub eviction_check_secs: u64,
     /// Byte quotas per namespace (`[quotas]`).
     pub quotas: Quotas,
     /// Upstream registries for pulls and on-demand fetches (`[upstream]`,
@@ -141,6 +147,8 @@ impl Default for Config {
             metrics_addr: None,
             scrub_interval_secs: 24 * 3600,
             scrub_rate_mib_s: 32,
+            eviction_high_watermark_percent: 90,
+            eviction_check_secs: 30,
             quotas: Quotas::default(),
             upstream: Default::default(),
         }
@@ -198,6 +206,11 @@ gc_grace_secs = {gg}
 # An ingest no lease holds is dropped after this long without a write.
 ingest_expiry_secs = {ie}
 
+# When the filesystem holding root is fuller than this (percent; 0 disables), unreachable
+# content is evicted at once, grace period or not; checked every eviction_check_secs.
+eviction_high_watermark_percent = {ew}
+eviction_check_secs = {ec}
+
 # Background re-verification of every stored blob (0 disables), and its read rate.
 scrub_interval_secs = {si}
 scrub_rate_mib_s = {sr}
@@ -236,6 +249,8 @@ fetch_attempts = {fa}
         gg = c.gc_grace_secs,
         ie = c.ingest_expiry_secs,
         si = c.scrub_interval_secs,
+        ew = c.eviction_high_watermark_percent,
+        ec = c.eviction_check_secs,
         sr = c.scrub_rate_mib_s,
         ct = u.connect_timeout_secs,
         rt = u.read_timeout_secs,
@@ -321,6 +336,11 @@ impl Config {
                 .map_err(|e| Error::invalid(format!("tcp address {addr:?}: {e}")))?;
         }
         self.upstream.validate()?;
+        if self.eviction_high_watermark_percent > 100 {
+            return Err(Error::invalid(
+                "eviction_high_watermark_percent is a percentage (0-100)",
+            ));
+        }
         self.socket_mode_bits()?;
         if let Some(o) = &self.socket_owner {
             resolve_id(o, "/etc/passwd", "user")?;

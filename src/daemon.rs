@@ -186,6 +186,46 @@ async fn collector(store: Arc<Store>, config: Config, stop: CancellationToken) {
     }
 }
 
+/// Percent of the filesystem holding `path` in use.
+fn disk_used_percent(path: &Path) -> Option<f64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct we own from a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
+        return None;
+    }
+    Some(100.0 * (1.0 - st.f_bavail as f64 / st.f_blocks as f64))
+}
+
+/// Evicts unreachable content whenever the disk is past its high watermark.
+async fn evictor(store: Arc<Store>, config: Config, stop: CancellationToken) {
+    let every = std::time::Duration::from_secs(config.eviction_check_secs.max(1));
+    let high = f64::from(config.eviction_high_watermark_percent);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Some(used) = disk_used_percent(&config.root) else {
+            continue;
+        };
+        if used < high {
+            continue;
+        }
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.evict()).await {
+            Ok(Ok(r)) => tracing::warn!(
+                used_percent = used,
+                blobs = r.blobs_swept,
+                bytes = r.bytes_swept,
+                "disk past its high watermark: evicted unreachable content"
+            ),
+            Ok(Err(e)) => tracing::error!(error = %e, "eviction failed"),
+            Err(e) => tracing::error!(error = %e, "eviction task failed"),
+        }
+    }
+}
+
 /// Background re-verification of every stored blob, once per interval, throttled.
 async fn scrubber(
     store: Arc<Store>,
@@ -383,6 +423,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let collector = tokio::spawn(collector(store.clone(), config.clone(), stop.clone()));
+    if config.eviction_high_watermark_percent > 0 {
+        tokio::spawn(evictor(store.clone(), config.clone(), stop.clone()));
+    }
     if config.scrub_interval_secs > 0 {
         tokio::spawn(scrubber(
             store.clone(),

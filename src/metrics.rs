@@ -79,11 +79,7 @@ impl HistogramVec {
             h.observe(secs);
             return;
         }
-        self.0
-            .write()
-            .entry(key(labels))
-            .or_default()
-            .observe(secs);
+        self.0.write().entry(key(labels)).or_default().observe(secs);
     }
 }
 

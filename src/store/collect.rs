@@ -184,7 +184,12 @@ impl Store {
     fn roots(&self, now: i64) -> Result<(Roots, Links)> {
         let mut roots = Vec::new();
         let mut links = Vec::new();
-        let grace = self.gc_grace_ns;
+        // An eviction (the disk past its high watermark) keeps only what is really reachable.
+        let grace = if self.evicting.load(Ordering::Relaxed) {
+            0
+        } else {
+            self.gc_grace_ns
+        };
         self.kv.scan(Cf::Links, &[], &[], &mut |k, v| {
             let Ok(link) = LinkRecord::decode(v) else {
                 return true;
@@ -321,7 +326,25 @@ impl Store {
     /// One collection. With `dry_run` nothing is removed and the report says exactly what a
     /// run at this moment would remove.
     pub fn collect(&self, dry_run: bool) -> Result<GcReport> {
+        self.collect_with(dry_run, false)
+    }
+
+    /// A collection that ignores the grace period: recent content is removed unless an
+    /// image, lease, label or tenant hold reaches it. What the daemon runs when the disk
+    /// passes its high watermark.
+    pub fn evict(&self) -> Result<GcReport> {
+        self.collect_with(false, true)
+    }
+
+    fn collect_with(&self, dry_run: bool, evict: bool) -> Result<GcReport> {
         let _one = self.gc_running.lock();
+        self.evicting.store(evict, Ordering::Relaxed);
+        let r = self.collect_locked(dry_run);
+        self.evicting.store(false, Ordering::Relaxed);
+        r
+    }
+
+    fn collect_locked(&self, dry_run: bool) -> Result<GcReport> {
         let t0 = Instant::now();
         let started_ns = now_ns();
         self.deletions.store(0, Ordering::Relaxed);

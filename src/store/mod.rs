@@ -294,6 +294,8 @@ pub struct Store {
     gc_gate: parking_lot::RwLock<()>,
     barrier: Mutex<Option<Vec<collect::Node>>>,
     gc_running: Mutex<()>,
+    /// Set while an eviction runs (under `gc_running`): the grace period does not apply.
+    evicting: std::sync::atomic::AtomicBool,
     gc_last: Mutex<Option<GcReport>>,
     gc_runs: std::sync::atomic::AtomicU64,
     deletions: std::sync::atomic::AtomicU64,
@@ -380,6 +382,7 @@ impl Store {
             gc_gate: parking_lot::RwLock::new(()),
             barrier: Mutex::new(None),
             gc_running: Mutex::new(()),
+            evicting: Default::default(),
             gc_last: Mutex::new(None),
             gc_runs: Default::default(),
             deletions: Default::default(),

@@ -309,7 +309,10 @@ async fn a_quota_breach_is_resource_exhausted_and_stores_nothing() {
     put(&mut q, "first", &first).await.unwrap();
     let e = put(&mut q, "second", &second).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
-    assert!(e.message().contains("\"q\"") && e.message().contains("quota"), "{e}");
+    assert!(
+        e.message().contains("\"q\"") && e.message().contains("quota"),
+        "{e}"
+    );
     let info = q
         .info(cpb::InfoRequest {
             digest: sha(&second).to_string(),
@@ -317,7 +320,9 @@ async fn a_quota_breach_is_resource_exhausted_and_stores_nothing() {
         .await;
     assert_eq!(code(info), tonic::Code::NotFound);
     let st = q
-        .status(cpb::StatusRequest { r#ref: "second".into() })
+        .status(cpb::StatusRequest {
+            r#ref: "second".into(),
+        })
         .await
         .map(|s| s.into_inner().status.unwrap().offset);
     assert!(matches!(st, Err(_) | Ok(0)), "bytes were stored: {st:?}");
@@ -325,23 +330,77 @@ async fn a_quota_breach_is_resource_exhausted_and_stores_nothing() {
     let msgs: Vec<cpb::WriteContentRequest> = (0..3)
         .map(|i| cpb::WriteContentRequest {
             action: 1,
-            r#ref: if i == 0 { "multi".into() } else { String::new() },
+            r#ref: if i == 0 {
+                "multi".into()
+            } else {
+                String::new()
+            },
             offset: i * 200_000,
-            data: second[(i as usize) * 200_000..(i as usize + 1) * 200_000].to_vec().into(),
+            data: second[(i as usize) * 200_000..(i as usize + 1) * 200_000]
+                .to_vec()
+                .into(),
             ..Default::default()
         })
         .collect();
     let rs = write_msgs(&mut q, msgs).await;
     assert!(rs[0].is_ok() && rs[1].is_ok(), "{rs:?}");
-    assert_eq!(rs.last().unwrap().as_ref().unwrap_err().code(), tonic::Code::ResourceExhausted);
+    assert_eq!(
+        rs.last().unwrap().as_ref().unwrap_err().code(),
+        tonic::Code::ResourceExhausted
+    );
     // Other namespaces are not affected; freeing space lets the write through.
     let mut free = d.client(Some("free")).await;
     put(&mut free, "second", &second).await.unwrap();
-    q.abort(cpb::AbortRequest { r#ref: "multi".into() }).await.unwrap();
+    q.abort(cpb::AbortRequest {
+        r#ref: "multi".into(),
+    })
+    .await
+    .unwrap();
     q.delete(cpb::DeleteContentRequest {
         digest: sha(&first).to_string(),
     })
     .await
     .unwrap();
     put(&mut q, "second-again", &second).await.unwrap();
+}
+
+/// Past the high watermark (1% here, so always), unreachable content goes at once despite
+/// the grace period; rooted content stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn watermark_eviction_takes_only_unreachable_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "eviction_high_watermark_percent = 1\neviction_check_secs = 1\ngc_grace_secs = 3600\n",
+    )
+    .unwrap();
+    let d = Daemon::start_with(&["--config", cfg.to_str().unwrap()]);
+    let mut c = d.client(Some("e")).await;
+    let loose = pattern(50_000, 1);
+    let kept = pattern(50_000, 2);
+    put(&mut c, "loose", &loose).await.unwrap();
+    write_msgs(
+        &mut c,
+        vec![commit_msg("kept", &kept, &[("containerd.io/gc.root", "x")])],
+    )
+    .await
+    .pop()
+    .unwrap()
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let r = c
+            .info(cpb::InfoRequest {
+                digest: sha(&loose).to_string(),
+            })
+            .await;
+        if code(r) == tonic::Code::NotFound {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing was evicted");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (k, _) = read(&mut c, &sha(&kept).to_string(), 0, 0).await.unwrap();
+    assert!(k == kept);
 }
