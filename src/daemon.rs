@@ -194,7 +194,10 @@ fn disk_used_percent(path: &Path) -> Option<f64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
         return None;
     }
-    Some(100.0 * (1.0 - st.f_bavail as f64 / st.f_blocks as f64))
+    // As df reports it: used / (used + available to unprivileged users).
+    let used = st.f_blocks.saturating_sub(st.f_bfree) as f64;
+    let avail = st.f_bavail as f64;
+    Some(100.0 * used / (used + avail).max(1.0))
 }
 
 /// Evicts unreachable content whenever the disk is past its high watermark.
