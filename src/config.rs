@@ -42,6 +42,19 @@ impl Backend {
     }
 }
 
+/// TLS for the TCP listener. With `client_ca`, clients must present a certificate that CA
+/// signed (mutual TLS).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain of the server.
+    pub cert: PathBuf,
+    /// PEM private key of the server.
+    pub key: PathBuf,
+    /// PEM CA bundle that client certificates must chain to (enables mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
 /// Byte quotas: the bytes of the blobs a namespace links. A write that would pass its
 /// namespace's quota is refused with ResourceExhausted and nothing is stored.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -63,8 +76,10 @@ pub struct Config {
     pub socket: PathBuf,
     /// Backend-mode unix sockets, one tenant each.
     pub backend: Vec<Backend>,
-    /// Optional client-mode TCP listener, e.g. "127.0.0.1:7070".
+    /// Optional client-mode TCP listener, e.g. "0.0.0.0:7070". It requires `[tls]`.
     pub tcp: Option<String>,
+    /// TLS for the TCP listener (`[tls]`): required when `tcp` is set.
+    pub tls: Option<Tls>,
     /// Log format: "text" or "json".
     pub log_format: String,
     /// Seconds between background garbage collections (0 disables the timer).
@@ -134,6 +149,7 @@ impl Default for Config {
             socket,
             backend: Vec::new(),
             tcp: None,
+            tls: None,
             log_format: "text".into(),
             gc_interval_secs: 600,
             gc_grace_secs: 3600,
@@ -183,8 +199,12 @@ socket_mode = "{mode}"
 # name = "containerd"
 # socket = "/run/contentd/containerd.sock"
 
-# Client-mode TCP listener (plaintext: bind it to loopback).
-# tcp = "127.0.0.1:7070"
+# Client-mode TCP listener; TCP is served only over TLS, mutual when client_ca is set.
+# tcp = "0.0.0.0:7070"
+# [tls]
+# cert = "/etc/contentd/tls/server.pem"
+# key = "/etc/contentd/tls/server.key"
+# client_ca = "/etc/contentd/tls/clients-ca.pem"
 
 # TCP listener serving only gRPC health checks, for Kubernetes probes.
 # health_tcp = "0.0.0.0:7071"
@@ -334,6 +354,21 @@ impl Config {
         if let Some(addr) = &self.tcp {
             addr.parse::<std::net::SocketAddr>()
                 .map_err(|e| Error::invalid(format!("tcp address {addr:?}: {e}")))?;
+            let Some(tls) = &self.tls else {
+                return Err(Error::invalid(format!(
+                    "tcp {addr:?} needs [tls] (cert and key): contentd serves TCP only over TLS"
+                )));
+            };
+            for (what, p) in [
+                ("cert", Some(&tls.cert)),
+                ("key", Some(&tls.key)),
+                ("client_ca", tls.client_ca.as_ref()),
+            ] {
+                if let Some(p) = p {
+                    std::fs::metadata(p)
+                        .map_err(|e| Error::invalid(format!("tls {what} {}: {e}", p.display())))?;
+                }
+            }
         }
         self.upstream.validate()?;
         if self.eviction_high_watermark_percent > 100 {
@@ -381,6 +416,15 @@ mod tests {
                socket = "/run/b.sock""#,
         )
         .unwrap();
+        // TCP only with TLS.
+        assert!(c.validate().unwrap_err().message().contains("needs [tls]"));
+        let mut c = c;
+        let here = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        c.tls = Some(Tls {
+            cert: here.clone(),
+            key: here.clone(),
+            client_ca: None,
+        });
         c.validate().unwrap();
         assert_eq!(c.backend[0].tenant(), "ctrd");
         assert_eq!(c.backend[1].tenant(), "other");

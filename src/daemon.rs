@@ -89,7 +89,10 @@ fn bind_unix(path: &Path, perms: SocketPerms) -> anyhow::Result<tokio::net::Unix
 /// One listener's services: content (in the listener's mode), health, reflection v1 and v1alpha.
 /// A macro because the health service's type is unnameable.
 macro_rules! router {
-    ($store:expr, $reads:expr, $puller:expr, $mode:expr, $health:expr) => {{
+    ($store:expr, $reads:expr, $puller:expr, $mode:expr, $health:expr) => {
+        router!(Server::builder(), $store, $reads, $puller, $mode, $health)
+    };
+    ($builder:expr, $store:expr, $reads:expr, $puller:expr, $mode:expr, $health:expr) => {{
         let mode: Mode = $mode;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -98,7 +101,7 @@ macro_rules! router {
         };
         // Large flow-control windows: with h2's defaults a stream of 1 MiB Write messages
         // waits a round trip for window updates after every message.
-        Server::builder()
+        $builder
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -416,8 +419,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        tracing::info!(addr = %addr, mode = "client", "listening");
-        let r = router!(store, reads, puller, Mode::Client, health.clone());
+        let tls = config
+            .tls
+            .as_ref()
+            .context("tcp needs [tls]: contentd serves TCP only over TLS")?;
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let mut tc = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?),
+        );
+        if let Some(ca) = &tls.client_ca {
+            // Mutual TLS: a client without a certificate this CA signed is refused in the
+            // handshake.
+            tc = tc.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        let builder = Server::builder()
+            .tls_config(tc)
+            .context("configuring TLS for the TCP listener")?;
+        tracing::info!(addr = %addr, mode = "client", mtls = tls.client_ca.is_some(), "listening (TLS)");
+        let r = router!(builder, store, reads, puller, Mode::Client, health.clone());
         let s = stop.clone();
         tasks.spawn(async move {
             r.serve_with_incoming_shutdown(TcpListenerStream::new(l), s.cancelled_owned())

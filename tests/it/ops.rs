@@ -404,3 +404,134 @@ async fn watermark_eviction_takes_only_unreachable_content() {
     let (k, _) = read(&mut c, &sha(&kept).to_string(), 0, 0).await.unwrap();
     assert!(k == kept);
 }
+
+/// TCP is served only over TLS; with a client CA, a client without a certificate is refused
+/// in the handshake and one with a certificate that CA signed is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn mtls_refuses_clients_without_a_certificate() {
+    let w = tempfile::tempdir().unwrap();
+    let p = |f: &str| w.path().join(f).to_str().unwrap().to_string();
+    let sh = |cmd: &str| {
+        let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    if Command::new("openssl").arg("version").output().is_err() {
+        assert!(
+            std::env::var_os("CONTENTD_REQUIRE_TOOLS").is_none(),
+            "openssl is not installed"
+        );
+        return;
+    }
+    std::fs::write(p("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(
+        p("client.ext"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    sh(&format!(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout {ck} -out {ca} -days 1 -subj /CN=contentd-ca \
+           -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null && \
+         openssl req -newkey rsa:2048 -nodes -keyout {sk} -out {sr} -subj /CN=localhost 2>/dev/null && \
+         openssl x509 -req -in {sr} -CA {ca} -CAkey {ck} -CAcreateserial -out {sc} -days 1 -extfile {se} 2>/dev/null && \
+         openssl req -newkey rsa:2048 -nodes -keyout {lk} -out {lr} -subj /CN=client 2>/dev/null && \
+         openssl x509 -req -in {lr} -CA {ca} -CAkey {ck} -CAcreateserial -out {lc} -days 1 -extfile {le} 2>/dev/null",
+        ck = p("ca.key"),
+        ca = p("ca.pem"),
+        sk = p("server.key"),
+        sr = p("server.csr"),
+        sc = p("server.pem"),
+        se = p("server.ext"),
+        lk = p("client.key"),
+        lr = p("client.csr"),
+        lc = p("client.pem"),
+        le = p("client.ext"),
+    ));
+    let port = free_port();
+    let cfg = p("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "tcp = \"127.0.0.1:{port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+            p("server.pem"),
+            p("server.key"),
+            p("ca.pem")
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&["--config", &cfg]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TCP listener: {}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let ca = Certificate::from_pem(std::fs::read(p("ca.pem")).unwrap());
+    let ep = || Endpoint::from_shared(format!("https://localhost:{port}")).unwrap();
+    let ask = |ch: tonic::transport::Channel| async move {
+        let mut c = cpb::content_client::ContentClient::with_interceptor(
+            ch,
+            contentd::client::Namespace::new(Some("tls")).unwrap(),
+        );
+        c.info(cpb::InfoRequest {
+            digest: sha(b"x").to_string(),
+        })
+        .await
+    };
+    // No client certificate: refused.
+    let bare = ep()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(ca.clone())
+                .domain_name("localhost"),
+        )
+        .unwrap();
+    let refused = match bare.connect().await {
+        Err(_) => true,
+        Ok(ch) => ask(ch)
+            .await
+            .is_err_and(|e| e.code() != tonic::Code::NotFound),
+    };
+    assert!(refused, "a client without a certificate was served");
+    // A certificate the CA signed: served (the blob is simply not there).
+    let id = Identity::from_pem(
+        std::fs::read(p("client.pem")).unwrap(),
+        std::fs::read(p("client.key")).unwrap(),
+    );
+    let good = ep()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(ca)
+                .domain_name("localhost")
+                .identity(id),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(ask(good).await.unwrap_err().code(), tonic::Code::NotFound);
+    // Plain TCP without [tls] is refused at start.
+    let plain = p("plain.toml");
+    std::fs::write(&plain, format!("tcp = \"127.0.0.1:{}\"\n", free_port())).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_contentd"))
+        .args([
+            "serve",
+            "--root",
+            &p("r2"),
+            "--socket",
+            &p("s2.sock"),
+            "--config",
+            &plain,
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs [tls]"));
+}
