@@ -115,6 +115,14 @@ pub struct Config {
     pub eviction_high_watermark_percent: u8,
     /// Seconds between disk-usage checks for eviction.
     pub eviction_check_secs: u64,
+    /// Largest gRPC message accepted or sent, bytes (a Write message carries at most this
+    /// much data; containerd uses 16 MiB).
+    pub max_message_bytes: usize,
+    /// Concurrent gRPC streams per client connection.
+    pub max_concurrent_streams: u32,
+    /// Largest manifest or index the descriptor-graph parser reads; a larger blob is stored
+    /// but opaque (no edges).
+    pub max_manifest_bytes: usize,
     /// Byte quotas per namespace (`[quotas]`).
     pub quotas: Quotas,
     /// Upstream registries for pulls and on-demand fetches (`[upstream]`,
@@ -163,6 +171,9 @@ impl Default for Config {
             metrics_addr: None,
             scrub_interval_secs: 24 * 3600,
             scrub_rate_mib_s: 32,
+            max_message_bytes: 16 << 20,
+            max_concurrent_streams: 1024,
+            max_manifest_bytes: 4 << 20,
             eviction_high_watermark_percent: 90,
             eviction_check_secs: 30,
             quotas: Quotas::default(),
@@ -226,6 +237,13 @@ gc_grace_secs = {gg}
 # An ingest no lease holds is dropped after this long without a write.
 ingest_expiry_secs = {ie}
 
+# Limits: the largest gRPC message, concurrent streams per connection, and the largest
+# manifest the descriptor-graph parser reads (larger blobs are stored, without edges).
+# Label keys plus values are limited to 4096 bytes each, as in containerd.
+max_message_bytes = {mm}
+max_concurrent_streams = {ms}
+max_manifest_bytes = {mf}
+
 # When the filesystem holding root is fuller than this (percent; 0 disables), unreachable
 # content is evicted at once, grace period or not; checked every eviction_check_secs.
 eviction_high_watermark_percent = {ew}
@@ -270,6 +288,9 @@ fetch_attempts = {fa}
         ie = c.ingest_expiry_secs,
         si = c.scrub_interval_secs,
         ew = c.eviction_high_watermark_percent,
+        mm = c.max_message_bytes,
+        ms = c.max_concurrent_streams,
+        mf = c.max_manifest_bytes,
         ec = c.eviction_check_secs,
         sr = c.scrub_rate_mib_s,
         ct = u.connect_timeout_secs,
@@ -371,6 +392,11 @@ impl Config {
             }
         }
         self.upstream.validate()?;
+        if self.max_message_bytes < (64 << 10) || self.max_concurrent_streams == 0 {
+            return Err(Error::invalid(
+                "max_message_bytes must be at least 65536 and max_concurrent_streams at least 1",
+            ));
+        }
         if self.eviction_high_watermark_percent > 100 {
             return Err(Error::invalid(
                 "eviction_high_watermark_percent is a percentage (0-100)",

@@ -89,10 +89,10 @@ fn bind_unix(path: &Path, perms: SocketPerms) -> anyhow::Result<tokio::net::Unix
 /// One listener's services: content (in the listener's mode), health, reflection v1 and v1alpha.
 /// A macro because the health service's type is unnameable.
 macro_rules! router {
-    ($store:expr, $reads:expr, $puller:expr, $mode:expr, $health:expr) => {
-        router!(Server::builder(), $store, $reads, $puller, $mode, $health)
+    ($limits:expr, $store:expr, $reads:expr, $puller:expr, $mode:expr, $health:expr) => {
+        router!(Server::builder(), $limits, $store, $reads, $puller, $mode, $health)
     };
-    ($builder:expr, $store:expr, $reads:expr, $puller:expr, $mode:expr, $health:expr) => {{
+    ($builder:expr, $limits:expr, $store:expr, $reads:expr, $puller:expr, $mode:expr, $health:expr) => {{
         let mode: Mode = $mode;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -102,6 +102,7 @@ macro_rules! router {
         // Large flow-control windows: with h2's defaults a stream of 1 MiB Write messages
         // waits a round trip for window updates after every message.
         $builder
+            .max_concurrent_streams(Some($limits.1))
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -125,14 +126,21 @@ macro_rules! router {
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(
-                ContentService::new($store.clone(), $reads.clone(), mode.clone()).into_server(),
+                ContentService::new($store.clone(), $reads.clone(), mode.clone())
+                    .into_server()
+                    .max_decoding_message_size($limits.0)
+                    .max_encoding_message_size($limits.0),
             )
             .add_service(RegistryService::new($puller.clone(), mode.clone()).into_server())
             .add_service(
                 crate::api::scrub::ScrubService::new($store.clone(), $puller.clone(), mode.clone())
                     .into_server(),
             )
-            .add_service(BlobsService::new($store.clone(), mode.clone()).into_server())
+            .add_service(
+                BlobsService::new($store.clone(), mode.clone())
+                    .into_server()
+                    .max_decoding_message_size($limits.0),
+            )
             .add_service(GraphService::new($store.clone(), mode.clone()).into_server())
             .add_service(GcService::new($store.clone(), mode.clone()).into_server())
             .add_service(ImagesService::new($store.clone(), mode.clone()).into_server())
@@ -347,6 +355,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             gc_mutation_threshold: config.gc_mutation_threshold,
             quotas: config.quotas.namespaces.clone(),
             default_quota: config.quotas.default_bytes,
+            max_document: config.max_manifest_bytes,
         },
     )?;
     tracing::info!(root = %config.root.display(), "store open");
@@ -365,6 +374,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let perms = SocketPerms::of(&config)?;
+    let limits = (config.max_message_bytes, config.max_concurrent_streams);
     if let Some(addr) = &config.health_tcp {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -390,7 +400,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let l = bind_unix(&config.socket, perms)?;
         sockets.push(config.socket.clone());
         tracing::info!(socket = %config.socket.display(), mode = "client", "listening");
-        let r = router!(store, reads, puller, Mode::Client, health.clone());
+        let r = router!(limits, store, reads, puller, Mode::Client, health.clone());
         let s = stop.clone();
         tasks.spawn(async move {
             r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s.cancelled_owned())
@@ -403,6 +413,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let tenant = b.tenant();
         tracing::info!(socket = %b.socket.display(), mode = "backend", tenant = %tenant, "listening");
         let r = router!(
+            limits,
             store,
             reads,
             puller,
@@ -436,7 +447,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .tls_config(tc)
             .context("configuring TLS for the TCP listener")?;
         tracing::info!(addr = %addr, mode = "client", mtls = tls.client_ca.is_some(), "listening (TLS)");
-        let r = router!(builder, store, reads, puller, Mode::Client, health.clone());
+        let r = router!(
+            builder,
+            limits,
+            store,
+            reads,
+            puller,
+            Mode::Client,
+            health.clone()
+        );
         let s = stop.clone();
         tasks.spawn(async move {
             r.serve_with_incoming_shutdown(TcpListenerStream::new(l), s.cancelled_owned())

@@ -156,7 +156,12 @@ fn edge(role: Role, index: u32, d: &Descriptor) -> Option<Edge> {
 /// Classifies `bytes` and lists its outgoing edges. `hint` is a media type supplied by the
 /// writer; without one the JSON is sniffed (umoci writes manifests without `mediaType`).
 pub fn parse(hint: Option<&str>, bytes: &[u8]) -> Parsed {
-    if bytes.len() > MAX_DOCUMENT
+    parse_limited(hint, bytes, MAX_DOCUMENT)
+}
+
+/// [`parse`] with an operator-set size limit: a larger document is opaque.
+pub fn parse_limited(hint: Option<&str>, bytes: &[u8], limit: usize) -> Parsed {
+    if bytes.len() > limit
         || bytes
             .first()
             .map(|b| !matches!(b, b'{' | b' ' | b'\n' | b'\r' | b'\t'))

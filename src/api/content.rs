@@ -38,8 +38,6 @@ impl ContentService {
 
     pub fn into_server(self) -> pb::content_server::ContentServer<Self> {
         pb::content_server::ContentServer::new(self)
-            .max_decoding_message_size(16 << 20)
-            .max_encoding_message_size(16 << 20)
     }
 }
 

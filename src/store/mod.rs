@@ -305,6 +305,7 @@ pub struct Store {
     gc_wake: tokio::sync::Notify,
     quotas: HashMap<String, u64>,
     default_quota: u64,
+    max_document: usize,
     /// Committed blobs and their bytes (counted at open, kept by commit and sweep).
     blob_count: std::sync::atomic::AtomicI64,
     blob_bytes: std::sync::atomic::AtomicI64,
@@ -330,6 +331,8 @@ pub struct StoreConfig {
     /// namespaces not listed (0: unlimited).
     pub quotas: HashMap<String, u64>,
     pub default_quota: u64,
+    /// Largest document the descriptor-graph parser reads (larger ones are opaque).
+    pub max_document: usize,
 }
 
 impl Default for StoreConfig {
@@ -341,6 +344,7 @@ impl Default for StoreConfig {
             gc_mutation_threshold: 1000,
             quotas: HashMap::new(),
             default_quota: 0,
+            max_document: graph::MAX_DOCUMENT,
         }
     }
 }
@@ -395,6 +399,7 @@ impl Store {
             blob_bytes: Default::default(),
             quotas: config.quotas.clone(),
             default_quota: config.default_quota,
+            max_document: config.max_document,
             gc_grace_ns: config.gc_grace.as_nanos().min(i64::MAX as u128) as i64,
             ingest_expiry_ns: config.ingest_expiry.as_nanos().min(i64::MAX as u128) as i64,
         });
@@ -1679,7 +1684,7 @@ impl Writer {
             let st = self.state()?;
             (st.rec.extent, st.rec.offset)
         };
-        if offset == 0 || offset as usize > graph::MAX_DOCUMENT {
+        if offset == 0 || offset as usize > self.store.max_document {
             return Ok(None);
         }
         // Queued chunk puts of this extent (copied shared bytes sit in `pending`, new
@@ -1811,7 +1816,7 @@ impl Writer {
             Some(mt) if !graph::is_document_type(&mt) => Some(graph::Parsed::opaque(Some(&mt))),
             hint => self
                 .document()?
-                .map(|doc| graph::parse(hint.as_deref(), &doc))
+                .map(|doc| graph::parse_limited(hint.as_deref(), &doc, store.max_document))
                 .or_else(|| hint.as_deref().map(|h| graph::Parsed::opaque(Some(h)))),
         };
         if self.state()?.unlogged {

@@ -535,3 +535,49 @@ async fn mtls_refuses_clients_without_a_certificate() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs [tls]"));
 }
+
+/// Configured limits: the largest message, and the largest manifest the parser reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn message_and_manifest_limits_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "max_message_bytes = 65536\nmax_manifest_bytes = 200\n",
+    )
+    .unwrap();
+    let d = Daemon::start_with(&["--config", cfg.to_str().unwrap()]);
+    let mut c = d.client(Some("l")).await;
+    let e = put(&mut c, "big", &pattern(100_000, 1)).await.unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{e}"
+    );
+    put(&mut c, "small", &pattern(60_000, 1)).await.unwrap();
+    // A manifest over the parser's limit is stored, without edges.
+    let layer = sha(b"layer");
+    let m = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{layer}","size":5}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":5}}]}}"#
+    );
+    assert!(m.len() > 200);
+    put(&mut c, "m", m.as_bytes()).await.unwrap();
+    let ch = contentd::client::connect_unix(&d.client_sock)
+        .await
+        .unwrap();
+    let mut g = gpb::graph_client::GraphClient::with_interceptor(
+        ch,
+        contentd::client::Namespace::new(Some("l")).unwrap(),
+    );
+    let edges = g
+        .children(gpb::DigestRequest {
+            digest: sha(m.as_bytes()).to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .edges;
+    assert!(edges.is_empty(), "{edges:?}");
+}
