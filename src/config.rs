@@ -105,6 +105,9 @@ pub struct Config {
     pub health_tcp: Option<String>,
     /// Address of the Prometheus metrics endpoint (HTTP, path /metrics), e.g. "127.0.0.1:9105".
     pub metrics_addr: Option<String>,
+    /// OpenTelemetry collector to export traces to over OTLP/gRPC, e.g.
+    /// "http://127.0.0.1:4317" (a span per RPC with namespace, digest and ref).
+    pub otlp_endpoint: Option<String>,
     /// Seconds between background re-verifications of every stored blob (0 disables).
     pub scrub_interval_secs: u64,
     /// Read rate of the background scrub, MiB/s (it competes with clients for the disk).
@@ -169,6 +172,7 @@ impl Default for Config {
             socket_group: None,
             health_tcp: None,
             metrics_addr: None,
+            otlp_endpoint: None,
             scrub_interval_secs: 24 * 3600,
             scrub_rate_mib_s: 32,
             max_message_bytes: 16 << 20,
@@ -222,6 +226,9 @@ socket_mode = "{mode}"
 
 # Prometheus metrics endpoint (HTTP, GET /metrics).
 # metrics_addr = "127.0.0.1:9105"
+
+# Export traces (a span per RPC) to an OpenTelemetry collector over OTLP/gRPC.
+# otlp_endpoint = "http://127.0.0.1:4317"
 
 # Log format: "text" or "json" (level: RUST_LOG, default info).
 log_format = "{log}"
@@ -408,6 +415,13 @@ impl Config {
         }
         if let Some(g) = &self.socket_group {
             resolve_id(g, "/etc/group", "group")?;
+        }
+        if let Some(e) = &self.otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(Error::invalid(format!(
+                "otlp_endpoint {e:?}: expected http://HOST:PORT or https://HOST:PORT"
+            )));
         }
         for (what, addr) in [
             ("health_tcp", &self.health_tcp),

@@ -22,4 +22,5 @@ pub mod kv;
 pub mod metrics;
 pub mod reads;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;

@@ -133,21 +133,6 @@ enum Command {
     },
 }
 
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal as _;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        b.json().init()
-    } else {
-        b.init()
-    }
-}
-
 fn main() -> std::process::ExitCode {
     // glibc gives every thread that frees a 1 MiB chunk buffer its own arena; with the
     // blocking pool that grows RSS far past what is live. Two arenas keep memory near the
@@ -232,7 +217,9 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
                 c.scrub_interval_secs = v;
             }
             c.validate()?;
-            init_tracing(&c.log_format);
+            let _telemetry = rt.block_on(async {
+                contentd::telemetry::init(&c.log_format, c.otlp_endpoint.as_deref())
+            })?;
             rt.block_on(contentd::daemon::serve(c))
         }
         Command::Config { cmd } => match cmd {

@@ -581,3 +581,72 @@ async fn message_and_manifest_limits_apply() {
         .edges;
     assert!(edges.is_empty(), "{edges:?}");
 }
+
+/// With an OTLP endpoint configured, each RPC becomes an exported span carrying its method,
+/// namespace and digest (received here by a collector's gRPC trace service).
+#[tokio::test(flavor = "multi_thread")]
+async fn rpc_spans_are_exported_over_otlp() {
+    use opentelemetry_proto::tonic::collector::trace::v1 as otlp;
+    #[derive(Clone, Default)]
+    struct Collector(std::sync::Arc<parking_lot::Mutex<Vec<(String, Vec<(String, String)>)>>>);
+    #[tonic::async_trait]
+    impl otlp::trace_service_server::TraceService for Collector {
+        async fn export(
+            &self,
+            req: tonic::Request<otlp::ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<otlp::ExportTraceServiceResponse>, tonic::Status> {
+            for rs in req.into_inner().resource_spans {
+                for ss in rs.scope_spans {
+                    for s in ss.spans {
+                        let attrs = s
+                            .attributes
+                            .iter()
+                            .map(|a| {
+                                let v = match a.value.as_ref().and_then(|v| v.value.clone()) {
+                                    Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => s,
+                                    other => format!("{other:?}"),
+                                };
+                                (a.key.clone(), v)
+                            })
+                            .collect();
+                        self.0.lock().push((s.name, attrs));
+                    }
+                }
+            }
+            Ok(tonic::Response::new(otlp::ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+    let collector = Collector::default();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let svc = otlp::trace_service_server::TraceServiceServer::new(collector.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("otlp_endpoint = \"http://127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let mut d = Daemon::start_with(&["--config", cfg.to_str().unwrap()]);
+    let mut c = d.client(Some("otel")).await;
+    let dg = sha(b"traced").to_string();
+    let _ = c.info(cpb::InfoRequest { digest: dg.clone() }).await;
+    drop(c);
+    d.stop(); // a clean stop flushes the exporter
+    let spans = collector.0.lock().clone();
+    let found = spans.iter().any(|(_, attrs)| {
+        attrs.contains(&("namespace".into(), "otel".into()))
+            && attrs.contains(&("digest".into(), dg.clone()))
+            && attrs
+                .iter()
+                .any(|(k, v)| k == "path" && v.ends_with("Content/Info"))
+    });
+    assert!(found, "{spans:#?}");
+}
