@@ -587,8 +587,10 @@ async fn message_and_manifest_limits_apply() {
 #[tokio::test(flavor = "multi_thread")]
 async fn rpc_spans_are_exported_over_otlp() {
     use opentelemetry_proto::tonic::collector::trace::v1 as otlp;
+    /// (span name, attributes) as received.
+    type Spans = Vec<(String, Vec<(String, String)>)>;
     #[derive(Clone, Default)]
-    struct Collector(std::sync::Arc<parking_lot::Mutex<Vec<(String, Vec<(String, String)>)>>>);
+    struct Collector(std::sync::Arc<parking_lot::Mutex<Spans>>);
     #[tonic::async_trait]
     impl otlp::trace_service_server::TraceService for Collector {
         async fn export(
