@@ -677,3 +677,72 @@ async fn tls_registry_with_basic_auth() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     assert!(e.message().contains(&addr), "{e}");
 }
+
+/// A pulled layer corrupted behind the daemon's back is quarantined by `contentd verify` and
+/// fetched again from the registry it came from.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_pulled_blob_is_fetched_again() {
+    let Some((dir, _keep)) = fixtures() else {
+        return;
+    };
+    let Some(reg) = Registry::start(&dir) else {
+        return;
+    };
+    let s = summary(&dir);
+    let fx = fixture(&s, "oci-single");
+    let (layer, _) = big_layer(fx);
+    let files = blob_files(&dir);
+    let want = std::fs::read(&files[&layer]).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start_in(work.path());
+    let ch = connect_unix(&d.client_sock).await.unwrap();
+    pull(&ch, "rf", &reference(&reg, fx), false).await.unwrap();
+    drop(ch);
+    d.stop();
+    {
+        use contentd::kv::{Batch, Cf};
+        let kv = contentd::kv::rocks::RocksKv::open(&work.path().join("root"), &Default::default())
+            .unwrap();
+        let store = contentd::store::Store::open(std::sync::Arc::new(kv)).unwrap();
+        let scope = contentd::store::Scope::namespace("rf").unwrap();
+        let loc = store
+            .locate(&scope, &contentd::digest::Digest::parse(&layer).unwrap())
+            .unwrap();
+        let mut key = loc.extent.to_be_bytes().to_vec();
+        key.extend_from_slice(&0u64.to_be_bytes());
+        let mut v = store.kv().get(Cf::Chunks, &key).unwrap().unwrap();
+        v[7] ^= 0xff;
+        let mut b = Batch::new();
+        b.put(Cf::Chunks, key, v);
+        store.kv().write(b, true).unwrap();
+    }
+    let d = Daemon::start_in(work.path());
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_contentd"))
+        .args(["verify", &layer, "--json"])
+        .env("CONTENTD_SOCKET", &d.client_sock)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["corrupt"][0]["digest"], layer.as_str());
+    assert_eq!(v["corrupt"][0]["refetching"], serde_json::json!(["n:rf"]));
+    let mut c = d.client(Some("rf")).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((data, _)) = read(&mut c, &layer, 0, 0).await
+            && data == want
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the layer was not fetched again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ch = connect_unix(&d.client_sock).await.unwrap();
+    let w = walk(&ch, "rf", fx["root"]["digest"].as_str().unwrap()).await;
+    assert_eq!(walk_nodes(&w), want_nodes(fx));
+}
