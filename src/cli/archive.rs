@@ -40,6 +40,36 @@ fn corrupt(path: &Path, e: impl std::fmt::Display) -> CliError {
         .hint("check the file (e.g. `tar tf`); re-create it with `contentd export`, `skopeo copy` or `docker save`")
 }
 
+/// How a copy into a channel ended.
+enum Pumped {
+    /// The reader reached its end.
+    Done,
+    /// The receiver went away (the daemon already had the blob and stopped reading).
+    Dropped,
+    /// The reader failed; the error was sent on.
+    Failed,
+}
+
+/// Copies `reader` into `tx` in chunks (from a plain thread: the sends block).
+fn pump(reader: &mut impl std::io::Read, tx: &mpsc::Sender<std::io::Result<Bytes>>) -> Pumped {
+    loop {
+        let mut buf = vec![0u8; CHUNK];
+        match reader.read(&mut buf) {
+            Ok(0) => return Pumped::Done,
+            Ok(n) => {
+                buf.truncate(n);
+                if tx.blocking_send(Ok(buf.into())).is_err() {
+                    return Pumped::Dropped;
+                }
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return Pumped::Failed;
+            }
+        }
+    }
+}
+
 /// Streams `file` from `offset` as blob `digest` through Blobs.Put. Returns whether it was
 /// created (false: the namespace already had it).
 #[allow(clippy::too_many_arguments)]
@@ -58,22 +88,7 @@ pub(super) async fn put_file(
     file.seek(std::io::SeekFrom::Start(offset as u64))?;
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
     std::thread::spawn(move || {
-        loop {
-            let mut buf = vec![0u8; CHUNK];
-            match file.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    buf.truncate(n);
-                    if tx.blocking_send(Ok(buf.into())).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            }
-        }
+        pump(&mut file, &tx);
     });
     let bar = cx.bar(size, "pushing");
     bar.set_position(offset as u64);
@@ -177,22 +192,7 @@ pub(super) async fn upload_stream(
 ) -> R<(Digest, i64, bool)> {
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
     std::thread::spawn(move || {
-        loop {
-            let mut buf = vec![0u8; CHUNK];
-            match reader.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    buf.truncate(n);
-                    if tx.blocking_send(Ok(buf.into())).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            }
-        }
+        pump(&mut reader, &tx);
     });
     write_chunks(
         cx,
@@ -376,23 +376,9 @@ fn feed_tar(path: PathBuf, wanted: HashSet<String>, jobs: mpsc::Sender<R<Job>>) 
             {
                 return Ok(());
             }
-            loop {
-                let mut buf = vec![0u8; CHUNK];
-                match e.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        // The daemon may stop reading early (it already has the blob):
-                        // go on with the next entry.
-                        if tx.blocking_send(Ok(buf.into())).is_err() {
-                            break;
-                        }
-                    }
-                    Err(x) => {
-                        let _ = tx.blocking_send(Err(x));
-                        return Ok(());
-                    }
-                }
+            // Dropped: the daemon already had the blob; go on with the next entry.
+            if let Pumped::Failed = pump(&mut e, &tx) {
+                return Ok(());
             }
         }
         Ok(())
@@ -425,22 +411,8 @@ fn feed_dir(root: PathBuf, wanted: Vec<String>, jobs: mpsc::Sender<R<Job>>) {
             return;
         }
         let mut f = f;
-        loop {
-            let mut buf = vec![0u8; CHUNK];
-            match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    buf.truncate(n);
-                    // The daemon may stop reading early (it already has the blob).
-                    if tx.blocking_send(Ok(buf.into())).is_err() {
-                        break;
-                    }
-                }
-                Err(x) => {
-                    let _ = tx.blocking_send(Err(x));
-                    return;
-                }
-            }
+        if let Pumped::Failed = pump(&mut f, &tx) {
+            return;
         }
     }
 }

@@ -427,17 +427,15 @@ async fn run(conn: Conn, verb: Verb) -> R<()> {
         Verb::Rm { digests } => {
             for d in &digests {
                 digest_arg(d)?;
-                cx.content()
-                    .delete(cpb::DeleteContentRequest { digest: d.clone() })
-                    .await?;
-                if !cx.conn.json {
-                    println!("deleted {d}");
+            }
+            delete_each(&cx, &digests, |d| {
+                let mut c = cx.content();
+                async move {
+                    c.delete(cpb::DeleteContentRequest { digest: d }).await?;
+                    Ok(())
                 }
-            }
-            if cx.conn.json {
-                output::json(&serde_json::json!({ "deleted": digests }));
-            }
-            Ok(())
+            })
+            .await
         }
         Verb::Label { digest, labels } => label(&cx, &digest, &labels).await,
         Verb::Images { cmd } => images(&cx, cmd).await,
@@ -469,6 +467,24 @@ async fn run(conn: Conn, verb: Verb) -> R<()> {
         Verb::Status => status(&cx).await,
         Verb::Health => health(&cx).await,
     }
+}
+
+/// Deletes each item in turn, saying so as it goes (or in one JSON list at the end).
+async fn delete_each<F, Fut>(cx: &Ctx, items: &[String], mut del: F) -> R<()>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = R<()>>,
+{
+    for it in items {
+        del(it.clone()).await?;
+        if !cx.conn.json {
+            println!("deleted {it}");
+        }
+    }
+    if cx.conn.json {
+        output::json(&serde_json::json!({ "deleted": items }));
+    }
+    Ok(())
 }
 
 fn info_json(i: &cpb::Info) -> serde_json::Value {
@@ -762,21 +778,15 @@ async fn images(cx: &Ctx, cmd: ImagesCmd) -> R<()> {
             Ok(())
         }
         ImagesCmd::Rm { names } => {
-            for n in &names {
-                cx.images()
-                    .delete(ipb::DeleteImageRequest {
-                        name: n.clone(),
-                        sync: false,
-                    })
-                    .await?;
-                if !cx.conn.json {
-                    println!("deleted {n}");
+            delete_each(cx, &names, |name| {
+                let mut c = cx.images();
+                async move {
+                    c.delete(ipb::DeleteImageRequest { name, sync: false })
+                        .await?;
+                    Ok(())
                 }
-            }
-            if cx.conn.json {
-                output::json(&serde_json::json!({ "deleted": names }));
-            }
-            Ok(())
+            })
+            .await
         }
         ImagesCmd::Inspect { name } => {
             let img = cx
@@ -890,21 +900,14 @@ async fn leases(cx: &Ctx, cmd: LeasesCmd) -> R<()> {
             Ok(())
         }
         LeasesCmd::Rm { ids } => {
-            for id in &ids {
-                cx.leases()
-                    .delete(lpb::DeleteRequest {
-                        id: id.clone(),
-                        sync: false,
-                    })
-                    .await?;
-                if !cx.conn.json {
-                    println!("deleted {id}");
+            delete_each(cx, &ids, |id| {
+                let mut c = cx.leases();
+                async move {
+                    c.delete(lpb::DeleteRequest { id, sync: false }).await?;
+                    Ok(())
                 }
-            }
-            if cx.conn.json {
-                output::json(&serde_json::json!({ "deleted": ids }));
-            }
-            Ok(())
+            })
+            .await
         }
     }
 }

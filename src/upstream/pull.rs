@@ -500,118 +500,104 @@ impl Puller {
         events: Option<&mpsc::Sender<Event>>,
         live: Option<&watch::Sender<FetchPhase>>,
     ) -> Result<bool> {
-        let r = self
-            .fetch_into_inner(scope, src, lease, d, size, media_type, events, live)
-            .await;
+        let r: Result<bool> = async {
+            let r = format!("fetch-{d}");
+            // With nothing stored yet the fetch starts at offset 0: the request goes out now,
+            // overlapping the registry's latency with opening the ingest.
+            let early = match self.store.status(scope, &r) {
+                Err(e) if e.is(Kind::NotFound) && self.store.info(scope, d).is_err() => {
+                    let (up, src2, d2) = (self.upstream.clone(), src.clone(), d.clone());
+                    Some(tokio::spawn(
+                        async move { up.blob(&src2, &d2, 0, None).await },
+                    ))
+                }
+                _ => None,
+            };
+            let w = match self
+                .store
+                .open_writer(scope.clone(), &r, size.max(0), Some(d.clone()), lease)
+                .await
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    if let Some(h) = early {
+                        h.abort();
+                    }
+                    return if is_exists(&e) { Ok(false) } else { Err(e) };
+                }
+            };
+            let mut w = AsyncWriter::new(w);
+            let mt = (!media_type.is_empty()).then(|| media_type.to_string());
+            w.step(move |w| {
+                w.set_media_type(mt);
+                Ok(())
+            })
+            .await?;
+            if let Some(l) = live {
+                let _ = l.send(FetchPhase::Live);
+            }
+            let attempts = self.upstream.config().fetch_attempts;
+            let mut attempt = 0;
+            let mut early = early;
+            loop {
+                attempt += 1;
+                let offset = w.step(|w| Ok(w.status()?.offset)).await?;
+                let body = match early.take() {
+                    Some(h) if offset == 0 => Some(
+                        h.await
+                            .map_err(|e| Error::internal(format!("fetch task failed: {e}")))?,
+                    ),
+                    Some(h) => {
+                        h.abort();
+                        None
+                    }
+                    None => None,
+                };
+                let r = if size > 0 && offset >= size {
+                    Ok(())
+                } else {
+                    self.copy_body(&mut w, src, d, offset, size, events, body)
+                        .await
+                };
+                match r {
+                    Ok(()) => break,
+                    Err(e) if e.is(Kind::Unavailable) && attempt < attempts => {
+                        let pause = Duration::from_millis(200 << attempt.min(5));
+                        tracing::warn!(digest = %d, offset, attempt, error = %e, "upstream fetch interrupted; resuming");
+                        tokio::time::sleep(pause).await;
+                    }
+                    // The ingest stays: the next fetch resumes where this one stopped. Readers
+                    // following it learn why it stopped.
+                    Err(e) => {
+                        let e2 = e.clone();
+                        let _ = w
+                            .step(move |w| {
+                                w.fail_live(e2);
+                                Ok(())
+                            })
+                            .await;
+                        return Err(e);
+                    }
+                }
+            }
+            let d2 = d.clone();
+            match w.step(move |w| w.commit(size, Some(d2), None)).await {
+                Ok(_) => Ok(true),
+                Err(e) if is_exists(&e) => Ok(false),
+                Err(e) if e.is(Kind::FailedPrecondition) => {
+                    // Wrong bytes: nothing of them may be resumed from.
+                    let _ = w.step(|w| w.abort()).await;
+                    Err(Error::data_loss(format!(
+                        "upstream {}/{} served wrong bytes for {d}: {e}",
+                        src.registry, src.repository
+                    )))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        .await;
         Self::count_fetch(src, &r, if matches!(r, Ok(true)) { size } else { 0 });
         r
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn fetch_into_inner(
-        &self,
-        scope: &Scope,
-        src: &Source,
-        lease: Option<String>,
-        d: &Digest,
-        size: i64,
-        media_type: &str,
-        events: Option<&mpsc::Sender<Event>>,
-        live: Option<&watch::Sender<FetchPhase>>,
-    ) -> Result<bool> {
-        let r = format!("fetch-{d}");
-        // With nothing stored yet the fetch starts at offset 0: the request goes out now,
-        // overlapping the registry's latency with opening the ingest.
-        let early = match self.store.status(scope, &r) {
-            Err(e) if e.is(Kind::NotFound) && self.store.info(scope, d).is_err() => {
-                let (up, src2, d2) = (self.upstream.clone(), src.clone(), d.clone());
-                Some(tokio::spawn(
-                    async move { up.blob(&src2, &d2, 0, None).await },
-                ))
-            }
-            _ => None,
-        };
-        let w = match self
-            .store
-            .open_writer(scope.clone(), &r, size.max(0), Some(d.clone()), lease)
-            .await
-        {
-            Ok(w) => w,
-            Err(e) => {
-                if let Some(h) = early {
-                    h.abort();
-                }
-                return if is_exists(&e) { Ok(false) } else { Err(e) };
-            }
-        };
-        let mut w = AsyncWriter::new(w);
-        let mt = (!media_type.is_empty()).then(|| media_type.to_string());
-        w.step(move |w| {
-            w.set_media_type(mt);
-            Ok(())
-        })
-        .await?;
-        if let Some(l) = live {
-            let _ = l.send(FetchPhase::Live);
-        }
-        let attempts = self.upstream.config().fetch_attempts;
-        let mut attempt = 0;
-        let mut early = early;
-        loop {
-            attempt += 1;
-            let offset = w.step(|w| Ok(w.status()?.offset)).await?;
-            let body = match early.take() {
-                Some(h) if offset == 0 => Some(
-                    h.await
-                        .map_err(|e| Error::internal(format!("fetch task failed: {e}")))?,
-                ),
-                Some(h) => {
-                    h.abort();
-                    None
-                }
-                None => None,
-            };
-            let r = if size > 0 && offset >= size {
-                Ok(())
-            } else {
-                self.copy_body(&mut w, src, d, offset, size, events, body)
-                    .await
-            };
-            match r {
-                Ok(()) => break,
-                Err(e) if e.is(Kind::Unavailable) && attempt < attempts => {
-                    let pause = Duration::from_millis(200 << attempt.min(5));
-                    tracing::warn!(digest = %d, offset, attempt, error = %e, "upstream fetch interrupted; resuming");
-                    tokio::time::sleep(pause).await;
-                }
-                // The ingest stays: the next fetch resumes where this one stopped. Readers
-                // following it learn why it stopped.
-                Err(e) => {
-                    let e2 = e.clone();
-                    let _ = w
-                        .step(move |w| {
-                            w.fail_live(e2);
-                            Ok(())
-                        })
-                        .await;
-                    return Err(e);
-                }
-            }
-        }
-        let d2 = d.clone();
-        match w.step(move |w| w.commit(size, Some(d2), None)).await {
-            Ok(_) => Ok(true),
-            Err(e) if is_exists(&e) => Ok(false),
-            Err(e) if e.is(Kind::FailedPrecondition) => {
-                // Wrong bytes: nothing of them may be resumed from.
-                let _ = w.step(|w| w.abort()).await;
-                Err(Error::data_loss(format!(
-                    "upstream {}/{} served wrong bytes for {d}: {e}",
-                    src.registry, src.repository
-                )))
-            }
-            Err(e) => Err(e),
-        }
     }
 
     #[allow(clippy::too_many_arguments)]

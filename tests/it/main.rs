@@ -1,6 +1,7 @@
 //! Integration tests: each drives the real `contentd` daemon over its unix sockets.
 
 mod backend;
+mod certs;
 mod cli;
 mod collect;
 mod content;

@@ -411,54 +411,16 @@ async fn watermark_eviction_takes_only_unreachable_content() {
 async fn mtls_refuses_clients_without_a_certificate() {
     let w = tempfile::tempdir().unwrap();
     let p = |f: &str| w.path().join(f).to_str().unwrap().to_string();
-    let sh = |cmd: &str| {
-        let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
-        assert!(
-            o.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    if Command::new("openssl").arg("version").output().is_err() {
-        assert!(
-            std::env::var_os("CONTENTD_REQUIRE_TOOLS").is_none(),
-            "openssl is not installed"
-        );
+    let Some(certs) = crate::certs::make(w.path()) else {
         return;
-    }
-    std::fs::write(p("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
-    std::fs::write(
-        p("client.ext"),
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    sh(&format!(
-        "openssl req -x509 -newkey rsa:2048 -nodes -keyout {ck} -out {ca} -days 1 -subj /CN=contentd-ca \
-           -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null && \
-         openssl req -newkey rsa:2048 -nodes -keyout {sk} -out {sr} -subj /CN=localhost 2>/dev/null && \
-         openssl x509 -req -in {sr} -CA {ca} -CAkey {ck} -CAcreateserial -out {sc} -days 1 -extfile {se} 2>/dev/null && \
-         openssl req -newkey rsa:2048 -nodes -keyout {lk} -out {lr} -subj /CN=client 2>/dev/null && \
-         openssl x509 -req -in {lr} -CA {ca} -CAkey {ck} -CAcreateserial -out {lc} -days 1 -extfile {le} 2>/dev/null",
-        ck = p("ca.key"),
-        ca = p("ca.pem"),
-        sk = p("server.key"),
-        sr = p("server.csr"),
-        sc = p("server.pem"),
-        se = p("server.ext"),
-        lk = p("client.key"),
-        lr = p("client.csr"),
-        lc = p("client.pem"),
-        le = p("client.ext"),
-    ));
+    };
     let port = free_port();
     let cfg = p("c.toml");
     std::fs::write(
         &cfg,
         format!(
             "tcp = \"127.0.0.1:{port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
-            p("server.pem"),
-            p("server.key"),
-            p("ca.pem")
+            certs.server_cert, certs.server_key, certs.ca
         ),
     )
     .unwrap();
@@ -473,7 +435,7 @@ async fn mtls_refuses_clients_without_a_certificate() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let ca = Certificate::from_pem(std::fs::read(p("ca.pem")).unwrap());
+    let ca = Certificate::from_pem(std::fs::read(&certs.ca).unwrap());
     let ep = || Endpoint::from_shared(format!("https://localhost:{port}")).unwrap();
     let ask = |ch: tonic::transport::Channel| async move {
         let mut c = cpb::content_client::ContentClient::with_interceptor(
@@ -502,8 +464,8 @@ async fn mtls_refuses_clients_without_a_certificate() {
     assert!(refused, "a client without a certificate was served");
     // A certificate the CA signed: served (the blob is simply not there).
     let id = Identity::from_pem(
-        std::fs::read(p("client.pem")).unwrap(),
-        std::fs::read(p("client.key")).unwrap(),
+        std::fs::read(&certs.client_cert).unwrap(),
+        std::fs::read(&certs.client_key).unwrap(),
     );
     let good = ep()
         .tls_config(

@@ -578,24 +578,9 @@ async fn tls_registry_with_basic_auth() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    // A private CA and a server certificate it signed (webpki refuses a CA as end entity).
-    std::fs::write(
-        p("leaf.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    sh(&format!(
-        "openssl req -x509 -newkey rsa:2048 -nodes -keyout {ck} -out {ca} -days 1 -subj /CN=contentd-test-ca \
-           -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null && \
-         openssl req -newkey rsa:2048 -nodes -keyout {key} -out {csr} -subj /CN=127.0.0.1 2>/dev/null && \
-         openssl x509 -req -in {csr} -CA {ca} -CAkey {ck} -CAcreateserial -out {cert} -days 1 -extfile {ext} 2>/dev/null",
-        ck = p("ca.key"),
-        ca = p("ca.pem"),
-        key = p("key.pem"),
-        csr = p("req.csr"),
-        cert = p("cert.pem"),
-        ext = p("leaf.ext"),
-    ));
+    let Some(certs) = crate::certs::make(w.path()) else {
+        return;
+    };
     sh(&format!("htpasswd -cbB {} puller s3cret", p("htpasswd")));
     let addr = format!("127.0.0.1:{}", free_port());
     std::fs::write(
@@ -603,8 +588,8 @@ async fn tls_registry_with_basic_auth() {
         format!(
             "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: contentd-test\n    path: {}\n",
             p("data"),
-            p("cert.pem"),
-            p("key.pem"),
+            certs.server_cert,
+            certs.server_key,
             p("htpasswd")
         ),
     )
@@ -630,7 +615,7 @@ async fn tls_registry_with_basic_auth() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::fs::create_dir_all(p("certs")).unwrap();
-    std::fs::copy(p("ca.pem"), w.path().join("certs/ca.crt")).unwrap();
+    std::fs::copy(&certs.ca, w.path().join("certs/ca.crt")).unwrap();
     std::fs::write(
         p("policy.json"),
         r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
@@ -652,7 +637,7 @@ async fn tls_registry_with_basic_auth() {
         "",
         &format!(
             "endpoint = \"https://{addr}\"\nca_file = \"{}\"\nusername = \"puller\"\npassword = \"s3cret\"",
-            p("ca.pem")
+            certs.ca
         ),
     );
     let d = Daemon::start_with(&["--config", path.to_str().unwrap()]);
@@ -666,10 +651,7 @@ async fn tls_registry_with_basic_auth() {
     let (_cfg2, path2) = config_with(
         &addr,
         "",
-        &format!(
-            "endpoint = \"https://{addr}\"\nca_file = \"{}\"",
-            p("ca.pem")
-        ),
+        &format!("endpoint = \"https://{addr}\"\nca_file = \"{}\"", certs.ca),
     );
     let d2 = Daemon::start_with(&["--config", path2.to_str().unwrap()]);
     let ch2 = connect_unix(&d2.client_sock).await.unwrap();
