@@ -127,6 +127,19 @@ fn big_layer(fx: &Value) -> (String, i64) {
         .unwrap()
 }
 
+/// The fixtures, a registry holding them, and summary.json; None when tools are missing.
+fn registry_with_fixtures() -> Option<(
+    std::path::PathBuf,
+    Option<tempfile::TempDir>,
+    Registry,
+    Value,
+)> {
+    let (dir, keep) = fixtures()?;
+    let reg = Registry::start(&dir)?;
+    let s = summary(&dir);
+    Some((dir, keep, reg, s))
+}
+
 /// Every fixture the registry holds, pulled eagerly into one namespace and lazily into
 /// another: both give the graph summary.json (and so the registry) holds; the lazy one
 /// stores no layer until it is read, and reading each gives its verified bytes.
@@ -284,13 +297,9 @@ async fn eager_and_lazy_pulls_give_the_registry_graph() {
 /// at once by an upstream Range request.
 #[tokio::test(flavor = "multi_thread")]
 async fn lazy_layer_single_flight_and_first_bytes_early() {
-    let Some((dir, _keep)) = fixtures() else {
+    let Some((dir, _keep, reg, s)) = registry_with_fixtures() else {
         return;
     };
-    let Some(reg) = Registry::start(&dir) else {
-        return;
-    };
-    let s = summary(&dir);
     let fx = fixture(&s, "oci-single");
     let (layer, size) = big_layer(fx);
     assert!(size > 40 << 20, "the 50 MiB fixture layer");
@@ -396,13 +405,9 @@ async fn lazy_layer_single_flight_and_first_bytes_early() {
 /// Range request and finishes with verified content.
 #[tokio::test(flavor = "multi_thread")]
 async fn registry_killed_mid_layer_pull_resumes() {
-    let Some((dir, _keep)) = fixtures() else {
+    let Some((_dir, _keep, reg, s)) = registry_with_fixtures() else {
         return;
     };
-    let Some(reg) = Registry::start(&dir) else {
-        return;
-    };
-    let s = summary(&dir);
     let fx = fixture(&s, "oci-single");
     let (layer, size) = big_layer(fx);
     let proxy = Proxy::start(&reg.addr, 16 << 20).await;
@@ -457,13 +462,9 @@ async fn registry_killed_mid_layer_pull_resumes() {
 /// unverified is stored, and a retry succeeds once the upstream is right again.
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_faults_are_clear_errors() {
-    let Some((dir, _keep)) = fixtures() else {
+    let Some((_dir, _keep, reg, s)) = registry_with_fixtures() else {
         return;
     };
-    let Some(reg) = Registry::start(&dir) else {
-        return;
-    };
-    let s = summary(&dir);
     let fx = fixture(&s, "oci-single");
     let root = fx["root"]["digest"].as_str().unwrap();
     let proxy = Proxy::start(&reg.addr, 0).await;
@@ -664,13 +665,9 @@ async fn tls_registry_with_basic_auth() {
 /// fetched again from the registry it came from.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_pulled_blob_is_fetched_again() {
-    let Some((dir, _keep)) = fixtures() else {
+    let Some((dir, _keep, reg, s)) = registry_with_fixtures() else {
         return;
     };
-    let Some(reg) = Registry::start(&dir) else {
-        return;
-    };
-    let s = summary(&dir);
     let fx = fixture(&s, "oci-single");
     let (layer, _) = big_layer(fx);
     let files = blob_files(&dir);
