@@ -325,3 +325,24 @@ pub async fn put_blob(c: &mut Client, dg: &str, bytes: &[u8]) {
         Err(e) => assert_eq!(e.code(), tonic::Code::AlreadyExists, "{dg}: {e}"),
     }
 }
+
+/// Flips a byte of a blob's first stored chunk directly in the RocksDB of a stopped daemon
+/// whose directory is `dir`: corruption behind the daemon's back.
+pub fn corrupt_first_chunk(dir: &Path, namespace: &str, d: &Digest, at: usize) {
+    use contentd::kv::{Batch, Cf};
+    let kv = contentd::kv::rocks::RocksKv::open(&dir.join("root"), &Default::default()).unwrap();
+    let store = contentd::store::Store::open(std::sync::Arc::new(kv)).unwrap();
+    let scope = contentd::store::Scope::namespace(namespace).unwrap();
+    let loc = store.locate(&scope, d).unwrap();
+    let mut key = loc.extent.to_be_bytes().to_vec();
+    key.extend_from_slice(&0u64.to_be_bytes());
+    let mut v = store
+        .kv()
+        .get(Cf::Chunks, &key)
+        .unwrap()
+        .expect("the first chunk");
+    v[at] ^= 0x5a;
+    let mut b = Batch::new();
+    b.put(Cf::Chunks, key, v);
+    store.kv().write(b, true).unwrap();
+}

@@ -143,25 +143,7 @@ async fn scrub_finds_a_chunk_corrupted_behind_the_daemons_back() {
     let bad_dg = sha(&bad);
     drop(c);
     d.stop();
-    {
-        use contentd::kv::{Batch, Cf};
-        let kv = contentd::kv::rocks::RocksKv::open(&dir.path().join("root"), &Default::default())
-            .unwrap();
-        let store = contentd::store::Store::open(std::sync::Arc::new(kv)).unwrap();
-        let scope = contentd::store::Scope::namespace("s").unwrap();
-        let loc = store.locate(&scope, &bad_dg).unwrap();
-        let mut key = loc.extent.to_be_bytes().to_vec();
-        key.extend_from_slice(&0u64.to_be_bytes());
-        let mut v = store
-            .kv()
-            .get(Cf::Chunks, &key)
-            .unwrap()
-            .expect("the first chunk");
-        v[100] ^= 0x5a;
-        let mut b = Batch::new();
-        b.put(Cf::Chunks, key, v);
-        store.kv().write(b, true).unwrap();
-    }
+    corrupt_first_chunk(dir.path(), "s", &bad_dg, 100);
     let d = Daemon::start_in(dir.path());
     let o = Command::new(env!("CARGO_BIN_EXE_contentd"))
         .args(["verify", "--json"])

@@ -678,23 +678,12 @@ async fn a_corrupt_pulled_blob_is_fetched_again() {
     pull(&ch, "rf", &reference(&reg, fx), false).await.unwrap();
     drop(ch);
     d.stop();
-    {
-        use contentd::kv::{Batch, Cf};
-        let kv = contentd::kv::rocks::RocksKv::open(&work.path().join("root"), &Default::default())
-            .unwrap();
-        let store = contentd::store::Store::open(std::sync::Arc::new(kv)).unwrap();
-        let scope = contentd::store::Scope::namespace("rf").unwrap();
-        let loc = store
-            .locate(&scope, &contentd::digest::Digest::parse(&layer).unwrap())
-            .unwrap();
-        let mut key = loc.extent.to_be_bytes().to_vec();
-        key.extend_from_slice(&0u64.to_be_bytes());
-        let mut v = store.kv().get(Cf::Chunks, &key).unwrap().unwrap();
-        v[7] ^= 0xff;
-        let mut b = Batch::new();
-        b.put(Cf::Chunks, key, v);
-        store.kv().write(b, true).unwrap();
-    }
+    corrupt_first_chunk(
+        work.path(),
+        "rf",
+        &contentd::digest::Digest::parse(&layer).unwrap(),
+        7,
+    );
     let d = Daemon::start_in(work.path());
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_contentd"))
         .args(["verify", &layer, "--json"])
