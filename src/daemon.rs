@@ -148,14 +148,28 @@ macro_rules! router {
     }};
 }
 
-/// Resolves when SIGTERM or SIGINT arrives.
-async fn signalled() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+/// SIGTERM/SIGINT handlers, installed before any socket accepts: a signal that arrives as
+/// soon as a client can connect still shuts down cleanly instead of killing the process.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// Resolves when SIGTERM or SIGINT arrives.
+    async fn received(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = self.int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
     }
 }
 
@@ -345,6 +359,7 @@ async fn serve_metrics(l: tokio::net::TcpListener, store: Arc<Store>, stop: Canc
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
+    let mut signals = Signals::install()?;
     let kv = RocksKv::open(&config.root, &Tuning::default())?;
     let store = Store::open_with(
         Arc::new(kv),
@@ -477,7 +492,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     tokio::select! {
-        _ = signalled() => {}
+        _ = signals.received() => {}
         Some(res) = tasks.join_next() => {
             res.context("listener task")?.context("listener failed")?;
         }
