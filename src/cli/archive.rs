@@ -525,7 +525,7 @@ pub(super) async fn import(cx: &Ctx, path: &Path, base: Option<&str>) -> R<()> {
     };
 
     let lease = cx.temp_lease("import").await?;
-    let r = import_blobs(cx, path, is_dir, index.is_some(), &wanted, &meta, &lease).await;
+    let r = import_blobs(cx, path, is_dir, index.is_some(), &wanted, &lease).await;
     let result = match r {
         Ok(uploaded) => {
             name_images(
@@ -578,10 +578,8 @@ async fn import_blobs(
     is_dir: bool,
     oci: bool,
     wanted: &[String],
-    meta: &Meta,
     lease: &str,
 ) -> R<HashMap<String, (Digest, i64, bool)>> {
-    let _ = meta;
     let (jtx, mut jrx) = mpsc::channel::<R<Job>>(1);
     let p = path.to_path_buf();
     if is_dir {
@@ -733,16 +731,8 @@ async fn name_images(
                 );
                 continue;
             };
+            set_image(cx, &name, mt, digest, size).await?;
             images.push((name, digest.to_string(), mt.to_string()));
-            let _ = size;
-        }
-        for (name, digest, mt) in &images {
-            let size = entries
-                .iter()
-                .find(|d| d.get("digest").and_then(|v| v.as_str()) == Some(digest))
-                .and_then(|d| d.get("size").and_then(|v| v.as_i64()))
-                .unwrap_or(0);
-            set_image(cx, name, mt, digest, size).await?;
         }
     } else {
         let resolve = |p: &str| {
@@ -948,54 +938,52 @@ impl Sink {
             })
             .await?
             .into_inner();
-        match self {
+        enum Out {
+            File(tokio::fs::File),
+            Entry(mpsc::Sender<std::io::Result<Bytes>>),
+        }
+        let stopped = || CliError::new(1, "the archive writer stopped");
+        let mut out = match self {
             Sink::Dir(root) => {
                 let full = root.join(p);
                 if let Some(d) = full.parent() {
                     std::fs::create_dir_all(d)?;
                 }
-                let mut f = tokio::fs::File::create(&full).await?;
-                let mut n = 0i64;
-                while let Some(m) = s.next().await {
-                    let m = m?;
-                    n += m.data.len() as i64;
-                    bar.inc(m.data.len() as u64);
-                    tokio::io::AsyncWriteExt::write_all(&mut f, &m.data).await?;
-                }
-                tokio::io::AsyncWriteExt::flush(&mut f).await?;
-                if n != size {
-                    return Err(CliError::new(
-                        5,
-                        format!("{digest}: read {n} bytes, expected {size}"),
-                    ));
-                }
-                Ok(())
+                Out::File(tokio::fs::File::create(&full).await?)
             }
             Sink::Tar { entries, .. } => {
                 let (tx, rx) = mpsc::channel(4);
                 entries
                     .send((p.to_string(), size as u64, rx))
                     .await
-                    .map_err(|_| CliError::new(1, "the archive writer stopped"))?;
-                let mut n = 0i64;
-                while let Some(m) = s.next().await {
-                    let m = m?;
-                    n += m.data.len() as i64;
-                    bar.inc(m.data.len() as u64);
-                    if tx.send(Ok(m.data)).await.is_err() {
-                        return Err(CliError::new(1, "the archive writer stopped"));
-                    }
-                }
-                if n != size {
-                    let _ = tx.send(Err(std::io::Error::other("short read"))).await;
-                    return Err(CliError::new(
-                        5,
-                        format!("{digest}: read {n} bytes, expected {size}"),
-                    ));
-                }
-                Ok(())
+                    .map_err(|_| stopped())?;
+                Out::Entry(tx)
+            }
+        };
+        let mut n = 0i64;
+        while let Some(m) = s.next().await {
+            let data = m?.data;
+            n += data.len() as i64;
+            bar.inc(data.len() as u64);
+            match &mut out {
+                Out::File(f) => tokio::io::AsyncWriteExt::write_all(f, &data).await?,
+                Out::Entry(tx) => tx.send(Ok(data)).await.map_err(|_| stopped())?,
             }
         }
+        if n != size {
+            if let Out::Entry(tx) = &out {
+                // The tar header promised `size` bytes: fail the entry, not just this call.
+                let _ = tx.send(Err(std::io::Error::other("short read"))).await;
+            }
+            return Err(CliError::new(
+                5,
+                format!("{digest}: read {n} bytes, expected {size}"),
+            ));
+        }
+        if let Out::File(f) = &mut out {
+            tokio::io::AsyncWriteExt::flush(f).await?;
+        }
+        Ok(())
     }
 
     fn finish(self) -> R<()> {

@@ -21,7 +21,6 @@ use tonic::transport::Channel;
 use crate::api::pb::containerd::services::content::v1 as cpb;
 use crate::api::pb::containerd::services::images::v1 as ipb;
 use crate::api::pb::containerd::services::leases::v1 as lpb;
-use crate::api::pb::containerd::types::Descriptor;
 use crate::api::pb::contentd::v1 as gpb;
 use crate::client::{Namespace, connect_unix};
 use crate::digest::{Algorithm, Digest};
@@ -1171,15 +1170,5 @@ async fn health(cx: &Ctx) -> R<()> {
             1,
             "the daemon is not serving (shutting down?)",
         ))
-    }
-}
-
-#[allow(dead_code)]
-fn descriptor(media_type: &str, digest: &str, size: i64) -> Descriptor {
-    Descriptor {
-        media_type: media_type.into(),
-        digest: digest.into(),
-        size,
-        annotations: HashMap::new(),
     }
 }
