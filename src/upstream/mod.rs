@@ -240,10 +240,6 @@ impl Upstream {
         }
     }
 
-    fn client(&self, registry: &str, ep: &Endpoint) -> Result<Arc<Client>> {
-        Ok(self.clients(registry, ep)?.0)
-    }
-
     fn clients(&self, registry: &str, ep: &Endpoint) -> Result<ClientPair> {
         if let Some(c) = self.clients.lock().get(ep) {
             return Ok(c.clone());
@@ -297,15 +293,15 @@ impl Upstream {
     /// is the endpoint's own (mirrors are best effort), else the last mirror's.
     async fn each_endpoint<T, F, Fut>(&self, registry: &str, what: &str, f: F) -> Result<T>
     where
-        F: Fn(Arc<Client>, String, RegistryAuth) -> Fut,
+        F: Fn(ClientPair, Endpoint, RegistryAuth) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
     {
         let eps = self.endpoints(registry);
         let n = eps.len();
         let mut last = None;
         for (i, ep) in eps.into_iter().enumerate() {
-            let c = self.client(registry, &ep)?;
-            match f(c, ep.host.clone(), self.auth(registry)).await {
+            let c = self.clients(registry, &ep)?;
+            match f(c, ep.clone(), self.auth(registry)).await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     let e = map_err(e, what, &ep.host);
@@ -328,8 +324,8 @@ impl Upstream {
             src.registry, src.repository
         );
         let (body, digest) = self
-            .each_endpoint(&src.registry, &what, |c, host, auth| {
-                let r = reference(&host, &src.repository, tag_or_digest);
+            .each_endpoint(&src.registry, &what, |(c, _), ep, auth| {
+                let r = reference(&ep.host, &src.repository, tag_or_digest);
                 async move { c.pull_manifest_raw(&r, &auth, MANIFEST_TYPES).await }
             })
             .await?;
@@ -349,33 +345,23 @@ impl Upstream {
     ) -> Result<BlobBody> {
         let what = format!("blob {d} from {}/{}", src.registry, src.repository);
         let resp = self
-            .each_endpoint(&src.registry, &what, |c, host, auth| {
-                let r = Reference::with_digest(host, src.repository.clone(), d.to_string());
+            .each_endpoint(&src.registry, &what, |(c, bare), ep, auth| {
+                let r =
+                    Reference::with_digest(ep.host.clone(), src.repository.clone(), d.to_string());
                 let desc = oci_client::manifest::OciDescriptor {
                     digest: d.to_string(),
                     ..Default::default()
                 };
-                let ep = self
-                    .endpoints(&src.registry)
-                    .into_iter()
-                    .find(|e| e.host == r.registry());
                 // Anonymous: first without any auth (no probe round trip before the
                 // request); a registry that answers 401 gets the token flow from then on.
-                let bare = match (&auth, &ep) {
-                    (RegistryAuth::Anonymous, Some(ep))
-                        if !self.needs_token.lock().contains(ep) =>
-                    {
-                        self.clients(&src.registry, ep).ok().map(|c| c.1)
-                    }
-                    _ => None,
-                };
+                let bare = (matches!(auth, RegistryAuth::Anonymous)
+                    && !self.needs_token.lock().contains(&ep))
+                .then_some(bare);
                 async move {
                     if let Some(b) = bare {
                         match b.pull_blob_stream_partial(&r, &desc, offset, length).await {
                             Err(OciDistributionError::UnauthorizedError { .. }) => {
-                                if let Some(ep) = ep {
-                                    self.needs_token.lock().insert(ep);
-                                }
+                                self.needs_token.lock().insert(ep);
                             }
                             other => return other,
                         }
