@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use super::pb::contentd::v1 as pb;
 use super::{Mode, status};
 use crate::error::Error;
-use crate::upstream::pull::{self, Event, Puller};
+use crate::upstream::pull::{self, BlobState, Event, Puller};
 
 pub struct RegistryService {
     puller: Option<Arc<Puller>>,
@@ -38,26 +38,20 @@ fn event_pb(e: Event) -> pb::PullEvent {
         ..Default::default()
     };
     match e {
-        Event::Resolved {
+        Event::Blob {
+            state,
             digest,
             media_type,
             size,
-        } => mk(State::Resolved, &digest, &media_type, size),
-        Event::Stored {
-            digest,
-            media_type,
-            size,
-        } => mk(State::Stored, &digest, &media_type, size),
-        Event::Exists {
-            digest,
-            media_type,
-            size,
-        } => mk(State::Exists, &digest, &media_type, size),
-        Event::Lazy {
-            digest,
-            media_type,
-            size,
-        } => mk(State::Lazy, &digest, &media_type, size),
+        } => {
+            let state = match state {
+                BlobState::Resolved => State::Resolved,
+                BlobState::Stored => State::Stored,
+                BlobState::Exists => State::Exists,
+                BlobState::Lazy => State::Lazy,
+            };
+            mk(state, &digest, &media_type, size)
+        }
         Event::Skipped {
             digest,
             media_type,

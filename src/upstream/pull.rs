@@ -27,29 +27,24 @@ use crate::error::{Error, Kind, Result};
 use crate::graph::{self, Kind as DocKind, Role};
 use crate::store::{AsyncWriter, ImageRecord, Scope, SourceRecord, Store, is_exists, now_ns};
 
+/// What happened to one blob of a pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobState {
+    /// The reference resolved to this root.
+    Resolved,
+    /// Fetched and stored.
+    Stored,
+    /// Already stored: nothing fetched.
+    Exists,
+    /// Left upstream; a read fetches it.
+    Lazy,
+}
+
 /// What a pull reports as it goes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The reference resolved to this root.
-    Resolved {
-        digest: Digest,
-        media_type: String,
-        size: i64,
-    },
-    /// A document or blob was fetched and stored.
-    Stored {
-        digest: Digest,
-        media_type: String,
-        size: i64,
-    },
-    /// Already stored: nothing fetched.
-    Exists {
-        digest: Digest,
-        media_type: String,
-        size: i64,
-    },
-    /// Left upstream; a read fetches it.
-    Lazy {
+    Blob {
+        state: BlobState,
         digest: Digest,
         media_type: String,
         size: i64,
@@ -109,6 +104,17 @@ pub struct Puller {
 const PULL_LEASE_SECS: i64 = 3600;
 /// Upstream body pieces are gathered up to this size before each store write.
 const GATHER: usize = 1 << 20;
+
+impl Event {
+    fn blob(state: BlobState, digest: Digest, media_type: impl Into<String>, size: i64) -> Event {
+        Event::Blob {
+            state,
+            digest,
+            media_type: media_type.into(),
+            size,
+        }
+    }
+}
 
 impl Puller {
     pub fn new(store: Arc<Store>, upstream: Arc<Upstream>) -> Arc<Puller> {
@@ -170,11 +176,12 @@ impl Puller {
         let root_type = root_doc.media_type.clone().unwrap_or_default();
         let root_size = root_bytes.len() as i64;
         let _ = events
-            .send(Event::Resolved {
-                digest: root.clone(),
-                media_type: root_type.clone(),
-                size: root_size,
-            })
+            .send(Event::blob(
+                BlobState::Resolved,
+                root.clone(),
+                root_type.clone(),
+                root_size,
+            ))
             .await;
         self.store_document(
             scope,
@@ -256,23 +263,19 @@ impl Puller {
                             )
                             .await?;
                         } else if req.mode == Mode::Lazy {
-                            if self.store.info(scope, &e.digest).is_ok() {
-                                let _ = events
-                                    .send(Event::Exists {
-                                        digest: e.digest.clone(),
-                                        media_type: e.media_type.clone(),
-                                        size: e.size,
-                                    })
-                                    .await;
+                            let state = if self.store.info(scope, &e.digest).is_ok() {
+                                BlobState::Exists
                             } else {
-                                let _ = events
-                                    .send(Event::Lazy {
-                                        digest: e.digest.clone(),
-                                        media_type: e.media_type.clone(),
-                                        size: e.size,
-                                    })
-                                    .await;
-                            }
+                                BlobState::Lazy
+                            };
+                            let _ = events
+                                .send(Event::blob(
+                                    state,
+                                    e.digest.clone(),
+                                    e.media_type.clone(),
+                                    e.size,
+                                ))
+                                .await;
                         } else {
                             layers.push((e.digest.clone(), e.media_type.clone(), e.size));
                         }
@@ -351,11 +354,12 @@ impl Puller {
             self.store
                 .add_lease_resource(scope, lease, "content", &d.to_string())?;
             let _ = events
-                .send(Event::Exists {
-                    digest: d.clone(),
-                    media_type: media_type.to_string(),
-                    size: loc.size,
-                })
+                .send(Event::blob(
+                    BlobState::Exists,
+                    d.clone(),
+                    media_type.to_string(),
+                    loc.size,
+                ))
                 .await;
             return Ok(bytes);
         }
@@ -406,11 +410,9 @@ impl Puller {
             )
             .await;
         let event = match w {
-            Err(e) if is_exists(&e) => Event::Exists {
-                digest: d.clone(),
-                media_type: media_type.to_string(),
-                size,
-            },
+            Err(e) if is_exists(&e) => {
+                Event::blob(BlobState::Exists, d.clone(), media_type.to_string(), size)
+            }
             Err(e) => return Err(e),
             Ok(w) => {
                 let mut w = AsyncWriter::new(w);
@@ -428,11 +430,7 @@ impl Puller {
                     Err(e) if is_exists(&e) => {}
                     Err(e) => return Err(e),
                 }
-                Event::Stored {
-                    digest: d.clone(),
-                    media_type: media_type.to_string(),
-                    size,
-                }
+                Event::blob(BlobState::Stored, d.clone(), media_type.to_string(), size)
             }
         };
         let _ = events.send(event).await;
@@ -457,19 +455,16 @@ impl Puller {
             .fetch_into(scope, src, lease, d, size, media_type, Some(events), None)
             .await?;
         let _ = events
-            .send(if stored {
-                Event::Stored {
-                    digest: d.clone(),
-                    media_type: media_type.to_string(),
-                    size,
-                }
-            } else {
-                Event::Exists {
-                    digest: d.clone(),
-                    media_type: media_type.to_string(),
-                    size,
-                }
-            })
+            .send(Event::blob(
+                if stored {
+                    BlobState::Stored
+                } else {
+                    BlobState::Exists
+                },
+                d.clone(),
+                media_type.to_string(),
+                size,
+            ))
             .await;
         Ok(())
     }
