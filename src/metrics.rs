@@ -94,8 +94,10 @@ pub struct Metrics {
     pub rpc_requests: CounterVec,
     /// (method)
     pub rpc_seconds: HistogramVec,
-    /// (direction: in|out)
-    pub content_bytes: CounterVec,
+    /// Blob bytes written and read: plain atomics, they are counted on every write and read
+    /// message.
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
     /// (result: ok|error)
     pub gc_runs: CounterVec,
     pub gc_seconds: HistogramVec,
@@ -204,12 +206,14 @@ pub fn render(g: &Gauges) -> String {
         &["method"],
         &m.rpc_seconds,
     );
-    counter(
-        &mut out,
-        "contentd_content_bytes_total",
-        "Blob bytes written into (in) and read out of (out) the store.",
-        &["direction"],
-        &m.content_bytes,
+    let _ = writeln!(
+        out,
+        "# HELP contentd_content_bytes_total Blob bytes written into (in) and read out of (out) the store.\n\
+         # TYPE contentd_content_bytes_total counter\n\
+         contentd_content_bytes_total{{direction=\"in\"}} {}\n\
+         contentd_content_bytes_total{{direction=\"out\"}} {}",
+        m.bytes_in.load(Ordering::Relaxed),
+        m.bytes_out.load(Ordering::Relaxed)
     );
     for (name, help, v) in [
         (

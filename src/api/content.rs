@@ -21,9 +21,6 @@ use crate::store::{self, Scope, Store, Writer};
 /// Largest Read message payload (containerd's server uses the same).
 pub const READ_CHUNK: usize = 1 << 20;
 const LIST_BATCH: usize = 100;
-/// Set on the Info of a blob that is not stored yet but will be fetched from upstream on
-/// first read: its value is `registry/repository`.
-pub const LAZY_LABEL: &str = "contentd.io/lazy";
 
 pub struct ContentService {
     store: Arc<Store>,
@@ -78,27 +75,7 @@ impl pb::content_server::Content for ContentService {
         tracing::Span::current().record("digest", req.get_ref().digest.as_str());
         let d = parse_digest(&req.get_ref().digest)?;
         // Point lookups take microseconds: answered inline, not through the blocking pool.
-        let info = match self.store.info(&scope, &d) {
-            Err(e) if e.is(crate::error::Kind::NotFound) => {
-                // A lazy blob (pulled, not yet fetched) exists for its namespace: a read
-                // fetches it. The label says where from.
-                match self.store.source(&scope, &d).map_err(status)? {
-                    Some(src) if src.size > 0 => store::Info {
-                        digest: d.clone(),
-                        size: src.size,
-                        created_ns: src.created_ns,
-                        updated_ns: src.created_ns,
-                        labels: [(
-                            LAZY_LABEL.to_string(),
-                            format!("{}/{}", src.registry, src.repository),
-                        )]
-                        .into(),
-                    },
-                    _ => return Err(status(e)),
-                }
-            }
-            r => r.map_err(status)?,
-        };
+        let info = self.store.info_or_lazy(&scope, &d).map_err(status)?;
         Ok(Response::new(pb::InfoResponse {
             info: Some(info_pb(info)),
         }))
@@ -193,8 +170,8 @@ impl pb::content_server::Content for ContentService {
         let stream = ReceiverStream::new(opened.rx).map(move |item| {
             item.map(|data| {
                 crate::metrics::get()
-                    .content_bytes
-                    .add(&["out"], data.len() as u64);
+                    .bytes_out
+                    .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let m = pb::ReadContentResponse { offset: pos, data };
                 pos += m.data.len() as i64;
                 m

@@ -63,6 +63,9 @@ pub const CHUNK_SIZE: usize = 256 << 10;
 /// the disk once); the commit then flushes the chunk memtable before its synced batch.
 /// Smaller writes stay in the WAL so small multi-message uploads commit without a flush.
 const UNLOGGED_MIN: usize = 512 << 10;
+/// Set on the Info of a blob that is not stored yet but will be fetched from upstream on
+/// first read: its value is `registry/repository`.
+pub const LAZY_LABEL: &str = "contentd.io/lazy";
 /// Cap on the buffer one read call preallocates.
 const READ_BUFFER_LIMIT: usize = 4 << 20;
 /// containerd's limit on one label's key plus value.
@@ -584,6 +587,28 @@ impl Store {
         let mut b = Batch::new();
         b.put(Cf::Sources, link_key(scope, d), rec.encode_to_vec());
         self.kv.write(b, false)
+    }
+
+    /// Info of a stored blob, else of a lazy one: pulled into this scope, not fetched yet (a
+    /// read fetches it). A lazy blob carries [`LAZY_LABEL`].
+    pub fn info_or_lazy(&self, scope: &Scope, d: &Digest) -> Result<Info> {
+        match self.info(scope, d) {
+            Err(e) if e.is(Kind::NotFound) => match self.source(scope, d)? {
+                Some(src) if src.size > 0 => Ok(Info {
+                    digest: d.clone(),
+                    size: src.size,
+                    created_ns: src.created_ns,
+                    updated_ns: src.created_ns,
+                    labels: [(
+                        LAZY_LABEL.to_string(),
+                        format!("{}/{}", src.registry, src.repository),
+                    )]
+                    .into(),
+                }),
+                _ => Err(e),
+            },
+            r => r,
+        }
     }
 
     /// Where `scope` can fetch `d` from; a tenant may use any scope's source.
@@ -1672,8 +1697,8 @@ impl Writer {
         }
         self.chunk_bytes += data.len();
         crate::metrics::get()
-            .content_bytes
-            .add(&["in"], data.len() as u64);
+            .bytes_in
+            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.persist(Batch::new())
     }
 
