@@ -57,6 +57,15 @@ pub struct Report {
     pub rss_large_write_mib: Option<f64>,
     pub rss_large_read_mib: Option<f64>,
     pub rss_peak_mib: Option<f64>,
+    /// Info c=4 while a large blob is written and (where the endpoint has contentd.v1.GC)
+    /// collections run: calls answered, and their p99.
+    pub info_under_load_calls: usize,
+    pub info_under_load_p99_ms: f64,
+    pub collections_under_load: usize,
+    /// The hostile workload: another namespace opens a shared ingest of the large blob and
+    /// appends one byte. Peak server RSS while it is answered, and RSS before it.
+    pub rss_before_hostile_mib: Option<f64>,
+    pub rss_shared_append_mib: Option<f64>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -374,7 +383,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             writes[run], reads[run]
         );
     }
-    drop(chunks);
     report.large_write_mib_s = median(&mut writes);
     report.large_read_mib_s = median(&mut reads);
 
@@ -464,6 +472,127 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     eprintln!(
         "  info: {:.0}/s p99 {:.2} ms",
         report.info_per_s, report.info_p99_ms
+    );
+
+    // Info while a large blob streams in and collections run: the async workers must never
+    // wait on an fsync, a RocksDB write or a store lock.
+    for c in chunks.iter_mut() {
+        c[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    }
+    let mut h = Algorithm::Sha256.hasher();
+    chunks.iter().for_each(|c| h.update(c));
+    let loaded = h.digest();
+    let shared = Arc::new(std::mem::take(&mut chunks));
+    let writer = {
+        let (mut c, shared, d) = (client.clone(), shared.clone(), loaded.clone());
+        let r = format!("bench-load-{run_id}");
+        tokio::spawn(async move { write_large(&mut c, r, shared, d).await })
+    };
+    let collector = {
+        let ch = connect_unix(&opts.socket).await?;
+        let ns = Namespace::new(opts.namespace.as_deref())?;
+        let mut gc = crate::api::pb::contentd::v1::gc_client::GcClient::with_interceptor(ch, ns);
+        let writing = writer.abort_handle();
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while !writing.is_finished() {
+                match gc
+                    .run(crate::api::pb::contentd::v1::RunRequest { dry_run: false })
+                    .await
+                {
+                    Ok(_) => n += 1,
+                    // containerd has no such service: Info under the write alone.
+                    Err(_) => return n,
+                }
+            }
+            n
+        })
+    };
+    let mut lat = Vec::new();
+    let ds = Arc::new(small.clone());
+    let mut infos = tokio::task::JoinSet::new();
+    for w in 0..4usize {
+        let (mut c, ds) = (client.clone(), ds.clone());
+        let done = writer.abort_handle();
+        infos.spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = w;
+            while !done.is_finished() {
+                let t = Instant::now();
+                c.info(pb::InfoRequest {
+                    digest: ds[i % ds.len()].to_string(),
+                })
+                .await?;
+                lat.push(t.elapsed());
+                i += 4;
+            }
+            Ok::<_, anyhow::Error>(lat)
+        });
+    }
+    while let Some(r) = infos.join_next().await {
+        lat.extend(r??);
+    }
+    writer.await??;
+    report.collections_under_load = collector.await?;
+    written.push(loaded);
+    drop(shared);
+    lat.sort();
+    report.info_under_load_calls = lat.len();
+    report.info_under_load_p99_ms = percentile(&lat, 0.99);
+    eprintln!(
+        "  info during a {} MiB write and {} collections: {} calls, p99 {:.2} ms",
+        opts.large_mib,
+        report.collections_under_load,
+        report.info_under_load_calls,
+        report.info_under_load_p99_ms
+    );
+
+    // Hostile: a shared ingest of the large blob in another namespace, one byte appended.
+    report.rss_before_hostile_mib = pid
+        .and_then(|p| status_kib(p, "VmRSS:"))
+        .map(|k| k as f64 / 1024.0);
+    let other_ns = format!("{}-hostile", opts.namespace.as_deref().unwrap_or("bench"));
+    let ch = connect_unix(&opts.socket).await?;
+    let mut other: Client =
+        pb::content_client::ContentClient::with_interceptor(ch, Namespace::new(Some(&other_ns))?);
+    let s = RssSampler::start(pid);
+    let hostile_ref = format!("bench-hostile-{run_id}");
+    let size = (opts.large_mib << 20) as i64;
+    let msgs = vec![
+        pb::WriteContentRequest {
+            action: pb::WriteAction::Stat as i32,
+            r#ref: hostile_ref.clone(),
+            total: size,
+            expected: big.to_string(),
+            ..Default::default()
+        },
+        pb::WriteContentRequest {
+            action: pb::WriteAction::Write as i32,
+            offset: size,
+            data: vec![b'!'].into(),
+            ..Default::default()
+        },
+    ];
+    let answered = match other.write(tokio_stream::iter(msgs)).await {
+        Ok(r) => {
+            let mut r = r.into_inner();
+            let mut n = 0;
+            while let Ok(Some(_)) = r.message().await {
+                n += 1;
+            }
+            n
+        }
+        Err(_) => 0,
+    };
+    report.rss_shared_append_mib = finish(s).await;
+    let _ = other
+        .abort(pb::AbortRequest {
+            r#ref: hostile_ref,
+        })
+        .await;
+    eprintln!(
+        "  shared-ingest append ({answered} answers): RSS {:?} MiB before, {:?} MiB peak",
+        report.rss_before_hostile_mib, report.rss_shared_append_mib
     );
 
     // List everything visible.
@@ -562,6 +691,29 @@ pub fn print_table(reports: &[Report]) {
                 r.rss_large_read_mib
                     .map(|v| format!("{v:.1}"))
                     .unwrap_or("-".into())
+            }),
+        ),
+        (
+            "Info p99 ms under write+GC",
+            Box::new(|r| {
+                format!(
+                    "{:.2} ({} calls, {} GC)",
+                    r.info_under_load_p99_ms, r.info_under_load_calls, r.collections_under_load
+                )
+            }),
+        ),
+        (
+            "RSS shared-append MiB",
+            Box::new(|r| {
+                format!(
+                    "{} -> {}",
+                    r.rss_before_hostile_mib
+                        .map(|v| format!("{v:.0}"))
+                        .unwrap_or("-".into()),
+                    r.rss_shared_append_mib
+                        .map(|v| format!("{v:.0}"))
+                        .unwrap_or("-".into())
+                )
             }),
         ),
         (

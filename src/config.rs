@@ -66,6 +66,27 @@ pub struct Quotas {
     pub namespaces: std::collections::HashMap<String, u64>,
 }
 
+/// Who may call the admin RPCs (`contentd.v1.GC/Run`, `Scrub/Verify`, `Registry/Pull`):
+/// they collect, read every blob, or make the daemon fetch from the network. With neither
+/// option set, every client listener may; with either, only the admin socket and the
+/// listed namespaces may, and everyone else gets PermissionDenied.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// A client-mode unix socket on which admin calls are allowed (give it a tighter
+    /// `socket_mode` by keeping it in a directory only operators can reach).
+    pub socket: Option<PathBuf>,
+    /// Namespaces allowed admin calls on every client listener.
+    pub namespaces: Vec<String>,
+}
+
+impl Admin {
+    /// Whether admin calls are limited at all.
+    pub fn restricted(&self) -> bool {
+        self.socket.is_some() || !self.namespaces.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -128,6 +149,8 @@ pub struct Config {
     pub max_manifest_bytes: usize,
     /// Byte quotas per namespace (`[quotas]`).
     pub quotas: Quotas,
+    /// Who may call the admin RPCs (`[admin]`).
+    pub admin: Admin,
     /// Upstream registries for pulls and on-demand fetches (`[upstream]`,
     /// `[upstream.registries."HOST"]`).
     pub upstream: crate::upstream::UpstreamConfig,
@@ -181,6 +204,7 @@ impl Default for Config {
             eviction_high_watermark_percent: 90,
             eviction_check_secs: 30,
             quotas: Quotas::default(),
+            admin: Admin::default(),
             upstream: Default::default(),
         }
     }
@@ -266,6 +290,13 @@ default_bytes = 0
 # [quotas.namespaces]
 # "team-a" = 107374182400
 
+[admin]
+# Admin calls (GC/Run, Scrub/Verify, Registry/Pull) collect, read every blob or fetch from
+# the network. Unset: any client listener may make them. Set either option and only this
+# socket and these namespaces may; everyone else gets PermissionDenied.
+# socket = "/run/contentd/admin/admin.sock"
+namespaces = []
+
 [upstream]
 # Seconds to connect, and without a byte before a fetch is abandoned.
 connect_timeout_secs = {ct}
@@ -273,6 +304,9 @@ read_timeout_secs = {rt}
 # Layers one eager pull fetches at once; attempts per blob (each resumes with Range).
 max_concurrent_downloads = {md}
 fetch_attempts = {fa}
+# When not empty, the only registry hosts contentd fetches from (PermissionDenied for any
+# other): a node's daemon must not become an open HTTP fetcher.
+allowed_registries = []
 
 # Per registry host (as written in image references). Loopback hosts default to plain HTTP,
 # others to HTTPS.
@@ -281,8 +315,9 @@ fetch_attempts = {fa}
 # mirrors = ["https://mirror.example.com"]
 # ca_file = "/etc/contentd/registry-ca.pem"
 # insecure_skip_verify = false
-# username = "puller"
-# password = "secret"
+# username = "puller"              # sent only to this host's endpoint, never to a mirror
+# password = "secret"              # (a mirror gets its own host's table), never in the
+#                                  # clear to a non-loopback host
 "#,
         root = q(&c.root),
         socket = q(&c.socket),
@@ -399,6 +434,18 @@ impl Config {
             }
         }
         self.upstream.validate()?;
+        for ns in &self.admin.namespaces {
+            crate::store::Scope::namespace(ns)
+                .map_err(|e| Error::invalid(format!("admin.namespaces: {}", e.message())))?;
+        }
+        if let Some(a) = &self.admin.socket
+            && (*a == self.socket || self.backend.iter().any(|b| b.socket == *a))
+        {
+            return Err(Error::invalid(format!(
+                "admin.socket {} is also another listener's socket",
+                a.display()
+            )));
+        }
         if self.max_message_bytes < (64 << 10) || self.max_concurrent_streams == 0 {
             return Err(Error::invalid(
                 "max_message_bytes must be at least 65536 and max_concurrent_streams at least 1",

@@ -89,10 +89,10 @@ fn bind_unix(path: &Path, perms: SocketPerms) -> anyhow::Result<tokio::net::Unix
 /// One listener's services: content (in the listener's mode), health, reflection v1 and v1alpha.
 /// A macro because the health service's type is unnameable.
 macro_rules! router {
-    ($limits:expr, $store:expr, $reads:expr, $puller:expr, $mode:expr, $health:expr) => {
-        router!(Server::builder(), $limits, $store, $reads, $puller, $mode, $health)
+    ($limits:expr, $store:expr, $reads:expr, $puller:expr, $mode:expr, $policy:expr, $health:expr) => {
+        router!(Server::builder(), $limits, $store, $reads, $puller, $mode, $policy, $health)
     };
-    ($builder:expr, $limits:expr, $store:expr, $reads:expr, $puller:expr, $mode:expr, $health:expr) => {{
+    ($builder:expr, $limits:expr, $store:expr, $reads:expr, $puller:expr, $mode:expr, $policy:expr, $health:expr) => {{
         let mode: Mode = $mode;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -122,6 +122,7 @@ macro_rules! router {
                 )
             })
             .layer(crate::api::observe::ObserveLayer)
+            .layer($policy)
             .add_service($health)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
@@ -173,6 +174,56 @@ impl Signals {
     }
 }
 
+/// How long the collector sleeps until a lease that expires at `expiry_ns` (ns since the
+/// epoch) has expired, seen at `now_ns`. Stored dates come from clients: any i64 is possible
+/// (a lease from 1700, one from 2262), so the arithmetic saturates, and a wait is never
+/// longer than a day (the loop re-plans on every wake-up anyway).
+pub fn expiry_wait(expiry_ns: i64, now_ns: i64) -> std::time::Duration {
+    const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(86_400);
+    let ns = u64::try_from(expiry_ns.saturating_sub(now_ns)).unwrap_or(0);
+    std::time::Duration::from_nanos(ns).min(MAX_WAIT) + std::time::Duration::from_millis(10)
+}
+
+/// Logs and counts a background step that panicked on the blocking pool (the loop goes on).
+fn step_failed(task: &'static str, e: tokio::task::JoinError) {
+    if e.is_panic() {
+        crate::metrics::get().task_restarts.add(&[task], 1);
+    }
+    tracing::error!(task, error = %e, "background step failed");
+}
+
+/// Runs a background loop for the daemon's whole life. A panic in it is logged, counted
+/// (`contentd_task_restarts_total{task}`) and the loop starts again after a backoff that
+/// doubles from one second to a minute: one bad record must never stop collection, eviction
+/// or scrubbing for good. The loop itself returns only once `stop` is cancelled.
+pub fn supervise<F, Fut>(
+    task: &'static str,
+    stop: CancellationToken,
+    mut start: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut backoff = std::time::Duration::from_secs(1);
+        loop {
+            match tokio::spawn(start()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    crate::metrics::get().task_restarts.add(&[task], 1);
+                    tracing::error!(task, error = %e, ?backoff, "background loop failed; restarting it");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(60));
+        }
+    })
+}
+
 /// Background garbage collection: on the interval, when a lease expires, and once enough
 /// deletions or mutations accumulate.
 async fn collector(store: Arc<Store>, config: Config, stop: CancellationToken) {
@@ -181,15 +232,21 @@ async fn collector(store: Arc<Store>, config: Config, stop: CancellationToken) {
     loop {
         // Leases expire by the clock: wake when the next one does, not only on the interval.
         let s = store.clone();
-        let expiry = tokio::task::spawn_blocking(move || s.next_lease_expiry())
-            .await
-            .ok()
-            .flatten();
+        let expiry = match tokio::task::spawn_blocking(move || s.next_lease_expiry()).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                // A damaged lease record: the interval still runs (and the collection itself
+                // refuses to sweep on a view of the roots it cannot read).
+                tracing::error!(error = %e, "cannot read lease expiry times");
+                None
+            }
+            Err(e) => {
+                step_failed("collector", e);
+                None
+            }
+        };
         let expiry_at = expiry.map(|ns| {
-            let wait = (ns - crate::store::now_ns()).max(0) as u64;
-            tokio::time::Instant::now()
-                + std::time::Duration::from_nanos(wait)
-                + std::time::Duration::from_millis(10)
+            tokio::time::Instant::now() + expiry_wait(ns, crate::store::now_ns())
         });
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -205,7 +262,7 @@ async fn collector(store: Arc<Store>, config: Config, stop: CancellationToken) {
         match tokio::task::spawn_blocking(move || s.collect(false)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "garbage collection failed"),
-            Err(e) => tracing::error!(error = %e, "garbage collection task failed"),
+            Err(e) => step_failed("collector", e),
         }
         next = tokio::time::Instant::now() + interval;
     }
@@ -249,7 +306,7 @@ async fn evictor(store: Arc<Store>, config: Config, stop: CancellationToken) {
                 "disk past its high watermark: evicted unreachable content"
             ),
             Ok(Err(e)) => tracing::error!(error = %e, "eviction failed"),
-            Err(e) => tracing::error!(error = %e, "eviction task failed"),
+            Err(e) => step_failed("evictor", e),
         }
     }
 }
@@ -282,7 +339,7 @@ async fn scrubber(
                 }
             }
             Ok(Err(e)) => tracing::error!(error = %e, "scrub failed"),
-            Err(e) => tracing::error!(error = %e, "scrub task failed"),
+            Err(e) => step_failed("scrubber", e),
         }
     }
 }
@@ -410,12 +467,46 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(serve_metrics(l, store.clone(), stop.clone()));
     }
     let mut sockets = Vec::new();
+    let admin_namespaces = Arc::new(config.admin.namespaces.clone());
+    let policy = |admin_listener: bool| crate::api::access::AdminPolicy {
+        restricted: config.admin.restricted(),
+        admin_listener,
+        namespaces: admin_namespaces.clone(),
+    };
+
+    if let Some(path) = &config.admin.socket {
+        let l = bind_unix(path, perms)?;
+        sockets.push(path.clone());
+        tracing::info!(socket = %path.display(), mode = "client", "listening (admin)");
+        let r = router!(
+            limits,
+            store,
+            reads,
+            puller,
+            Mode::Client,
+            policy(true),
+            health.clone()
+        );
+        let s = stop.clone();
+        tasks.spawn(async move {
+            r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s.cancelled_owned())
+                .await
+        });
+    }
 
     if !config.socket.as_os_str().is_empty() {
         let l = bind_unix(&config.socket, perms)?;
         sockets.push(config.socket.clone());
         tracing::info!(socket = %config.socket.display(), mode = "client", "listening");
-        let r = router!(limits, store, reads, puller, Mode::Client, health.clone());
+        let r = router!(
+            limits,
+            store,
+            reads,
+            puller,
+            Mode::Client,
+            policy(false),
+            health.clone()
+        );
         let s = stop.clone();
         tasks.spawn(async move {
             r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s.cancelled_owned())
@@ -433,6 +524,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             reads,
             puller,
             Mode::Backend { tenant },
+            policy(false),
             health.clone()
         );
         let s = stop.clone();
@@ -469,6 +561,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             reads,
             puller,
             Mode::Client,
+            policy(false),
             health.clone()
         );
         let s = stop.clone();
@@ -478,17 +571,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
 
-    let collector = tokio::spawn(collector(store.clone(), config.clone(), stop.clone()));
+    let collector = {
+        let (s, c, t) = (store.clone(), config.clone(), stop.clone());
+        supervise("collector", stop.clone(), move || {
+            collector(s.clone(), c.clone(), t.clone())
+        })
+    };
     if config.eviction_high_watermark_percent > 0 {
-        tokio::spawn(evictor(store.clone(), config.clone(), stop.clone()));
+        let (s, c, t) = (store.clone(), config.clone(), stop.clone());
+        supervise("evictor", stop.clone(), move || {
+            evictor(s.clone(), c.clone(), t.clone())
+        });
     }
     if config.scrub_interval_secs > 0 {
-        tokio::spawn(scrubber(
-            store.clone(),
-            puller.clone(),
-            config.clone(),
-            stop.clone(),
-        ));
+        let (s, p, c, t) = (store.clone(), puller.clone(), config.clone(), stop.clone());
+        supervise("scrubber", stop.clone(), move || {
+            scrubber(s.clone(), p.clone(), c.clone(), t.clone())
+        });
     }
 
     tokio::select! {
@@ -516,4 +615,71 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     drop(store);
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn expiry_waits_never_overflow() {
+        let now = 1_800_000_000_000_000_000;
+        for (expiry, at_most) in [
+            (i64::MIN, Duration::from_millis(10)),
+            (-8_520_336_000_000_000_000, Duration::from_millis(10)), // 1700-01-01
+            (0, Duration::from_millis(10)),
+            (now, Duration::from_millis(10)),
+            (now + 5_000_000_000, Duration::from_millis(5_010)),
+            (i64::MAX, Duration::from_secs(86_400) + Duration::from_millis(10)),
+        ] {
+            let w = expiry_wait(expiry, now);
+            assert!(w <= at_most, "{expiry}: {w:?}");
+            assert!(w >= Duration::from_millis(10));
+        }
+        assert_eq!(expiry_wait(0, i64::MIN), expiry_wait(i64::MAX, 0));
+    }
+
+    /// A loop that panics is restarted (and counted); once it returns normally it stays done.
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_loop_is_restarted() {
+        let runs = Arc::new(AtomicU32::new(0));
+        let before = crate::metrics::get().task_restarts.get(&["test-loop"]);
+        let stop = CancellationToken::new();
+        let r = runs.clone();
+        let h = supervise("test-loop", stop.clone(), move || {
+            let r = r.clone();
+            async move {
+                if r.fetch_add(1, Ordering::SeqCst) < 2 {
+                    panic!("simulated bug in a background loop");
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(3600), h)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            crate::metrics::get().task_restarts.get(&["test-loop"]) - before,
+            2
+        );
+    }
+
+    /// A stop during the backoff ends the supervisor without another run.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_during_backoff_ends_supervision() {
+        let runs = Arc::new(AtomicU32::new(0));
+        let stop = CancellationToken::new();
+        let r = runs.clone();
+        let h = supervise("test-stop", stop.clone(), move || {
+            r.fetch_add(1, Ordering::SeqCst);
+            async { panic!("always") }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.cancel();
+        h.await.unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
 }

@@ -366,4 +366,25 @@ mod tests {
             );
         }
     }
+
+    /// Replays the fuzz corpus on stable, so the fuzz target's inputs stay covered in CI.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/filter_parse");
+        let obj = Obj(HashMap::from([("labels.a", "b"), ("digest", "sha256:abc")]));
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            let Ok(s) = std::str::from_utf8(&bytes) else {
+                continue;
+            };
+            let parts: Vec<&str> = s.split('\n').collect();
+            if let Ok(f) = Filter::parse_all(&parts) {
+                let _ = f.matches(&obj);
+            }
+            n += 1;
+        }
+        assert!(n >= 5, "corpus missing at {}", dir.display());
+    }
 }

@@ -123,7 +123,7 @@ fn is_index_type(t: &str) -> bool {
 }
 
 /// Whether a declared media type names a document that can have edges (an index, a manifest
-/// list or a manifest). Anything else given by a client is opaque without being read.
+/// list or a manifest): only such a type may break a tie the bytes leave.
 pub fn is_document_type(t: &str) -> bool {
     is_index_type(t) || is_manifest_type(t)
 }
@@ -176,7 +176,15 @@ pub fn parse_limited(hint: Option<&str>, bytes: &[u8], limit: usize) -> Parsed {
     if sniff.fs_layers.is_some() {
         return Parsed::opaque(hint.or(sniff.media_type.as_deref()));
     }
-    let declared = hint.map(str::to_string).or(sniff.media_type.clone());
+    // The bytes decide what a document is: its own `mediaType` wins, and a declared type
+    // only breaks the tie the bytes leave (umoci writes manifests without one). A client
+    // calling a manifest "application/octet-stream" must not make it opaque, or another
+    // namespace's pull of the same image would keep none of its layers.
+    let declared = match (sniff.media_type.as_deref(), hint) {
+        (Some(own), _) => Some(own.to_string()),
+        (None, Some(h)) if is_document_type(h) => Some(h.to_string()),
+        _ => None,
+    };
     let has_manifests = sniff.manifests.is_some();
     let has_image = sniff.config.is_some() && sniff.layers.is_some();
     let kind = match declared.as_deref() {
@@ -353,10 +361,41 @@ mod tests {
         assert_eq!(parse(None, deep.as_bytes()).kind, Kind::Opaque);
         let huge = vec![b' '; MAX_DOCUMENT + 1];
         assert_eq!(parse(None, &huge).kind, Kind::Opaque);
-        // A layer given as such is never parsed as JSON.
+        // `{}` is opaque whatever it is declared as: there is nothing to tie-break.
         assert_eq!(
             parse(Some("application/vnd.oci.image.layer.v1.tar"), b"{}").kind,
             Kind::Opaque
+        );
+    }
+
+    #[test]
+    fn the_bytes_decide_and_a_declared_type_only_breaks_ties() {
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"a","digest":"{D1}","size":1}},"layers":[{{"mediaType":"b","digest":"{D2}","size":2}}]}}"#
+        );
+        for hint in [
+            None,
+            Some("application/octet-stream"),
+            Some("application/vnd.oci.image.layer.v1.tar"),
+            Some(OCI_INDEX),
+        ] {
+            let p = parse(hint, manifest.as_bytes());
+            assert_eq!(p.kind, Kind::Manifest, "{hint:?}");
+            assert_eq!(p.edges.len(), 2, "{hint:?}");
+        }
+        // Without its own mediaType, a declared document type breaks the tie; a declared
+        // non-document type does not stop the structural sniff either.
+        let bare = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"a","digest":"{D1}","size":1}},"layers":[]}}"#
+        );
+        assert_eq!(parse(Some(DOCKER_MANIFEST), bare.as_bytes()).kind, Kind::Manifest);
+        assert_eq!(
+            parse(Some(DOCKER_MANIFEST), bare.as_bytes()).media_type.as_deref(),
+            Some(DOCKER_MANIFEST)
+        );
+        assert_eq!(
+            parse(Some("application/octet-stream"), bare.as_bytes()).kind,
+            Kind::Manifest
         );
     }
 

@@ -112,6 +112,8 @@ pub struct Metrics {
     pub scrub_bytes: CounterVec,
     /// (namespace)
     pub quota_rejections: CounterVec,
+    /// (task: collector|evictor|scrubber): background loops restarted after a panic.
+    pub task_restarts: CounterVec,
 }
 
 pub fn get() -> &'static Metrics {
@@ -286,6 +288,13 @@ pub fn render(g: &Gauges) -> String {
         "Writes refused because a namespace was over its quota.",
         &["namespace"],
         &m.quota_rejections,
+    );
+    counter(
+        &mut out,
+        "contentd_task_restarts_total",
+        "Background loops (collector, evictor, scrubber) restarted after a panic.",
+        &["task"],
+        &m.task_restarts,
     );
     out
 }

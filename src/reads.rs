@@ -50,7 +50,18 @@ impl Reads {
         piece: usize,
     ) -> Result<Opened> {
         let offset = offset.max(0);
-        match self.store.locate(scope, d) {
+        // The common case, a linked blob, is one point lookup on this worker; a tenant's
+        // first read of a blob writes its hold (synced), on the blocking pool.
+        let located = match self.store.locate_linked(scope, d)? {
+            Some(loc) => Ok(loc),
+            None => {
+                let (store, s, d2) = (self.store.clone(), scope.clone(), d.clone());
+                tokio::task::spawn_blocking(move || store.locate(&s, &d2))
+                    .await
+                    .map_err(|e| Error::internal(format!("storage task failed: {e}")))?
+            }
+        };
+        match located {
             Ok(loc) => return self.stored(loc.extent, loc.size, offset, size, piece),
             Err(e) if e.is(Kind::NotFound) => {}
             Err(e) => return Err(e),

@@ -74,8 +74,15 @@ impl pb::content_server::Content for ContentService {
         let scope = self.mode.scope(&req)?;
         tracing::Span::current().record("digest", req.get_ref().digest.as_str());
         let d = parse_digest(&req.get_ref().digest)?;
-        // Point lookups take microseconds: answered inline, not through the blocking pool.
-        let info = self.store.info_or_lazy(&scope, &d).map_err(status)?;
+        // A linked blob is one point lookup (microseconds): answered inline. Anything else may
+        // write a tenant's hold (a synced write), so it goes through the blocking pool.
+        let info = match self.store.info_linked(&scope, &d).map_err(status)? {
+            Some(info) => info,
+            None => {
+                let store = self.store.clone();
+                blocking(move || store.info_or_lazy(&scope, &d)).await?
+            }
+        };
         Ok(Response::new(pb::InfoResponse {
             info: Some(info_pb(info)),
         }))

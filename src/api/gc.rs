@@ -38,6 +38,9 @@ fn report_pb(r: GcReport) -> pb::Report {
     }
 }
 
+/// Most digests an explanation's path carries.
+const MAX_PATH: usize = 64;
+
 #[tonic::async_trait]
 impl pb::gc_server::Gc for GcService {
     async fn run(&self, req: Request<pb::RunRequest>) -> Result<Response<pb::Report>, Status> {
@@ -68,16 +71,32 @@ impl pb::gc_server::Gc for GcService {
         let store = self.store.clone();
         let e = blocking(move || store.explain(&scope, &d)).await?;
         Ok(Response::new(match e {
-            Explanation::Alive { root, path } => pb::ExplainResponse {
-                alive: true,
-                message: format!(
-                    "alive: {root}, via {} edge(s)",
-                    path.len().saturating_sub(1)
-                ),
-                root,
-                path: path.iter().map(|d| d.to_string()).collect(),
-                collectable_after: None,
-            },
+            Explanation::Alive { root, path } => {
+                // A path is as long as the stored graph makes it: the answer keeps the ends
+                // (the root's side and the blob's) within a fixed size.
+                let edges = path.len().saturating_sub(1);
+                let shown: Vec<String> = if path.len() > MAX_PATH {
+                    let head = path.iter().take(MAX_PATH / 4);
+                    let tail = path.iter().skip(path.len() - (MAX_PATH - MAX_PATH / 4));
+                    head.chain(tail).map(|d| d.to_string()).collect()
+                } else {
+                    path.iter().map(|d| d.to_string()).collect()
+                };
+                let elided = path.len() - shown.len();
+                pb::ExplainResponse {
+                    alive: true,
+                    message: if elided > 0 {
+                        format!(
+                            "alive: {root}, via {edges} edge(s) ({elided} nodes in the middle of the path not shown)"
+                        )
+                    } else {
+                        format!("alive: {root}, via {edges} edge(s)")
+                    },
+                    root,
+                    path: shown,
+                    collectable_after: None,
+                }
+            }
             Explanation::Unreachable {
                 collectable_after_ns,
             } => pb::ExplainResponse {

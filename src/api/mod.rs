@@ -4,6 +4,7 @@
 //! on a client or a backend listener), and the single mapping from domain errors to gRPC
 //! status codes.
 
+pub mod access;
 pub mod blobs;
 pub mod content;
 pub mod gc;
@@ -133,12 +134,10 @@ pub(crate) fn timestamp(ns: i64) -> Option<prost_types::Timestamp> {
     })
 }
 
-/// Runs blocking storage work off the async workers.
+/// Runs blocking storage work off the async workers ([`crate::store::blocking`]), as a
+/// gRPC status.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
-        .map_err(status)
+    crate::store::blocking(f).await.map_err(status)
 }

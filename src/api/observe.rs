@@ -79,6 +79,51 @@ fn code_name(v: &[u8]) -> &'static str {
     }
 }
 
+/// Every `package.Service/Method` a listener serves, from the descriptor sets it serves
+/// reflection for.
+fn known_methods() -> &'static std::collections::HashSet<String> {
+    static KNOWN: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    KNOWN.get_or_init(|| {
+        use prost::Message as _;
+        let mut out = std::collections::HashSet::new();
+        for set in [
+            super::pb::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ] {
+            let Ok(fds) = prost_types::FileDescriptorSet::decode(set) else {
+                continue;
+            };
+            for f in fds.file {
+                for svc in &f.service {
+                    for m in &svc.method {
+                        out.insert(format!(
+                            "{}.{}/{}",
+                            f.package(),
+                            svc.name(),
+                            m.name()
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    })
+}
+
+/// The metrics label of a request path: the method when it is one contentd serves, else
+/// "unknown". Paths come from clients; labels must not grow with them.
+pub fn method_label(path: &str) -> &str {
+    let m = path.trim_start_matches('/');
+    if known_methods().contains(m) {
+        m
+    } else {
+        "unknown"
+    }
+}
+
 pub struct ObservedBody<B> {
     inner: B,
     call: Option<Call>,
@@ -142,7 +187,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let method = req.uri().path().trim_start_matches('/').to_string();
+        let method = method_label(req.uri().path()).to_string();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let mut call = Call {
@@ -161,5 +206,23 @@ where
                 call: Some(call),
             }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::method_label;
+
+    #[test]
+    fn only_served_methods_become_labels() {
+        assert_eq!(
+            method_label("/containerd.services.content.v1.Content/Info"),
+            "containerd.services.content.v1.Content/Info"
+        );
+        assert_eq!(method_label("/grpc.health.v1.Health/Check"), "grpc.health.v1.Health/Check");
+        assert_eq!(method_label("/contentd.v1.GC/Run"), "contentd.v1.GC/Run");
+        for hostile in ["/x.Y/Z", "/containerd.services.content.v1.Content/Nope", "", "/"] {
+            assert_eq!(method_label(hostile), "unknown");
+        }
     }
 }

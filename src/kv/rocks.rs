@@ -50,8 +50,28 @@ pub struct RocksKv {
     db: Db,
 }
 
+/// RocksDB's status, as a kind the caller can act on. A checksum mismatch (a block, a blob
+/// record, a WAL record) is `Corruption`: the bytes on disk are not what was written, which
+/// is data loss, never a retryable internal error. A full disk is a resource to free; other
+/// I/O failures may pass (a remounted volume, a busy device).
 fn io(e: rocksdb::Error) -> Error {
-    Error::internal(format!("storage: {e}"))
+    use rocksdb::ErrorKind as K;
+    let text = e.to_string();
+    match e.kind() {
+        K::Corruption => Error::data_loss(format!("storage: damaged data on disk: {text}")),
+        K::IOError if is_no_space(&text) => {
+            Error::exhausted(format!("storage: the disk is full: {text}"))
+        }
+        K::IOError => Error::unavailable(format!("storage: I/O error: {text}")),
+        K::Busy | K::TimedOut | K::TryAgain | K::ShutdownInProgress => {
+            Error::unavailable(format!("storage: {text}"))
+        }
+        _ => Error::internal(format!("storage: {text}")),
+    }
+}
+
+fn is_no_space(text: &str) -> bool {
+    text.contains("No space left on device") || text.contains("NoSpace")
 }
 
 impl RocksKv {
@@ -117,9 +137,40 @@ impl RocksKv {
             ColumnFamilyDescriptor::new(name, o)
         });
         let db = Db::open_cf_descriptors(&db_opts, path, descriptors).map_err(|e| {
-            Error::internal(format!("cannot open RocksDB at {}: {e}", path.display()))
+            if e.kind() == rocksdb::ErrorKind::Corruption {
+                // Damaged metadata (an SST, the MANIFEST, the WAL): say what to do, not only
+                // what RocksDB found.
+                Error::data_loss(format!(
+                    "the data directory {dir} is damaged and cannot be opened ({e}). Stop \
+                     anything using it, copy it aside as a backup, then run `contentd repair \
+                     --root {dir}`: it salvages what can be read, re-verifies every blob it \
+                     keeps and reports what was lost",
+                    dir = path.display()
+                ))
+            } else {
+                let e = io(e);
+                Error::new(
+                    e.kind(),
+                    format!("cannot open RocksDB at {}: {e}", path.display()),
+                )
+            }
         })?;
         Ok(RocksKv { db })
+    }
+
+    /// Runs RocksDB's repair on a data directory that no longer opens: it rebuilds the
+    /// MANIFEST from the table and blob files it can read and drops what it cannot. What
+    /// survived must then be re-verified (`contentd repair` does).
+    pub fn repair(path: &Path, tuning: &Tuning) -> Result<()> {
+        let mut opts = Options::default();
+        opts.set_db_write_buffer_size(tuning.write_buffer_bytes);
+        Db::repair(&opts, path).map_err(|e| {
+            let e = io(e);
+            Error::new(
+                e.kind(),
+                format!("RocksDB repair of {} failed: {e}", path.display()),
+            )
+        })
     }
 
     fn cf(&self, cf: Cf) -> &ColumnFamily {

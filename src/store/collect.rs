@@ -21,7 +21,8 @@ use std::time::Instant;
 
 use prost::Message as _;
 
-use super::{ImageRecord, IngestRecord, LinkRecord, Scope, Store, extent_range, now_ns};
+use super::keys::{extent_range, link_key, owner_key, split_link, split_scope};
+use super::{ImageRecord, IngestRecord, LinkRecord, Scope, Store, now_ns};
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::gc::{self, Marked};
@@ -68,14 +69,11 @@ pub enum Explanation {
 }
 
 pub(super) fn node(scope: &Scope, d: &Digest) -> Node {
-    super::link_key(scope, d)
+    link_key(scope, d)
 }
 
 fn split(n: &[u8]) -> Option<(Scope, Digest)> {
-    let nul = n.iter().position(|b| *b == 0)?;
-    let scope = Scope::from_tag(&n[..nul])?;
-    let (d, rest) = Digest::from_key(&n[nul + 1..])?;
-    rest.is_empty().then_some((scope, d))
+    split_link(n)
 }
 
 impl Store {
@@ -137,25 +135,24 @@ impl Store {
         self.gc_wake.notified().await
     }
 
-    fn children_of(&self, n: &Node) -> Vec<Node> {
-        let Some((scope, d)) = split(n) else {
-            return Vec::new();
-        };
+    /// What a node reaches, for the write barrier. Every read error and every damaged record
+    /// is an error: a collection that cannot see an edge must not sweep what it protects.
+    fn children_of(&self, n: &Node) -> Result<Vec<Node>> {
+        let (scope, d) = split(n).ok_or_else(|| super::corrupt_record("barrier", n, None))?;
         let mut out: Vec<Node> = self
-            .children(&d)
-            .unwrap_or_default()
+            .children(&d)?
             .into_iter()
             .filter(|e| e.role.keeps_alive())
             .map(|e| node(&scope, &e.to))
             .collect();
-        if let Ok(Some(link)) = self.link(&scope, &d) {
+        if let Some(link) = self.link(&scope, &d)? {
             out.extend(
                 graph::label_refs(&link.labels)
                     .iter()
                     .map(|c| node(&scope, c)),
             );
         }
-        out
+        Ok(out)
     }
 
     /// Roots and every link (as sweep candidates, with its size and creation time).
@@ -184,6 +181,7 @@ impl Store {
     fn roots(&self, now: i64) -> Result<(Roots, Links)> {
         let mut roots = Vec::new();
         let mut links = Vec::new();
+        let mut bad = None;
         // An eviction (the disk past its high watermark) keeps only what is really reachable.
         let grace = if self.evicting.load(Ordering::Relaxed) {
             0
@@ -191,10 +189,14 @@ impl Store {
             self.gc_grace_ns
         };
         self.kv.scan(Cf::Links, &[], &[], &mut |k, v| {
-            let Ok(link) = LinkRecord::decode(v) else {
-                return true;
+            let (link, scope) = match (LinkRecord::decode(v), split(k)) {
+                (Ok(link), Some((scope, _))) => (link, scope),
+                (r, _) => {
+                    bad = Some(super::corrupt_record("links", k, r.err()));
+                    return false;
+                }
             };
-            if let Some((scope, _)) = split(k) {
+            {
                 match &scope {
                     Scope::Tenant(t) => {
                         roots.push((k.to_vec(), format!("held by backend tenant {t:?}")))
@@ -213,8 +215,21 @@ impl Store {
             links.push((k.to_vec(), link));
             true
         })?;
+        if let Some(e) = bad.take() {
+            return Err(e);
+        }
         for (scope, img) in self.all_images()? {
-            if let Ok(d) = Digest::parse(&img.digest) {
+            // Targets are validated when an image is written: one that no longer parses is
+            // damage, and the image's content must not be swept because of it.
+            let d = Digest::parse(&img.digest).map_err(|e| {
+                crate::error::Error::data_loss(format!(
+                    "image {:?}: stored target {:?} is damaged: {}",
+                    img.name,
+                    img.digest,
+                    e.message()
+                ))
+            })?;
+            {
                 roots.push((node(&scope, &d), format!("image {:?}", img.name)));
             }
             for d in graph::label_refs(&img.labels) {
@@ -222,39 +237,52 @@ impl Store {
             }
         }
         self.kv.scan(Cf::Ingests, &[], &[], &mut |k, v| {
-            if let (Ok(rec), Some(nul)) = (IngestRecord::decode(v), k.iter().position(|b| *b == 0))
-                && let (Ok(d), Some(scope)) =
-                    (Digest::parse(&rec.shared), Scope::from_tag(&k[..nul]))
-            {
-                roots.push((
+            let (rec, (scope, r)) = match (IngestRecord::decode(v), split_scope(k)) {
+                (Ok(rec), Some(parts)) => (rec, parts),
+                (r, _) => {
+                    bad = Some(super::corrupt_record("ingests", k, r.err()));
+                    return false;
+                }
+            };
+            if rec.shared.is_empty() {
+                return true;
+            }
+            match Digest::parse(&rec.shared) {
+                Ok(d) => roots.push((
                     node(&scope, &d),
-                    format!("ingest {:?}", String::from_utf8_lossy(&k[nul + 1..])),
-                ));
+                    format!("ingest {:?}", String::from_utf8_lossy(r)),
+                )),
+                Err(_) => {
+                    bad = Some(super::corrupt_record("ingests", k, None));
+                    return false;
+                }
             }
             true
         })?;
-        Ok((roots, links))
+        bad.map_or(Ok((roots, links)), Err)
     }
 
     /// Every edge, read in one sequential scan: parent digest key → (edge key, child digest
     /// key, role). Marking then never touches storage per node.
     fn edge_map(&self) -> Result<EdgeMap> {
         let mut map: EdgeMap = HashMap::new();
+        let mut bad = None;
         self.kv.scan(Cf::Edges, &[], &[], &mut |k, _| {
-            if let Some((_, rest)) = Digest::from_key(k)
-                && let (Some(role), Some(child)) = (
-                    rest.first().and_then(|r| graph::Role::from_code(*r)),
-                    rest.get(5..),
-                )
-            {
-                let pk = k[..k.len() - rest.len()].to_vec();
-                map.entry(pk)
-                    .or_default()
-                    .push((k.to_vec(), child.to_vec(), role));
-            }
+            let parsed = Digest::from_key(k).and_then(|(_, rest)| {
+                let (role, _, _) = super::keys::split_edge_rest(rest)?;
+                Some((rest, role, rest.get(5..)?))
+            });
+            let Some((rest, role, child)) = parsed else {
+                bad = Some(super::corrupt_record("edges", k, None));
+                return false;
+            };
+            let pk = k[..k.len() - rest.len()].to_vec();
+            map.entry(pk)
+                .or_default()
+                .push((k.to_vec(), child.to_vec(), role));
             true
         })?;
-        Ok(map)
+        bad.map_or(Ok(map), Err)
     }
 
     fn mark_all(&self, now: i64) -> Result<MarkResult> {
@@ -410,7 +438,7 @@ impl Store {
 
         // Write barrier: whatever was written since the mark is marked now, with all it
         // reaches. Called with `gc_gate` held for writing.
-        let drain = |marked: &mut Marked<Node>, live: &mut HashSet<Vec<u8>>| {
+        let drain = |marked: &mut Marked<Node>, live: &mut HashSet<Vec<u8>>| -> Result<()> {
             let recorded = self
                 .barrier
                 .lock()
@@ -418,14 +446,28 @@ impl Store {
                 .map(std::mem::take)
                 .unwrap_or_default();
             for n in recorded {
-                for added in marked.mark_more(n, "written during the collection".into(), |n| {
-                    self.children_of(n)
-                }) {
+                // The marker is pure and takes an infallible `children`; the first failure is
+                // kept and the collection stops on it before anything more is swept.
+                let mut failed = None;
+                let added = marked.mark_more(n, "written during the collection".into(), |n| {
+                    match self.children_of(n) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                            Vec::new()
+                        }
+                    }
+                });
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                for added in added {
                     if let Some((_, d)) = split(&added) {
                         live.insert(d.key());
                     }
                 }
             }
+            Ok(())
         };
 
         // Expired leases go by the clock.
@@ -448,24 +490,37 @@ impl Store {
         for batch in candidates.chunks(SWEEP_BATCH) {
             // Most of the barrier is marked before taking the gate, so a writer only ever
             // waits for what arrived in the last moment plus one bounded batch.
-            drain(&mut marked, &mut live);
+            drain(&mut marked, &mut live)?;
             let pause = Instant::now();
             let _gate = self.gc_gate.write();
-            drain(&mut marked, &mut live);
+            drain(&mut marked, &mut live)?;
             let mut b = Batch::new();
+            let mut uncount: Vec<(Scope, i64)> = Vec::new();
             for k in batch {
                 let Some((scope, d)) = split(k) else { continue };
-                // Rescued by the barrier? (A link deleted meanwhile is deleted again: harmless;
-                // one created or replaced meanwhile is in the barrier, so marked.)
+                // Rescued by the barrier? (One created or replaced meanwhile is in the
+                // barrier, so marked.)
                 if marked.contains(*k) {
                     continue;
                 }
+                // Deleted meanwhile? Then it was uncounted already. Deletes take the gate
+                // for reading, so nothing changes between this check and the write below.
+                let Some(v) = self.kv.get(Cf::Links, k)? else {
+                    continue;
+                };
+                let size = LinkRecord::decode(&v[..])
+                    .map_err(|e| super::corrupt_record("links", k, Some(e)))?
+                    .size;
                 b.delete(Cf::Links, (*k).clone());
-                b.delete(Cf::Owners, super::owner_key(&d, &scope));
+                b.delete(Cf::Owners, owner_key(&d, &scope));
+                uncount.push((scope, size));
                 report.links_swept += 1;
             }
             if !dry_run && !b.is_empty() {
                 self.kv.write(b, false)?;
+                for (scope, size) in uncount {
+                    self.usage_add(&scope, -size);
+                }
             }
             report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
         }
@@ -473,7 +528,7 @@ impl Store {
         // Sweep 2: blobs no scope marks.
         let candidates: Vec<&Vec<u8>> = blobs.iter().filter(|dk| !live.contains(*dk)).collect();
         for batch in candidates.chunks(SWEEP_BATCH) {
-            drain(&mut marked, &mut live);
+            drain(&mut marked, &mut live)?;
             // Blob records are read before the gate is taken: only the collector removes
             // them (one collection at a time), so they cannot change meanwhile, and the
             // pause a writer may see is just the batch write.
@@ -488,7 +543,7 @@ impl Store {
             }
             let pause = Instant::now();
             let _gate = self.gc_gate.write();
-            drain(&mut marked, &mut live);
+            drain(&mut marked, &mut live)?;
             let mut b = Batch::new();
             for (dk, d, blob) in records {
                 // Unmarked in every scope means every link it had was swept above, and any

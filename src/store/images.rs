@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use prost::Message as _;
 
+use super::keys::{image_key, split_scope};
 use super::{ImageRecord, Scope, Store, decode, now_ns, validate_labels};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -27,12 +28,6 @@ impl Adaptor for ImageRecord {
             _ => None,
         }
     }
-}
-
-fn image_key(scope: &Scope, name: &str) -> Vec<u8> {
-    let mut k = scope.prefix();
-    k.extend_from_slice(name.as_bytes());
-    k
 }
 
 fn validate(img: &ImageRecord) -> Result<()> {
@@ -188,14 +183,20 @@ impl Store {
     /// Every image of every scope, for the collector's roots.
     pub(super) fn all_images(&self) -> Result<Vec<(Scope, ImageRecord)>> {
         let mut out = Vec::new();
+        let mut bad = None;
         self.kv.scan(Cf::Images, &[], &[], &mut |k, v| {
-            if let (Some(nul), Ok(img)) = (k.iter().position(|b| *b == 0), ImageRecord::decode(v))
-                && let Some(scope) = Scope::from_tag(&k[..nul])
-            {
-                out.push((scope, img));
+            let scope = split_scope(k).map(|(s, _)| s);
+            match (scope, ImageRecord::decode(v)) {
+                (Some(scope), Ok(img)) => {
+                    out.push((scope, img));
+                    true
+                }
+                (_, r) => {
+                    bad = Some(super::corrupt_record("images", k, r.err()));
+                    false
+                }
             }
-            true
         })?;
-        Ok(out)
+        bad.map_or(Ok(out), Err)
     }
 }

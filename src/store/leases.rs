@@ -11,7 +11,9 @@ use crate::error::{Error, Kind, Result};
 use crate::filter::{self, Adaptor, Filter};
 use crate::kv::{Batch, Cf, prefix_end};
 
-pub const EXPIRE_LABEL: &str = "containerd.io/gc.expire";
+pub use crate::dates::EXPIRE_LABEL;
+use super::keys::{lease_key, resource_key, resource_prefix, split_resource, split_scope};
+use crate::dates::{parse_rfc3339, validate_expiry};
 pub const FLAT_LABEL: &str = "containerd.io/gc.flat";
 
 impl Adaptor for LeaseRecord {
@@ -32,92 +34,6 @@ impl LeaseRecord {
     pub fn is_flat(&self) -> bool {
         self.labels.contains_key(FLAT_LABEL)
     }
-}
-
-/// Parses an RFC 3339 date-time (`2006-01-02T15:04:05[.999999999](Z|±07:00)`) to ns since
-/// the Unix epoch.
-pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        std::str::from_utf8(b.get(r)?).ok()?.parse().ok()
-    };
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let (y, mo, d, h, mi, sec) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut nanos = 0i64;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        let frac = std::str::from_utf8(&b[start..i]).ok()?;
-        if frac.is_empty() {
-            return None;
-        }
-        let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
-        nanos = digits.parse().ok()?;
-    }
-    let offset = match b.get(i)? {
-        b'Z' | b'z' if i + 1 == b.len() => 0,
-        b'+' | b'-' if i + 6 == b.len() && b[i + 3] == b':' => {
-            let o = num(i + 1..i + 3)? * 3600 + num(i + 4..i + 6)? * 60;
-            if b[i] == b'+' { o } else { -o }
-        }
-        _ => return None,
-    };
-    // Days from civil (proleptic Gregorian).
-    let (yy, mm) = if mo <= 2 {
-        (y - 1, mo + 9)
-    } else {
-        (y, mo - 3)
-    };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let doy = (153 * mm + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
-    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
-}
-
-fn lease_key(scope: &Scope, id: &str) -> Vec<u8> {
-    let mut k = scope.prefix();
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-fn resource_key(scope: &Scope, id: &str, kind: &str, rid: &str) -> Vec<u8> {
-    let mut k = lease_key(scope, id);
-    k.push(0);
-    k.extend_from_slice(kind.as_bytes());
-    k.push(0);
-    k.extend_from_slice(rid.as_bytes());
-    k
-}
-
-fn resource_prefix(scope: &Scope, id: &str) -> Vec<u8> {
-    let mut k = lease_key(scope, id);
-    k.push(0);
-    k
 }
 
 /// Checks a resource type and id as containerd does.
@@ -159,6 +75,9 @@ impl Store {
         labels: HashMap<String, String>,
     ) -> Result<LeaseRecord> {
         validate_labels(&labels)?;
+        if let Some(v) = labels.get(EXPIRE_LABEL) {
+            validate_expiry(v, now_ns())?;
+        }
         let id = if id.is_empty() {
             hex::encode(rand::random::<[u8; 12]>())
         } else {
@@ -232,7 +151,8 @@ impl Store {
             resource_key(scope, id, kind, rid),
             Vec::new(),
         );
-        self.kv.write(b, false)?;
+        // A lease resource is a root: acknowledged means durable.
+        self.kv.write(b, true)?;
         self.note_mutation();
         Ok(())
     }
@@ -274,7 +194,7 @@ impl Store {
         self.require_lease(scope, id)?;
         let mut b = Batch::new();
         b.delete(Cf::LeaseResources, resource_key(scope, id, kind, rid));
-        self.kv.write(b, false)?;
+        self.kv.write(b, true)?;
         self.note_deletion();
         Ok(())
     }
@@ -290,11 +210,10 @@ impl Store {
         let mut out = Vec::new();
         self.kv
             .scan(Cf::LeaseResources, &p, &prefix_end(&p), &mut |k, _| {
-                let rest = &k[p.len()..];
-                if let Some(nul) = rest.iter().position(|b| *b == 0) {
+                if let Some((kind, rid)) = split_resource(&k[p.len()..]) {
                     out.push((
-                        String::from_utf8_lossy(&rest[..nul]).into_owned(),
-                        String::from_utf8_lossy(&rest[nul + 1..]).into_owned(),
+                        String::from_utf8_lossy(kind).into_owned(),
+                        String::from_utf8_lossy(rid).into_owned(),
                     ));
                 }
                 true
@@ -303,74 +222,54 @@ impl Store {
     }
 
     /// When the next lease expires (ns since the epoch), if any lease has an expiry.
-    pub fn next_lease_expiry(&self) -> Option<i64> {
-        let mut next: Option<i64> = None;
-        let _ = self.kv.scan(Cf::Leases, &[], &[], &mut |_, v| {
-            if let Some(t) = LeaseRecord::decode(v).ok().and_then(|l| l.expires_ns()) {
-                next = Some(next.map_or(t, |n| n.min(t)));
+    pub fn next_lease_expiry(&self) -> Result<Option<i64>> {
+        Ok(self
+            .all_lease_records()?
+            .iter()
+            .filter_map(|(_, l)| l.expires_ns())
+            .min())
+    }
+
+    /// Every lease record of every scope. An undecodable record is an error naming its key:
+    /// the collector must not run on a partial view of the roots.
+    fn all_lease_records(&self) -> Result<Vec<(Scope, LeaseRecord)>> {
+        let mut leases = Vec::new();
+        let mut bad = None;
+        self.kv.scan(Cf::Leases, &[], &[], &mut |k, v| {
+            let scope = split_scope(k).map(|(s, _)| s);
+            match (scope, LeaseRecord::decode(v)) {
+                (Some(scope), Ok(l)) => {
+                    leases.push((scope, l));
+                    true
+                }
+                (_, r) => {
+                    bad = Some(super::corrupt_record("leases", k, r.err()));
+                    false
+                }
             }
-            true
-        });
-        next
+        })?;
+        bad.map_or(Ok(leases), Err)
     }
 
     /// Every lease of every scope with its content resources, for the collector.
     pub(super) fn all_leases(&self) -> Result<Vec<(Scope, LeaseRecord, Vec<Digest>)>> {
-        let mut leases = Vec::new();
-        self.kv.scan(Cf::Leases, &[], &[], &mut |k, v| {
-            if let (Some(nul), Ok(l)) = (k.iter().position(|b| *b == 0), LeaseRecord::decode(v))
-                && let Some(scope) = Scope::from_tag(&k[..nul])
-            {
-                leases.push((scope, l));
-            }
-            true
-        })?;
         let mut out = Vec::new();
-        for (scope, l) in leases {
-            let content = self
-                .lease_resources(&scope, &l.id)?
-                .into_iter()
-                .filter(|(kind, _)| kind == "content")
-                .filter_map(|(_, rid)| Digest::parse(&rid).ok())
-                .collect();
+        for (scope, l) in self.all_lease_records()? {
+            let mut content = Vec::new();
+            for (kind, rid) in self.lease_resources(&scope, &l.id)? {
+                if kind == "content" {
+                    // Resources are validated when added: one that no longer parses is damage.
+                    content.push(Digest::parse(&rid).map_err(|e| {
+                        Error::data_loss(format!(
+                            "lease {:?}: stored content resource {rid:?} is damaged: {}",
+                            l.id,
+                            e.message()
+                        ))
+                    })?);
+                }
+            }
             out.push((scope, l, content));
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_rfc3339;
-
-    #[test]
-    fn rfc3339() {
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(
-            parse_rfc3339("2024-01-01T00:00:00Z"),
-            Some(1_704_067_200_000_000_000)
-        );
-        assert_eq!(
-            parse_rfc3339("2024-01-01T01:00:00+01:00"),
-            Some(1_704_067_200_000_000_000)
-        );
-        assert_eq!(
-            parse_rfc3339("2024-02-29T12:30:45.5Z"),
-            Some(1_709_209_845_500_000_000)
-        );
-        assert_eq!(
-            parse_rfc3339("2000-03-01T00:00:00.000000001-00:00"),
-            Some(951_868_800_000_000_001)
-        );
-        for bad in [
-            "",
-            "2024-01-01",
-            "2024-13-01T00:00:00Z",
-            "2024-01-01T00:00:00",
-            "2024-01-01T00:00:00.Z",
-            "x024-01-01T00:00:00Z",
-        ] {
-            assert_eq!(parse_rfc3339(bad), None, "{bad}");
-        }
     }
 }

@@ -25,6 +25,7 @@
 //! lock, so a dedupe-commit can never race the removal of the blob it links to.
 
 mod collect;
+mod keys;
 mod images;
 mod leases;
 mod live;
@@ -41,7 +42,10 @@ use prost::Message as _;
 use tokio::sync::OwnedMutexGuard;
 
 pub use collect::{Explanation, GcReport};
-pub use leases::parse_rfc3339;
+pub use crate::dates::parse_rfc3339;
+use keys::{
+    chunk_key, edge_key, extent_range, ingest_key, link_key, owner_key, parent_key, split_scope,
+};
 pub use live::{LiveIngest, LiveState};
 pub use records::{
     BlobRecord, EdgeRecord, ImageRecord, IngestRecord, LeaseRecord, LinkRecord, QuarantineRecord,
@@ -73,6 +77,9 @@ pub const MAX_LABEL_BYTES: usize = 4096;
 /// How long opening a writer waits for a ref held by another stream before `Unavailable`
 /// (containerd's local store retries for about the same time).
 const LOCK_WAIT: Duration = Duration::from_millis(500);
+/// Ingest slots kept in memory at once (see `Store::evict_idle_slots`): each holds a hasher
+/// and a record, so this bounds the daemon's memory for uploads in flight.
+const MAX_SLOTS: usize = 16_384;
 const EXTENT_RESERVATION: u64 = 1 << 16;
 const META_EXTENTS: &[u8] = b"extent_reserved";
 const META_SCHEMA: &[u8] = b"schema_version";
@@ -117,68 +124,36 @@ impl Scope {
         Ok(Scope::Tenant(name.to_string()))
     }
 
-    fn tag(&self) -> Vec<u8> {
-        let (t, name) = match self {
-            Scope::Namespace(n) => (b'n', n),
-            Scope::Tenant(n) => (b't', n),
-        };
-        let mut k = Vec::with_capacity(name.len() + 2);
-        k.push(t);
-        k.extend_from_slice(name.as_bytes());
-        k
-    }
-
-    fn prefix(&self) -> Vec<u8> {
-        let mut k = self.tag();
-        k.push(0);
-        k
-    }
-
-    fn from_tag(tag: &[u8]) -> Option<Scope> {
-        let name = String::from_utf8(tag.get(1..)?.to_vec()).ok()?;
-        match tag.first()? {
-            b'n' => Some(Scope::Namespace(name)),
-            b't' => Some(Scope::Tenant(name)),
-            _ => None,
-        }
-    }
-
     fn is_tenant(&self) -> bool {
         matches!(self, Scope::Tenant(_))
     }
 }
 
-fn link_key(scope: &Scope, d: &Digest) -> Vec<u8> {
-    let mut k = scope.prefix();
-    k.extend_from_slice(&d.key());
-    k
-}
-
-fn owner_key(d: &Digest, scope: &Scope) -> Vec<u8> {
-    let mut k = d.key();
-    k.extend_from_slice(&scope.tag());
-    k
-}
-
-fn ingest_key(scope: &Scope, r: &str) -> Vec<u8> {
-    let mut k = scope.prefix();
-    k.extend_from_slice(r.as_bytes());
-    k
-}
-
-fn chunk_key(extent: u64, offset: u64) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&extent.to_be_bytes());
-    k[8..].copy_from_slice(&offset.to_be_bytes());
-    k
-}
-
-fn extent_range(extent: u64) -> ([u8; 16], [u8; 16]) {
-    (chunk_key(extent, 0), chunk_key(extent + 1, 0))
-}
-
 fn decode<M: prost::Message + Default>(what: &str, bytes: &[u8]) -> Result<M> {
-    M::decode(bytes).map_err(|e| Error::internal(format!("corrupt {what} record: {e}")))
+    M::decode(bytes).map_err(|e| Error::data_loss(format!("corrupt {what} record: {e}")))
+}
+
+/// A stored key as an operator can read it: printable ASCII kept, other bytes escaped.
+pub fn fmt_key(k: &[u8]) -> String {
+    k.iter()
+        .flat_map(|b| std::ascii::escape_default(*b))
+        .map(char::from)
+        .collect()
+}
+
+/// The error for a stored record (or its key) that does not decode: DataLoss naming the
+/// family and the key, so an operator can find it. Readers that decide what is live (the
+/// collector above all) stop on it rather than skip it.
+pub(crate) fn corrupt_record(
+    family: &str,
+    key: &[u8],
+    err: Option<prost::DecodeError>,
+) -> Error {
+    let why = err.map_or_else(|| "its key is malformed".to_string(), |e| e.to_string());
+    Error::data_loss(format!(
+        "stored {family} record at key \"{}\" is damaged: {why}",
+        fmt_key(key)
+    ))
 }
 
 /// A committed blob as one scope sees it.
@@ -308,6 +283,10 @@ pub struct Store {
     gc_wake: tokio::sync::Notify,
     quotas: HashMap<String, u64>,
     default_quota: u64,
+    /// Bytes each scope links: kept with every link write and removal (after the batch lands,
+    /// or reserved before it for a commit), recounted from the links at open. Quota checks
+    /// read it in O(1).
+    usage: Mutex<HashMap<Scope, i64>>,
     max_document: usize,
     /// Committed blobs and their bytes (counted at open, kept by commit and sweep).
     blob_count: std::sync::atomic::AtomicI64,
@@ -402,11 +381,13 @@ impl Store {
             blob_bytes: Default::default(),
             quotas: config.quotas.clone(),
             default_quota: config.default_quota,
+            usage: Mutex::new(HashMap::new()),
             max_document: config.max_document,
             gc_grace_ns: config.gc_grace.as_nanos().min(i64::MAX as u128) as i64,
             ingest_expiry_ns: config.ingest_expiry.as_nanos().min(i64::MAX as u128) as i64,
         });
         store.count_blobs()?;
+        *store.usage.lock() = store.recount_usage()?;
         Ok(store)
     }
 
@@ -449,26 +430,86 @@ impl Store {
         }
     }
 
-    /// Bytes of the blobs a scope links.
-    pub fn usage_of(&self, scope: &Scope) -> Result<i64> {
-        let p = scope.prefix();
-        let mut total = 0i64;
-        let mut bad = None;
-        self.kv.scan(Cf::Links, &p, &prefix_end(&p), &mut |_, v| {
-            match decode::<LinkRecord>("link", v) {
-                Ok(l) => total += l.size,
-                Err(e) => bad = Some(e),
-            }
-            true
-        })?;
-        bad.map_or(Ok(total), Err)
+    /// Bytes of the blobs a scope links (O(1): kept as links come and go).
+    pub fn usage_of(&self, scope: &Scope) -> i64 {
+        self.usage.lock().get(scope).copied().unwrap_or(0)
     }
 
-    fn over_quota(scope: &Scope, limit: u64, used: i64, more: i64) -> Error {
+    /// Every scope's usage from a full scan of the links: what the counters start from at
+    /// open, and what they must always equal.
+    pub fn recount_usage(&self) -> Result<HashMap<Scope, i64>> {
+        let mut out: HashMap<Scope, i64> = HashMap::new();
+        let mut bad = None;
+        self.kv.scan(Cf::Links, &[], &[], &mut |k, v| {
+            let scope = split_scope(k).map(|(s, _)| s);
+            match (scope, LinkRecord::decode(v)) {
+                (Some(scope), Ok(l)) => {
+                    let u = out.entry(scope).or_default();
+                    *u = u.saturating_add(l.size.max(0));
+                    true
+                }
+                (_, r) => {
+                    bad = Some(corrupt_record("links", k, r.err()));
+                    false
+                }
+            }
+        })?;
+        bad.map_or(Ok(out), Err)
+    }
+
+    /// Every scope's usage as the counters have it (for checks against a recount).
+    pub fn usage_counters(&self) -> HashMap<Scope, i64> {
+        self.usage
+            .lock()
+            .iter()
+            .filter(|(_, v)| **v != 0)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// Adds `delta` bytes to what `scope` links (call once the batch that changed its links
+    /// has landed).
+    fn usage_add(&self, scope: &Scope, delta: i64) {
+        let mut u = self.usage.lock();
+        let v = u.entry(scope.clone()).or_default();
+        *v = v.saturating_add(delta);
+        if *v == 0 {
+            u.remove(scope);
+        }
+    }
+
+    /// Reserves `bytes` of `scope`'s usage for a link about to be written, refusing it with
+    /// ResourceExhausted past the scope's quota. Check and reservation are one step, so two
+    /// commits racing in one namespace can never pass the quota together. The reservation is
+    /// returned when the guard drops unless [`Reservation::keep`] is called.
+    fn reserve(&self, scope: &Scope, bytes: i64) -> Result<Reservation<'_>> {
+        let mut u = self.usage.lock();
+        let used = u.get(scope).copied().unwrap_or(0);
+        if let Some(limit) = self.quota(scope)
+            && used.saturating_add(bytes) > i64::try_from(limit).unwrap_or(i64::MAX)
+        {
+            return Err(self.over_quota(scope, limit, used, bytes));
+        }
+        *u.entry(scope.clone()).or_default() = used.saturating_add(bytes);
+        Ok(Reservation {
+            store: self,
+            scope: scope.clone(),
+            bytes,
+            kept: false,
+        })
+    }
+
+    fn over_quota(&self, scope: &Scope, limit: u64, used: i64, more: i64) -> Error {
         let ns = match scope {
             Scope::Namespace(n) | Scope::Tenant(n) => n.as_str(),
         };
-        crate::metrics::get().quota_rejections.add(&[ns], 1);
+        // Namespaces are named by clients: only configured ones become metric labels.
+        let label = if self.quotas.contains_key(ns) {
+            ns
+        } else {
+            "(default)"
+        };
+        crate::metrics::get().quota_rejections.add(&[label], 1);
         Error::exhausted(format!(
             "namespace {ns:?} is over its quota: {used} of {limit} bytes used, {more} more needed; \
              delete content or raise the quota"
@@ -530,17 +571,43 @@ impl Store {
         Error::not_found(format!("content {d}: not found"))
     }
 
-    /// Resolves what `scope` may see of `d`. For a tenant any stored blob is visible and
-    /// becomes held by it (so another tenant's delete can never remove it).
-    fn resolve(&self, scope: &Scope, d: &Digest) -> Result<Option<(BlobRecord, LinkRecord)>> {
-        if let Some(link) = self.link(scope, d)? {
+    /// What `scope` sees of `d` through its own link: one point lookup that never writes, so
+    /// it may run on an async worker.
+    fn linked(&self, scope: &Scope, d: &Digest) -> Result<Option<(BlobRecord, LinkRecord)>> {
+        Ok(self.link(scope, d)?.map(|link| {
             let blob = BlobRecord {
                 extent: link.extent,
                 size: link.size,
                 created_ns: link.created_ns,
                 ..Default::default()
             };
-            return Ok(Some((blob, link)));
+            (blob, link)
+        }))
+    }
+
+    /// Info of `d` if `scope` links it; None means "ask [`Store::info`]", which may have to
+    /// write a tenant's hold (a synced write: run it on the blocking pool).
+    pub fn info_linked(&self, scope: &Scope, d: &Digest) -> Result<Option<Info>> {
+        Ok(self
+            .linked(scope, d)?
+            .map(|(blob, link)| Self::info_of(d, &blob, link)))
+    }
+
+    /// Where to read `d` if `scope` links it; None means "ask [`Store::locate`]".
+    pub fn locate_linked(&self, scope: &Scope, d: &Digest) -> Result<Option<BlobLocation>> {
+        Ok(self.linked(scope, d)?.map(|(blob, _)| BlobLocation {
+            extent: blob.extent,
+            size: blob.size,
+        }))
+    }
+
+    /// Resolves what `scope` may see of `d`. For a tenant any stored blob is visible and
+    /// becomes held by it (so another tenant's delete can never remove it). The hold is
+    /// durable before this returns (containerd records the blob as present once Info
+    /// answers), so call this on the blocking pool.
+    fn resolve(&self, scope: &Scope, d: &Digest) -> Result<Option<(BlobRecord, LinkRecord)>> {
+        if let Some(found) = self.linked(scope, d)? {
+            return Ok(Some(found));
         }
         if !scope.is_tenant() {
             return Ok(None);
@@ -561,7 +628,8 @@ impl Store {
         };
         let mut b = Batch::new();
         self.put_link(&mut b, scope, d, &link);
-        self.kv.write(b, false)?;
+        self.kv.write(b, true)?;
+        self.usage_add(scope, blob.size);
         Ok(Some((blob, link)))
     }
 
@@ -586,7 +654,8 @@ impl Store {
     pub fn put_source(&self, scope: &Scope, d: &Digest, rec: &SourceRecord) -> Result<()> {
         let mut b = Batch::new();
         b.put(Cf::Sources, link_key(scope, d), rec.encode_to_vec());
-        self.kv.write(b, false)
+        // Durable with the pull's answer: a lazy blob without its source cannot be read.
+        self.kv.write(b, true)
     }
 
     /// Info of a stored blob, else of a lazy one: pulled into this scope, not fetched yet (a
@@ -806,7 +875,9 @@ impl Store {
         self.barrier([collect::node(scope, d)]);
         let mut b = Batch::new();
         b.put(Cf::Links, link_key(scope, d), link.encode_to_vec());
-        self.kv.write(b, false)?;
+        // Labels decide what the collector keeps (gc.root, gc.ref.*): acknowledged means
+        // durable.
+        self.kv.write(b, true)?;
         Ok(Self::info_of(d, &blob, link))
     }
 
@@ -865,13 +936,17 @@ impl Store {
     /// reaches the blob any more. Returns whether a link existed.
     pub fn delete(&self, scope: &Scope, d: &Digest) -> Result<bool> {
         let _g = self.digest_lock(d);
-        if self.link(scope, d)?.is_none() {
+        // Under the gate too: the sweep checks a link still exists before it removes (and
+        // uncounts) it, which only holds if no delete runs between its check and its write.
+        let _gate = self.gc_gate.read();
+        let Some(link) = self.link(scope, d)? else {
             return Ok(false);
-        }
+        };
         let mut b = Batch::new();
         b.delete(Cf::Links, link_key(scope, d));
         b.delete(Cf::Owners, owner_key(d, scope));
         self.kv.write(b, true)?;
+        self.usage_add(scope, -link.size);
         self.note_deletion();
         Ok(true)
     }
@@ -905,6 +980,38 @@ impl Store {
         Ok(self.blob(d)?.ok_or_else(|| Self::not_found(d))?.size)
     }
 
+    /// Whether any outgoing edge of `d` is recorded.
+    fn has_edges(&self, d: &Digest) -> Result<bool> {
+        let dk = d.key();
+        let mut any = false;
+        self.kv.scan(Cf::Edges, &dk, &prefix_end(&dk), &mut |_, _| {
+            any = true;
+            false
+        })?;
+        Ok(any)
+    }
+
+    /// A committed blob's bytes when they may be a document worth classifying (small enough,
+    /// starting like a JSON object).
+    fn stored_document(&self, d: &Digest) -> Result<Option<Vec<u8>>> {
+        let Some(blob) = self.blob(d)? else {
+            return Ok(None);
+        };
+        if blob.size <= 0 || blob.size as usize > self.max_document {
+            return Ok(None);
+        }
+        let first = self.read_extent(blob.extent, 0, 1)?;
+        if !matches!(first.first(), Some(b'{' | b' ' | b'\n' | b'\r' | b'\t')) {
+            return Ok(None);
+        }
+        let mut doc = Vec::with_capacity(blob.size as usize);
+        self.read_range(blob.extent, 0, blob.size as u64, |c| {
+            doc.extend_from_slice(&c);
+            Ok(())
+        })?;
+        Ok(Some(doc))
+    }
+
     /// A committed blob's outgoing edges, in document order (config, layers / manifests, subject).
     pub fn children(&self, d: &Digest) -> Result<Vec<GraphEdge>> {
         let dk = d.key();
@@ -912,13 +1019,7 @@ impl Store {
         let mut err = None;
         self.kv
             .scan(Cf::Edges, &dk, &prefix_end(&dk), &mut |k, v| {
-                let rest = &k[dk.len()..];
-                let parsed = (|| {
-                    let role = Role::from_code(*rest.first()?)?;
-                    let index = u32::from_be_bytes(rest.get(1..5)?.try_into().ok()?);
-                    let (to, _) = Digest::from_key(rest.get(5..)?)?;
-                    Some((role, index, to))
-                })();
+                let parsed = keys::split_edge_rest(&k[dk.len()..]);
                 match (parsed, EdgeRecord::decode(v)) {
                     (Some((role, index, to)), Ok(rec)) => out.push(GraphEdge {
                         from: d.clone(),
@@ -927,8 +1028,8 @@ impl Store {
                         index,
                         rec,
                     }),
-                    _ => {
-                        err = Some(Error::internal(format!("corrupt edge record under {d}")));
+                    (_, r) => {
+                        err = Some(corrupt_record("edges", k, r.err()));
                         return false;
                     }
                 }
@@ -1104,6 +1205,17 @@ impl Store {
         self.slots.lock().remove(key);
     }
 
+    /// Forgets the cached state of ingests nobody is writing: each reloads from its durable
+    /// record (re-hashing its bytes) when it is next opened. Memory then grows with the
+    /// uploads in flight, not with every ref a client ever opened. A slot whose bytes went
+    /// without the WAL keeps its state: only it knows they must be flushed before a commit.
+    fn evict_idle_slots(slots: &mut HashMap<Vec<u8>, (Slot, LockedSince)>) {
+        slots.retain(|_, (slot, _)| match slot.try_lock() {
+            Ok(g) => g.as_ref().is_some_and(|st| st.unlogged),
+            Err(_) => true,
+        });
+    }
+
     /// Takes the exclusive lock on an ingest ref, retrying for [`LOCK_WAIT`].
     async fn lock_slot(&self, key: &[u8], r: &str) -> Result<OwnedMutexGuard<Option<IngestState>>> {
         let deadline = tokio::time::Instant::now() + LOCK_WAIT;
@@ -1111,6 +1223,16 @@ impl Store {
         loop {
             let (slot, since) = {
                 let mut slots = self.slots.lock();
+                if !slots.contains_key(key) && slots.len() >= MAX_SLOTS {
+                    Self::evict_idle_slots(&mut slots);
+                    if slots.len() >= MAX_SLOTS {
+                        return Err(Error::exhausted(format!(
+                            "{} uploads are open at once, the most this daemon keeps; \
+                             finish or abort some, then retry ref {r}",
+                            slots.len()
+                        )));
+                    }
+                }
                 let entry = slots.entry(key.to_vec()).or_insert_with(|| {
                     (
                         Arc::new(tokio::sync::Mutex::new(None)),
@@ -1222,10 +1344,7 @@ impl Store {
             lease: lease.clone(),
             media_type: None,
             live: None,
-            quota: match self.quota(&scope) {
-                Some(q) => Some((q, self.usage_of(&scope)?)),
-                None => None,
-            },
+            quota: self.quota(&scope),
             pending: Batch::new(),
             chunks: Batch::new(),
             chunk_bytes: 0,
@@ -1365,21 +1484,6 @@ impl Store {
     }
 }
 
-fn edge_key(parent: &Digest, role: Role, index: u32, child: &Digest) -> Vec<u8> {
-    let mut k = parent.key();
-    k.push(role.code());
-    k.extend_from_slice(&index.to_be_bytes());
-    k.extend_from_slice(&child.key());
-    k
-}
-
-fn parent_key(child: &Digest, parent: &Digest, role: Role) -> Vec<u8> {
-    let mut k = child.key();
-    k.extend_from_slice(&parent.key());
-    k.push(role.code());
-    k
-}
-
 /// Queues a committed document's outgoing edges and their reverse index.
 fn put_edges(b: &mut Batch, parent: &Digest, p: &graph::Parsed) {
     let me = EdgeRecord {
@@ -1410,7 +1514,12 @@ fn put_edges(b: &mut Batch, parent: &Digest, p: &graph::Parsed) {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+/// The one way async code runs store work that may block: synced writes (an fsync), RocksDB
+/// writes and iterators, and waits on the store's locks (the digest stripes, the collector's
+/// gate). Point lookups that never write may run inline (see `info_linked`).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::internal(format!("storage task failed: {e}")))?
@@ -1420,6 +1529,29 @@ pub fn fmt_ns(ns: i64) -> String {
     let secs = ns.div_euclid(1_000_000_000);
     let nanos = ns.rem_euclid(1_000_000_000);
     format!("{secs}.{nanos:09}")
+}
+
+/// Bytes of usage reserved for a link not yet written (see [`Store::reserve`]).
+struct Reservation<'a> {
+    store: &'a Store,
+    scope: Scope,
+    bytes: i64,
+    kept: bool,
+}
+
+impl Reservation<'_> {
+    /// The link was written: the bytes stay counted.
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.store.usage_add(&self.scope, -self.bytes);
+        }
+    }
 }
 
 /// Exclusive handle on one ingest. Dropping it leaves the ingest resumable.
@@ -1439,9 +1571,9 @@ pub struct Writer {
     media_type: Option<String>,
     /// Readers following this ingest, when it is the live one for its digest.
     live: Option<Arc<LiveIngest>>,
-    /// (quota, bytes the scope used when the writer opened): writes past it are refused
-    /// before anything is stored; commit checks exactly.
-    quota: Option<(u64, i64)>,
+    /// The scope's byte quota: a write that would pass it (with what the scope already
+    /// links) is refused before anything is stored; commit checks exactly.
+    quota: Option<u64>,
     /// Changes not yet written: a single-message upload becomes one synced batch.
     pending: Batch,
     /// Chunk puts of the current request, written with or without the WAL by `flush`.
@@ -1508,8 +1640,9 @@ impl Writer {
         })
     }
 
-    /// Declares the blob's media type: commit classifies by it instead of sniffing, and a
-    /// declared non-document type (a layer, a config) is never parsed at all.
+    /// Declares the blob's media type. Commit still classifies by the bytes; the declared type
+    /// only breaks a tie they leave (a manifest without its own `mediaType`), and names an
+    /// opaque blob.
     pub fn set_media_type(&mut self, media_type: Option<String>) {
         self.media_type = media_type.filter(|m| !m.is_empty());
     }
@@ -1634,32 +1767,58 @@ impl Writer {
         self.persist(b)
     }
 
-    /// A shared ingest gets bytes of its own before it is appended to.
+    /// A shared ingest gets bytes of its own before it is appended to (containerd's own
+    /// suite appends to one and commits the longer blob). The copy streams: the writer never
+    /// holds more than one read window of it, and no WAL record holds it at all.
+    ///
+    /// Crash ordering: the ingest record is first pointed at the fresh extent at offset 0
+    /// (logged), then the bytes go in unlogged batches, then the record's offset moves to the
+    /// end. A crash before the end leaves an unshared ingest that resumes from its durable
+    /// contiguous bytes (`recover` trims the rest); commit flushes the chunk family before
+    /// its synced batch (`unlogged`), as for any large write.
     fn unshare(&mut self) -> Result<()> {
         let st = self.state()?;
         if st.rec.shared.is_empty() {
             return Ok(());
         }
         let d = Digest::parse(&st.rec.shared)?;
+        let algo = st.hasher.algorithm();
         let store = self.store.clone();
         let blob = store.blob(&d)?.ok_or_else(|| Store::not_found(&d))?;
         let extent = store.new_extent()?;
-        let mut b = Batch::new();
-        let mut off = 0u64;
-        let mut hasher = self.state()?.hasher.algorithm().hasher();
-        store.read_range(blob.extent, 0, blob.size as u64, |c| {
-            hasher.update(&c);
-            let len = c.len() as u64;
-            b.put(Cf::Chunks, chunk_key(extent, off).to_vec(), c.to_vec());
-            off += len;
-            Ok(())
-        })?;
         let st = self.state()?;
         st.rec.extent = extent;
-        st.rec.offset = blob.size;
+        st.rec.offset = 0;
         st.rec.shared.clear();
+        st.hasher = algo.hasher();
+        st.unlogged = true;
+        self.persist(Batch::new())?;
+        self.flush()?;
+        let mut hasher = algo.hasher();
+        let mut off = 0u64;
+        let mut batch = Batch::new();
+        let mut queued = 0usize;
+        store.read_range(blob.extent, 0, blob.size.max(0) as u64, |c| {
+            hasher.update(&c);
+            for piece in c.chunks(CHUNK_SIZE) {
+                batch.put(Cf::Chunks, chunk_key(extent, off).to_vec(), piece.to_vec());
+                off += piece.len() as u64;
+                queued += piece.len();
+            }
+            if queued >= UNLOGGED_MIN {
+                store.kv.write_unlogged(std::mem::take(&mut batch))?;
+                queued = 0;
+            }
+            Ok(())
+        })?;
+        if !batch.is_empty() {
+            store.kv.write_unlogged(batch)?;
+        }
+        let st = self.state()?;
+        st.rec.offset = off as i64;
+        st.rec.updated_ns = now_ns();
         st.hasher = hasher;
-        self.persist(b)
+        self.persist(Batch::new())
     }
 
     /// Appends `data` at `offset`, following containerd's rules: an offset of zero on an ingest
@@ -1671,10 +1830,11 @@ impl Writer {
                 "write @{offset} must occur at current offset {current}"
             )));
         }
-        if let Some((limit, used)) = self.quota {
-            let after = if offset == 0 { 0 } else { current } + data.len() as i64;
-            if used + after > limit as i64 {
-                return Err(Store::over_quota(&self.scope, limit, used, after));
+        if let Some(limit) = self.quota {
+            let used = self.store.usage_of(&self.scope);
+            let after = if offset == 0 { 0 } else { current }.saturating_add(data.len() as i64);
+            if used.saturating_add(after) > i64::try_from(limit).unwrap_or(i64::MAX) {
+                return Err(self.store.over_quota(&self.scope, limit, used, after));
             }
         }
         if offset == 0 && current > 0 {
@@ -1836,14 +1996,18 @@ impl Writer {
             extent: 0,
         };
         let scope = self.scope.clone();
-        let parsed = match self.media_type.clone() {
-            _ if !rec.shared.is_empty() => None,
-            Some(mt) if !graph::is_document_type(&mt) => Some(graph::Parsed::opaque(Some(&mt))),
-            hint => self
-                .document()?
-                .map(|doc| graph::parse_limited(hint.as_deref(), &doc, store.max_document))
-                .or_else(|| hint.as_deref().map(|h| graph::Parsed::opaque(Some(h)))),
+        // Edges are a function of the bytes: whatever type the client declared, bytes that
+        // look like JSON are parsed (the declared type only breaks ties), and a shared ingest
+        // parses the stored blob, so a later commit can repair edges an earlier one missed.
+        let hint = self.media_type.clone();
+        let doc = if rec.shared.is_empty() {
+            self.document()?
+        } else {
+            store.stored_document(&actual)?
         };
+        let parsed = doc
+            .map(|doc| graph::parse_limited(hint.as_deref(), &doc, store.max_document))
+            .or_else(|| hint.as_deref().map(|h| graph::Parsed::opaque(Some(h))));
         if self.state()?.unlogged {
             // Crash ordering: bytes written without the WAL must be on disk before the synced
             // commit record that makes them a blob.
@@ -1853,16 +2017,14 @@ impl Writer {
             let _g = store.digest_lock(&actual);
             let _gate = store.gc_gate.read();
             store.barrier([collect::node(&scope, &actual)]);
-            if let Some(limit) = store.quota(&scope)
-                && store.link(&scope, &actual)?.is_none()
-            {
-                // Exact, under the digest lock: nothing is committed past the quota. The
-                // ingest stays (an abort or a later retry decides).
-                let used = store.usage_of(&scope)?;
-                if used + rec.offset > limit as i64 {
-                    return Err(Store::over_quota(&scope, limit, used, rec.offset));
-                }
-            }
+            // A new link counts against the scope's usage: reserved (and checked against its
+            // quota) before the batch, kept once it lands. Over quota, the ingest stays (an
+            // abort or a later retry decides).
+            let reservation = if store.link(&scope, &actual)?.is_none() {
+                Some(store.reserve(&scope, rec.offset)?)
+            } else {
+                None
+            };
             // Queued chunk writes go in the same synced batch as the commit itself.
             let mut b = std::mem::take(&mut self.pending);
             b.ops.append(&mut self.chunks.ops);
@@ -1880,12 +2042,23 @@ impl Writer {
                         let (from, to) = extent_range(rec.extent);
                         b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
                     }
+                    // A dedupe commit repairs a document committed without its edges (by a
+                    // version that trusted a declared type, say), in the same batch.
+                    if let Some(p) = &parsed
+                        && p.kind != graph::Kind::Opaque
+                        && !store.has_edges(&actual)?
+                    {
+                        put_edges(&mut b, &actual, p);
+                    }
                     let linked = store.link(&scope, &actual)?;
                     (link.size, link.extent) = (blob.size, blob.extent);
                     if linked.is_none() {
                         store.put_link(&mut b, &scope, &actual, &link);
                     }
                     store.kv.write(b, true)?;
+                    if let (None, Some(r)) = (linked, reservation) {
+                        r.keep();
+                    }
                     if linked.is_some() {
                         Err(Error::exists(format!("content {actual}: already exists")))
                     } else {
@@ -1918,6 +2091,9 @@ impl Writer {
                     (link.size, link.extent) = (blob.size, blob.extent);
                     store.put_link(&mut b, &scope, &actual, &link);
                     store.kv.write(b, true)?;
+                    if let Some(r) = reservation {
+                        r.keep();
+                    }
                     store.note_mutation();
                     store
                         .blob_count
@@ -1990,3 +2166,5 @@ pub fn is_exists(e: &Error) -> bool {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_hostile;

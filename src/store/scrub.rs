@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 
-use super::{Cf, QuarantineRecord, Scope, Store, decode, link_key, now_ns, owner_key};
+use super::keys::{link_key, owner_key, split_link};
+use super::{Cf, QuarantineRecord, Scope, Store, decode, now_ns};
 use crate::digest::Digest;
 use crate::error::{Kind, Result};
 use crate::kv::Batch;
@@ -29,6 +30,9 @@ pub struct ScrubReport {
     pub checked: u64,
     pub bytes: u64,
     pub corrupt: Vec<Corrupt>,
+    /// Blobs that could not be checked this pass (an I/O error, say), with why. The pass
+    /// goes on past them; the next one tries again.
+    pub failed: Vec<(Digest, String)>,
 }
 
 impl Store {
@@ -51,22 +55,36 @@ impl Store {
         let start = Instant::now();
         let m = crate::metrics::get();
         for d in list {
-            let Some(blob) = self.blob(&d)? else { continue };
-            let r = self.verify(&d);
+            // One bad blob never ends the pass: damage is quarantined, any other failure is
+            // recorded, and the scrub moves on to the next blob.
+            let (size, r) = match self.blob(&d) {
+                Ok(Some(blob)) => (blob.size.max(0) as u64, self.verify(&d)),
+                Ok(None) => continue,
+                Err(e) => (0, Err(e)),
+            };
             report.checked += 1;
-            report.bytes += blob.size.max(0) as u64;
-            m.scrub_bytes.add(&[], blob.size.max(0) as u64);
+            report.bytes += size;
+            m.scrub_bytes.add(&[], size);
             match r {
                 Ok(()) => m.scrub_blobs.add(&["ok"], 1),
                 Err(e) if e.is(Kind::DataLoss) => {
                     m.scrub_blobs.add(&["corrupt"], 1);
                     tracing::error!(digest = %d, error = %e, "scrub: corrupt blob quarantined");
-                    if let Some(c) = self.quarantine(&d, e.message())? {
-                        report.corrupt.push(c);
+                    match self.quarantine(&d, e.message()) {
+                        Ok(Some(c)) => report.corrupt.push(c),
+                        Ok(None) => {}
+                        Err(q) => {
+                            tracing::error!(digest = %d, error = %q, "scrub: cannot quarantine");
+                            report.failed.push((d.clone(), format!("{e}; quarantine: {q}")));
+                        }
                     }
                 }
                 Err(e) if e.is(Kind::NotFound) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    m.scrub_blobs.add(&["error"], 1);
+                    tracing::error!(digest = %d, error = %e, "scrub: cannot check blob");
+                    report.failed.push((d.clone(), e.to_string()));
+                }
             }
             if rate > 0 {
                 // Throttle: never ahead of `rate` bytes per second on average.
@@ -103,6 +121,9 @@ impl Store {
         };
         b.put(Cf::Quarantine, d.key(), rec.encode_to_vec());
         self.kv.write(b, true)?;
+        for s in &scopes {
+            self.usage_add(s, -blob.size);
+        }
         self.blob_count
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         self.blob_bytes
@@ -118,6 +139,42 @@ impl Store {
             reason: reason.to_string(),
             refetchable,
         }))
+    }
+
+    /// Removes links whose blob record is gone (what a RocksDB repair can leave behind):
+    /// a link alone cannot be trusted to name verified bytes. Returns (scope, digest) of each.
+    pub fn drop_dangling_links(&self) -> Result<Vec<(String, Digest)>> {
+        let mut links = Vec::new();
+        let mut bad = None;
+        self.kv.scan(Cf::Links, &[], &[], &mut |k, _| {
+            let Some((scope, d)) = split_link(k) else {
+                bad = Some(super::corrupt_record("links", k, None));
+                return false;
+            };
+            links.push((scope, d));
+            true
+        })?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
+        let mut dropped = Vec::new();
+        for (scope, d) in links {
+            let _g = self.digest_lock(&d);
+            let _gate = self.gc_gate.read();
+            if self.blob(&d)?.is_some() {
+                continue;
+            }
+            let Some(link) = self.link(&scope, &d)? else {
+                continue;
+            };
+            let mut b = Batch::new();
+            b.delete(Cf::Links, link_key(&scope, &d));
+            b.delete(Cf::Owners, owner_key(&d, &scope));
+            self.kv.write(b, true)?;
+            self.usage_add(&scope, -link.size);
+            dropped.push((scope_name(&scope), d));
+        }
+        Ok(dropped)
     }
 
     /// Every quarantined blob.

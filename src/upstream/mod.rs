@@ -69,6 +69,10 @@ pub struct UpstreamConfig {
     pub max_concurrent_downloads: usize,
     /// Attempts per blob when the upstream fails mid-stream (each resumes with Range).
     pub fetch_attempts: u32,
+    /// When not empty, the only registry hosts (as named in references, e.g. "docker.io",
+    /// "127.0.0.1:5000") contentd fetches from: a node's daemon must not become an open HTTP
+    /// fetcher for whoever can reach its socket. Anything else is PermissionDenied.
+    pub allowed_registries: Vec<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -79,6 +83,7 @@ impl Default for UpstreamConfig {
             read_timeout_secs: 30,
             max_concurrent_downloads: 3,
             fetch_attempts: 4,
+            allowed_registries: Vec::new(),
         }
     }
 }
@@ -102,6 +107,19 @@ impl UpstreamConfig {
                 return Err(Error::invalid(format!(
                     "upstream registry {host:?}: username and password go together"
                 )));
+            }
+            if h.username.is_some() {
+                let ep = match &h.endpoint {
+                    Some(url) => Endpoint::parse(url).map_err(Error::invalid)?,
+                    None => Endpoint::default_for(host),
+                };
+                if !ep.may_carry_credentials() {
+                    return Err(Error::invalid(format!(
+                        "upstream registry {host:?}: credentials would go over plain HTTP to \
+                         {}, which is not a loopback host; use https://",
+                        ep.host
+                    )));
+                }
             }
         }
         if self.max_concurrent_downloads == 0 || self.fetch_attempts == 0 {
@@ -144,15 +162,14 @@ impl Endpoint {
         })
     }
 
+    /// Credentials go over TLS, or in the clear only to this machine.
+    fn may_carry_credentials(&self) -> bool {
+        !self.plain_http || is_loopback(&self.host)
+    }
+
     fn default_for(host: &str) -> Endpoint {
-        let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
-        let loopback = name == "localhost"
-            || name == "[::1]"
-            || name
-                .parse::<std::net::Ipv4Addr>()
-                .is_ok_and(|ip| ip.is_loopback());
         Endpoint {
-            plain_http: loopback,
+            plain_http: is_loopback(host),
             host: if host == "docker.io" {
                 "index.docker.io".to_string()
             } else {
@@ -160,6 +177,19 @@ impl Endpoint {
             },
         }
     }
+}
+
+/// Whether `host[:port]` names this machine.
+fn is_loopback(host: &str) -> bool {
+    let name = if host.starts_with('[') {
+        host.split_once(']').map(|(h, _)| &h[1..]).unwrap_or(host)
+    } else {
+        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+    };
+    name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Where a blob can be fetched from: the registry host as named in the reference (its
@@ -232,12 +262,55 @@ impl Upstream {
         out
     }
 
-    fn auth(&self, registry: &str) -> RegistryAuth {
-        let h = self.host(registry);
+    /// The credentials for one endpoint of `registry`. A registry's credentials go only to
+    /// its own endpoint; a mirror gets the credentials configured for the mirror's own host
+    /// (its `[upstream.registries."MIRROR-HOST"]` table), else none. Nothing goes in the
+    /// clear to another machine.
+    fn auth(&self, registry: &str, ep: &Endpoint, mirror: bool) -> RegistryAuth {
+        let h = if mirror {
+            match self.config.registries.get(&ep.host) {
+                Some(h) => h.clone(),
+                None => return RegistryAuth::Anonymous,
+            }
+        } else {
+            self.host(registry)
+        };
         match (h.username, h.password) {
-            (Some(u), Some(p)) => RegistryAuth::Basic(u, p),
+            (Some(u), Some(p)) if ep.may_carry_credentials() => RegistryAuth::Basic(u, p),
+            (Some(_), Some(_)) => {
+                tracing::warn!(registry, endpoint = %ep.host, "not sending credentials over plain HTTP to a non-loopback host");
+                RegistryAuth::Anonymous
+            }
             _ => RegistryAuth::Anonymous,
         }
+    }
+
+    /// The metrics label for `registry`: its name when the configuration names it, else
+    /// "other", so references from clients can never grow the label set without bound.
+    pub fn metric_label<'a>(&self, registry: &'a str) -> &'a str {
+        if self.config.registries.contains_key(registry)
+            || self.config.allowed_registries.iter().any(|a| a == registry)
+        {
+            registry
+        } else {
+            "other"
+        }
+    }
+
+    /// Refuses a registry outside `allowed_registries` (when that list is set).
+    pub fn check_allowed(&self, registry: &str) -> Result<()> {
+        let allowed = &self.config.allowed_registries;
+        if allowed.is_empty() || allowed.iter().any(|a| a == registry) {
+            return Ok(());
+        }
+        Err(Error::new(
+            Kind::PermissionDenied,
+            format!(
+                "registry {registry:?} is not in upstream.allowed_registries ({}); contentd \
+                 fetches only from the registries it is configured to trust",
+                allowed.join(", ")
+            ),
+        ))
     }
 
     fn clients(&self, registry: &str, ep: &Endpoint) -> Result<ClientPair> {
@@ -296,12 +369,14 @@ impl Upstream {
         F: Fn(ClientPair, Endpoint, RegistryAuth) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
     {
+        self.check_allowed(registry)?;
         let eps = self.endpoints(registry);
         let n = eps.len();
         let mut last = None;
         for (i, ep) in eps.into_iter().enumerate() {
             let c = self.clients(registry, &ep)?;
-            match f(c, ep.clone(), self.auth(registry)).await {
+            let auth = self.auth(registry, &ep, i + 1 < n);
+            match f(c, ep.clone(), auth).await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     let e = map_err(e, what, &ep.host);
@@ -530,4 +605,98 @@ fn map_err(e: OciDistributionError, what: &str, host: &str) -> Error {
         _ => (Kind::FailedPrecondition, e.to_string()),
     };
     Error::new(kind, format!("{what}: upstream {host}: {detail}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(endpoint: &str, mirrors: &[&str], creds: bool) -> RegistryHost {
+        RegistryHost {
+            endpoint: Some(endpoint.to_string()),
+            mirrors: mirrors.iter().map(|m| m.to_string()).collect(),
+            username: creds.then(|| "u".to_string()),
+            password: creds.then(|| "p".to_string()),
+            ..Default::default()
+        }
+    }
+
+    fn basic(a: &RegistryAuth) -> bool {
+        matches!(a, RegistryAuth::Basic(..))
+    }
+
+    #[test]
+    fn credentials_go_only_to_their_own_endpoint() {
+        let mut config = UpstreamConfig::default();
+        config.registries.insert(
+            "registry.example.com".into(),
+            host(
+                "https://registry.example.com",
+                &["https://mirror.example.net", "https://trusted-mirror.example.net"],
+                true,
+            ),
+        );
+        // The second mirror has credentials of its own.
+        config.registries.insert(
+            "trusted-mirror.example.net".into(),
+            host("https://trusted-mirror.example.net", &[], true),
+        );
+        let up = Upstream::new(config).unwrap();
+        let eps = up.endpoints("registry.example.com");
+        assert_eq!(eps.len(), 3);
+        assert!(!basic(&up.auth("registry.example.com", &eps[0], true)));
+        assert!(basic(&up.auth("registry.example.com", &eps[1], true)));
+        assert!(basic(&up.auth("registry.example.com", &eps[2], false)));
+    }
+
+    #[test]
+    fn credentials_never_go_in_the_clear_to_another_machine() {
+        let mut config = UpstreamConfig::default();
+        config.registries.insert(
+            "registry.example.com".into(),
+            host("http://registry.example.com", &[], true),
+        );
+        let e = config.validate().unwrap_err();
+        assert!(e.message().contains("plain HTTP"), "{e}");
+        // Loopback in the clear is fine (a local registry or mirror).
+        let mut config = UpstreamConfig::default();
+        config
+            .registries
+            .insert("127.0.0.1:5000".into(), host("http://127.0.0.1:5000", &[], true));
+        config
+            .registries
+            .insert("[::1]:5000".into(), host("http://[::1]:5000", &[], true));
+        config.validate().unwrap();
+        let up = Upstream::new(config).unwrap();
+        let ep = &up.endpoints("127.0.0.1:5000")[0];
+        assert!(basic(&up.auth("127.0.0.1:5000", ep, false)));
+        // And at run time too: a plain-HTTP endpoint elsewhere gets nothing.
+        let ep = Endpoint::parse("http://10.0.0.1:5000").unwrap();
+        assert!(!ep.may_carry_credentials());
+    }
+
+    #[test]
+    fn only_allowed_registries_are_fetched_from() {
+        let up = Upstream::new(UpstreamConfig::default()).unwrap();
+        up.check_allowed("anything.example.com").unwrap();
+        let up = Upstream::new(UpstreamConfig {
+            allowed_registries: vec!["docker.io".into(), "127.0.0.1:5000".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        up.check_allowed("docker.io").unwrap();
+        let e = up.check_allowed("169.254.169.254").unwrap_err();
+        assert!(e.is(Kind::PermissionDenied), "{e}");
+        assert!(e.message().contains("allowed_registries"), "{e}");
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for h in ["localhost", "localhost:5000", "127.0.0.1", "127.0.0.2:80", "[::1]:5000"] {
+            assert!(is_loopback(h), "{h}");
+        }
+        for h in ["10.0.0.1:5000", "registry.example.com", "[fe80::1]:5000", "localhost.evil.com"] {
+            assert!(!is_loopback(h), "{h}");
+        }
+    }
 }

@@ -25,7 +25,9 @@ use super::{Source, Upstream, parse_reference};
 use crate::digest::Digest;
 use crate::error::{Error, Kind, Result};
 use crate::graph::{self, Kind as DocKind, Role};
-use crate::store::{AsyncWriter, ImageRecord, Scope, SourceRecord, Store, is_exists, now_ns};
+use crate::store::{
+    AsyncWriter, ImageRecord, Scope, SourceRecord, Store, blocking, is_exists, now_ns,
+};
 
 /// What happened to one blob of a pull.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,11 +154,13 @@ impl Puller {
             "containerd.io/gc.expire".to_string(),
             rfc3339(now_ns() / 1_000_000_000 + PULL_LEASE_SECS),
         );
-        self.store.create_lease(scope, &lease, labels)?;
+        let (store, sc, l) = (self.store.clone(), scope.clone(), lease.clone());
+        blocking(move || store.create_lease(&sc, &l, labels).map(|_| ())).await?;
         let r = self
             .pull_leased(scope, &req, &src, &at, &lease, &events)
             .await;
-        if let Err(e) = self.store.delete_lease(scope, &lease) {
+        let (store, sc, l) = (self.store.clone(), scope.clone(), lease.clone());
+        if let Err(e) = blocking(move || store.delete_lease(&sc, &l)).await {
             tracing::warn!(lease, error = %e, "could not delete a pull's lease");
         }
         r
@@ -250,7 +254,8 @@ impl Puller {
                                 .await;
                             continue;
                         }
-                        self.store.put_source(scope, &e.digest, &rec)?;
+                        let (store, sc, d) = (self.store.clone(), scope.clone(), e.digest.clone());
+                        blocking(move || store.put_source(&sc, &d, &rec)).await?;
                         if e.role == Role::Config {
                             self.fetch_blob(
                                 scope,
@@ -263,7 +268,9 @@ impl Puller {
                             )
                             .await?;
                         } else if req.mode == Mode::Lazy {
-                            let state = if self.store.info(scope, &e.digest).is_ok() {
+                            let (store, sc, d) = (self.store.clone(), scope.clone(), e.digest.clone());
+                            let exists = blocking(move || Ok(store.info(&sc, &d).is_ok())).await?;
+                            let state = if exists {
                                 BlobState::Exists
                             } else {
                                 BlobState::Lazy
@@ -315,14 +322,13 @@ impl Puller {
             size: root_size,
             ..Default::default()
         };
-        let img = match self.store.create_image(scope, img.clone()) {
-            Ok(i) => i,
-            Err(e) if is_exists(&e) => {
-                self.store
-                    .update_image(scope, img, &["target".to_string()])?
-            }
-            Err(e) => return Err(e),
-        };
+        let (store, sc) = (self.store.clone(), scope.clone());
+        let img = blocking(move || match store.create_image(&sc, img.clone()) {
+            Ok(i) => Ok(i),
+            Err(e) if is_exists(&e) => store.update_image(&sc, img, &["target".to_string()]),
+            Err(e) => Err(e),
+        })
+        .await?;
         let _ = events
             .send(Event::Done {
                 image: name,
@@ -342,17 +348,21 @@ impl Puller {
         media_type: &str,
         events: &mpsc::Sender<Event>,
     ) -> Result<Bytes> {
-        if let Ok(loc) = self.store.locate(scope, d)
+        if let Ok(Some(loc)) = self.store.locate_linked(scope, d)
             && loc.size as usize <= graph::MAX_DOCUMENT
         {
-            let store = self.store.clone();
-            let bytes = tokio::task::spawn_blocking(move || {
-                store.read_extent(loc.extent, 0, loc.size as usize)
+            let (store, sc, l, d2) = (
+                self.store.clone(),
+                scope.clone(),
+                lease.to_string(),
+                d.to_string(),
+            );
+            let bytes = blocking(move || {
+                let bytes = store.read_extent(loc.extent, 0, loc.size as usize)?;
+                store.add_lease_resource(&sc, &l, "content", &d2)?;
+                Ok(bytes)
             })
-            .await
-            .map_err(|e| Error::internal(format!("read task failed: {e}")))??;
-            self.store
-                .add_lease_resource(scope, lease, "content", &d.to_string())?;
+            .await?;
             let _ = events
                 .send(Event::blob(
                     BlobState::Exists,
@@ -386,17 +396,15 @@ impl Puller {
         bytes: Bytes,
         events: &mpsc::Sender<Event>,
     ) -> Result<()> {
-        self.store.put_source(
-            scope,
-            d,
-            &SourceRecord {
-                registry: src.registry.clone(),
-                repository: src.repository.clone(),
-                media_type: media_type.to_string(),
-                size: bytes.len() as i64,
-                created_ns: now_ns(),
-            },
-        )?;
+        let rec = SourceRecord {
+            registry: src.registry.clone(),
+            repository: src.repository.clone(),
+            media_type: media_type.to_string(),
+            size: bytes.len() as i64,
+            created_ns: now_ns(),
+        };
+        let (store, sc, d2) = (self.store.clone(), scope.clone(), d.clone());
+        blocking(move || store.put_source(&sc, &d2, &rec)).await?;
         let size = bytes.len() as i64;
         let r = format!("fetch-{d}");
         let w = self
@@ -470,15 +478,16 @@ impl Puller {
     }
 
     /// Counts a fetch and its bytes (by registry) for metrics.
-    fn count_fetch(src: &Source, r: &Result<bool>, bytes: i64) {
+    fn count_fetch(&self, src: &Source, r: &Result<bool>, bytes: i64) {
         let m = crate::metrics::get();
         let result = match r {
             Ok(_) => "ok".to_string(),
             Err(e) => format!("{:?}", e.kind()),
         };
-        m.upstream_fetches.add(&[&src.registry, &result], 1);
+        let registry = self.upstream.metric_label(&src.registry);
+        m.upstream_fetches.add(&[registry, &result], 1);
         if bytes > 0 {
-            m.upstream_bytes.add(&[&src.registry], bytes as u64);
+            m.upstream_bytes.add(&[registry], bytes as u64);
         }
     }
 
@@ -500,7 +509,10 @@ impl Puller {
             // With nothing stored yet the fetch starts at offset 0: the request goes out now,
             // overlapping the registry's latency with opening the ingest.
             let early = match self.store.status(scope, &r) {
-                Err(e) if e.is(Kind::NotFound) && self.store.info(scope, d).is_err() => {
+                Err(e)
+                    if e.is(Kind::NotFound)
+                        && self.store.info_linked(scope, d).ok().flatten().is_none() =>
+                {
                     let (up, src2, d2) = (self.upstream.clone(), src.clone(), d.clone());
                     Some(tokio::spawn(
                         async move { up.blob(&src2, &d2, 0, None).await },
@@ -591,7 +603,7 @@ impl Puller {
             }
         }
         .await;
-        Self::count_fetch(src, &r, if matches!(r, Ok(true)) { size } else { 0 });
+        self.count_fetch(src, &r, if matches!(r, Ok(true)) { size } else { 0 });
         r
     }
 
@@ -727,42 +739,11 @@ fn platform_wanted(wanted: &[String], platform: Option<&str>) -> bool {
     })
 }
 
-/// `secs` since the epoch as RFC 3339 UTC (for lease expiry labels).
-pub fn rfc3339(secs: i64) -> String {
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
+pub use crate::dates::rfc3339;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_round_trips_through_the_lease_parser() {
-        for secs in [0i64, 951_782_400, 1_700_000_000, 4_102_444_799] {
-            let s = rfc3339(secs);
-            assert_eq!(
-                crate::store::parse_rfc3339(&s).unwrap(),
-                secs * 1_000_000_000,
-                "{s}"
-            );
-        }
-    }
 
     #[test]
     fn platforms() {

@@ -9,6 +9,7 @@ mod durability;
 mod errors;
 mod graph;
 mod harness;
+mod hostile;
 mod live;
 mod ops;
 mod registry;

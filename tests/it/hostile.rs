@@ -1,0 +1,248 @@
+//! contentd under hostile requests and rotting disks, driven over its sockets: bytes flipped
+//! inside RocksDB's blob files, a damaged MANIFEST, lease dates that once stopped the
+//! collector, and admin calls from namespaces that may not make them.
+
+use std::process::Command;
+
+use contentd::api::pb::containerd::services::leases::v1 as lpb;
+use contentd::api::pb::contentd::v1 as gpb;
+use contentd::client::{Namespace, connect_unix};
+
+use crate::harness::*;
+
+/// Every file under `dir` (recursively) whose name ends with `suffix`.
+fn files_ending(dir: &std::path::Path, suffix: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_ending(&p, suffix));
+        } else if p.to_string_lossy().ends_with(suffix) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Flips bytes inside the stored copy of `needle` wherever it appears in `files`; returns
+/// how many copies were damaged.
+fn flip_where(files: &[std::path::PathBuf], needle: &[u8]) -> usize {
+    let mut hits = 0;
+    for f in files {
+        let mut bytes = std::fs::read(f).unwrap();
+        let mut i = 0;
+        let mut changed = false;
+        while let Some(at) = bytes[i..]
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|p| p + i)
+        {
+            bytes[at + needle.len() / 2] ^= 0xa5;
+            hits += 1;
+            changed = true;
+            i = at + needle.len();
+        }
+        if changed {
+            std::fs::write(f, bytes).unwrap();
+        }
+    }
+    hits
+}
+
+/// The way disks fail: with the daemon stopped, bytes inside a BlobDB `.blob` file change.
+/// The daemon still starts; a read of the damaged blob is DataLoss (RocksDB's checksum
+/// failure, not Internal); `contentd verify` names it (and quarantines it); every undamaged
+/// blob still reads back whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn flipped_bytes_in_blob_files_are_data_loss_and_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start_in(dir.path());
+    let mut c = d.client(Some("rot")).await;
+    // Large enough to go to blob files at commit (past the unlogged threshold).
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| pattern(700_000, 40 + i)).collect();
+    for (i, b) in blobs.iter().enumerate() {
+        put(&mut c, &format!("b{i}"), b).await.unwrap();
+    }
+    drop(c);
+    d.stop();
+    let blob_files = files_ending(&dir.path().join("root"), ".blob");
+    assert!(!blob_files.is_empty(), "no BlobDB files under the root");
+    let damaged = flip_where(&blob_files, &blobs[1][300_000..300_064]);
+    assert!(damaged >= 1, "the damaged blob's bytes were not found");
+
+    let d = Daemon::start_in(dir.path());
+    let mut c = d.client(Some("rot")).await;
+    let bad = sha(&blobs[1]).to_string();
+    let e = read(&mut c, &bad, 0, 0).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DataLoss, "{e}");
+    for i in [0, 2] {
+        let (got, _) = read(&mut c, &sha(&blobs[i]).to_string(), 0, 0)
+            .await
+            .unwrap();
+        assert!(got == blobs[i], "blob {i} did not read back whole");
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_contentd"))
+        .args(["verify", "--json"])
+        .env("CONTENTD_SOCKET", &d.client_sock)
+        .env("CONTENTD_NAMESPACE", "rot")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["checked"], 3, "{v}");
+    let corrupt = v["corrupt"].as_array().unwrap();
+    assert_eq!(corrupt.len(), 1, "{v}");
+    assert_eq!(corrupt[0]["digest"], bad);
+    // The undamaged blobs still read back after the scrub.
+    for i in [0, 2] {
+        let (got, _) = read(&mut c, &sha(&blobs[i]).to_string(), 0, 0)
+            .await
+            .unwrap();
+        assert!(got == blobs[i]);
+    }
+}
+
+/// Damaged metadata (the MANIFEST) makes the daemon refuse to start with an error that says
+/// what to do; `contentd repair` salvages the directory, and afterwards every blob either
+/// reads back whole or is reported lost by the repair — never served damaged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_manifest_gets_a_message_and_a_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start_in(dir.path());
+    let mut c = d.client(Some("meta")).await;
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| pattern(600_000 + i * 1000, 60 + i as u64)).collect();
+    for (i, b) in blobs.iter().enumerate() {
+        put(&mut c, &format!("m{i}"), b).await.unwrap();
+    }
+    drop(c);
+    d.stop();
+    let root = dir.path().join("root");
+    let manifests = files_ending(&root, "")
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("MANIFEST-"))
+        })
+        .collect::<Vec<_>>();
+    assert!(!manifests.is_empty());
+    for m in &manifests {
+        let mut bytes = std::fs::read(m).unwrap();
+        for b in bytes.iter_mut().skip(8).take(64) {
+            *b ^= 0xff;
+        }
+        std::fs::write(m, bytes).unwrap();
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_contentd"))
+        .args(["serve", "--root"])
+        .arg(&root)
+        .arg("--socket")
+        .arg(dir.path().join("x.sock"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("contentd repair"), "{err}");
+
+    let o = Command::new(env!("CARGO_BIN_EXE_contentd"))
+        .args(["repair", "--json", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
+    assert_eq!(report["rocksdb_repair"], true, "{report}");
+    let lost: Vec<String> = report["blobs_lost"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l[0].as_str().unwrap().to_string())
+        .collect();
+    let d = Daemon::start_in(dir.path());
+    let mut c = d.client(Some("meta")).await;
+    for b in &blobs {
+        let dg = sha(b).to_string();
+        match read(&mut c, &dg, 0, 0).await {
+            Ok((got, _)) => assert!(got == *b, "{dg} served damaged after repair"),
+            Err(e) => assert!(
+                lost.contains(&dg) || e.code() == tonic::Code::NotFound,
+                "{dg}: {e}; report {report}"
+            ),
+        }
+    }
+}
+
+/// The lease that once stopped garbage collection for good: an expiry in 1700 is refused at
+/// creation, and collections keep running.
+#[tokio::test(flavor = "multi_thread")]
+async fn absurd_lease_dates_are_refused_and_collection_goes_on() {
+    let d = Daemon::start();
+    let ch = connect_unix(&d.client_sock).await.unwrap();
+    let mut leases =
+        lpb::leases_client::LeasesClient::with_interceptor(ch, Namespace::new(Some("l")).unwrap());
+    for bad in ["1700-01-01T00:00:00Z", "9999-01-01T00:00:00Z", "not a date"] {
+        let e = leases
+            .create(lpb::CreateRequest {
+                id: "x".into(),
+                labels: [("containerd.io/gc.expire".to_string(), bad.to_string())].into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}: {e}");
+        assert!(e.message().contains("gc.expire"), "{e}");
+    }
+    // Collections run (the harness unwraps each answer).
+    gc(&d.client_sock, false).await;
+    gc(&d.client_sock, false).await;
+}
+
+/// With `[admin]` configured, admin calls come only from the admin socket or an admin
+/// namespace; everyone else gets PermissionDenied, and ordinary calls are untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_calls_are_limited_to_the_admin_socket_and_namespaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let admin_sock = dir.path().join("admin.sock");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[admin]\nsocket = {:?}\nnamespaces = [\"ops\"]\n",
+            admin_sock.display().to_string()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&["--config", cfg.to_str().unwrap()]);
+    let gc_client = |sock: std::path::PathBuf, ns: Option<&'static str>| async move {
+        let ch = connect_unix(&sock).await.unwrap();
+        gpb::gc_client::GcClient::with_interceptor(ch, Namespace::new(ns).unwrap())
+    };
+    let mut team = gc_client(d.client_sock.clone(), Some("team")).await;
+    let e = team.run(gpb::RunRequest { dry_run: true }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("admin"), "{e}");
+    // Reading the collector's state is not an admin call.
+    team.status(gpb::StatusRequest {}).await.unwrap();
+    let mut backend = gc_client(d.backend_sock.clone(), None).await;
+    let e = backend.run(gpb::RunRequest { dry_run: true }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let ch = connect_unix(&d.client_sock).await.unwrap();
+    let mut registry = gpb::registry_client::RegistryClient::with_interceptor(
+        ch,
+        Namespace::new(Some("team")).unwrap(),
+    );
+    let e = registry
+        .pull(gpb::PullRequest {
+            reference: "169.254.169.254/latest/meta-data:x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+
+    let mut ops = gc_client(d.client_sock.clone(), Some("ops")).await;
+    ops.run(gpb::RunRequest { dry_run: true }).await.unwrap();
+    let mut admin = gc_client(admin_sock.clone(), Some("team")).await;
+    admin.run(gpb::RunRequest { dry_run: true }).await.unwrap();
+    // Content calls from the same namespace still work.
+    let mut c = d.client(Some("team")).await;
+    put(&mut c, "r", b"ordinary work").await.unwrap();
+}
