@@ -585,11 +585,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         Err(_) => 0,
     };
     report.rss_shared_append_mib = finish(s).await;
-    let _ = other
-        .abort(pb::AbortRequest {
-            r#ref: hostile_ref,
-        })
-        .await;
+    let _ = other.abort(pb::AbortRequest { r#ref: hostile_ref }).await;
     eprintln!(
         "  shared-ingest append ({answered} answers): RSS {:?} MiB before, {:?} MiB peak",
         report.rss_before_hostile_mib, report.rss_shared_append_mib

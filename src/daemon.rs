@@ -245,9 +245,8 @@ async fn collector(store: Arc<Store>, config: Config, stop: CancellationToken) {
                 None
             }
         };
-        let expiry_at = expiry.map(|ns| {
-            tokio::time::Instant::now() + expiry_wait(ns, crate::store::now_ns())
-        });
+        let expiry_at =
+            expiry.map(|ns| tokio::time::Instant::now() + expiry_wait(ns, crate::store::now_ns()));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep_until(next), if config.gc_interval_secs > 0 => {}
@@ -632,7 +631,10 @@ mod tests {
             (0, Duration::from_millis(10)),
             (now, Duration::from_millis(10)),
             (now + 5_000_000_000, Duration::from_millis(5_010)),
-            (i64::MAX, Duration::from_secs(86_400) + Duration::from_millis(10)),
+            (
+                i64::MAX,
+                Duration::from_secs(86_400) + Duration::from_millis(10),
+            ),
         ] {
             let w = expiry_wait(expiry, now);
             assert!(w <= at_most, "{expiry}: {w:?}");

@@ -370,8 +370,7 @@ mod tests {
     /// Replays the fuzz corpus on stable, so the fuzz target's inputs stay covered in CI.
     #[test]
     fn fuzz_corpus_replays() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/filter_parse");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/filter_parse");
         let obj = Obj(HashMap::from([("labels.a", "b"), ("digest", "sha256:abc")]));
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {

@@ -388,9 +388,14 @@ mod tests {
         let bare = format!(
             r#"{{"schemaVersion":2,"config":{{"mediaType":"a","digest":"{D1}","size":1}},"layers":[]}}"#
         );
-        assert_eq!(parse(Some(DOCKER_MANIFEST), bare.as_bytes()).kind, Kind::Manifest);
         assert_eq!(
-            parse(Some(DOCKER_MANIFEST), bare.as_bytes()).media_type.as_deref(),
+            parse(Some(DOCKER_MANIFEST), bare.as_bytes()).kind,
+            Kind::Manifest
+        );
+        assert_eq!(
+            parse(Some(DOCKER_MANIFEST), bare.as_bytes())
+                .media_type
+                .as_deref(),
             Some(DOCKER_MANIFEST)
         );
         assert_eq!(

@@ -326,7 +326,12 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             drop(rt);
             let secs = secs.or((seeds == u64::MAX).then_some(60));
             let start = std::time::Instant::now();
-            match contentd::sim::run_many(seed, seeds, steps, secs.map(std::time::Duration::from_secs)) {
+            match contentd::sim::run_many(
+                seed,
+                seeds,
+                steps,
+                secs.map(std::time::Duration::from_secs),
+            ) {
                 Ok(r) => {
                     println!(
                         "{} seeds from {seed} passed: {} steps, {} commits, {} power losses, {} restarts, {} collections in {:.1}s",

@@ -94,7 +94,7 @@ struct Partial {
 /// collections may have removed.
 #[derive(Default)]
 struct Oracle {
-    bytes: HashMap<Digest, Vec<u8>>,
+    bytes: BTreeMap<Digest, Vec<u8>>,
     linked: BTreeMap<usize, BTreeSet<Digest>>,
     manifests: HashMap<Digest, Vec<Digest>>,
     images: BTreeMap<(usize, String), Digest>,
@@ -210,7 +210,12 @@ impl Sim {
     }
 
     /// Writes `data` into `s` as one upload and commits it; Ok(true) if acknowledged.
-    fn commit(&mut self, s: usize, data: Vec<u8>, media_type: Option<&str>) -> Result<bool, String> {
+    fn commit(
+        &mut self,
+        s: usize,
+        data: Vec<u8>,
+        media_type: Option<&str>,
+    ) -> Result<bool, String> {
         let d = sha(&data);
         let sc = scope(s);
         let tenant = matches!(sc, Scope::Tenant(_));
@@ -220,13 +225,9 @@ impl Sim {
         // namespace opens with it (and may get a shared ingest).
         let expected = (!tenant).then(|| d.clone());
         let store = self.store.clone();
-        let opened = self.rt.block_on(store.open_writer(
-            sc.clone(),
-            &r,
-            data.len() as i64,
-            expected,
-            None,
-        ));
+        let opened =
+            self.rt
+                .block_on(store.open_writer(sc.clone(), &r, data.len() as i64, expected, None));
         let mut w = match opened {
             Ok(w) => w,
             Err(e) if e.is(Kind::AlreadyExists) => {
@@ -269,11 +270,21 @@ impl Sim {
         // A third of commits reuse bytes some scope already has: dedupe and shared ingests.
         let data = if self.rng.random_bool(0.33) && !self.oracle.bytes.is_empty() {
             let i = self.rng.random_range(0..self.oracle.bytes.len());
-            self.oracle.bytes.values().nth(i).cloned().expect("in range")
+            self.oracle
+                .bytes
+                .values()
+                .nth(i)
+                .cloned()
+                .expect("in range")
         } else {
             self.random_bytes()
         };
-        self.note(format!("commit {} bytes {} in {}", data.len(), sha(&data), SCOPES[s]));
+        self.note(format!(
+            "commit {} bytes {} in {}",
+            data.len(),
+            sha(&data),
+            SCOPES[s]
+        ));
         self.commit(s, data, None).map(|_| ())
     }
 
@@ -288,7 +299,7 @@ impl Sim {
         if children.is_empty() {
             return Ok(());
         }
-        let desc = |d: &Digest, bytes: &HashMap<Digest, Vec<u8>>| {
+        let desc = |d: &Digest, bytes: &BTreeMap<Digest, Vec<u8>>| {
             format!(
                 r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{d}","size":{}}}"#,
                 bytes[d].len()
@@ -310,7 +321,11 @@ impl Sim {
             .rng
             .random_bool(0.3)
             .then_some("application/octet-stream");
-        self.note(format!("manifest {d} in {} -> {} children ({mt:?})", SCOPES[s], children.len()));
+        self.note(format!(
+            "manifest {d} in {} -> {} children ({mt:?})",
+            SCOPES[s],
+            children.len()
+        ));
         self.oracle.manifests.insert(d.clone(), children);
         self.commit(s, doc.into_bytes(), mt)?;
         if self.rng.random_bool(0.7) {
@@ -347,7 +362,11 @@ impl Sim {
         self.next_ref += 1;
         let r = format!("p{}", self.next_ref);
         let upto = self.rng.random_range(0..=data.len());
-        self.note(format!("partial {r} in {}: {upto}/{} bytes", SCOPES[s], data.len()));
+        self.note(format!(
+            "partial {r} in {}: {upto}/{} bytes",
+            SCOPES[s],
+            data.len()
+        ));
         let store = self.store.clone();
         let mut w = self
             .rt
@@ -407,7 +426,11 @@ impl Sim {
             Err(e) => return Err(format!("commit resumed {}: {e}", p.reference)),
         }
         self.report.commits += 1;
-        self.oracle.linked.entry(p.scope).or_default().insert(d.clone());
+        self.oracle
+            .linked
+            .entry(p.scope)
+            .or_default()
+            .insert(d.clone());
         self.oracle.bytes.insert(d, p.data);
         Ok(())
     }
@@ -514,10 +537,18 @@ impl Sim {
                     flushed: self.rng.random_range(0..=all),
                 }
             };
-            self.note(format!("power loss: {loss:?} of {logged} logged / {all} in flight"));
+            self.note(format!(
+                "power loss: {loss:?} of {logged} logged / {all} in flight"
+            ));
             self.kv.power_loss(loss);
             self.report.crashes += 1;
         } else {
+            // A clean close: RocksDB flushes memtables holding unlogged writes when it closes
+            // (and replays, then flushes, its WAL when it opens).
+            use crate::kv::Kv as _;
+            self.kv
+                .flush(crate::kv::Cf::Chunks)
+                .map_err(|e| e.to_string())?;
             self.note("restart".into());
             self.report.restarts += 1;
         }
@@ -529,9 +560,10 @@ impl Sim {
         for (s, set) in &self.oracle.linked {
             let sc = scope(*s);
             for d in set {
-                let info = self.store.info(&sc, d).map_err(|e| {
-                    format!("acknowledged {d} in {} is gone: {e}", SCOPES[*s])
-                })?;
+                let info = self
+                    .store
+                    .info(&sc, d)
+                    .map_err(|e| format!("acknowledged {d} in {} is gone: {e}", SCOPES[*s]))?;
                 let want = &self.oracle.bytes[d];
                 if info.size != want.len() as i64 {
                     return Err(format!("{d}: size {} != {}", info.size, want.len()));
@@ -628,7 +660,8 @@ pub fn run_seed(seed: u64, steps: usize) -> Result<SeedReport, Failure> {
         message,
         trace,
     };
-    let store = Store::open_with(kv.clone(), config()).map_err(|e| fail(0, e.to_string(), vec![]))?;
+    let store =
+        Store::open_with(kv.clone(), config()).map_err(|e| fail(0, e.to_string(), vec![]))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

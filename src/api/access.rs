@@ -124,9 +124,14 @@ mod tests {
         }
         // Everything else is untouched: status and explanations stay open.
         assert!(limited.refusal("/contentd.v1.GC/Status", None).is_none());
-        assert!(limited
-            .refusal("/containerd.services.content.v1.Content/Delete", Some("team"))
-            .is_none());
+        assert!(
+            limited
+                .refusal(
+                    "/containerd.services.content.v1.Content/Delete",
+                    Some("team")
+                )
+                .is_none()
+        );
         let admin = AdminPolicy {
             admin_listener: true,
             ..limited

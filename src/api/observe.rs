@@ -99,12 +99,7 @@ fn known_methods() -> &'static std::collections::HashSet<String> {
             for f in fds.file {
                 for svc in &f.service {
                     for m in &svc.method {
-                        out.insert(format!(
-                            "{}.{}/{}",
-                            f.package(),
-                            svc.name(),
-                            m.name()
-                        ));
+                        out.insert(format!("{}.{}/{}", f.package(), svc.name(), m.name()));
                     }
                 }
             }
@@ -219,9 +214,17 @@ mod tests {
             method_label("/containerd.services.content.v1.Content/Info"),
             "containerd.services.content.v1.Content/Info"
         );
-        assert_eq!(method_label("/grpc.health.v1.Health/Check"), "grpc.health.v1.Health/Check");
+        assert_eq!(
+            method_label("/grpc.health.v1.Health/Check"),
+            "grpc.health.v1.Health/Check"
+        );
         assert_eq!(method_label("/contentd.v1.GC/Run"), "contentd.v1.GC/Run");
-        for hostile in ["/x.Y/Z", "/containerd.services.content.v1.Content/Nope", "", "/"] {
+        for hostile in [
+            "/x.Y/Z",
+            "/containerd.services.content.v1.Content/Nope",
+            "",
+            "/",
+        ] {
             assert_eq!(method_label(hostile), "unknown");
         }
     }

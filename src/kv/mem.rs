@@ -81,7 +81,10 @@ fn apply(maps: &mut Maps, batch: &Batch) {
                     continue;
                 }
                 let doomed: Vec<Vec<u8>> = m
-                    .range::<Vec<u8>, _>((Bound::Included(from.clone()), Bound::Excluded(to.clone())))
+                    .range::<Vec<u8>, _>((
+                        Bound::Included(from.clone()),
+                        Bound::Excluded(to.clone()),
+                    ))
                     .map(|(k, _)| k.clone())
                     .collect();
                 for k in doomed {

@@ -164,7 +164,8 @@ mod tests {
         ] {
             assert_eq!(Scope::from_tag(&s.tag()), Some(s.clone()));
             assert_eq!(split_link(&link_key(&s, &d)), Some((s.clone(), d.clone())));
-            let (sc, rest) = split_scope(&ingest_key(&s, "ref/with\x00nul")).unwrap();
+            let ik = ingest_key(&s, "ref/with\x00nul");
+            let (sc, rest) = split_scope(&ik).unwrap();
             assert_eq!((sc, rest), (s.clone(), &b"ref/with\x00nul"[..]));
             let rk = resource_key(&s, "lease", "content", "sha256:x");
             let p = resource_prefix(&s, "lease");

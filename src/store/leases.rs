@@ -11,8 +11,8 @@ use crate::error::{Error, Kind, Result};
 use crate::filter::{self, Adaptor, Filter};
 use crate::kv::{Batch, Cf, prefix_end};
 
-pub use crate::dates::EXPIRE_LABEL;
 use super::keys::{lease_key, resource_key, resource_prefix, split_resource, split_scope};
+pub use crate::dates::EXPIRE_LABEL;
 use crate::dates::{parse_rfc3339, validate_expiry};
 pub const FLAT_LABEL: &str = "containerd.io/gc.flat";
 

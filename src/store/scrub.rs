@@ -75,7 +75,9 @@ impl Store {
                         Ok(None) => {}
                         Err(q) => {
                             tracing::error!(digest = %d, error = %q, "scrub: cannot quarantine");
-                            report.failed.push((d.clone(), format!("{e}; quarantine: {q}")));
+                            report
+                                .failed
+                                .push((d.clone(), format!("{e}; quarantine: {q}")));
                         }
                     }
                 }

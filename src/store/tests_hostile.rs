@@ -41,7 +41,9 @@ async fn put(store: &Arc<Store>, scope: &Scope, r: &str, data: &[u8]) -> Info {
 /// would sweep if it ran.
 async fn rooted_and_garbage(store: &Arc<Store>) -> (Digest, Digest) {
     let a = ns("a");
-    let kept = put(store, &a, "kept", b"kept by a gc.root label").await.digest;
+    let kept = put(store, &a, "kept", b"kept by a gc.root label")
+        .await
+        .digest;
     store
         .update(
             &a,
@@ -100,7 +102,12 @@ async fn collection_fails_closed_on_an_image_with_a_damaged_target() {
         digest: "sha256:not-hex".into(),
         ..Default::default()
     };
-    damage(&kv, Cf::Images, b"na\x00broken".to_vec(), &img.encode_to_vec());
+    damage(
+        &kv,
+        Cf::Images,
+        b"na\x00broken".to_vec(),
+        &img.encode_to_vec(),
+    );
     let err = store.collect(false).unwrap_err();
     assert!(err.is(Kind::DataLoss), "{err}");
     assert!(err.message().contains("broken"), "{err}");

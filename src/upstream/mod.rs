@@ -632,7 +632,10 @@ mod tests {
             "registry.example.com".into(),
             host(
                 "https://registry.example.com",
-                &["https://mirror.example.net", "https://trusted-mirror.example.net"],
+                &[
+                    "https://mirror.example.net",
+                    "https://trusted-mirror.example.net",
+                ],
                 true,
             ),
         );
@@ -660,9 +663,10 @@ mod tests {
         assert!(e.message().contains("plain HTTP"), "{e}");
         // Loopback in the clear is fine (a local registry or mirror).
         let mut config = UpstreamConfig::default();
-        config
-            .registries
-            .insert("127.0.0.1:5000".into(), host("http://127.0.0.1:5000", &[], true));
+        config.registries.insert(
+            "127.0.0.1:5000".into(),
+            host("http://127.0.0.1:5000", &[], true),
+        );
         config
             .registries
             .insert("[::1]:5000".into(), host("http://[::1]:5000", &[], true));
@@ -692,10 +696,21 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
-        for h in ["localhost", "localhost:5000", "127.0.0.1", "127.0.0.2:80", "[::1]:5000"] {
+        for h in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1",
+            "127.0.0.2:80",
+            "[::1]:5000",
+        ] {
             assert!(is_loopback(h), "{h}");
         }
-        for h in ["10.0.0.1:5000", "registry.example.com", "[fe80::1]:5000", "localhost.evil.com"] {
+        for h in [
+            "10.0.0.1:5000",
+            "registry.example.com",
+            "[fe80::1]:5000",
+            "localhost.evil.com",
+        ] {
             assert!(!is_loopback(h), "{h}");
         }
     }

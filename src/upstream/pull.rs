@@ -268,7 +268,8 @@ impl Puller {
                             )
                             .await?;
                         } else if req.mode == Mode::Lazy {
-                            let (store, sc, d) = (self.store.clone(), scope.clone(), e.digest.clone());
+                            let (store, sc, d) =
+                                (self.store.clone(), scope.clone(), e.digest.clone());
                             let exists = blocking(move || Ok(store.info(&sc, &d).is_ok())).await?;
                             let state = if exists {
                                 BlobState::Exists

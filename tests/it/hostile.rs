@@ -87,7 +87,12 @@ async fn flipped_bytes_in_blob_files_are_data_loss_and_contained() {
         .env("CONTENTD_NAMESPACE", "rot")
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["checked"], 3, "{v}");
     let corrupt = v["corrupt"].as_array().unwrap();
@@ -110,7 +115,9 @@ async fn a_damaged_manifest_gets_a_message_and_a_repair() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start_in(dir.path());
     let mut c = d.client(Some("meta")).await;
-    let blobs: Vec<Vec<u8>> = (0..3).map(|i| pattern(600_000 + i * 1000, 60 + i as u64)).collect();
+    let blobs: Vec<Vec<u8>> = (0..3)
+        .map(|i| pattern(600_000 + i * 1000, 60 + i as u64))
+        .collect();
     for (i, b) in blobs.iter().enumerate() {
         put(&mut c, &format!("m{i}"), b).await.unwrap();
     }
@@ -216,13 +223,19 @@ async fn admin_calls_are_limited_to_the_admin_socket_and_namespaces() {
         gpb::gc_client::GcClient::with_interceptor(ch, Namespace::new(ns).unwrap())
     };
     let mut team = gc_client(d.client_sock.clone(), Some("team")).await;
-    let e = team.run(gpb::RunRequest { dry_run: true }).await.unwrap_err();
+    let e = team
+        .run(gpb::RunRequest { dry_run: true })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     assert!(e.message().contains("admin"), "{e}");
     // Reading the collector's state is not an admin call.
     team.status(gpb::StatusRequest {}).await.unwrap();
     let mut backend = gc_client(d.backend_sock.clone(), None).await;
-    let e = backend.run(gpb::RunRequest { dry_run: true }).await.unwrap_err();
+    let e = backend
+        .run(gpb::RunRequest { dry_run: true })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     let ch = connect_unix(&d.client_sock).await.unwrap();
     let mut registry = gpb::registry_client::RegistryClient::with_interceptor(
