@@ -167,7 +167,11 @@ impl Reads {
         let (scope, d) = (scope.clone(), d.clone());
         tokio::spawn(async move {
             let mut pos = offset;
-            let want_end = if size > 0 { Some(offset + size) } else { None };
+            let want_end = if size > 0 {
+                Some(offset.saturating_add(size))
+            } else {
+                None
+            };
             loop {
                 let st = live.borrow_and_update().clone();
                 let end = match (want_end, st.total) {

@@ -711,8 +711,12 @@ impl Writer {
         let st = self.state()?;
         let extent = st.rec.extent;
         let mut pos = st.rec.offset as u64;
+        let end = i64::try_from(data.len())
+            .ok()
+            .and_then(|n| st.rec.offset.checked_add(n))
+            .ok_or_else(|| Error::out_of_range("write would pass the largest blob size"))?;
         st.hasher.update(data);
-        st.rec.offset += data.len() as i64;
+        st.rec.offset = end;
         st.rec.updated_ns = now_ns();
         for piece in data.chunks(CHUNK_SIZE) {
             self.chunks

@@ -58,16 +58,17 @@ async fn flipped_bytes_in_blob_files_are_data_loss_and_contained() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start_in(dir.path());
     let mut c = d.client(Some("rot")).await;
-    // Large enough to go to blob files at commit (past the unlogged threshold).
-    let blobs: Vec<Vec<u8>> = (0..3).map(|i| pattern(700_000, 40 + i)).collect();
-    for (i, b) in blobs.iter().enumerate() {
-        put(&mut c, &format!("b{i}"), b).await.unwrap();
+    // Streamed in 1 MiB messages: bytes go without the WAL and are flushed into blob files
+    // before the commit.
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| pattern(1_500_000, 40 + i)).collect();
+    for b in &blobs {
+        put_blob(&mut c, &sha(b).to_string(), b).await;
     }
     drop(c);
     d.stop();
     let blob_files = files_ending(&dir.path().join("root"), ".blob");
     assert!(!blob_files.is_empty(), "no BlobDB files under the root");
-    let damaged = flip_where(&blob_files, &blobs[1][300_000..300_064]);
+    let damaged = flip_where(&blob_files, &blobs[1][1_200_000..1_200_064]);
     assert!(damaged >= 1, "the damaged blob's bytes were not found");
 
     let d = Daemon::start_in(dir.path());
