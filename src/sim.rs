@@ -115,8 +115,8 @@ impl Oracle {
     /// What a collection with no grace period keeps linked: per scope, everything reachable
     /// from that scope's roots over the manifests' edges.
     fn collect(&mut self) {
-        for s in 0..SCOPES.len() {
-            let tenant = SCOPES[s].starts_with("t:");
+        for (s, name) in SCOPES.iter().enumerate() {
+            let tenant = name.starts_with("t:");
             let mut marked: BTreeSet<Digest> = BTreeSet::new();
             let mut todo: Vec<Digest> = Vec::new();
             if tenant {
@@ -603,30 +603,30 @@ impl Sim {
     fn check_all(&self) -> Check {
         self.check_linked()?;
         let all = Filter::default();
-        for s in 0..SCOPES.len() {
+        for (s, name) in SCOPES.iter().enumerate() {
             let sc = scope(s);
             let listed = self
                 .store
                 .list(&sc, &all, None, usize::MAX)
-                .map_err(|e| format!("List in {} after restart: {e}", SCOPES[s]))?;
+                .map_err(|e| format!("List in {} after restart: {e}", name))?;
             for info in listed {
                 self.store
                     .verify(&info.digest)
-                    .map_err(|e| format!("torn blob visible in {}: {e}", SCOPES[s]))?;
+                    .map_err(|e| format!("torn blob visible in {}: {e}", name))?;
             }
             self.store
                 .list_statuses(&sc, &all)
-                .map_err(|e| format!("ListStatuses in {}: {e}", SCOPES[s]))?;
+                .map_err(|e| format!("ListStatuses in {}: {e}", name))?;
             self.store
                 .list_leases(&sc, &all)
-                .map_err(|e| format!("leases in {}: {e}", SCOPES[s]))?;
+                .map_err(|e| format!("leases in {}: {e}", name))?;
         }
-        for ((s, name), _) in &self.oracle.images {
+        for (s, name) in self.oracle.images.keys() {
             self.store
                 .image(&scope(*s), name)
                 .map_err(|e| format!("acknowledged image {name} is gone: {e}"))?;
         }
-        for ((s, id), _) in &self.oracle.leases {
+        for (s, id) in self.oracle.leases.keys() {
             self.store
                 .require_lease(&scope(*s), id)
                 .map_err(|e| format!("acknowledged lease {id} is gone: {e}"))?;
