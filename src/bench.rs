@@ -767,6 +767,7 @@ pub struct GcBench {
 /// Builds a synthetic store of `blobs` blobs (images of 1 manifest, 1 config and 8 layers;
 /// every other image named, the rest garbage) in `root`, then collects it while a writer
 /// keeps committing small blobs, and reports the collection time and the write latencies.
+#[cfg(feature = "rocksdb")]
 pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
     use crate::kv::rocks::{RocksKv, Tuning};
     use crate::store::{ImageRecord, Scope, Store, StoreConfig};
@@ -890,6 +891,7 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
 }
 
 /// One blob through the store's write path (single-message upload).
+#[cfg(feature = "rocksdb")]
 async fn put_in(
     store: &Arc<crate::store::Store>,
     scope: &crate::store::Scope,

@@ -5,13 +5,20 @@ use std::path::PathBuf;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 
+/// HTTP/2 flow-control windows and frame size for every listener and the bundled clients:
+/// with h2's defaults a stream of 1 MiB messages waits a round trip for window updates
+/// after every message.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
+pub const MAX_FRAME: u32 = 1 << 20;
+
 /// A gRPC channel over a unix socket.
 pub async fn connect_unix(path: impl Into<PathBuf>) -> anyhow::Result<Channel> {
     let path: PathBuf = path.into();
     let shown = path.display().to_string();
     let ch = Endpoint::try_from("http://contentd.local")?
-        .initial_stream_window_size(crate::daemon::STREAM_WINDOW)
-        .initial_connection_window_size(crate::daemon::CONNECTION_WINDOW)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .connect_with_connector(tower::service_fn(move |_| {
             let p = path.clone();
             async move {

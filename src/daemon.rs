@@ -22,10 +22,7 @@ use crate::config::Config;
 use crate::kv::rocks::{RocksKv, Tuning};
 use crate::store::{Store, StoreConfig};
 
-/// HTTP/2 flow-control windows and frame size for every listener (and the bundled clients).
-pub const STREAM_WINDOW: u32 = 4 << 20;
-pub const CONNECTION_WINDOW: u32 = 8 << 20;
-pub const MAX_FRAME: u32 = 1 << 20;
+pub use crate::client::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 
 const CONTENT_SERVICE: &str = "containerd.services.content.v1.Content";
 
@@ -174,15 +171,7 @@ impl Signals {
     }
 }
 
-/// How long the collector sleeps until a lease that expires at `expiry_ns` (ns since the
-/// epoch) has expired, seen at `now_ns`. Stored dates come from clients: any i64 is possible
-/// (a lease from 1700, one from 2262), so the arithmetic saturates, and a wait is never
-/// longer than a day (the loop re-plans on every wake-up anyway).
-pub fn expiry_wait(expiry_ns: i64, now_ns: i64) -> std::time::Duration {
-    const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(86_400);
-    let ns = u64::try_from(expiry_ns.saturating_sub(now_ns)).unwrap_or(0);
-    std::time::Duration::from_nanos(ns).min(MAX_WAIT) + std::time::Duration::from_millis(10)
-}
+pub use crate::dates::expiry_wait;
 
 /// Logs and counts a background step that panicked on the blocking pool (the loop goes on).
 fn step_failed(task: &'static str, e: tokio::task::JoinError) {

@@ -51,6 +51,16 @@ pub fn validate_expiry(value: &str, now: i64) -> Result<i64> {
     Ok(t)
 }
 
+/// How long the collector sleeps until a lease that expires at `expiry_ns` (ns since the
+/// epoch) has expired, seen at `now_ns`. Stored dates come from clients: any i64 is possible
+/// (a lease from 1700, one from 2262), so the arithmetic saturates, and a wait is never
+/// longer than a day (the loop re-plans on every wake-up anyway).
+pub fn expiry_wait(expiry_ns: i64, now_ns: i64) -> std::time::Duration {
+    const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(86_400);
+    let ns = u64::try_from(expiry_ns.saturating_sub(now_ns)).unwrap_or(0);
+    std::time::Duration::from_nanos(ns).min(MAX_WAIT) + std::time::Duration::from_millis(10)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ pub mod bench_pull;
 pub mod cli;
 pub mod client;
 pub mod config;
+#[cfg(feature = "rocksdb")]
 pub mod daemon;
 pub mod dates;
 pub mod digest;
@@ -22,6 +23,7 @@ pub mod graph;
 pub mod kv;
 pub mod metrics;
 pub mod reads;
+#[cfg(feature = "rocksdb")]
 pub mod repair;
 pub mod sim;
 pub mod store;

@@ -16,7 +16,7 @@ use crate::digest::Digest;
 use crate::error::Error;
 use crate::filter::Filter;
 use crate::reads::Reads;
-use crate::store::{self, Scope, Store, Writer};
+use crate::store::{self, Scope, Store, WriteAction, WriteRequest, WriteResponse, WriteSession};
 
 /// Largest Read message payload (containerd's server uses the same).
 pub const READ_CHUNK: usize = 1 << 20;
@@ -243,7 +243,8 @@ impl pb::content_server::Content for ContentService {
     }
 }
 
-/// One Write stream: bound to the ref of its first message, one response per message.
+/// One Write stream: bound to the ref of its first message, one response per message. The
+/// state machine is the store's [`WriteSession`]; this only translates messages.
 async fn write_session(
     store: Arc<Store>,
     scope: Scope,
@@ -254,11 +255,6 @@ async fn write_session(
     let Some(first) = inbound.message().await? else {
         return Ok(());
     };
-    if first.r#ref.is_empty() {
-        return Err(status(Error::invalid(
-            "first message must have a reference",
-        )));
-    }
     tracing::Span::current().record("ref", first.r#ref.as_str());
     if !first.expected.is_empty() {
         tracing::Span::current().record("digest", first.expected.as_str());
@@ -268,29 +264,21 @@ async fn write_session(
     } else {
         Some(parse_digest(&first.expected)?)
     };
-    let mut writer = store
-        .open_writer(scope, &first.r#ref, first.total, expected, lease)
+    let mut session = WriteSession::open(&store, scope, &first.r#ref, first.total, expected, lease)
         .await
         .map_err(status)?;
     let mut msg = first;
-    let mut first_message = true;
     loop {
-        let (w, result) = tokio::task::spawn_blocking(move || {
-            let r = step(&mut writer, msg, first_message);
-            // Whatever this request changed (even if it then failed) is written before the
-            // response goes out, unless a commit already wrote it.
-            let r = match (r, writer.flush()) {
-                (Ok(v), Ok(())) => Ok(v),
-                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
-            };
-            (writer, r)
+        let req = request(msg).map_err(status)?;
+        let (s, result) = tokio::task::spawn_blocking(move || {
+            let r = session.step(req);
+            (session, r)
         })
         .await
         .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
-        writer = w;
-        first_message = false;
-        let (resp, done) = result.map_err(status)?;
-        if tx.send(Ok(resp)).await.is_err() || done {
+        session = s;
+        let resp = response(result.map_err(status)?);
+        if tx.send(Ok(resp)).await.is_err() || session.is_done() {
             return Ok(());
         }
         msg = match inbound.message().await? {
@@ -301,62 +289,43 @@ async fn write_session(
     }
 }
 
-fn step(
-    w: &mut Writer,
-    msg: pb::WriteContentRequest,
-    first: bool,
-) -> crate::error::Result<(pb::WriteContentResponse, bool)> {
-    let action = pb::WriteAction::try_from(msg.action)
-        .map_err(|_| Error::invalid(format!("unknown write action {}", msg.action)))?;
-    let expected = if msg.expected.is_empty() {
-        None
-    } else {
-        Some(Digest::parse(&msg.expected)?)
+fn request(msg: pb::WriteContentRequest) -> crate::error::Result<WriteRequest> {
+    let action = match pb::WriteAction::try_from(msg.action) {
+        Ok(pb::WriteAction::Stat) => WriteAction::Stat,
+        Ok(pb::WriteAction::Write) => WriteAction::Write,
+        Ok(pb::WriteAction::Commit) => WriteAction::Commit,
+        Err(_) => {
+            return Err(Error::invalid(format!(
+                "unknown write action {}",
+                msg.action
+            )));
+        }
     };
-    if let (Some(d), false) = (&expected, first) {
-        w.set_expected(d.clone())?;
-    }
-    w.set_total(msg.total);
-    let mut done = false;
-    let committed = match action {
-        pb::WriteAction::Stat => None,
-        pb::WriteAction::Write => {
-            w.write(msg.offset, &msg.data)?;
+    Ok(WriteRequest {
+        action: Some(action),
+        offset: msg.offset,
+        total: msg.total,
+        expected: if msg.expected.is_empty() {
             None
-        }
-        pb::WriteAction::Commit => {
-            w.write(msg.offset, &msg.data)?;
-            let started = w.status()?.started_ns;
-            let labels = if msg.labels.is_empty() {
-                None
-            } else {
-                Some(msg.labels)
-            };
-            let info = w.commit(msg.total, expected, labels)?;
-            done = true;
-            Some((started, info))
-        }
-    };
-    let resp = match committed {
-        Some((started, info)) => pb::WriteContentResponse {
-            action: msg.action,
-            started_at: timestamp(started),
-            updated_at: timestamp(info.updated_ns),
-            offset: info.size,
-            total: info.size,
-            digest: info.digest.to_string(),
+        } else {
+            Some(Digest::parse(&msg.expected)?)
         },
-        None => {
-            let st = w.status()?;
-            pb::WriteContentResponse {
-                action: msg.action,
-                started_at: timestamp(st.started_ns),
-                updated_at: timestamp(st.updated_ns),
-                offset: st.offset,
-                total: st.total,
-                digest: st.digest.to_string(),
-            }
-        }
-    };
-    Ok((resp, done))
+        data: msg.data,
+        labels: (!msg.labels.is_empty()).then_some(msg.labels),
+    })
+}
+
+fn response(r: WriteResponse) -> pb::WriteContentResponse {
+    pb::WriteContentResponse {
+        action: match r.action {
+            WriteAction::Stat => pb::WriteAction::Stat,
+            WriteAction::Write => pb::WriteAction::Write,
+            WriteAction::Commit => pb::WriteAction::Commit,
+        } as i32,
+        started_at: timestamp(r.started_ns),
+        updated_at: timestamp(r.updated_ns),
+        offset: r.offset,
+        total: r.total,
+        digest: r.digest.to_string(),
+    }
 }

@@ -23,6 +23,7 @@
 //! | `quarantine` | dk                            | `QuarantineRecord` (a corrupt blob taken out of service) |
 
 pub mod mem;
+#[cfg(feature = "rocksdb")]
 pub mod rocks;
 
 use crate::error::Result;
@@ -303,6 +304,7 @@ pub(crate) mod tests {
         conformance(&mem::MemKv::default());
     }
 
+    #[cfg(feature = "rocksdb")]
     #[test]
     fn rocks_conforms() {
         let dir = tempfile::tempdir().unwrap();

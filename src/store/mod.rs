@@ -34,6 +34,7 @@ mod leases;
 mod live;
 mod records;
 mod scrub;
+mod session;
 mod visibility;
 
 use std::collections::HashMap;
@@ -57,6 +58,9 @@ pub use records::{
     SourceRecord,
 };
 pub use scrub::{Corrupt, ScrubReport};
+pub use session::{
+    WriteAction, WriteRequest, WriteResponse, WriteSession, fuzz_one as session_fuzz_one,
+};
 
 use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{Error, Kind, Result};

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::kv::mem::MemKv;
+#[cfg(feature = "rocksdb")]
 use crate::kv::rocks::{RocksKv, Tuning};
 use crate::store::StoreConfig;
 
@@ -261,6 +262,7 @@ async fn store_on_mem_kv() {
     conformance(Store::open(Arc::new(MemKv::default())).unwrap()).await;
 }
 
+#[cfg(feature = "rocksdb")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_on_rocksdb() {
     let dir = tempfile::tempdir().unwrap();
@@ -273,6 +275,7 @@ async fn store_on_rocksdb() {
     .await;
 }
 
+#[cfg(feature = "rocksdb")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_resumes_after_reopen() {
     let dir = tempfile::tempdir().unwrap();

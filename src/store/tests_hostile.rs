@@ -175,7 +175,7 @@ async fn a_stored_lease_from_1700_expires_without_overflow() {
     damage(&kv, Cf::Leases, b"na\x00old".to_vec(), &rec.encode_to_vec());
     let at = store.next_lease_expiry().unwrap().unwrap();
     assert!(at < 0);
-    let wait = crate::daemon::expiry_wait(at, now_ns());
+    let wait = crate::dates::expiry_wait(at, now_ns());
     assert!(wait < Duration::from_secs(1));
     store.collect(false).unwrap();
     assert!(store.next_lease_expiry().unwrap().is_none());
