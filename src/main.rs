@@ -93,10 +93,8 @@ enum Command {
     /// Benchmark pull-through against a registry: lazy time to first byte vs a direct GET,
     /// eager pull vs skopeo copy, daemon memory during a large lazy read. The daemon must run
     /// with --gc-grace-secs 0 (each run's content is collected before the next).
+    /// (The daemon's client socket is the global `--socket`.)
     BenchPull {
-        /// The daemon's client socket.
-        #[arg(long)]
-        socket: PathBuf,
         /// Image whose largest layer is measured, e.g. 127.0.0.1:5055/fixtures/single:oci.
         #[arg(long)]
         reference: String,
@@ -140,9 +138,10 @@ enum Command {
     },
     /// Benchmark content.v1 endpoints (contentd or containerd) side by side.
     Bench {
-        /// Unix socket of an endpoint, `PATH` or `LABEL=PATH`; repeat to compare.
-        #[arg(long, required = true)]
-        socket: Vec<String>,
+        /// Unix socket of an endpoint, `PATH` or `LABEL=PATH`; repeat to compare (the global
+        /// `--socket` names the one daemon the other verbs talk to, so this has its own name).
+        #[arg(long = "endpoint", required = true)]
+        endpoint: Vec<String>,
         /// containerd namespace to send (needed by client-mode endpoints).
         #[arg(long, default_value = "bench")]
         namespace: String,
@@ -267,11 +266,14 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             }
         },
         Command::BenchPull {
-            socket,
             reference,
             big_reference,
             runs,
         } => {
+            let socket = conn
+                .socket
+                .clone()
+                .context("bench-pull needs --socket (the daemon's client socket)")?;
             let f = rt.block_on(contentd::bench_pull::run(contentd::bench_pull::Options {
                 socket,
                 reference,
@@ -357,7 +359,7 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench {
-            socket,
+            endpoint,
             namespace,
             large_mib,
             runs,
@@ -367,7 +369,7 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             json,
         } => {
             let mut reports = Vec::new();
-            for s in socket {
+            for s in endpoint {
                 let (label, path) = match s.split_once('=') {
                     Some((l, p)) => (Some(l.to_string()), PathBuf::from(p)),
                     None => (None, PathBuf::from(&s)),

@@ -524,3 +524,34 @@ fn import_and_export_round_trip_with_other_tools() {
         );
     }
 }
+
+/// Every verb's flags parse: `bench` once shared `--socket` with the global flag and panicked
+/// in clap before doing anything. A short run against a real daemon proves it measures.
+#[test]
+fn bench_and_simulate_parse_and_run() {
+    let d = Daemon::start();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_contentd"))
+        .args(["bench", "--large-mib", "2", "--runs", "1", "--small", "8"])
+        .args([
+            "--ranged-reads",
+            "4",
+            "--info-calls",
+            "16",
+            "--json",
+            "--endpoint",
+        ])
+        .arg(format!("contentd={}", d.client_sock.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["target"], "contentd");
+    assert!(v[0]["info_under_load_calls"].as_u64().unwrap() > 0, "{v}");
+    assert!(v[0]["rss_shared_append_mib"].as_f64().unwrap() > 0.0, "{v}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_contentd"))
+        .args(["simulate", "--seed", "3", "--seeds", "2", "--steps", "20"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("2 seeds from 3 passed"));
+}
