@@ -461,6 +461,30 @@ impl Config {
                 "eviction_high_watermark_percent is a percentage (0-100)",
             ));
         }
+        // Durations are added to the clock: a century is already "never", and more would
+        // overflow an Instant.
+        const CENTURY_SECS: u64 = 100 * 366 * 86_400;
+        for (name, v) in [
+            ("gc_interval_secs", self.gc_interval_secs),
+            ("gc_grace_secs", self.gc_grace_secs),
+            ("ingest_expiry_secs", self.ingest_expiry_secs),
+            ("scrub_interval_secs", self.scrub_interval_secs),
+            ("eviction_check_secs", self.eviction_check_secs),
+            (
+                "upstream.connect_timeout_secs",
+                self.upstream.connect_timeout_secs,
+            ),
+            (
+                "upstream.read_timeout_secs",
+                self.upstream.read_timeout_secs,
+            ),
+        ] {
+            if v > CENTURY_SECS {
+                return Err(Error::invalid(format!(
+                    "{name} = {v}: more than a century; use 0 where it means \"never\""
+                )));
+            }
+        }
         self.socket_mode_bits()?;
         if let Some(o) = &self.socket_owner {
             resolve_id(o, "/etc/passwd", "user")?;
@@ -582,5 +606,12 @@ mod tests {
     #[test]
     fn the_default_file_parses_to_the_defaults() {
         assert_eq!(Config::parse(&default_toml()).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn durations_past_a_century_are_refused() {
+        let c = Config::parse("gc_interval_secs = 18446744073709551615\n").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.message().contains("gc_interval_secs"), "{e}");
     }
 }

@@ -301,7 +301,7 @@ async fn graph_of_real_images_matches_the_reference() {
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
 
-async fn put_declared(
+pub async fn put_declared(
     ch: &tonic::transport::Channel,
     ns: &str,
     data: &[u8],

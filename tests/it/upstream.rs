@@ -714,3 +714,53 @@ async fn a_corrupt_pulled_blob_is_fetched_again() {
     let w = walk(&ch, "rf", fx["root"]["digest"].as_str().unwrap()).await;
     assert_eq!(walk_nodes(&w), want_nodes(fx));
 }
+
+/// Edges are a function of the bytes, end to end: one namespace Puts an image's manifest
+/// declared as `application/octet-stream`; another namespace pulls that image from the
+/// registry; the first lets go, and a collection past the grace period (zero here) runs.
+/// Every blob of the pulled image is still there and reads back whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mislabelled_manifest_never_costs_another_namespace_its_layers() {
+    let Some((dir, _keep, reg, s)) = registry_with_fixtures() else {
+        return;
+    };
+    let fx = fixture(&s, "oci-single");
+    let root = fx["root"]["digest"].as_str().unwrap();
+    let files = blob_files(&dir);
+    let manifest = std::fs::read(&files[root]).unwrap();
+    let d = Daemon::start_with(&["--gc-grace-secs", "0"]);
+    let ch = connect_unix(&d.client_sock).await.unwrap();
+    crate::graph::put_declared(
+        &ch,
+        "mislabel",
+        &manifest,
+        "application/octet-stream",
+        root,
+        1,
+    )
+    .await
+    .unwrap();
+    pull(&ch, "puller", &reference(&reg, fx), false)
+        .await
+        .unwrap();
+    let mut m = d.client(Some("mislabel")).await;
+    m.delete(cpb::DeleteContentRequest {
+        digest: root.to_string(),
+    })
+    .await
+    .unwrap();
+    gc(&d.client_sock, false).await;
+    let w = walk(&ch, "puller", root).await;
+    assert_eq!(walk_nodes(&w), want_nodes(fx));
+    let mut c = d.client(Some("puller")).await;
+    for n in fx["nodes"].as_array().unwrap() {
+        if !n["present"].as_bool().unwrap() {
+            continue;
+        }
+        let dg = n["digest"].as_str().unwrap();
+        let (got, _) = read(&mut c, dg, 0, 0)
+            .await
+            .unwrap_or_else(|e| panic!("{dg} was collected: {e}"));
+        assert!(got == std::fs::read(&files[dg]).unwrap(), "{dg}");
+    }
+}
