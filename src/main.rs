@@ -295,6 +295,12 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
                 if r.rocksdb_repair {
                     println!("RocksDB repair ran on {}", root.display());
                 }
+                if let Some(dir) = &r.salvage_dir {
+                    println!(
+                        "{} chunks put back from {} blob-file records (the original blob files are in {dir})",
+                        r.chunks_restored, r.blob_file_records
+                    );
+                }
                 println!(
                     "{} blobs verified ({} bytes checked); {} lost, {} could not be checked, {} dangling links dropped",
                     r.blobs_verified,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 
 use super::keys::{link_key, owner_key, split_link};
-use super::{Cf, QuarantineRecord, Scope, Store, decode, now_ns};
+use super::{BlobRecord, Cf, IngestRecord, QuarantineRecord, Scope, Store, decode, now_ns};
 use crate::digest::Digest;
 use crate::error::{Kind, Result};
 use crate::kv::Batch;
@@ -177,6 +177,40 @@ impl Store {
             dropped.push((scope_name(&scope), d));
         }
         Ok(dropped)
+    }
+
+    /// Every extent a blob, an upload or a quarantine record names (for `contentd repair`).
+    pub fn referenced_extents(&self) -> Result<std::collections::HashSet<u64>> {
+        let mut out = std::collections::HashSet::new();
+        let mut bad = None;
+        self.kv.scan(
+            Cf::Blobs,
+            &[],
+            &[],
+            &mut |k, v| match BlobRecord::decode(v) {
+                Ok(b) => {
+                    out.insert(b.extent);
+                    true
+                }
+                Err(e) => {
+                    bad = Some(super::corrupt_record("blobs", k, Some(e)));
+                    false
+                }
+            },
+        )?;
+        self.kv.scan(Cf::Ingests, &[], &[], &mut |_, v| {
+            if let Ok(r) = IngestRecord::decode(v) {
+                out.insert(r.extent);
+            }
+            true
+        })?;
+        self.kv.scan(Cf::Quarantine, &[], &[], &mut |_, v| {
+            if let Ok(r) = QuarantineRecord::decode(v) {
+                out.insert(r.extent);
+            }
+            true
+        })?;
+        bad.map_or(Ok(out), Err)
     }
 
     /// Every quarantined blob.

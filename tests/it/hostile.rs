@@ -109,19 +109,23 @@ async fn flipped_bytes_in_blob_files_are_data_loss_and_contained() {
 }
 
 /// Damaged metadata (the MANIFEST) makes the daemon refuse to start with an error that says
-/// what to do; `contentd repair` salvages the directory, and afterwards every blob either
-/// reads back whole or is reported lost by the repair — never served damaged.
+/// what to do; `contentd repair` salvages the directory — RocksDB's repair for the tables,
+/// then the chunks in the blob files it would have dropped — and every blob reads back whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_damaged_manifest_gets_a_message_and_a_repair() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start_in(dir.path());
     let mut c = d.client(Some("meta")).await;
-    let blobs: Vec<Vec<u8>> = (0..3)
-        .map(|i| pattern(600_000 + i * 1000, 60 + i as u64))
+    // Large ones in blob files (streamed), a small one inline in the tables.
+    let mut blobs: Vec<Vec<u8>> = (0..3)
+        .map(|i| pattern(1_500_000 + i * 1000, 60 + i as u64))
         .collect();
-    for (i, b) in blobs.iter().enumerate() {
-        put(&mut c, &format!("m{i}"), b).await.unwrap();
+    for b in &blobs {
+        put_blob(&mut c, &sha(b).to_string(), b).await;
     }
+    let small = pattern(3000, 70);
+    put(&mut c, "small", &small).await.unwrap();
+    blobs.push(small);
     drop(c);
     d.stop();
     let root = dir.path().join("root");
@@ -158,24 +162,26 @@ async fn a_damaged_manifest_gets_a_message_and_a_repair() {
         .unwrap();
     let report: serde_json::Value = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
+    assert!(o.status.success(), "{report}");
     assert_eq!(report["rocksdb_repair"], true, "{report}");
-    let lost: Vec<String> = report["blobs_lost"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l[0].as_str().unwrap().to_string())
-        .collect();
+    assert_eq!(
+        report["blobs_lost"].as_array().unwrap().len(),
+        0,
+        "{report}"
+    );
+    assert_eq!(report["blobs_verified"], 4, "{report}");
+    assert!(
+        report["chunks_restored"].as_u64().unwrap() >= 18,
+        "{report}"
+    );
     let d = Daemon::start_in(dir.path());
     let mut c = d.client(Some("meta")).await;
     for b in &blobs {
         let dg = sha(b).to_string();
-        match read(&mut c, &dg, 0, 0).await {
-            Ok((got, _)) => assert!(got == *b, "{dg} served damaged after repair"),
-            Err(e) => assert!(
-                lost.contains(&dg) || e.code() == tonic::Code::NotFound,
-                "{dg}: {e}; report {report}"
-            ),
-        }
+        let (got, _) = read(&mut c, &dg, 0, 0)
+            .await
+            .unwrap_or_else(|e| panic!("{dg} after repair: {e}; report {report}"));
+        assert!(got == *b, "{dg} served damaged after repair");
     }
 }
 
