@@ -28,6 +28,9 @@ struct Selector {
     op: Op,
 }
 
+/// The most memory one `~=` pattern may compile to.
+const REGEX_SIZE_LIMIT: usize = 256 << 10;
+
 /// Any of several conjunctions of selectors.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -275,8 +278,13 @@ impl<'a> Parser<'a> {
         let op = match op.as_str() {
             "==" => Op::Equal(value),
             "!=" => Op::NotEqual(value),
+            // Patterns come from clients: their compiled size is bounded (the regex crate's
+            // default allows 10 MiB per pattern, per request).
             "~=" => Op::Matches(
-                regex::Regex::new(&value)
+                regex::RegexBuilder::new(&value)
+                    .size_limit(REGEX_SIZE_LIMIT)
+                    .dfa_size_limit(REGEX_SIZE_LIMIT)
+                    .build()
                     .map_err(|e| self.err(vpos, format!("invalid regexp {value:?}: {e}")))?,
             ),
             other => return Err(self.err(pos, format!("unsupported operator {other:?}"))),
@@ -385,5 +393,15 @@ mod tests {
             n += 1;
         }
         assert!(n >= 5, "corpus missing at {}", dir.display());
+    }
+
+    #[test]
+    fn huge_regexps_are_refused() {
+        // The regex crate alone compiles this (its default limit is 10 MiB); a filter may not.
+        let pattern = "[a-z]{20000}";
+        assert!(regex::Regex::new(pattern).is_ok());
+        let e = Filter::parse_all(&[format!("labels.a~=\"{pattern}\"")]).unwrap_err();
+        assert!(e.message().contains("regexp"), "{e}");
+        assert!(Filter::parse_all(&["labels.a~=\"^x[0-9]+$\""]).is_ok());
     }
 }
