@@ -462,37 +462,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         namespaces: admin_namespaces.clone(),
     };
 
-    if let Some(path) = &config.admin.socket {
+    // Client-mode unix sockets: the admin socket (if any) and the ordinary one.
+    let client_sockets = config
+        .admin
+        .socket
+        .iter()
+        .map(|p| (p, true))
+        .chain((!config.socket.as_os_str().is_empty()).then_some((&config.socket, false)));
+    for (path, admin) in client_sockets {
         let l = bind_unix(path, perms)?;
         sockets.push(path.clone());
-        tracing::info!(socket = %path.display(), mode = "client", "listening (admin)");
+        tracing::info!(socket = %path.display(), mode = "client", admin, "listening");
         let r = router!(
             limits,
             store,
             reads,
             puller,
             Mode::Client,
-            policy(true),
-            health.clone()
-        );
-        let s = stop.clone();
-        tasks.spawn(async move {
-            r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s.cancelled_owned())
-                .await
-        });
-    }
-
-    if !config.socket.as_os_str().is_empty() {
-        let l = bind_unix(&config.socket, perms)?;
-        sockets.push(config.socket.clone());
-        tracing::info!(socket = %config.socket.display(), mode = "client", "listening");
-        let r = router!(
-            limits,
-            store,
-            reads,
-            puller,
-            Mode::Client,
-            policy(false),
+            policy(admin),
             health.clone()
         );
         let s = stop.clone();

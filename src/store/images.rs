@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use prost::Message as _;
 
-use super::keys::{image_key, split_scope};
+use super::keys::image_key;
 use super::{ImageRecord, Scope, Store, decode, now_ns, validate_labels};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -183,20 +183,7 @@ impl Store {
     /// Every image of every scope, for the collector's roots.
     pub(super) fn all_images(&self) -> Result<Vec<(Scope, ImageRecord)>> {
         let mut out = Vec::new();
-        let mut bad = None;
-        self.kv.scan(Cf::Images, &[], &[], &mut |k, v| {
-            let scope = split_scope(k).map(|(s, _)| s);
-            match (scope, ImageRecord::decode(v)) {
-                (Some(scope), Ok(img)) => {
-                    out.push((scope, img));
-                    true
-                }
-                (_, r) => {
-                    bad = Some(super::corrupt_record("images", k, r.err()));
-                    false
-                }
-            }
-        })?;
-        bad.map_or(Ok(out), Err)
+        self.scan_scoped(Cf::Images, "images", |scope, img| out.push((scope, img)))?;
+        Ok(out)
     }
 }

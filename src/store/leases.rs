@@ -11,7 +11,7 @@ use crate::error::{Error, Kind, Result};
 use crate::filter::{self, Adaptor, Filter};
 use crate::kv::{Batch, Cf, prefix_end};
 
-use super::keys::{lease_key, resource_key, resource_prefix, split_resource, split_scope};
+use super::keys::{lease_key, resource_key, resource_prefix, split_resource};
 pub use crate::dates::EXPIRE_LABEL;
 use crate::dates::{parse_rfc3339, validate_expiry};
 pub const FLAT_LABEL: &str = "containerd.io/gc.flat";
@@ -234,21 +234,8 @@ impl Store {
     /// the collector must not run on a partial view of the roots.
     fn all_lease_records(&self) -> Result<Vec<(Scope, LeaseRecord)>> {
         let mut leases = Vec::new();
-        let mut bad = None;
-        self.kv.scan(Cf::Leases, &[], &[], &mut |k, v| {
-            let scope = split_scope(k).map(|(s, _)| s);
-            match (scope, LeaseRecord::decode(v)) {
-                (Some(scope), Ok(l)) => {
-                    leases.push((scope, l));
-                    true
-                }
-                (_, r) => {
-                    bad = Some(super::corrupt_record("leases", k, r.err()));
-                    false
-                }
-            }
-        })?;
-        bad.map_or(Ok(leases), Err)
+        self.scan_scoped(Cf::Leases, "leases", |scope, l| leases.push((scope, l)))?;
+        Ok(leases)
     }
 
     /// Every lease of every scope with its content resources, for the collector.

@@ -427,26 +427,43 @@ impl Store {
         self.usage.lock().get(scope).copied().unwrap_or(0)
     }
 
+    /// Visits every record of a per-scope family (`scope ‖ 0 ‖ …` keys). A key without a
+    /// scope or a value that does not decode stops the scan with an error naming it: callers
+    /// decide what is live from these, and must not do so on a partial view.
+    pub(crate) fn scan_scoped<M: prost::Message + Default>(
+        &self,
+        cf: Cf,
+        family: &str,
+        mut visit: impl FnMut(Scope, M),
+    ) -> Result<()> {
+        let mut bad = None;
+        self.kv.scan(
+            cf,
+            &[],
+            &[],
+            &mut |k, v| match (split_scope(k), M::decode(v)) {
+                (Some((scope, _)), Ok(m)) => {
+                    visit(scope, m);
+                    true
+                }
+                (_, r) => {
+                    bad = Some(corrupt_record(family, k, r.err()));
+                    false
+                }
+            },
+        )?;
+        bad.map_or(Ok(()), Err)
+    }
+
     /// Every scope's usage from a full scan of the links: what the counters start from at
     /// open, and what they must always equal.
     pub fn recount_usage(&self) -> Result<HashMap<Scope, i64>> {
         let mut out: HashMap<Scope, i64> = HashMap::new();
-        let mut bad = None;
-        self.kv.scan(Cf::Links, &[], &[], &mut |k, v| {
-            let scope = split_scope(k).map(|(s, _)| s);
-            match (scope, LinkRecord::decode(v)) {
-                (Some(scope), Ok(l)) => {
-                    let u = out.entry(scope).or_default();
-                    *u = u.saturating_add(l.size.max(0));
-                    true
-                }
-                (_, r) => {
-                    bad = Some(corrupt_record("links", k, r.err()));
-                    false
-                }
-            }
+        self.scan_scoped(Cf::Links, "links", |scope, l: LinkRecord| {
+            let u = out.entry(scope).or_default();
+            *u = u.saturating_add(l.size.max(0));
         })?;
-        bad.map_or(Ok(out), Err)
+        Ok(out)
     }
 
     /// Every scope's usage as the counters have it (for checks against a recount).
