@@ -126,6 +126,13 @@ pub struct Config {
     pub health_tcp: Option<String>,
     /// Address of the Prometheus metrics endpoint (HTTP, path /metrics), e.g. "127.0.0.1:9105".
     pub metrics_addr: Option<String>,
+    /// The OCI distribution API (HTTP registry and pull-through mirror), e.g.
+    /// "127.0.0.1:5000". Plain HTTP on loopback, TLS (`[tls]`) on any other address.
+    pub registry_addr: Option<String>,
+    /// RocksDB's memory (memtables and block cache), MiB: see `kv::rocks::Tuning`.
+    pub memory_budget_mib: u64,
+    /// Registry settings (`[registry]`).
+    pub registry: crate::registry::RegistryConfig,
     /// OpenTelemetry collector to export traces to over OTLP/gRPC, e.g.
     /// "http://127.0.0.1:4317" (a span per RPC with namespace, digest and ref).
     pub otlp_endpoint: Option<String>,
@@ -195,6 +202,9 @@ impl Default for Config {
             socket_group: None,
             health_tcp: None,
             metrics_addr: None,
+            registry_addr: None,
+            memory_budget_mib: 48,
+            registry: Default::default(),
             otlp_endpoint: None,
             scrub_interval_secs: 24 * 3600,
             scrub_rate_mib_s: 32,
@@ -251,6 +261,11 @@ socket_mode = "{mode}"
 # Prometheus metrics endpoint (HTTP, GET /metrics).
 # metrics_addr = "127.0.0.1:9105"
 
+# The OCI distribution API: contentd as a registry and a pull-through mirror for
+# containerd, CRI-O, podman and docker. Plain HTTP on loopback; any other address is served
+# over TLS with the [tls] settings (mutual when client_ca is set).
+# registry_addr = "127.0.0.1:5000"
+
 # Export traces (a span per RPC) to an OpenTelemetry collector over OTLP/gRPC.
 # otlp_endpoint = "http://127.0.0.1:4317"
 
@@ -267,6 +282,11 @@ gc_mutation_threshold = {gm}
 gc_grace_secs = {gg}
 # An ingest no lease holds is dropped after this long without a write.
 ingest_expiry_secs = {ie}
+
+# Memory RocksDB may use, MiB: two thirds for write buffers (memtables of all column
+# families together), a sixth for the metadata block cache. Blob bytes are read through
+# the page cache, not cached here. The rest of the daemon needs roughly 10-20 MiB more.
+memory_budget_mib = {mb}
 
 # Limits: the largest gRPC message, concurrent streams per connection, and the largest
 # manifest the descriptor-graph parser reads (larger blobs are stored, without edges).
@@ -296,6 +316,20 @@ default_bytes = 0
 # socket and these namespaces may; everyone else gets PermissionDenied.
 # socket = "/run/contentd/admin/admin.sock"
 namespaces = []
+
+[registry]
+# The namespace whose images are the registry's repositories and tags.
+namespace = "{rns}"
+# Refuse pushes and deletes (a pure mirror).
+read_only = false
+# bcrypt htpasswd file (`htpasswd -B`): when set, every request needs basic auth.
+# htpasswd = "/etc/contentd/htpasswd"
+# A mirrored tag is re-checked upstream after this long (served stale if the upstream is
+# unreachable); digests never are.
+tag_ttl_secs = {rttl}
+# Repositories whose path names no registry host (docker's registry-mirrors) mirror this
+# one ("" = only what clients push).
+default_upstream = "{rdu}"
 
 [upstream]
 # Seconds to connect, and without a byte before a fetch is abandoned.
@@ -339,6 +373,10 @@ allowed_registries = []
         rt = u.read_timeout_secs,
         md = u.max_concurrent_downloads,
         fa = u.fetch_attempts,
+        mb = c.memory_budget_mib,
+        rns = c.registry.namespace,
+        rttl = c.registry.tag_ttl_secs,
+        rdu = c.registry.default_upstream,
     )
 }
 
@@ -502,12 +540,31 @@ impl Config {
         for (what, addr) in [
             ("health_tcp", &self.health_tcp),
             ("metrics_addr", &self.metrics_addr),
+            ("registry_addr", &self.registry_addr),
         ] {
             if let Some(a) = addr {
                 a.parse::<std::net::SocketAddr>()
                     .map_err(|e| Error::invalid(format!("{what} {a:?}: {e}")))?;
             }
         }
+        if !(8..=1 << 20).contains(&self.memory_budget_mib) {
+            return Err(Error::invalid(format!(
+                "memory_budget_mib {}: expected 8 to 1048576",
+                self.memory_budget_mib
+            )));
+        }
+        if let Some(a) = &self.registry_addr {
+            let loopback = a
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|s| s.ip().is_loopback());
+            if !loopback && self.tls.is_none() {
+                return Err(Error::invalid(format!(
+                    "registry_addr {a:?} is not loopback: it needs [tls] (cert and key)"
+                )));
+            }
+        }
+        crate::store::Scope::namespace(&self.registry.namespace)
+            .map_err(|e| Error::invalid(format!("registry namespace: {}", e.message())))?;
         if self.socket.as_os_str().is_empty() && self.backend.is_empty() && self.tcp.is_none() {
             return Err(Error::invalid("no listener configured"));
         }

@@ -382,7 +382,7 @@ async fn serve_metrics(l: tokio::net::TcpListener, store: Arc<Store>, stop: Canc
                 };
                 (
                     "200 OK",
-                    "text/plain; version=0.0.4",
+                    crate::metrics::CONTENT_TYPE,
                     crate::metrics::render(&g),
                 )
             } else {
@@ -405,7 +405,10 @@ async fn serve_metrics(l: tokio::net::TcpListener, store: Arc<Store>, stop: Canc
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     let mut signals = Signals::install()?;
-    let kv = RocksKv::open(&config.root, &Tuning::default())?;
+    let kv = RocksKv::open(
+        &config.root,
+        &Tuning::from_budget_mib(config.memory_budget_mib),
+    )?;
     let store = Store::open_with(
         Arc::new(kv),
         StoreConfig {
@@ -453,6 +456,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding {addr}"))?;
         tracing::info!(addr = %addr, "metrics listening on /metrics");
         tokio::spawn(serve_metrics(l, store.clone(), stop.clone()));
+    }
+    if let Some(addr) = &config.registry_addr {
+        let registry = crate::registry::Registry::new(
+            store.clone(),
+            reads.clone(),
+            puller.clone(),
+            config.registry.clone(),
+            config.max_manifest_bytes,
+        )?;
+        crate::registry::serve(registry, addr, config.tls.as_ref(), stop.clone()).await?;
     }
     let mut sockets = Vec::new();
     let admin_namespaces = Arc::new(config.admin.namespaces.clone());

@@ -23,6 +23,7 @@ pub mod graph;
 pub mod kv;
 pub mod metrics;
 pub mod reads;
+pub mod registry;
 #[cfg(feature = "rocksdb")]
 pub mod repair;
 pub mod sim;

@@ -68,6 +68,10 @@ enum Command {
         /// Prometheus metrics endpoint address (HTTP, /metrics), e.g. 127.0.0.1:9105.
         #[arg(long, env = "CONTENTD_METRICS_ADDR")]
         metrics_addr: Option<String>,
+        /// Serve the OCI distribution API (registry and pull-through mirror) here, e.g.
+        /// 127.0.0.1:5000 (plain HTTP on loopback, TLS from [tls] elsewhere).
+        #[arg(long = "registry", env = "CONTENTD_REGISTRY_ADDR")]
+        registry_addr: Option<String>,
         /// Permission bits of the unix sockets (octal).
         #[arg(long, env = "CONTENTD_SOCKET_MODE")]
         socket_mode: Option<String>,
@@ -201,6 +205,7 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             gc_deletion_threshold,
             health_tcp,
             metrics_addr,
+            registry_addr,
             socket_mode,
             scrub_interval_secs,
         } => {
@@ -240,6 +245,9 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             }
             if metrics_addr.is_some() {
                 c.metrics_addr = metrics_addr;
+            }
+            if registry_addr.is_some() {
+                c.registry_addr = registry_addr;
             }
             if let Some(v) = socket_mode {
                 c.socket_mode = v;

@@ -1,103 +1,95 @@
 //! Prometheus metrics: the process-wide registry contentd's layers record into, and its
-//! text exposition (format 0.0.4) served over HTTP by the daemon.
+//! text exposition (format 0.0.4), both by the `prometheus-client` crate. The daemon serves
+//! [`render`] over HTTP.
 //!
-//! Counters and histograms are plain atomics behind a lock-free fast path for the label sets
-//! seen so far; gauges that describe the store (bytes, blobs, ingests) are sampled at scrape
-//! time by the daemon.
+//! Label values are bounded by the callers (only served methods, configured registries and
+//! namespaces become labels), so no family grows with client input. Gauges that describe the
+//! store (bytes, blobs, ingests) are sampled at scrape time by the daemon.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::RwLock;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 
 /// Latency buckets, seconds (gRPC calls, GC runs).
-const BUCKETS: &[f64] = &[
+const BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-pub struct Histogram {
-    buckets: Vec<AtomicU64>,
-    sum_us: AtomicU64,
-    count: AtomicU64,
+type Labels = Vec<(&'static str, String)>;
+
+fn labelled(names: &'static [&'static str], values: &[&str]) -> Labels {
+    debug_assert_eq!(names.len(), values.len(), "label arity of {names:?}");
+    names
+        .iter()
+        .zip(values)
+        .map(|(n, v)| (*n, (*v).to_owned()))
+        .collect()
 }
 
-impl Default for Histogram {
-    fn default() -> Histogram {
-        Histogram {
-            buckets: BUCKETS.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_us: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
+/// A counter family whose label names are fixed at registration.
+#[derive(Clone)]
+pub struct CounterVec {
+    names: &'static [&'static str],
+    family: Family<Labels, Counter>,
 }
-
-impl Histogram {
-    pub fn observe(&self, secs: f64) {
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.sum_us
-            .fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// A family of counters keyed by label values.
-#[derive(Default)]
-pub struct CounterVec(RwLock<BTreeMap<Vec<String>, AtomicU64>>);
 
 impl CounterVec {
-    pub fn add(&self, labels: &[&str], v: u64) {
-        if let Some(c) = self.0.read().get(&key(labels)) {
-            c.fetch_add(v, Ordering::Relaxed);
-            return;
+    fn new(names: &'static [&'static str]) -> CounterVec {
+        CounterVec {
+            names,
+            family: Family::default(),
         }
-        self.0
-            .write()
-            .entry(key(labels))
-            .or_default()
-            .fetch_add(v, Ordering::Relaxed);
+    }
+    pub fn add(&self, labels: &[&str], v: u64) {
+        self.family
+            .get_or_create(&labelled(self.names, labels))
+            .inc_by(v);
     }
     pub fn get(&self, labels: &[&str]) -> u64 {
-        self.0
-            .read()
-            .get(&key(labels))
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+        self.family
+            .get(&labelled(self.names, labels))
+            .map_or(0, |c| c.get())
     }
 }
 
-#[derive(Default)]
-pub struct HistogramVec(RwLock<BTreeMap<Vec<String>, Histogram>>);
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+/// A histogram family whose label names are fixed at registration.
+#[derive(Clone)]
+pub struct HistogramVec {
+    names: &'static [&'static str],
+    family: Family<Labels, Histogram, fn() -> Histogram>,
+}
 
 impl HistogramVec {
-    pub fn observe(&self, labels: &[&str], secs: f64) {
-        if let Some(h) = self.0.read().get(&key(labels)) {
-            h.observe(secs);
-            return;
+    fn new(names: &'static [&'static str]) -> HistogramVec {
+        HistogramVec {
+            names,
+            family: Family::new_with_constructor(histogram),
         }
-        self.0.write().entry(key(labels)).or_default().observe(secs);
     }
-}
-
-fn key(labels: &[&str]) -> Vec<String> {
-    labels.iter().map(|s| s.to_string()).collect()
+    pub fn observe(&self, labels: &[&str], secs: f64) {
+        self.family
+            .get_or_create(&labelled(self.names, labels))
+            .observe(secs);
+    }
 }
 
 /// Everything contentd counts.
-#[derive(Default)]
 pub struct Metrics {
     /// (method, code)
     pub rpc_requests: CounterVec,
     /// (method)
     pub rpc_seconds: HistogramVec,
-    /// Blob bytes written and read: plain atomics, they are counted on every write and read
-    /// message.
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
+    /// Blob bytes written and read: counted on every write and read message.
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
     /// (result: ok|error)
     pub gc_runs: CounterVec,
     pub gc_seconds: HistogramVec,
@@ -114,187 +106,210 @@ pub struct Metrics {
     pub quota_rejections: CounterVec,
     /// (task: collector|evictor|scrubber): background loops restarted after a panic.
     pub task_restarts: CounterVec,
+    /// (route, method, status, cache: hit|miss|stale|-): registry HTTP requests.
+    pub registry_requests: CounterVec,
+    /// (route)
+    pub registry_seconds: HistogramVec,
+    gauges: Gauges<Gauge>,
+    registry: Registry,
+}
+
+/// Gauges sampled at scrape time.
+#[derive(Default)]
+pub struct Gauges<T = i64> {
+    pub store_bytes: T,
+    pub store_blobs: T,
+    pub ingests: T,
+    pub quarantined: T,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let rpc_requests = CounterVec::new(&["method", "code"]);
+        let rpc_seconds = HistogramVec::new(&["method"]);
+        let bytes = Family::<Labels, Counter>::default();
+        let bytes_in = bytes.get_or_create_owned(&vec![("direction", "in".to_owned())]);
+        let bytes_out = bytes.get_or_create_owned(&vec![("direction", "out".to_owned())]);
+        let gc_runs = CounterVec::new(&["result"]);
+        let gc_seconds = HistogramVec::new(&[]);
+        let gc_swept = CounterVec::new(&["what"]);
+        let upstream_fetches = CounterVec::new(&["registry", "result"]);
+        let upstream_bytes = CounterVec::new(&["registry"]);
+        let scrub_blobs = CounterVec::new(&["result"]);
+        let scrub_bytes = CounterVec::new(&[]);
+        let quota_rejections = CounterVec::new(&["namespace"]);
+        let task_restarts = CounterVec::new(&["task"]);
+        let registry_requests = CounterVec::new(&["route", "method", "status", "cache"]);
+        let registry_seconds = HistogramVec::new(&["route"]);
+        let gauges = Gauges::<Gauge>::default();
+
+        let r = &mut registry;
+        r.register(
+            "contentd_grpc_requests",
+            "gRPC requests by method and status code",
+            rpc_requests.family.clone(),
+        );
+        r.register_with_unit(
+            "contentd_grpc_request_duration",
+            "gRPC request latency (to the end of the response stream)",
+            Unit::Seconds,
+            rpc_seconds.family.clone(),
+        );
+        r.register(
+            "contentd_content_bytes",
+            "Blob bytes written into (in) and read out of (out) the store",
+            bytes,
+        );
+        r.register(
+            "contentd_store_bytes",
+            "Bytes of committed blobs",
+            gauges.store_bytes.clone(),
+        );
+        r.register(
+            "contentd_store_blobs",
+            "Committed blobs",
+            gauges.store_blobs.clone(),
+        );
+        r.register(
+            "contentd_ingests",
+            "Ingests in progress",
+            gauges.ingests.clone(),
+        );
+        r.register(
+            "contentd_quarantined_blobs",
+            "Blobs the scrubber found corrupt and took out of service",
+            gauges.quarantined.clone(),
+        );
+        r.register(
+            "contentd_gc_runs",
+            "Garbage collections by result",
+            gc_runs.family.clone(),
+        );
+        r.register_with_unit(
+            "contentd_gc_duration",
+            "Garbage collection duration",
+            Unit::Seconds,
+            gc_seconds.family.clone(),
+        );
+        r.register(
+            "contentd_gc_swept",
+            "Blobs and bytes removed by garbage collection",
+            gc_swept.family.clone(),
+        );
+        r.register(
+            "contentd_upstream_fetches",
+            "Blob fetches from upstream registries by result",
+            upstream_fetches.family.clone(),
+        );
+        r.register(
+            "contentd_upstream_bytes",
+            "Bytes fetched from upstream registries",
+            upstream_bytes.family.clone(),
+        );
+        r.register(
+            "contentd_scrub_blobs",
+            "Blobs re-verified by the scrubber, by result",
+            scrub_blobs.family.clone(),
+        );
+        r.register(
+            "contentd_scrub_bytes",
+            "Bytes re-verified by the scrubber",
+            scrub_bytes.family.clone(),
+        );
+        r.register(
+            "contentd_quota_rejections",
+            "Writes refused because a namespace was over its quota",
+            quota_rejections.family.clone(),
+        );
+        r.register(
+            "contentd_task_restarts",
+            "Background loops (collector, evictor, scrubber) restarted after a panic",
+            task_restarts.family.clone(),
+        );
+        r.register(
+            "contentd_registry_requests",
+            "Registry (distribution API) requests by route, method, status and cache result",
+            registry_requests.family.clone(),
+        );
+        r.register_with_unit(
+            "contentd_registry_request_duration",
+            "Registry request latency (to the response head)",
+            Unit::Seconds,
+            registry_seconds.family.clone(),
+        );
+        Metrics {
+            registry_requests,
+            registry_seconds,
+            rpc_requests,
+            rpc_seconds,
+            bytes_in,
+            bytes_out,
+            gc_runs,
+            gc_seconds,
+            gc_swept,
+            upstream_fetches,
+            upstream_bytes,
+            scrub_blobs,
+            scrub_bytes,
+            quota_rejections,
+            task_restarts,
+            gauges,
+            registry,
+        }
+    }
 }
 
 pub fn get() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
-    M.get_or_init(Metrics::default)
+    M.get_or_init(Metrics::new)
 }
 
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
-fn labels(names: &[&str], values: &[String], extra: Option<(&str, String)>) -> String {
-    let mut parts: Vec<String> = names
-        .iter()
-        .zip(values)
-        .map(|(n, v)| format!("{n}=\"{}\"", esc(v)))
-        .collect();
-    if let Some((n, v)) = extra {
-        parts.push(format!("{n}=\"{v}\""));
-    }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
-    }
-}
-
-fn counter(out: &mut String, name: &str, help: &str, names: &[&str], c: &CounterVec) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (k, v) in c.0.read().iter() {
-        let _ = writeln!(
-            out,
-            "{name}{} {}",
-            labels(names, k, None),
-            v.load(Ordering::Relaxed)
-        );
-    }
-}
-
-fn histogram(out: &mut String, name: &str, help: &str, names: &[&str], h: &HistogramVec) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    for (k, v) in h.0.read().iter() {
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{} {}",
-                labels(names, k, Some(("le", format!("{b}")))),
-                v.buckets[i].load(Ordering::Relaxed)
-            );
-        }
-        let n = v.count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "{name}_bucket{} {n}",
-            labels(names, k, Some(("le", "+Inf".into())))
-        );
-        let _ = writeln!(
-            out,
-            "{name}_sum{} {}",
-            labels(names, k, None),
-            v.sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{} {n}", labels(names, k, None));
-    }
-}
-
-/// Gauges sampled at scrape time.
-pub struct Gauges {
-    pub store_bytes: i64,
-    pub store_blobs: i64,
-    pub ingests: i64,
-    pub quarantined: i64,
-}
-
-/// The text exposition of every metric.
+/// The text exposition of every metric, with the store gauges set to `g`.
 pub fn render(g: &Gauges) -> String {
     let m = get();
+    m.gauges.store_bytes.set(g.store_bytes);
+    m.gauges.store_blobs.set(g.store_blobs);
+    m.gauges.ingests.set(g.ingests);
+    m.gauges.quarantined.set(g.quarantined);
     let mut out = String::new();
-    counter(
-        &mut out,
-        "contentd_grpc_requests_total",
-        "gRPC requests by method and status code.",
-        &["method", "code"],
-        &m.rpc_requests,
-    );
-    histogram(
-        &mut out,
-        "contentd_grpc_request_duration_seconds",
-        "gRPC request latency (to the end of the response stream).",
-        &["method"],
-        &m.rpc_seconds,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP contentd_content_bytes_total Blob bytes written into (in) and read out of (out) the store.\n\
-         # TYPE contentd_content_bytes_total counter\n\
-         contentd_content_bytes_total{{direction=\"in\"}} {}\n\
-         contentd_content_bytes_total{{direction=\"out\"}} {}",
-        m.bytes_in.load(Ordering::Relaxed),
-        m.bytes_out.load(Ordering::Relaxed)
-    );
-    for (name, help, v) in [
-        (
-            "contentd_store_bytes",
-            "Bytes of committed blobs.",
-            g.store_bytes,
-        ),
-        ("contentd_store_blobs", "Committed blobs.", g.store_blobs),
-        ("contentd_ingests", "Ingests in progress.", g.ingests),
-        (
-            "contentd_quarantined_blobs",
-            "Blobs the scrubber found corrupt and took out of service.",
-            g.quarantined,
-        ),
-    ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-    }
-    counter(
-        &mut out,
-        "contentd_gc_runs_total",
-        "Garbage collections by result.",
-        &["result"],
-        &m.gc_runs,
-    );
-    histogram(
-        &mut out,
-        "contentd_gc_duration_seconds",
-        "Garbage collection duration.",
-        &[],
-        &m.gc_seconds,
-    );
-    counter(
-        &mut out,
-        "contentd_gc_swept_total",
-        "Blobs and bytes removed by garbage collection.",
-        &["what"],
-        &m.gc_swept,
-    );
-    counter(
-        &mut out,
-        "contentd_upstream_fetches_total",
-        "Blob fetches from upstream registries by result.",
-        &["registry", "result"],
-        &m.upstream_fetches,
-    );
-    counter(
-        &mut out,
-        "contentd_upstream_bytes_total",
-        "Bytes fetched from upstream registries.",
-        &["registry"],
-        &m.upstream_bytes,
-    );
-    counter(
-        &mut out,
-        "contentd_scrub_blobs_total",
-        "Blobs re-verified by the scrubber, by result.",
-        &["result"],
-        &m.scrub_blobs,
-    );
-    counter(
-        &mut out,
-        "contentd_scrub_bytes_total",
-        "Bytes re-verified by the scrubber.",
-        &[],
-        &m.scrub_bytes,
-    );
-    counter(
-        &mut out,
-        "contentd_quota_rejections_total",
-        "Writes refused because a namespace was over its quota.",
-        &["namespace"],
-        &m.quota_rejections,
-    );
-    counter(
-        &mut out,
-        "contentd_task_restarts_total",
-        "Background loops (collector, evictor, scrubber) restarted after a panic.",
-        &["task"],
-        &m.task_restarts,
-    );
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &m.registry)
+        .expect("writing to a String cannot fail");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_labels() {
+        let m = get();
+        m.rpc_requests
+            .add(&["/containerd.services.content.v1.Content/Info", "OK"], 2);
+        m.rpc_seconds
+            .observe(&["/containerd.services.content.v1.Content/Info"], 0.002);
+        m.task_restarts.add(&["exposition-test"], 1);
+        m.bytes_in.inc_by(5);
+        let text = render(&Gauges {
+            store_blobs: 3,
+            ..Default::default()
+        });
+        for want in [
+            "# TYPE contentd_grpc_requests_total counter",
+            "contentd_grpc_requests_total{method=\"/containerd.services.content.v1.Content/Info\",code=\"OK\"}",
+            "# TYPE contentd_grpc_request_duration_seconds histogram",
+            "contentd_grpc_request_duration_seconds_bucket{le=\"0.0025\",method=\"/containerd.services.content.v1.Content/Info\"}",
+            "contentd_task_restarts_total{task=\"exposition-test\"} 1",
+            "contentd_content_bytes_total{direction=\"in\"}",
+            "contentd_store_blobs 3",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert_eq!(m.task_restarts.get(&["exposition-test"]), 1);
+        assert_eq!(m.task_restarts.get(&["never-seen"]), 0);
+    }
 }

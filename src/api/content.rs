@@ -178,7 +178,7 @@ impl pb::content_server::Content for ContentService {
             item.map(|data| {
                 crate::metrics::get()
                     .bytes_out
-                    .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    .inc_by(data.len() as u64);
                 let m = pb::ReadContentResponse { offset: pos, data };
                 pos += m.data.len() as i64;
                 m

@@ -30,19 +30,37 @@ type Db = rocksdb::DB;
 pub struct Tuning {
     /// Total memtable budget across column families.
     pub write_buffer_bytes: usize,
+    /// One column family's memtable size (a flush starts when one fills).
+    pub cf_write_buffer_bytes: usize,
     /// Shared block cache for metadata.
     pub block_cache_bytes: usize,
     /// Values at least this large go to blob files.
     pub min_blob_size: u64,
 }
 
-impl Default for Tuning {
-    fn default() -> Self {
+/// The default `memory_budget_mib`.
+pub const DEFAULT_BUDGET_MIB: u64 = 48;
+
+impl Tuning {
+    /// RocksDB's share of memory from one budget (`memory_budget_mib`): two thirds to
+    /// memtables (all column families together; a write stalls rather than exceed it), a
+    /// sixth to the block cache of metadata, and each family's memtable at most a quarter of
+    /// the memtable share. Blob bytes are not cached: reads stream from the page cache.
+    pub fn from_budget_mib(mib: u64) -> Tuning {
+        let budget = (mib.clamp(8, 1 << 20) as usize) << 20;
+        let write = budget / 3 * 2;
         Tuning {
-            write_buffer_bytes: 32 << 20,
-            block_cache_bytes: 8 << 20,
+            write_buffer_bytes: write,
+            cf_write_buffer_bytes: (write / 4).clamp(1 << 20, 64 << 20),
+            block_cache_bytes: budget / 6,
             min_blob_size: 32 << 10,
         }
+    }
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning::from_budget_mib(DEFAULT_BUDGET_MIB)
     }
 }
 
@@ -111,14 +129,14 @@ impl RocksKv {
             t.set_bloom_filter(10.0, false);
             o.set_block_based_table_factory(&t);
             o.set_compression_type(DBCompressionType::Lz4);
-            o.set_write_buffer_size(8 << 20);
+            o.set_write_buffer_size(tuning.cf_write_buffer_bytes);
             o
         };
         let descriptors = Cf::ALL.iter().map(|cf| {
             let mut o = meta_opts();
             if *cf == Cf::Chunks {
                 o.set_compression_type(DBCompressionType::None);
-                o.set_write_buffer_size(8 << 20);
+                o.set_write_buffer_size(tuning.cf_write_buffer_bytes);
                 o.set_max_write_buffer_number(4);
                 o.set_enable_blob_files(true);
                 o.set_min_blob_size(tuning.min_blob_size);

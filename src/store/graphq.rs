@@ -14,6 +14,12 @@ impl Store {
         Ok(scope.is_tenant() && self.blob(d)?.is_some())
     }
 
+    /// A committed blob's own media type as classified at commit ("" for opaque blobs), and
+    /// its size.
+    pub fn blob_media_type(&self, d: &Digest) -> Result<Option<(String, i64)>> {
+        Ok(self.blob(d)?.map(|b| (b.media_type, b.size)))
+    }
+
     /// Size of a committed blob.
     pub fn info_size(&self, d: &Digest) -> Result<i64> {
         Ok(self.blob(d)?.ok_or_else(|| Self::not_found(d))?.size)

@@ -726,7 +726,7 @@ impl Writer {
         self.chunk_bytes += data.len();
         crate::metrics::get()
             .bytes_in
-            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            .inc_by(data.len() as u64);
         self.persist(Batch::new())
     }
 

@@ -339,6 +339,100 @@ impl Puller {
         Ok(img)
     }
 
+    /// Fetches one manifest or index (by tag or digest) for a registry mirror and stores it
+    /// through the write path, recording where each of its children can be fetched, so they
+    /// are fetched when (and only when) a client asks. With `hold_as`, the image record of
+    /// that name points at it (created or moved), labelled with the time it was checked.
+    /// Nothing else is fetched: a mirror serves the manifest at once.
+    pub async fn mirror_manifest(
+        self: &Arc<Self>,
+        scope: &Scope,
+        src: &Source,
+        reference: &str,
+        hold_as: Option<(String, HashMap<String, String>)>,
+    ) -> Result<(Digest, String, Bytes)> {
+        let (bytes, d) = self.upstream.manifest(src, reference).await?;
+        if reference.contains(':') && d.to_string() != reference {
+            return Err(Error::data_loss(format!(
+                "upstream {} served manifest {d} for {reference}",
+                src.registry
+            )));
+        }
+        let doc = graph::parse(None, &bytes);
+        if doc.kind == DocKind::Opaque {
+            return Err(Error::invalid(format!(
+                "upstream {}/{}:{reference} is not a manifest or index contentd understands",
+                src.registry, src.repository
+            )));
+        }
+        let media_type = doc.media_type.clone().unwrap_or_default();
+        let lease = format!("mirror-{}", now_ns());
+        let mut labels = HashMap::new();
+        labels.insert(
+            "containerd.io/gc.expire".to_string(),
+            rfc3339(now_ns() / 1_000_000_000 + PULL_LEASE_SECS),
+        );
+        let (store, sc, l) = (self.store.clone(), scope.clone(), lease.clone());
+        blocking(move || store.create_lease(&sc, &l, labels).map(|_| ())).await?;
+        let r = async {
+            let (events, _) = mpsc::channel(1);
+            self.store_document(scope, src, &lease, &d, &media_type, bytes.clone(), &events)
+                .await?;
+            let records: Vec<(Digest, SourceRecord)> = doc
+                .edges
+                .iter()
+                .filter(|e| e.role != Role::Subject && e.urls.is_empty())
+                .map(|e| {
+                    let rec = SourceRecord {
+                        registry: src.registry.clone(),
+                        repository: src.repository.clone(),
+                        media_type: e.media_type.clone(),
+                        size: e.size,
+                        created_ns: now_ns(),
+                    };
+                    (e.digest.clone(), rec)
+                })
+                .collect();
+            let (store, sc) = (self.store.clone(), scope.clone());
+            let img = hold_as.map(|(name, labels)| ImageRecord {
+                name,
+                media_type: media_type.clone(),
+                digest: d.to_string(),
+                size: bytes.len() as i64,
+                labels,
+                ..Default::default()
+            });
+            blocking(move || {
+                for (d, rec) in &records {
+                    if store.source(&sc, d)?.is_none() {
+                        store.put_source(&sc, d, rec)?;
+                    }
+                }
+                if let Some(img) = img {
+                    match store.create_image(&sc, img.clone()) {
+                        Ok(_) => {}
+                        Err(e) if is_exists(&e) => {
+                            store.update_image(
+                                &sc,
+                                img,
+                                &["target".to_string(), "labels".to_string()],
+                            )?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            })
+            .await
+        }
+        .await;
+        let (store, sc, l) = (self.store.clone(), scope.clone(), lease.clone());
+        if let Err(e) = blocking(move || store.delete_lease(&sc, &l)).await {
+            tracing::warn!(lease, error = %e, "could not delete a mirror fetch's lease");
+        }
+        r.map(|()| (d, media_type, bytes))
+    }
+
     /// A manifest or index by digest: from the store when present, else from upstream.
     async fn document(
         &self,

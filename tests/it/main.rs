@@ -5,6 +5,7 @@ mod certs;
 mod cli;
 mod collect;
 mod content;
+mod distribution;
 mod durability;
 mod errors;
 mod graph;
