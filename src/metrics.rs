@@ -302,7 +302,7 @@ mod tests {
             "# TYPE contentd_grpc_requests_total counter",
             "contentd_grpc_requests_total{method=\"/containerd.services.content.v1.Content/Info\",code=\"OK\"}",
             "# TYPE contentd_grpc_request_duration_seconds histogram",
-            "contentd_grpc_request_duration_seconds_bucket{le=\"0.0025\",method=\"/containerd.services.content.v1.Content/Info\"}",
+            "contentd_grpc_request_duration_seconds_bucket{method=\"/containerd.services.content.v1.Content/Info\",le=\"0.0025\"} 1",
             "contentd_task_restarts_total{task=\"exposition-test\"} 1",
             "contentd_content_bytes_total{direction=\"in\"}",
             "contentd_store_blobs 3",

@@ -387,7 +387,8 @@ mod tests {
         assert_eq!(code("/v2/a/manifests/-bad"), "TAG_INVALID");
         assert_eq!(code("/v2/a/manifests/sha256:zz"), "DIGEST_INVALID");
         assert_eq!(code("/v2/a/blobs/md5:abc"), "DIGEST_INVALID");
-        assert_eq!(code("/v2/a/blobs/uploads/../x"), "BLOB_UPLOAD_INVALID");
+        assert_eq!(code("/v2/a/blobs/uploads/zz.x"), "BLOB_UPLOAD_INVALID");
+        assert_eq!(parse("/v2/a/blobs/uploads/../x"), None);
         assert!(name_ok("a__b.c-d---e/f0"));
         assert!(!name_ok("a___b"));
         assert!(tag_ok(&"t".repeat(128)));
