@@ -471,3 +471,199 @@ async fn mirror_fetches_once_and_serves_when_the_upstream_is_down() {
         }
     }
 }
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let o = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+struct Containerd {
+    stop: PathBuf,
+    dir: PathBuf,
+    sock: String,
+}
+
+impl Containerd {
+    fn start(shared: &std::path::Path, dir: PathBuf) -> Containerd {
+        run(
+            "bash",
+            &[
+                shared.join("contentsuite/start-containerd.sh").to_str().unwrap(),
+                dir.to_str().unwrap(),
+            ],
+        );
+        Containerd {
+            stop: shared.join("contentsuite/stop-containerd.sh"),
+            sock: dir.join("containerd.sock").display().to_string(),
+            dir,
+        }
+    }
+    fn sock(&self) -> &str {
+        &self.sock
+    }
+    /// `ctr images pull` of `reference` with `hosts` as its hosts directory.
+    fn pull(&self, hosts: &std::path::Path, reference: &str) -> String {
+        run(
+            "ctr",
+            &[
+                "-a",
+                self.sock(),
+                "-n",
+                "mirror",
+                "images",
+                "pull",
+                "--all-platforms",
+                "--hosts-dir",
+                hosts.to_str().unwrap(),
+                reference,
+            ],
+        )
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash").arg(&self.stop).arg(&self.dir).output();
+    }
+}
+
+/// Real clients through the mirror and the registry, on loopback with docker-registry as the
+/// upstream: containerd 1.6 pulls every fixture through contentd (hosts.toml as the README
+/// gives it), the upstream serves each blob once, a second containerd makes no upstream
+/// request; skopeo pushes to contentd and pulls from it, also through a registries.conf
+/// mirror with a host path prefix; with the upstream stopped, what was pulled still pulls by
+/// tag and by digest.
+#[tokio::test(flavor = "multi_thread")]
+async fn containerd_and_skopeo_use_contentd_as_mirror_and_registry() {
+    let Some((dir, _keep)) = crate::graph::fixtures() else { return };
+    let Some(shared) = crate::registry::shared() else { return };
+    let Some(up) = Registry::start(&dir) else { return };
+    let s: Value = serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    let (_d, base, _cfg) = start_registry(&format!(
+        "[upstream]\nread_timeout_secs = 5\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
+        a = up.addr
+    ));
+    let cport = base.trim_start_matches("http://").to_string();
+    let work = tempfile::Builder::new().prefix("contentd-e2e").tempdir_in("/tmp").unwrap();
+
+    // hosts.toml, as in the README: contentd first, the upstream as `server`.
+    let hosts = work.path().join("hosts");
+    std::fs::create_dir_all(hosts.join(&up.addr)).unwrap();
+    std::fs::write(
+        hosts.join(&up.addr).join("hosts.toml"),
+        format!(
+            "server = \"http://{}\"\n[host.\"http://{cport}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let refs: Vec<(String, &Value)> = s["fixtures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        // Runnable images only: not the artifacts (sbom, signature, the referrers tag
+        // schema), which ctr cannot unpack, and not the foreign-layer images, whose
+        // non-distributable layers ctr fetches from the URLs they name (nowhere, here).
+        .filter(|f| {
+            let tag = f["registry"]["tag"].as_str().unwrap_or("");
+            f["registry"].is_object()
+                && !tag.starts_with("sha256-")
+                && tag != "sbom"
+                && tag != "sig"
+                && !f["registry"]["repository"].as_str().unwrap().contains("foreign")
+        })
+        .map(|f| {
+            (
+                format!("{}/{}:{}", up.addr, f["registry"]["repository"].as_str().unwrap(), f["registry"]["tag"].as_str().unwrap()),
+                f,
+            )
+        })
+        .collect();
+    let a = Containerd::start(&shared, work.path().join("ctrd-a"));
+    for (r, _) in &refs {
+        a.pull(&hosts, r);
+    }
+    let blobs: Vec<String> = refs
+        .iter()
+        .flat_map(|(_, f)| f["nodes"].as_array().unwrap().iter())
+        .filter(|n| n["present"].as_bool().unwrap())
+        .filter(|n| {
+            let mt = n["mediaType"].as_str().unwrap();
+            !(mt.contains("manifest") || mt.contains("index"))
+        })
+        .filter(|n| n["urls"].is_null())
+        .map(|n| n["digest"].as_str().unwrap().to_string())
+        .collect();
+    let counts: HashMap<&String, usize> = blobs
+        .iter()
+        .map(|d| (d, up.requests("GET", &format!("/blobs/{d}"))))
+        .collect();
+    let fetched: usize = counts.values().sum();
+    for (d, n) in &counts {
+        assert!(*n <= 1, "blob {d} fetched from the upstream {n} times");
+    }
+    assert!(fetched > 0, "containerd fetched nothing through the mirror");
+
+    // A second containerd: everything from contentd, nothing from the upstream.
+    let b = Containerd::start(&shared, work.path().join("ctrd-b"));
+    for (r, _) in &refs {
+        b.pull(&hosts, r);
+    }
+    let again: usize = counts.keys().map(|d| up.requests("GET", &format!("/blobs/{d}"))).sum();
+    assert_eq!(again, fetched, "the second containerd caused upstream fetches");
+
+    // skopeo pushes an image to contentd as a registry, and pulls it back.
+    let (single, _) = &refs[0];
+    run(
+        "skopeo",
+        &["copy", "--all", "--preserve-digests", "--src-tls-verify=false", "--dest-tls-verify=false",
+          &format!("docker://{single}"), &format!("docker://{cport}/pushed/app:v1")],
+    );
+    let raw_up = run("skopeo", &["inspect", "--raw", "--tls-verify=false", &format!("docker://{single}")]);
+    let raw_cd = run("skopeo", &["inspect", "--raw", "--tls-verify=false", &format!("docker://{cport}/pushed/app:v1")]);
+    assert_eq!(raw_up, raw_cd, "the pushed manifest reads back byte for byte");
+    let out = work.path().join("out");
+    run(
+        "skopeo",
+        &["copy", "--src-tls-verify=false", &format!("docker://{cport}/pushed/app:v1"), &format!("oci:{}:v1", out.display())],
+    );
+
+    // With the upstream stopped: containerd by tag and by digest through hosts.toml, and
+    // skopeo through a registries.conf mirror with a host path prefix.
+    let addr = up.addr.clone();
+    drop(up);
+    let c = Containerd::start(&shared, work.path().join("ctrd-c"));
+    for (r, f) in &refs {
+        c.pull(&hosts, r);
+        let root = f["root"]["digest"].as_str().map(str::to_string);
+        if let Some(root) = root {
+            let repo = r.rsplit_once(':').unwrap().0;
+            c.pull(&hosts, &format!("{repo}@{root}"));
+        }
+    }
+    let conf = work.path().join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nprefix = \"{addr}\"\nlocation = \"{addr}\"\ninsecure = true\n[[registry.mirror]]\nlocation = \"{cport}/{}\"\ninsecure = true\n",
+            addr.replace(':', "_")
+        ),
+    )
+    .unwrap();
+    for (r, _) in refs.iter().take(3) {
+        let o = work.path().join(format!("m-{}", r.replace(['/', ':'], "_")));
+        run(
+            "skopeo",
+            &["--registries-conf", conf.to_str().unwrap(), "copy", "--all",
+              &format!("docker://{r}"), &format!("oci:{}:x", o.display())],
+        );
+    }
+    drop((a, b, c));
+    let _ = base;
+}
