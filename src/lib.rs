@@ -9,6 +9,7 @@
 pub mod api;
 pub mod bench;
 pub mod bench_pull;
+pub mod bench_registry;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -108,6 +108,26 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Benchmark contentd's registry API against the upstream registry it mirrors: cached
+    /// layer GETs at c=1 and c=16, a miss vs a direct GET, 64 clients on one uncached layer,
+    /// manifest HEAD by tag, daemon RSS. The daemon must run with --gc-grace-secs 0 and
+    /// `--registry`. (The daemon's client socket is the global `--socket`.)
+    BenchRegistry {
+        /// contentd's registry address, HOST:PORT.
+        #[arg(long)]
+        registry: String,
+        /// The upstream registry, HOST:PORT (plain HTTP), configured in contentd's [upstream].
+        #[arg(long)]
+        upstream: String,
+        /// REPOSITORY:TAG on the upstream; its largest layer is measured.
+        #[arg(long)]
+        image: String,
+        /// The upstream's access log, to count its GETs of the layer.
+        #[arg(long)]
+        upstream_log: Option<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Salvage a data directory that no longer opens (damaged .sst files, MANIFEST or WAL):
     /// RocksDB's repair keeps what it can read, then every kept blob is re-verified, damaged
     /// ones are quarantined, and what was lost is reported. Stop the daemon and copy the
@@ -289,6 +309,30 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
                 runs,
             }))?;
             contentd::bench_pull::print(&f);
+            Ok(())
+        }
+        Command::BenchRegistry {
+            registry,
+            upstream,
+            image,
+            upstream_log,
+            runs,
+        } => {
+            let socket = conn
+                .socket
+                .clone()
+                .context("bench-registry needs --socket (the daemon's client socket)")?;
+            let f = rt.block_on(contentd::bench_registry::run(
+                contentd::bench_registry::Options {
+                    socket,
+                    registry,
+                    upstream,
+                    image,
+                    upstream_log,
+                    runs,
+                },
+            ))?;
+            contentd::bench_registry::print(&f);
             Ok(())
         }
         Command::Repair { root, force, json } => {
