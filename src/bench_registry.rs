@@ -57,7 +57,9 @@ const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.o
 
 fn client() -> anyhow::Result<reqwest::Client> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    Ok(reqwest::Client::builder().pool_max_idle_per_host(64).build()?)
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?)
 }
 
 /// The largest layer of `repo:tag` on `host` (the first manifest of an index).
@@ -72,9 +74,16 @@ async fn largest_layer(
             .header("Accept", ACCEPT)
             .send()
     };
-    let mut v: serde_json::Value = get(tag.to_string()).await?.error_for_status()?.json().await?;
+    let mut v: serde_json::Value = get(tag.to_string())
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
     if let Some(m) = v["manifests"].as_array().and_then(|m| m.first()) {
-        let d = m["digest"].as_str().context("index entry without digest")?.to_string();
+        let d = m["digest"]
+            .as_str()
+            .context("index entry without digest")?
+            .to_string();
         v = get(d).await?.error_for_status()?.json().await?;
     }
     v["layers"]
@@ -140,7 +149,10 @@ async fn heads(c: &reqwest::Client, url: &str, n: usize) -> anyhow::Result<(f64,
         .into_iter()
         .collect::<anyhow::Result<Vec<f64>>>()?;
     lat.sort_by(|a, b| a.total_cmp(b));
-    Ok((lat[lat.len() / 2], lat[(lat.len() * 99 / 100).min(lat.len() - 1)]))
+    Ok((
+        lat[lat.len() / 2],
+        lat[(lat.len() * 99 / 100).min(lat.len() - 1)],
+    ))
 }
 
 fn upstream_gets(log: &Option<PathBuf>, digest: &str) -> Option<usize> {
@@ -175,7 +187,11 @@ pub async fn run(o: Options) -> anyhow::Result<Figures> {
 
     // Forgets the image in contentd, so the next GET is a miss.
     let forget = || async {
-        let r = c.head(cd(&tag_path)).header("Accept", ACCEPT).send().await?;
+        let r = c
+            .head(cd(&tag_path))
+            .header("Accept", ACCEPT)
+            .send()
+            .await?;
         if let Some(d) = r.headers().get("Docker-Content-Digest") {
             let d = d.to_str()?.to_string();
             c.delete(cd(&format!("manifests/{d}"))).send().await?;
@@ -197,7 +213,11 @@ pub async fn run(o: Options) -> anyhow::Result<Figures> {
     for _ in 0..o.runs {
         forget().await?;
         // A client resolves the tag first (it records where the layer comes from).
-        c.get(cd(&tag_path)).header("Accept", ACCEPT).send().await?.error_for_status()?;
+        c.get(cd(&tag_path))
+            .header("Accept", ACCEPT)
+            .send()
+            .await?
+            .error_for_status()?;
         let (a, b, n) = get(&c, &cd(&layer_path)).await?;
         if n != size {
             bail!("contentd served {n} of {size} bytes of {layer}");
@@ -213,7 +233,11 @@ pub async fn run(o: Options) -> anyhow::Result<Figures> {
 
     // The herd: 64 clients, one uncached layer.
     forget().await?;
-    c.get(cd(&tag_path)).header("Accept", ACCEPT).send().await?.error_for_status()?;
+    c.get(cd(&tag_path))
+        .header("Accept", ACCEPT)
+        .send()
+        .await?
+        .error_for_status()?;
     let before = upstream_gets(&o.upstream_log, &layer);
     f.herd_mib_s = throughput(&c, &cd(&layer_path), 64, 64).await?;
     f.herd_upstream_gets = upstream_gets(&o.upstream_log, &layer)
@@ -238,7 +262,9 @@ pub async fn run(o: Options) -> anyhow::Result<Figures> {
     if let Some(r) = rss {
         f.daemon_peak_rss_mib = Some(r.finish().await);
     }
-    f.daemon_hwm_mib = pid.and_then(|p| status_kib(p, "VmHWM:")).map(|k| k as f64 / 1024.0);
+    f.daemon_hwm_mib = pid
+        .and_then(|p| status_kib(p, "VmHWM:"))
+        .map(|k| k as f64 / 1024.0);
     Ok(f)
 }
 

@@ -176,9 +176,7 @@ impl pb::content_server::Content for ContentService {
         let mut pos = 0i64;
         let stream = ReceiverStream::new(opened.rx).map(move |item| {
             item.map(|data| {
-                crate::metrics::get()
-                    .bytes_out
-                    .inc_by(data.len() as u64);
+                crate::metrics::get().bytes_out.inc_by(data.len() as u64);
                 let m = pb::ReadContentResponse { offset: pos, data };
                 pos += m.data.len() as i64;
                 m

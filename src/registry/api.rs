@@ -400,9 +400,7 @@ impl Registry {
                     .labels
                     .get(CHECKED_LABEL)
                     .and_then(|v| v.parse::<i64>().ok())
-                    .is_some_and(|t| {
-                        now_ns() / 1_000_000_000 - t < self.config.tag_ttl_secs as i64
-                    })
+                    .is_some_and(|t| now_ns() / 1_000_000_000 - t < self.config.tag_ttl_secs as i64)
         };
         let (Some(src), Some(puller)) = (&repo.upstream, &self.puller) else {
             return match local {
@@ -579,7 +577,12 @@ impl Registry {
             Err(e) => return from_store(&e, "MANIFEST_BLOB_UNKNOWN"),
         }
         if let Err(e) = self
-            .write_blob(&format!("manifest-{}", d.hex()), &d, bytes.clone(), Some(media_type.clone()))
+            .write_blob(
+                &format!("manifest-{}", d.hex()),
+                &d,
+                bytes.clone(),
+                Some(media_type.clone()),
+            )
             .await
         {
             return from_store(&e, "MANIFEST_INVALID");
@@ -676,7 +679,11 @@ impl Registry {
         .await;
         match r {
             Ok(true) => status_only(StatusCode::ACCEPTED),
-            Ok(false) => error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown"),
+            Ok(false) => error(
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                "manifest unknown",
+            ),
             Err(e) => from_store(&e, "MANIFEST_UNKNOWN"),
         }
     }
@@ -696,7 +703,13 @@ impl Registry {
             if store.visible(&scope, &d2)? {
                 return Ok((Some(store.info(&scope, &d2)?.size), true));
             }
-            Ok((store.source(&scope, &d2)?.map(|s| s.size).filter(|s| *s > 0), false))
+            Ok((
+                store
+                    .source(&scope, &d2)?
+                    .map(|s| s.size)
+                    .filter(|s| *s > 0),
+                false,
+            ))
         })
         .await;
         let (size, stored) = match known {
@@ -774,9 +787,16 @@ impl Registry {
                 let mut r = error(
                     StatusCode::RANGE_NOT_SATISFIABLE,
                     "BLOB_UNKNOWN",
-                    format!("no requested range overlaps the {} bytes of {d}", size.unwrap_or(0)),
+                    format!(
+                        "no requested range overlaps the {} bytes of {d}",
+                        size.unwrap_or(0)
+                    ),
                 );
-                set(&mut r, "Content-Range", format!("bytes */{}", size.unwrap_or(0)));
+                set(
+                    &mut r,
+                    "Content-Range",
+                    format!("bytes */{}", size.unwrap_or(0)),
+                );
                 return r;
             }
             Ranges::Whole => {
@@ -816,9 +836,7 @@ impl Registry {
                 );
                 r
             }
-            Ranges::Parts(parts) => {
-                self.multipart(d, parts, size.unwrap_or(0) as u64, head)
-            }
+            Ranges::Parts(parts) => self.multipart(d, parts, size.unwrap_or(0) as u64, head),
         };
         if r.status().is_success() {
             set(&mut r, "Docker-Content-Digest", d.to_string());
@@ -836,7 +854,13 @@ impl Registry {
     }
 
     /// A `multipart/byteranges` answer: the parts are read one after another into one body.
-    fn multipart(&self, d: &Digest, parts: Vec<(u64, u64)>, size: u64, head: bool) -> Response<Body> {
+    fn multipart(
+        &self,
+        d: &Digest,
+        parts: Vec<(u64, u64)>,
+        size: u64,
+        head: bool,
+    ) -> Response<Body> {
         let boundary = format!("contentd-{:016x}", rand::random::<u64>());
         let heads: Vec<String> = parts
             .iter()
@@ -861,7 +885,10 @@ impl Registry {
                     if tx.send(Ok(Bytes::from(h))).await.is_err() {
                         return;
                     }
-                    match reads.open(&scope, &d, a as i64, (b - a) as i64, PIECE).await {
+                    match reads
+                        .open(&scope, &d, a as i64, (b - a) as i64, PIECE)
+                        .await
+                    {
                         Ok(mut o) => {
                             while let Some(piece) = o.rx.recv().await {
                                 let fail = piece.is_err();
@@ -894,7 +921,11 @@ impl Registry {
         let (store, scope, d2) = (self.store.clone(), self.scope.clone(), d.clone());
         match blocking(move || store.delete(&scope, &d2)).await {
             Ok(true) => status_only(StatusCode::ACCEPTED),
-            Ok(false) => error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", format!("blob {d} is unknown")),
+            Ok(false) => error(
+                StatusCode::NOT_FOUND,
+                "BLOB_UNKNOWN",
+                format!("blob {d} is unknown"),
+            ),
             Err(e) => from_store(&e, "BLOB_UNKNOWN"),
         }
     }
@@ -920,7 +951,8 @@ impl Registry {
                     // Cross-repository and anonymous mounts: every repository of the
                     // registry shares one namespace, so a blob it has can be mounted.
                     if let Ok(d) = Digest::parse(&m) {
-                        let (store, scope, d2) = (self.store.clone(), self.scope.clone(), d.clone());
+                        let (store, scope, d2) =
+                            (self.store.clone(), self.scope.clone(), d.clone());
                         if let Ok(true) = blocking(move || store.visible(&scope, &d2)).await {
                             return created_blob(name, &d);
                         }
@@ -988,15 +1020,17 @@ impl Registry {
                     Err(e) => from_store(&e, "BLOB_UPLOAD_UNKNOWN"),
                 }
             }
-            (Method::DELETE, Some(id)) => match self.store.abort(&self.scope, &upload_ref(&id)).await {
-                Ok(true) => status_only(StatusCode::NO_CONTENT),
-                Ok(false) => error(
-                    StatusCode::NOT_FOUND,
-                    "BLOB_UPLOAD_UNKNOWN",
-                    format!("upload {id} is unknown"),
-                ),
-                Err(e) => from_store(&e, "BLOB_UPLOAD_UNKNOWN"),
-            },
+            (Method::DELETE, Some(id)) => {
+                match self.store.abort(&self.scope, &upload_ref(&id)).await {
+                    Ok(true) => status_only(StatusCode::NO_CONTENT),
+                    Ok(false) => error(
+                        StatusCode::NOT_FOUND,
+                        "BLOB_UPLOAD_UNKNOWN",
+                        format!("upload {id} is unknown"),
+                    ),
+                    Err(e) => from_store(&e, "BLOB_UPLOAD_UNKNOWN"),
+                }
+            }
             _ => not_allowed(),
         }
     }
@@ -1137,17 +1171,19 @@ impl Registry {
             None => None,
             Some(Ok(n)) => Some(n),
             Some(Err(_)) => {
-                return error(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", "n must be a number");
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "PAGINATION_NUMBER_INVALID",
+                    "n must be a number",
+                );
             }
         };
         let last = routes::query_param(q, "last");
         let (store, scope) = (self.store.clone(), self.scope.clone());
         let prefix = format!("{}:", repo.canonical);
         let listed = blocking(move || {
-            let f = crate::filter::Filter::parse_all(&[&format!(
-                "name~=^{}",
-                regex_escape(&prefix)
-            )])?;
+            let f =
+                crate::filter::Filter::parse_all(&[&format!("name~=^{}", regex_escape(&prefix))])?;
             Ok(store
                 .list_images(&scope, &f)?
                 .into_iter()
@@ -1269,11 +1305,7 @@ fn upload_status(name: &str, id: &str, offset: u64, status: StatusCode) -> Respo
     let mut r = status_only(status);
     set(&mut r, "Location", format!("/v2/{name}/blobs/uploads/{id}"));
     set(&mut r, "Docker-Upload-UUID", id);
-    set(
-        &mut r,
-        "Range",
-        format!("0-{}", offset.saturating_sub(1)),
-    );
+    set(&mut r, "Range", format!("0-{}", offset.saturating_sub(1)));
     set(&mut r, "Content-Length", "0");
     r
 }

@@ -333,7 +333,10 @@ mod tests {
         );
         assert!(matches!(
             parse(&format!("/v2/a/b/manifests/{D}")),
-            Some(Ok(Route::Manifest { reference: Reference::Digest(_), .. }))
+            Some(Ok(Route::Manifest {
+                reference: Reference::Digest(_),
+                ..
+            }))
         ));
         assert!(matches!(
             parse(&format!("/v2/a/blobs/{D}")),
@@ -383,7 +386,10 @@ mod tests {
         assert_eq!(code("/v2/a//b/tags/list"), "NAME_INVALID");
         assert_eq!(code("/v2/a-/tags/list"), "NAME_INVALID");
         assert_eq!(code("/v2/a/b:c/tags/list"), "NAME_INVALID");
-        assert_eq!(code(&format!("/v2/{}/tags/list", "a".repeat(256))), "NAME_INVALID");
+        assert_eq!(
+            code(&format!("/v2/{}/tags/list", "a".repeat(256))),
+            "NAME_INVALID"
+        );
         assert_eq!(code("/v2/a/manifests/-bad"), "TAG_INVALID");
         assert_eq!(code("/v2/a/manifests/sha256:zz"), "DIGEST_INVALID");
         assert_eq!(code("/v2/a/blobs/md5:abc"), "DIGEST_INVALID");
@@ -401,7 +407,10 @@ mod tests {
         assert_eq!(ranges(Some("bytes=0-3"), 10), Ranges::Parts(vec![(0, 4)]));
         assert_eq!(ranges(Some("bytes=5-"), 10), Ranges::Parts(vec![(5, 10)]));
         assert_eq!(ranges(Some("bytes=-3"), 10), Ranges::Parts(vec![(7, 10)]));
-        assert_eq!(ranges(Some("bytes=8-100"), 10), Ranges::Parts(vec![(8, 10)]));
+        assert_eq!(
+            ranges(Some("bytes=8-100"), 10),
+            Ranges::Parts(vec![(8, 10)])
+        );
         assert_eq!(
             ranges(Some("bytes=0-0, 9-9"), 10),
             Ranges::Parts(vec![(0, 1), (9, 10)])

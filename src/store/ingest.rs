@@ -724,9 +724,7 @@ impl Writer {
             pos += piece.len() as u64;
         }
         self.chunk_bytes += data.len();
-        crate::metrics::get()
-            .bytes_in
-            .inc_by(data.len() as u64);
+        crate::metrics::get().bytes_in.inc_by(data.len() as u64);
         self.persist(Batch::new())
     }
 

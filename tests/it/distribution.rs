@@ -34,7 +34,10 @@ fn wait_http(base: &str) {
     let addr = base.trim_start_matches("http://").to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(std::time::Instant::now() < deadline, "registry did not listen on {addr}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "registry did not listen on {addr}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
@@ -50,7 +53,10 @@ pub fn http() -> reqwest::Client {
 async fn code_of(r: reqwest::Response) -> (StatusCode, String) {
     let st = r.status();
     let v: Value = r.json().await.unwrap_or_default();
-    (st, v["errors"][0]["code"].as_str().unwrap_or("").to_string())
+    (
+        st,
+        v["errors"][0]["code"].as_str().unwrap_or("").to_string(),
+    )
 }
 
 /// Pushes a blob monolithically.
@@ -66,7 +72,11 @@ async fn push_blob(c: &reqwest::Client, base: &str, repo: &str, data: &[u8]) -> 
     d
 }
 
-fn manifest(config: &(String, usize), layers: &[(String, usize)], subject: Option<(&str, usize)>) -> Vec<u8> {
+fn manifest(
+    config: &(String, usize),
+    layers: &[(String, usize)],
+    subject: Option<(&str, usize)>,
+) -> Vec<u8> {
     let mut m = json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -81,7 +91,13 @@ fn manifest(config: &(String, usize), layers: &[(String, usize)], subject: Optio
     serde_json::to_vec(&m).unwrap()
 }
 
-async fn put_manifest(c: &reqwest::Client, base: &str, repo: &str, reference: &str, body: &[u8]) -> reqwest::Response {
+async fn put_manifest(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+    body: &[u8],
+) -> reqwest::Response {
     c.put(format!("{base}/v2/{repo}/manifests/{reference}"))
         .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
         .body(body.to_vec())
@@ -99,27 +115,69 @@ async fn distribution_api_routes_and_statuses() {
     // Base.
     let r = c.get(format!("{base}/v2/")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(r.headers()["Docker-Distribution-API-Version"], "registry/2.0");
+    assert_eq!(
+        r.headers()["Docker-Distribution-API-Version"],
+        "registry/2.0"
+    );
 
     // Grammar errors are the spec's codes in its JSON body.
-    let r = c.get(format!("{base}/v2/Bad/tags/list")).send().await.unwrap();
-    assert_eq!(code_of(r).await, (StatusCode::BAD_REQUEST, "NAME_INVALID".into()));
-    let r = c.get(format!("{base}/v2/a/blobs/sha256:00")).send().await.unwrap();
-    assert_eq!(code_of(r).await, (StatusCode::BAD_REQUEST, "DIGEST_INVALID".into()));
+    let r = c
+        .get(format!("{base}/v2/Bad/tags/list"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::BAD_REQUEST, "NAME_INVALID".into())
+    );
+    let r = c
+        .get(format!("{base}/v2/a/blobs/sha256:00"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::BAD_REQUEST, "DIGEST_INVALID".into())
+    );
     let unknown = sha(b"nothing").to_string();
-    let r = c.get(format!("{base}/v2/a/blobs/{unknown}")).send().await.unwrap();
-    assert_eq!(code_of(r).await, (StatusCode::NOT_FOUND, "BLOB_UNKNOWN".into()));
-    let r = c.get(format!("{base}/v2/a/manifests/latest")).send().await.unwrap();
-    assert_eq!(code_of(r).await, (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN".into()));
+    let r = c
+        .get(format!("{base}/v2/a/blobs/{unknown}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::NOT_FOUND, "BLOB_UNKNOWN".into())
+    );
+    let r = c
+        .get(format!("{base}/v2/a/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN".into())
+    );
 
     // Monolithic upload, then HEAD, GET, and ranges.
     let layer = pattern(300_000, 1);
     let ld = push_blob(&c, &base, "team/app", &layer).await;
-    let r = c.head(format!("{base}/v2/team/app/blobs/{ld}")).send().await.unwrap();
+    let r = c
+        .head(format!("{base}/v2/team/app/blobs/{ld}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["Content-Length"], layer.len().to_string());
     assert_eq!(r.headers()["Docker-Content-Digest"], ld.as_str());
-    let got = c.get(format!("{base}/v2/team/app/blobs/{ld}")).send().await.unwrap().bytes().await.unwrap();
+    let got = c
+        .get(format!("{base}/v2/team/app/blobs/{ld}"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(got.as_ref(), &layer[..]);
     let r = c
         .get(format!("{base}/v2/team/app/blobs/{ld}"))
@@ -128,7 +186,10 @@ async fn distribution_api_routes_and_statuses() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
-    assert_eq!(r.headers()["Content-Range"], format!("bytes 100-199/{}", layer.len()));
+    assert_eq!(
+        r.headers()["Content-Range"],
+        format!("bytes 100-199/{}", layer.len())
+    );
     assert_eq!(r.bytes().await.unwrap().as_ref(), &layer[100..200]);
     let r = c
         .get(format!("{base}/v2/team/app/blobs/{ld}"))
@@ -138,8 +199,15 @@ async fn distribution_api_routes_and_statuses() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     let ct = r.headers()["Content-Type"].to_str().unwrap().to_string();
-    let boundary = ct.strip_prefix("multipart/byteranges; boundary=").unwrap().to_string();
-    let len: usize = r.headers()["Content-Length"].to_str().unwrap().parse().unwrap();
+    let boundary = ct
+        .strip_prefix("multipart/byteranges; boundary=")
+        .unwrap()
+        .to_string();
+    let len: usize = r.headers()["Content-Length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let body = r.bytes().await.unwrap();
     assert_eq!(body.len(), len, "Content-Length of the multipart body");
     let n = layer.len();
@@ -164,7 +232,11 @@ async fn distribution_api_routes_and_statuses() {
     // Chunked upload: POST, PATCH with Content-Range, a gap (416), status, PUT.
     let big = pattern(3 << 20, 2);
     let bd = sha(&big).to_string();
-    let r = c.post(format!("{base}/v2/team/app/blobs/uploads/")).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/v2/team/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let loc = r.headers()["Location"].to_str().unwrap().to_string();
     let r = c
@@ -207,119 +279,334 @@ async fn distribution_api_routes_and_statuses() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(r.headers()["Location"], format!("/v2/team/app/blobs/{bd}"));
-    let got = c.get(format!("{base}/v2/team/app/blobs/{bd}")).send().await.unwrap().bytes().await.unwrap();
+    let got = c
+        .get(format!("{base}/v2/team/app/blobs/{bd}"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert!(got.as_ref() == &big[..], "chunked upload read back whole");
 
     // A wrong digest is DIGEST_INVALID and stores nothing; an unknown upload is unknown;
     // DELETE cancels.
-    let r = c.post(format!("{base}/v2/team/app/blobs/uploads/")).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/v2/team/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     let loc = r.headers()["Location"].to_str().unwrap().to_string();
-    let r = c.put(format!("{base}{loc}?digest={unknown}")).body(b"other bytes".to_vec()).send().await.unwrap();
-    assert_eq!(code_of(r).await, (StatusCode::BAD_REQUEST, "DIGEST_INVALID".into()));
-    let r = c.head(format!("{base}/v2/team/app/blobs/{unknown}")).send().await.unwrap();
+    let r = c
+        .put(format!("{base}{loc}?digest={unknown}"))
+        .body(b"other bytes".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::BAD_REQUEST, "DIGEST_INVALID".into())
+    );
+    let r = c
+        .head(format!("{base}/v2/team/app/blobs/{unknown}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = c.patch(format!("{base}/v2/team/app/blobs/uploads/0123abcd")).body(b"x".to_vec()).send().await.unwrap();
-    assert_eq!(code_of(r).await, (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN".into()));
-    let r = c.post(format!("{base}/v2/team/app/blobs/uploads/")).send().await.unwrap();
+    let r = c
+        .patch(format!("{base}/v2/team/app/blobs/uploads/0123abcd"))
+        .body(b"x".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN".into())
+    );
+    let r = c
+        .post(format!("{base}/v2/team/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     let loc = r.headers()["Location"].to_str().unwrap().to_string();
-    assert_eq!(c.delete(format!("{base}{loc}")).send().await.unwrap().status(), StatusCode::NO_CONTENT);
-    assert_eq!(c.get(format!("{base}{loc}")).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        c.delete(format!("{base}{loc}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        c.get(format!("{base}{loc}")).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
 
     // Cross-repository and anonymous mounts of a blob the registry has.
-    let r = c.post(format!("{base}/v2/other/repo/blobs/uploads/?mount={ld}&from=team/app")).send().await.unwrap();
+    let r = c
+        .post(format!(
+            "{base}/v2/other/repo/blobs/uploads/?mount={ld}&from=team/app"
+        ))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    assert_eq!(r.headers()["Location"], format!("/v2/other/repo/blobs/{ld}"));
-    let r = c.post(format!("{base}/v2/third/blobs/uploads/?mount={ld}")).send().await.unwrap();
+    assert_eq!(
+        r.headers()["Location"],
+        format!("/v2/other/repo/blobs/{ld}")
+    );
+    let r = c
+        .post(format!("{base}/v2/third/blobs/uploads/?mount={ld}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    let r = c.post(format!("{base}/v2/third/blobs/uploads/?mount={unknown}")).send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::ACCEPTED, "an unknown mount starts an upload");
+    let r = c
+        .post(format!("{base}/v2/third/blobs/uploads/?mount={unknown}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::ACCEPTED,
+        "an unknown mount starts an upload"
+    );
 
     // Manifests: refused while a blob is missing, then by tag; GET/HEAD with negotiation.
-    let cfg = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
-    let m = manifest(&(sha(&cfg).to_string(), cfg.len()), &[(ld.clone(), layer.len())], None);
+    let cfg = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+        .to_vec();
+    let m = manifest(
+        &(sha(&cfg).to_string(), cfg.len()),
+        &[(ld.clone(), layer.len())],
+        None,
+    );
     let r = put_manifest(&c, &base, "team/app", "v1", &m).await;
-    assert_eq!(code_of(r).await, (StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN".into()));
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN".into())
+    );
     push_blob(&c, &base, "team/app", &cfg).await;
     let md = sha(&m).to_string();
     let r = put_manifest(&c, &base, "team/app", "v1", &m).await;
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(r.headers()["Docker-Content-Digest"], md.as_str());
-    assert_eq!(r.headers()["Location"], format!("/v2/team/app/manifests/{md}"));
+    assert_eq!(
+        r.headers()["Location"],
+        format!("/v2/team/app/manifests/{md}")
+    );
     let r = put_manifest(&c, &base, "team/app", &unknown, &m).await;
-    assert_eq!(code_of(r).await, (StatusCode::BAD_REQUEST, "DIGEST_INVALID".into()));
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::BAD_REQUEST, "DIGEST_INVALID".into())
+    );
     let r = put_manifest(&c, &base, "team/app", "v2", b"not json").await;
-    assert_eq!(code_of(r).await, (StatusCode::BAD_REQUEST, "MANIFEST_INVALID".into()));
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::BAD_REQUEST, "MANIFEST_INVALID".into())
+    );
     let r = c
         .get(format!("{base}/v2/team/app/manifests/v1"))
-        .header("Accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json")
+        .header(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(r.headers()["Content-Type"], "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(
+        r.headers()["Content-Type"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
     assert_eq!(r.headers()["Docker-Content-Digest"], md.as_str());
     assert_eq!(r.bytes().await.unwrap().as_ref(), &m[..]);
-    let r = c.head(format!("{base}/v2/team/app/manifests/{md}")).send().await.unwrap();
+    let r = c
+        .head(format!("{base}/v2/team/app/manifests/{md}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["Content-Length"], m.len().to_string());
     let r = c
         .get(format!("{base}/v2/team/app/manifests/v1"))
-        .header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
+        .header(
+            "Accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
         .send()
         .await
         .unwrap();
-    assert_eq!(code_of(r).await, (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN".into()));
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN".into())
+    );
     let oversize = vec![b' '; 5 << 20];
     let r = put_manifest(&c, &base, "team/app", "huge", &oversize).await;
-    assert_eq!(code_of(r).await, (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID".into()));
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID".into())
+    );
 
     // Tags: listing with n and last, and the Link to the next page.
     for t in ["v2", "a0", "z9"] {
-        assert_eq!(put_manifest(&c, &base, "team/app", t, &m).await.status(), StatusCode::CREATED);
+        assert_eq!(
+            put_manifest(&c, &base, "team/app", t, &m).await.status(),
+            StatusCode::CREATED
+        );
     }
-    let v: Value = c.get(format!("{base}/v2/team/app/tags/list")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(v, json!({"name": "team/app", "tags": ["a0", "v1", "v2", "z9"]}));
-    let r = c.get(format!("{base}/v2/team/app/tags/list?n=2")).send().await.unwrap();
-    assert_eq!(r.headers()["Link"], "</v2/team/app/tags/list?n=2&last=v1>; rel=\"next\"");
+    let v: Value = c
+        .get(format!("{base}/v2/team/app/tags/list"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v,
+        json!({"name": "team/app", "tags": ["a0", "v1", "v2", "z9"]})
+    );
+    let r = c
+        .get(format!("{base}/v2/team/app/tags/list?n=2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["Link"],
+        "</v2/team/app/tags/list?n=2&last=v1>; rel=\"next\""
+    );
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["tags"], json!(["a0", "v1"]));
-    let v: Value = c.get(format!("{base}/v2/team/app/tags/list?n=2&last=v1")).send().await.unwrap().json().await.unwrap();
+    let v: Value = c
+        .get(format!("{base}/v2/team/app/tags/list?n=2&last=v1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["tags"], json!(["v2", "z9"]));
-    let r = c.get(format!("{base}/v2/nobody/tags/list")).send().await.unwrap();
-    assert_eq!(code_of(r).await, (StatusCode::NOT_FOUND, "NAME_UNKNOWN".into()));
+    let r = c
+        .get(format!("{base}/v2/nobody/tags/list"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::NOT_FOUND, "NAME_UNKNOWN".into())
+    );
 
     // Tags are image records: the images service lists them.
-    let ch = contentd::client::connect_unix(&daemon.client_sock).await.unwrap();
-    let mut images = ipb::images_client::ImagesClient::with_interceptor(ch, Namespace::new(Some("default")).unwrap());
-    let listed = images.list(ipb::ListImagesRequest { filters: vec![] }).await.unwrap().into_inner().images;
+    let ch = contentd::client::connect_unix(&daemon.client_sock)
+        .await
+        .unwrap();
+    let mut images = ipb::images_client::ImagesClient::with_interceptor(
+        ch,
+        Namespace::new(Some("default")).unwrap(),
+    );
+    let listed = images
+        .list(ipb::ListImagesRequest { filters: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
     let names: Vec<&str> = listed.iter().map(|i| i.name.as_str()).collect();
     assert!(names.contains(&"team/app:v1"), "{names:?}");
 
     // Referrers: a manifest with a subject answers OCI-Subject and is listed, filterable.
     let sbom = b"{}".to_vec();
     push_blob(&c, &base, "team/app", &sbom).await;
-    let refm = manifest(&(sha(&sbom).to_string(), sbom.len()), &[], Some((&md, m.len())));
+    let refm = manifest(
+        &(sha(&sbom).to_string(), sbom.len()),
+        &[],
+        Some((&md, m.len())),
+    );
     let r = put_manifest(&c, &base, "team/app", &sha(&refm).to_string(), &refm).await;
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(r.headers()["OCI-Subject"], md.as_str());
-    let v: Value = c.get(format!("{base}/v2/team/app/referrers/{md}")).send().await.unwrap().json().await.unwrap();
+    let v: Value = c
+        .get(format!("{base}/v2/team/app/referrers/{md}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["manifests"].as_array().unwrap().len(), 1, "{v}");
     assert_eq!(v["manifests"][0]["digest"], sha(&refm).to_string());
-    assert_eq!(v["manifests"][0]["artifactType"], "application/vnd.example.sbom");
+    assert_eq!(
+        v["manifests"][0]["artifactType"],
+        "application/vnd.example.sbom"
+    );
     assert_eq!(v["manifests"][0]["annotations"]["org.example"], "yes");
-    let r = c.get(format!("{base}/v2/team/app/referrers/{md}?artifactType=application/x-other")).send().await.unwrap();
+    let r = c
+        .get(format!(
+            "{base}/v2/team/app/referrers/{md}?artifactType=application/x-other"
+        ))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["OCI-Filters-Applied"], "artifactType");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["manifests"], json!([]));
 
     // Deletes: a tag, a manifest by digest (and every tag on it), a blob.
-    assert_eq!(c.delete(format!("{base}/v2/team/app/manifests/z9")).send().await.unwrap().status(), StatusCode::ACCEPTED);
-    assert_eq!(c.get(format!("{base}/v2/team/app/manifests/z9")).send().await.unwrap().status(), StatusCode::NOT_FOUND);
-    assert_eq!(c.delete(format!("{base}/v2/team/app/manifests/{md}")).send().await.unwrap().status(), StatusCode::ACCEPTED);
-    assert_eq!(c.get(format!("{base}/v2/team/app/manifests/v1")).send().await.unwrap().status(), StatusCode::NOT_FOUND);
-    assert_eq!(c.delete(format!("{base}/v2/team/app/blobs/{bd}")).send().await.unwrap().status(), StatusCode::ACCEPTED);
-    assert_eq!(c.head(format!("{base}/v2/team/app/blobs/{bd}")).send().await.unwrap().status(), StatusCode::NOT_FOUND);
-    assert_eq!(c.delete(format!("{base}/v2/team/app/blobs/{bd}")).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        c.delete(format!("{base}/v2/team/app/manifests/z9"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        c.get(format!("{base}/v2/team/app/manifests/z9"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        c.delete(format!("{base}/v2/team/app/manifests/{md}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        c.get(format!("{base}/v2/team/app/manifests/v1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        c.delete(format!("{base}/v2/team/app/blobs/{bd}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        c.head(format!("{base}/v2/team/app/blobs/{bd}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        c.delete(format!("{base}/v2/team/app/blobs/{bd}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
 
     // Metrics count requests per route, status and cache result.
     let _ = daemon;
@@ -341,10 +628,20 @@ async fn htpasswd_and_read_only() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(r.headers()["WWW-Authenticate"], "Basic realm=\"contentd\"");
     assert_eq!(code_of(r).await.1, "UNAUTHORIZED");
-    let r = c.get(format!("{base}/v2/")).basic_auth("alice", Some("wrong")).send().await.unwrap();
+    let r = c
+        .get(format!("{base}/v2/"))
+        .basic_auth("alice", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     for _ in 0..2 {
-        let r = c.get(format!("{base}/v2/")).basic_auth("alice", Some("s3cret")).send().await.unwrap();
+        let r = c
+            .get(format!("{base}/v2/"))
+            .basic_auth("alice", Some("s3cret"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
     }
     let r = c
@@ -354,7 +651,10 @@ async fn htpasswd_and_read_only() {
         .send()
         .await
         .unwrap();
-    assert_eq!(code_of(r).await, (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED".into()));
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED".into())
+    );
 }
 
 /// The pull-through mirror in front of a real docker-registry: every fixture pulls through
@@ -364,20 +664,32 @@ async fn htpasswd_and_read_only() {
 /// and every digest still serves.
 #[tokio::test(flavor = "multi_thread")]
 async fn mirror_fetches_once_and_serves_when_the_upstream_is_down() {
-    let Some((dir, _keep)) = crate::graph::fixtures() else { return };
-    let Some(up) = Registry::start(&dir) else { return };
-    let s: Value = serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    let Some((dir, _keep)) = crate::graph::fixtures() else {
+        return;
+    };
+    let Some(up) = Registry::start(&dir) else {
+        return;
+    };
+    let s: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
     let (_d, base, _cfg) = start_registry(&format!(
         "[registry]\ntag_ttl_secs = 0\n[upstream]\nread_timeout_secs = 5\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
         a = up.addr
     ));
     let c = http();
-    let fixtures: Vec<&Value> = s["fixtures"].as_array().unwrap().iter().filter(|f| f["registry"].is_object()).collect();
+    let fixtures: Vec<&Value> = s["fixtures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["registry"].is_object())
+        .collect();
     assert!(!fixtures.is_empty());
     let accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
     // Every node of every graph, read through the mirror, 4 clients at once per blob.
-    let mut pulled: Vec<(String, String, Vec<(String, bool)>)> = Vec::new();
+    // (repository, tag, [(digest, is a manifest or index)])
+    type Pulled = (String, String, Vec<(String, bool)>);
+    let mut pulled: Vec<Pulled> = Vec::new();
     for fx in &fixtures {
         let repo = fx["registry"]["repository"].as_str().unwrap().to_string();
         let tag = fx["registry"]["tag"].as_str().unwrap().to_string();
@@ -396,13 +708,19 @@ async fn mirror_fetches_once_and_serves_when_the_upstream_is_down() {
             .filter(|n| n["present"].as_bool().unwrap())
             .map(|n| {
                 let mt = n["mediaType"].as_str().unwrap();
-                (n["digest"].as_str().unwrap().to_string(), mt.contains("manifest") || mt.contains("index"))
+                (
+                    n["digest"].as_str().unwrap().to_string(),
+                    mt.contains("manifest") || mt.contains("index"),
+                )
             })
             .collect();
         for (d, is_doc) in &nodes {
             let kind = if *is_doc { "manifests" } else { "blobs" };
             let gets = (0..4).map(|_| {
-                let (c, url) = (c.clone(), format!("{base}/v2/{repo}/{kind}/{d}?ns={}", up.addr));
+                let (c, url) = (
+                    c.clone(),
+                    format!("{base}/v2/{repo}/{kind}/{d}?ns={}", up.addr),
+                );
                 async move {
                     let r = c.get(url).header("Accept", accept).send().await.unwrap();
                     (r.status(), r.bytes().await.unwrap())
@@ -436,14 +754,24 @@ async fn mirror_fetches_once_and_serves_when_the_upstream_is_down() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let before: usize = per_blob.keys().map(|d| up.requests("GET", &format!("/blobs/{d}"))).sum();
+    let before: usize = per_blob
+        .keys()
+        .map(|d| up.requests("GET", &format!("/blobs/{d}")))
+        .sum();
     for (d, is_doc) in nodes.iter().filter(|n| !n.1) {
         let _ = is_doc;
-        let r = c.get(format!("{base}/v2/{}/{repo}/blobs/{d}", up.addr)).send().await.unwrap();
+        let r = c
+            .get(format!("{base}/v2/{}/{repo}/blobs/{d}", up.addr))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(sha(&r.bytes().await.unwrap()).to_string(), *d);
     }
-    let after: usize = per_blob.keys().map(|d| up.requests("GET", &format!("/blobs/{d}"))).sum();
+    let after: usize = per_blob
+        .keys()
+        .map(|d| up.requests("GET", &format!("/blobs/{d}")))
+        .sum();
     assert_eq!(before, after, "a second pass fetched blobs again");
 
     // Upstream down: tags are served stale (their TTL is 0, so each GET tries it), every
@@ -457,7 +785,11 @@ async fn mirror_fetches_once_and_serves_when_the_upstream_is_down() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), StatusCode::OK, "{repo}:{tag} with the upstream down");
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "{repo}:{tag} with the upstream down"
+        );
         for (d, is_doc) in nodes {
             let kind = if *is_doc { "manifests" } else { "blobs" };
             let r = c
@@ -466,7 +798,11 @@ async fn mirror_fetches_once_and_serves_when_the_upstream_is_down() {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(r.status(), StatusCode::OK, "{repo} {d} with the upstream down");
+            assert_eq!(
+                r.status(),
+                StatusCode::OK,
+                "{repo} {d} with the upstream down"
+            );
             assert_eq!(sha(&r.bytes().await.unwrap()).to_string(), *d);
         }
     }
@@ -494,7 +830,10 @@ impl Containerd {
         run(
             "bash",
             &[
-                shared.join("contentsuite/start-containerd.sh").to_str().unwrap(),
+                shared
+                    .join("contentsuite/start-containerd.sh")
+                    .to_str()
+                    .unwrap(),
                 dir.to_str().unwrap(),
             ],
         );
@@ -529,7 +868,10 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("bash").arg(&self.stop).arg(&self.dir).output();
+        let _ = std::process::Command::new("bash")
+            .arg(&self.stop)
+            .arg(&self.dir)
+            .output();
     }
 }
 
@@ -541,16 +883,26 @@ impl Drop for Containerd {
 /// tag and by digest.
 #[tokio::test(flavor = "multi_thread")]
 async fn containerd_and_skopeo_use_contentd_as_mirror_and_registry() {
-    let Some((dir, _keep)) = crate::graph::fixtures() else { return };
-    let Some(shared) = crate::registry::shared() else { return };
-    let Some(up) = Registry::start(&dir) else { return };
-    let s: Value = serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    let Some((dir, _keep)) = crate::graph::fixtures() else {
+        return;
+    };
+    let Some(shared) = crate::registry::shared() else {
+        return;
+    };
+    let Some(up) = Registry::start(&dir) else {
+        return;
+    };
+    let s: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
     let (_d, base, _cfg) = start_registry(&format!(
         "[upstream]\nread_timeout_secs = 5\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
         a = up.addr
     ));
     let cport = base.trim_start_matches("http://").to_string();
-    let work = tempfile::Builder::new().prefix("contentd-e2e").tempdir_in("/tmp").unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("contentd-e2e")
+        .tempdir_in("/tmp")
+        .unwrap();
 
     // hosts.toml, as in the README: contentd first, the upstream as `server`.
     let hosts = work.path().join("hosts");
@@ -576,11 +928,19 @@ async fn containerd_and_skopeo_use_contentd_as_mirror_and_registry() {
                 && !tag.starts_with("sha256-")
                 && tag != "sbom"
                 && tag != "sig"
-                && !f["registry"]["repository"].as_str().unwrap().contains("foreign")
+                && !f["registry"]["repository"]
+                    .as_str()
+                    .unwrap()
+                    .contains("foreign")
         })
         .map(|f| {
             (
-                format!("{}/{}:{}", up.addr, f["registry"]["repository"].as_str().unwrap(), f["registry"]["tag"].as_str().unwrap()),
+                format!(
+                    "{}/{}:{}",
+                    up.addr,
+                    f["registry"]["repository"].as_str().unwrap(),
+                    f["registry"]["tag"].as_str().unwrap()
+                ),
                 f,
             )
         })
@@ -615,23 +975,60 @@ async fn containerd_and_skopeo_use_contentd_as_mirror_and_registry() {
     for (r, _) in &refs {
         b.pull(&hosts, r);
     }
-    let again: usize = counts.keys().map(|d| up.requests("GET", &format!("/blobs/{d}"))).sum();
-    assert_eq!(again, fetched, "the second containerd caused upstream fetches");
+    let again: usize = counts
+        .keys()
+        .map(|d| up.requests("GET", &format!("/blobs/{d}")))
+        .sum();
+    assert_eq!(
+        again, fetched,
+        "the second containerd caused upstream fetches"
+    );
 
     // skopeo pushes an image to contentd as a registry, and pulls it back.
     let (single, _) = &refs[0];
     run(
         "skopeo",
-        &["copy", "--all", "--preserve-digests", "--src-tls-verify=false", "--dest-tls-verify=false",
-          &format!("docker://{single}"), &format!("docker://{cport}/pushed/app:v1")],
+        &[
+            "copy",
+            "--all",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            &format!("docker://{single}"),
+            &format!("docker://{cport}/pushed/app:v1"),
+        ],
     );
-    let raw_up = run("skopeo", &["inspect", "--raw", "--tls-verify=false", &format!("docker://{single}")]);
-    let raw_cd = run("skopeo", &["inspect", "--raw", "--tls-verify=false", &format!("docker://{cport}/pushed/app:v1")]);
-    assert_eq!(raw_up, raw_cd, "the pushed manifest reads back byte for byte");
+    let raw_up = run(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{single}"),
+        ],
+    );
+    let raw_cd = run(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{cport}/pushed/app:v1"),
+        ],
+    );
+    assert_eq!(
+        raw_up, raw_cd,
+        "the pushed manifest reads back byte for byte"
+    );
     let out = work.path().join("out");
     run(
         "skopeo",
-        &["copy", "--src-tls-verify=false", &format!("docker://{cport}/pushed/app:v1"), &format!("oci:{}:v1", out.display())],
+        &[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{cport}/pushed/app:v1"),
+            &format!("oci:{}:v1", out.display()),
+        ],
     );
 
     // With the upstream stopped: containerd by tag and by digest through hosts.toml, and
@@ -657,11 +1054,19 @@ async fn containerd_and_skopeo_use_contentd_as_mirror_and_registry() {
     )
     .unwrap();
     for (r, _) in refs.iter().take(3) {
-        let o = work.path().join(format!("m-{}", r.replace(['/', ':'], "_")));
+        let o = work
+            .path()
+            .join(format!("m-{}", r.replace(['/', ':'], "_")));
         run(
             "skopeo",
-            &["--registries-conf", conf.to_str().unwrap(), "copy", "--all",
-              &format!("docker://{r}"), &format!("oci:{}:x", o.display())],
+            &[
+                "--registries-conf",
+                conf.to_str().unwrap(),
+                "copy",
+                "--all",
+                &format!("docker://{r}"),
+                &format!("oci:{}:x", o.display()),
+            ],
         );
     }
     drop((a, b, c));

@@ -272,9 +272,9 @@ print("ok")
             })
         })
         .unwrap();
-    assert!(recipe.contains("cargo build --locked --bin contentd"));
+    assert!(recipe.contains("cargo build --release --locked --bin contentd"));
     assert!(
-        recipe.contains(&format!("{target}/debug/contentd")),
+        recipe.contains(&format!("{target}/release/contentd")),
         "{target}"
     );
 }
