@@ -120,12 +120,18 @@ impl Registry {
                 self.clone().route(req, &mut out).await
             }
         };
+        let status = resp.status().as_u16();
         let h = resp.headers_mut();
         h.insert(
             "Docker-Distribution-API-Version",
             HeaderValue::from_static("registry/2.0"),
         );
-        let status = resp.status().as_u16();
+        if status >= 400 && matches!(method.as_str(), "PUT" | "POST" | "PATCH") {
+            // A refusal may come before the request body was read (an unknown upload, a
+            // gap, an oversize manifest): the connection cannot carry another request, and
+            // saying so keeps a client from reusing it.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let m = crate::metrics::get();
         let method_label = match method.as_str() {
             "GET" | "HEAD" | "PUT" | "POST" | "PATCH" | "DELETE" => method.as_str(),
