@@ -106,6 +106,8 @@ pub struct Puller {
 const PULL_LEASE_SECS: i64 = 3600;
 /// Upstream body pieces are gathered up to this size before each store write.
 const GATHER: usize = 1 << 20;
+/// Body frames (hyper's, at most tens of KiB each) read ahead of the store writes.
+const PIPELINE: usize = 64;
 
 impl Event {
     fn blob(state: BlobState, digest: Digest, media_type: impl Into<String>, size: i64) -> Event {
@@ -717,9 +719,22 @@ impl Puller {
             Some(b) => b?,
             None => self.upstream.blob(src, d, offset as u64, None).await?,
         };
+        // The network is read by its own task, so bytes keep arriving while a store write
+        // runs (the fetch takes the longer of the two, not their sum); the channel bounds
+        // what waits to PIPELINE body frames.
+        let (tx, rx) = mpsc::channel(PIPELINE);
+        let mut stream = body.stream;
+        tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                let fail = item.is_err();
+                if tx.send(item).await.is_err() || fail {
+                    return;
+                }
+            }
+        });
         // Whatever is ready is written at once (a reader waiting on the first bytes gets them
         // without waiting for a full buffer), up to GATHER bytes per store write.
-        let mut chunks = body.stream.ready_chunks(64);
+        let mut chunks = tokio_stream::wrappers::ReceiverStream::new(rx).ready_chunks(64);
         let mut pos = offset;
         let mut reported = pos;
         while let Some(items) = chunks.next().await {

@@ -144,7 +144,11 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- daemon log ({}) ---\n{}", self.dir.display(), self.log());
+            eprintln!(
+                "--- daemon log ({}) ---\n{}",
+                self.dir.display(),
+                self.log()
+            );
         }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
