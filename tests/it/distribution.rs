@@ -229,6 +229,24 @@ async fn distribution_api_routes_and_statuses() {
     assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(r.headers()["Content-Range"], format!("bytes */{n}"));
 
+    // sha512 digests work wherever sha256 ones do.
+    let d512 = contentd::digest::Digest::of(contentd::digest::Algorithm::Sha512, &layer[..1000])
+        .to_string();
+    let r = c
+        .post(format!("{base}/v2/team/app/blobs/uploads/?digest={d512}"))
+        .body(layer[..1000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let got = c
+        .get(format!("{base}/v2/team/app/blobs/{d512}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.headers()["Docker-Content-Digest"], d512.as_str());
+    assert_eq!(got.bytes().await.unwrap().as_ref(), &layer[..1000]);
+
     // Chunked upload: POST, PATCH with Content-Range, a gap (416), status, PUT.
     let big = pattern(3 << 20, 2);
     let bd = sha(&big).to_string();
@@ -1071,4 +1089,60 @@ async fn containerd_and_skopeo_use_contentd_as_mirror_and_registry() {
     }
     drop((a, b, c));
     let _ = base;
+}
+
+/// A registry on a non-loopback address is served over TLS only, with client certificates
+/// required when `client_ca` is set.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_non_loopback_registry_is_tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(certs) = crate::certs::make(dir.path()) else {
+        return;
+    };
+    let port = free_port();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "registry_addr = \"0.0.0.0:{port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n[registry]\ndefault_upstream = \"\"\n",
+            certs.server_cert, certs.server_key, certs.ca
+        ),
+    )
+    .unwrap();
+    let _d = Daemon::start_with(&["--config", cfg.to_str().unwrap()]);
+    wait_http(&format!("http://127.0.0.1:{port}"));
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&certs.ca).unwrap()).unwrap();
+    let mut pem = std::fs::read(&certs.client_cert).unwrap();
+    pem.extend(std::fs::read(&certs.client_key).unwrap());
+    let with_cert = reqwest::Client::builder()
+        .add_root_certificate(ca.clone())
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    let r = with_cert
+        .get(format!("https://127.0.0.1:{port}/v2/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Without a client certificate the handshake is refused; plain HTTP gets nothing.
+    let without = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    assert!(
+        without
+            .get(format!("https://127.0.0.1:{port}/v2/"))
+            .send()
+            .await
+            .is_err()
+    );
+    assert!(
+        http()
+            .get(format!("http://127.0.0.1:{port}/v2/"))
+            .send()
+            .await
+            .is_err()
+    );
 }
