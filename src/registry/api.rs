@@ -176,10 +176,19 @@ impl Registry {
             },
             Some(host) => {
                 let path = upstream_path(&host, &path);
+                // Least privilege: a client may only name an upstream the operator named
+                // (default_upstream, a [upstream.registries] table, allowed_registries), so
+                // the registry never becomes an open fetcher of whatever host a client asks.
                 let upstream = self
                     .puller
                     .as_ref()
-                    .filter(|p| p.upstream().check_allowed(&host).is_ok())
+                    .filter(|p| {
+                        let c = p.upstream().config();
+                        p.upstream().check_allowed(&host).is_ok()
+                            && (host == self.config.default_upstream
+                                || c.registries.contains_key(&host)
+                                || c.allowed_registries.contains(&host))
+                    })
                     .map(|_| Source {
                         registry: host.clone(),
                         repository: path.clone(),

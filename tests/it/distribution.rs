@@ -158,6 +158,17 @@ async fn distribution_api_routes_and_statuses() {
         code_of(r).await,
         (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN".into())
     );
+    // A host nobody configured is not fetched from (not even tried): the name is unknown.
+    let r = c
+        .get(format!("{base}/v2/a/manifests/latest?ns=registry.invalid"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["OCI-Namespace"], "registry.invalid");
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN".into())
+    );
 
     // Monolithic upload, then HEAD, GET, and ranges.
     let layer = pattern(300_000, 1);
