@@ -133,6 +133,27 @@ impl Puller {
         &self.upstream
     }
 
+    /// A lease that expires on its own after `PULL_LEASE_SECS` (if we die before
+    /// [`Self::end_lease`]), holding what a pull or mirror fetch stores until its image
+    /// record exists.
+    async fn temp_lease(&self, scope: &Scope, what: &str) -> Result<String> {
+        let lease = format!("{what}-{}", now_ns());
+        let labels = HashMap::from([(
+            "containerd.io/gc.expire".to_string(),
+            rfc3339(now_ns() / 1_000_000_000 + PULL_LEASE_SECS),
+        )]);
+        let (store, sc, l) = (self.store.clone(), scope.clone(), lease.clone());
+        blocking(move || store.create_lease(&sc, &l, labels).map(|_| ())).await?;
+        Ok(lease)
+    }
+
+    async fn end_lease(&self, scope: &Scope, lease: String) {
+        let (store, sc, l) = (self.store.clone(), scope.clone(), lease.clone());
+        if let Err(e) = blocking(move || store.delete_lease(&sc, &l)).await {
+            tracing::warn!(lease, error = %e, "could not delete a temporary lease");
+        }
+    }
+
     /// Pulls `req` into `scope`, reporting progress on `events`.
     pub async fn pull(
         self: &Arc<Self>,
@@ -150,21 +171,11 @@ impl Puller {
         }
         // Everything this pull stores is held by a lease until the image record exists, so a
         // collection in between cannot take it (the lease expires on its own if we die).
-        let lease = format!("pull-{}", now_ns());
-        let mut labels = HashMap::new();
-        labels.insert(
-            "containerd.io/gc.expire".to_string(),
-            rfc3339(now_ns() / 1_000_000_000 + PULL_LEASE_SECS),
-        );
-        let (store, sc, l) = (self.store.clone(), scope.clone(), lease.clone());
-        blocking(move || store.create_lease(&sc, &l, labels).map(|_| ())).await?;
+        let lease = self.temp_lease(scope, "pull").await?;
         let r = self
             .pull_leased(scope, &req, &src, &at, &lease, &events)
             .await;
-        let (store, sc, l) = (self.store.clone(), scope.clone(), lease.clone());
-        if let Err(e) = blocking(move || store.delete_lease(&sc, &l)).await {
-            tracing::warn!(lease, error = %e, "could not delete a pull's lease");
-        }
+        self.end_lease(scope, lease).await;
         r
     }
 
@@ -368,14 +379,7 @@ impl Puller {
             )));
         }
         let media_type = doc.media_type.clone().unwrap_or_default();
-        let lease = format!("mirror-{}", now_ns());
-        let mut labels = HashMap::new();
-        labels.insert(
-            "containerd.io/gc.expire".to_string(),
-            rfc3339(now_ns() / 1_000_000_000 + PULL_LEASE_SECS),
-        );
-        let (store, sc, l) = (self.store.clone(), scope.clone(), lease.clone());
-        blocking(move || store.create_lease(&sc, &l, labels).map(|_| ())).await?;
+        let lease = self.temp_lease(scope, "mirror").await?;
         let r = async {
             let (events, _) = mpsc::channel(1);
             self.store_document(scope, src, &lease, &d, &media_type, bytes.clone(), &events)
@@ -428,10 +432,7 @@ impl Puller {
             .await
         }
         .await;
-        let (store, sc, l) = (self.store.clone(), scope.clone(), lease.clone());
-        if let Err(e) = blocking(move || store.delete_lease(&sc, &l)).await {
-            tracing::warn!(lease, error = %e, "could not delete a mirror fetch's lease");
-        }
+        self.end_lease(scope, lease).await;
         r.map(|()| (d, media_type, bytes))
     }
 
