@@ -47,6 +47,11 @@ pub struct Report {
     pub small_writes_c16_per_s: f64,
     pub small_writes_c16_p50_ms: f64,
     pub small_writes_c16_p99_ms: f64,
+    pub small_reads_c1_per_s: f64,
+    pub small_reads_c1_p99_ms: f64,
+    pub small_reads_c16_per_s: f64,
+    pub small_reads_c16_p99_ms: f64,
+    /// Random 1 MiB ranged reads of the large blob at concurrency 16.
     pub ranged_reads_per_s: f64,
     pub ranged_read_p50_ms: f64,
     pub ranged_read_p99_ms: f64,
@@ -57,6 +62,11 @@ pub struct Report {
     pub rss_large_write_mib: Option<f64>,
     pub rss_large_read_mib: Option<f64>,
     pub rss_peak_mib: Option<f64>,
+    /// Peak server RSS while one stream writes a large blob and another reads one.
+    pub rss_in_and_out_mib: Option<f64>,
+    /// Peak server RSS under 64 concurrent streams (48 ranged readers, 16 writers).
+    pub rss_64_streams_mib: Option<f64>,
+    pub streams_64_mib_s: f64,
     /// Info c=4 while a large blob is written and (where the endpoint has contentd.v1.GC)
     /// collections run: calls answered, and their p99.
     pub info_under_load_calls: usize,
@@ -169,24 +179,46 @@ async fn finish(s: Option<RssSampler>) -> Option<f64> {
 
 const GC_ROOT: &str = "containerd.io/gc.root";
 
-/// Writes one blob in a single COMMIT message (what small-object clients do).
+/// Writes one blob the way containerd's client does: STAT, WRITE and COMMIT on one stream,
+/// each sent only after the previous one is answered (lockstep).
 async fn write_small(client: &mut Client, r: String, data: Vec<u8>) -> anyhow::Result<Digest> {
     let d = Digest::of(Algorithm::Sha256, &data);
-    let req = pb::WriteContentRequest {
-        action: pb::WriteAction::Commit as i32,
+    let total = data.len() as i64;
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(pb::WriteContentRequest {
+        action: pb::WriteAction::Stat as i32,
         r#ref: r,
-        total: data.len() as i64,
-        expected: d.to_string(),
+        ..Default::default()
+    })
+    .await?;
+    let mut resp = client
+        .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    resp.message().await?.context("no STAT response")?;
+    tx.send(pb::WriteContentRequest {
+        action: pb::WriteAction::Write as i32,
         offset: 0,
         data: data.into(),
+        ..Default::default()
+    })
+    .await?;
+    resp.message().await?.context("no WRITE response")?;
+    tx.send(pb::WriteContentRequest {
+        action: pb::WriteAction::Commit as i32,
+        total,
+        offset: total,
+        expected: d.to_string(),
         labels: [(GC_ROOT.to_string(), "bench".to_string())].into(),
-    };
-    let mut resp = client.write(tokio_stream::once(req)).await?.into_inner();
-    while let Some(m) = resp.message().await? {
-        if m.digest != d.to_string() {
-            bail!("server reported digest {} for {d}", m.digest);
-        }
+        ..Default::default()
+    })
+    .await?;
+    let m = resp.message().await?.context("no COMMIT response")?;
+    if m.digest != d.to_string() {
+        bail!("server reported digest {} for {d}", m.digest);
     }
+    drop(tx);
+    while resp.message().await?.is_some() {}
     Ok(d)
 }
 
@@ -427,13 +459,44 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     }
     let small: Vec<Digest> = std::mem::take(&mut *small.lock().await);
 
+    // Full reads of the 4 KiB blobs, one Read call each (what a client's ReaderAt does for a
+    // config or a small manifest).
+    let ds = Arc::new(small.clone());
+    for conc in [1usize, 16] {
+        let count = if conc == 1 {
+            opts.small_count
+        } else {
+            opts.small_count * 4
+        };
+        let (c, ds) = (client.clone(), ds.clone());
+        let (el, lat) = concurrent(conc, count, move |i| {
+            let (mut c, ds) = (c.clone(), ds.clone());
+            async move {
+                let n = read_all(&mut c, &ds[i % ds.len()], 0, 0).await?;
+                if n != 4096 {
+                    bail!("small read returned {n} bytes");
+                }
+                Ok(())
+            }
+        })
+        .await?;
+        let rate = count as f64 / el.as_secs_f64();
+        let p99 = percentile(&lat, 0.99);
+        if conc == 1 {
+            (report.small_reads_c1_per_s, report.small_reads_c1_p99_ms) = (rate, p99);
+        } else {
+            (report.small_reads_c16_per_s, report.small_reads_c16_p99_ms) = (rate, p99);
+        }
+        eprintln!("  4 KiB reads c={conc}: {rate:.0}/s p99 {p99:.2} ms");
+    }
+
     // Random 1 MiB ranged reads of the large blob.
     let (c, b2, max) = (
         client.clone(),
         big.clone(),
         (opts.large_mib.saturating_sub(1) << 20) as i64,
     );
-    let (el, lat) = concurrent(4, opts.ranged_reads, move |_| {
+    let (el, lat) = concurrent(16, opts.ranged_reads, move |_| {
         let (mut c, b) = (c.clone(), b2.clone());
         async move {
             let off = rand::rng().random_range(0..=max.max(0));
@@ -472,6 +535,77 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     eprintln!(
         "  info: {:.0}/s p99 {:.2} ms",
         report.info_per_s, report.info_p99_ms
+    );
+
+    // One stream writes a large blob while another reads one: the daemon's memory must not
+    // follow either blob's size.
+    for c in chunks.iter_mut() {
+        c[8..16].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+    }
+    let mut h = Algorithm::Sha256.hasher();
+    chunks.iter().for_each(|c| h.update(c));
+    let in_out = h.digest();
+    let shared = Arc::new(std::mem::take(&mut chunks));
+    let s = RssSampler::start(pid);
+    let writer = {
+        let (mut c, shared, d) = (client.clone(), shared.clone(), in_out.clone());
+        let r = format!("bench-in-out-{run_id}");
+        tokio::spawn(async move { write_large(&mut c, r, shared, d).await })
+    };
+    let n = read_all(&mut client.clone(), &big, 0, 0).await?;
+    writer.await??;
+    report.rss_in_and_out_mib = finish(s).await;
+    if n != opts.large_mib << 20 {
+        bail!("large read returned {n} bytes");
+    }
+    written.push(in_out);
+    chunks = Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("chunk buffers still shared"))?;
+    eprintln!(
+        "  one {} MiB write beside one read: RSS {:?} MiB",
+        opts.large_mib, report.rss_in_and_out_mib
+    );
+
+    // 64 concurrent streams: 48 read 16 MiB ranges of the large blob, 16 write 4 MiB blobs.
+    let mut blobs = Vec::new();
+    for w in 0..16u64 {
+        let parts: Vec<Vec<u8>> = (0..4u64)
+            .map(|i| {
+                let mut c = chunks[i as usize % chunks.len()].clone();
+                c[16..32].copy_from_slice(&[(run_id ^ w).to_le_bytes(), i.to_le_bytes()].concat());
+                c
+            })
+            .collect();
+        let mut h = Algorithm::Sha256.hasher();
+        parts.iter().for_each(|c| h.update(c));
+        blobs.push((h.digest(), Arc::new(parts)));
+    }
+    let s = RssSampler::start(pid);
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (w, (d, parts)) in blobs.iter().enumerate() {
+        let (mut c, d, parts) = (client.clone(), d.clone(), parts.clone());
+        let r = format!("bench-64-{run_id}-{w}");
+        set.spawn(async move {
+            write_large(&mut c, r, parts, d).await?;
+            Ok::<u64, anyhow::Error>(4 << 20)
+        });
+    }
+    let span = (opts.large_mib << 20).saturating_sub(16 << 20) as i64;
+    for _ in 0..48 {
+        let (mut c, b) = (client.clone(), big.clone());
+        let off = rand::rng().random_range(0..=span.max(0));
+        set.spawn(async move { read_all(&mut c, &b, off, 16 << 20).await });
+    }
+    let mut moved = 0u64;
+    while let Some(r) = set.join_next().await {
+        moved += r??;
+    }
+    report.streams_64_mib_s = moved as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
+    report.rss_64_streams_mib = finish(s).await;
+    written.extend(blobs.into_iter().map(|(d, _)| d));
+    eprintln!(
+        "  64 streams: {:.0} MiB/s, RSS {:?} MiB",
+        report.streams_64_mib_s, report.rss_64_streams_mib
     );
 
     // Info while a large blob streams in and collections run: the async workers must never
@@ -660,7 +794,23 @@ pub fn print_table(reports: &[Report]) {
             }),
         ),
         (
-            "ranged 1MiB reads/s",
+            "4KiB reads/s c=1",
+            Box::new(|r| format!("{:.0}", r.small_reads_c1_per_s)),
+        ),
+        (
+            "  p99 ms",
+            Box::new(|r| format!("{:.2}", r.small_reads_c1_p99_ms)),
+        ),
+        (
+            "4KiB reads/s c=16",
+            Box::new(|r| format!("{:.0}", r.small_reads_c16_per_s)),
+        ),
+        (
+            "  p99 ms",
+            Box::new(|r| format!("{:.2}", r.small_reads_c16_p99_ms)),
+        ),
+        (
+            "ranged 1MiB reads/s c=16",
             Box::new(|r| format!("{:.0}", r.ranged_reads_per_s)),
         ),
         (
@@ -687,6 +837,26 @@ pub fn print_table(reports: &[Report]) {
                 r.rss_large_read_mib
                     .map(|v| format!("{v:.1}"))
                     .unwrap_or("-".into())
+            }),
+        ),
+        (
+            "RSS write+read streams MiB",
+            Box::new(|r| {
+                r.rss_in_and_out_mib
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or("-".into())
+            }),
+        ),
+        (
+            "RSS 64 streams MiB",
+            Box::new(|r| {
+                format!(
+                    "{} ({:.0} MiB/s)",
+                    r.rss_64_streams_mib
+                        .map(|v| format!("{v:.1}"))
+                        .unwrap_or("-".into()),
+                    r.streams_64_mib_s
+                )
             }),
         ),
         (

@@ -18,9 +18,13 @@ use crate::error::{Error, Kind, Result};
 use crate::store::{LiveState, Scope, Store};
 use crate::upstream::Source;
 use crate::upstream::pull::{FetchPhase, Puller};
+use crate::upstream::tee::{At, Tee};
 
 /// Messages in flight per stream.
 const DEPTH: usize = 4;
+/// Blobs up to this size are read with one point lookup on the async worker when one chunk
+/// holds them (a lookup of this size is a few microseconds from the block or blob cache).
+const SMALL: usize = 64 << 10;
 /// A read starting this far beyond what a fetch has landed goes to the upstream directly.
 const AHEAD: i64 = 4 << 20;
 
@@ -79,43 +83,15 @@ impl Reads {
         if src.size > 0 && offset > src.size {
             return Err(out_of_range(offset, src.size));
         }
-        let mut phase = puller.ensure_fetch(scope, d)?;
-        loop {
-            let now = phase.borrow_and_update().clone();
-            match now {
-                FetchPhase::Starting => {}
-                FetchPhase::Live => {
-                    if let Some(rx) = self.store.live(scope, d) {
-                        let landed = rx.borrow().offset;
-                        if offset > landed + AHEAD {
-                            return self
-                                .ranged(puller, &src_of(&src), d, offset, size, src.size, piece)
-                                .await;
-                        }
-                        return self.follow(scope, d, rx, offset, size, piece);
-                    }
-                    if let Ok(loc) = self.store.locate(scope, d) {
-                        return self.stored(loc.extent, loc.size, offset, size, piece);
-                    }
-                }
-                FetchPhase::Done(Ok(())) => {
-                    let loc = self.store.locate(scope, d)?;
-                    return self.stored(loc.extent, loc.size, offset, size, piece);
-                }
-                FetchPhase::Done(Err(e)) => return Err(e),
-            }
-            if offset > AHEAD {
-                // Nothing has landed yet and the read is well into the blob.
-                return self
-                    .ranged(puller, &src_of(&src), d, offset, size, src.size, piece)
-                    .await;
-            }
-            if phase.changed().await.is_err() {
-                // The fetch task ended without a final word; whatever it left is stored or not.
-                let loc = self.store.locate(scope, d)?;
-                return self.stored(loc.extent, loc.size, offset, size, piece);
-            }
+        let (phase, tee) = puller.ensure_fetch(scope, d)?;
+        // A read far beyond what has arrived is served at once by a Range request while the
+        // whole blob fills in behind it.
+        if offset > tee.received().unwrap_or(0).max(0) + AHEAD {
+            return self
+                .ranged(puller, &src_of(&src), d, offset, size, src.size, piece)
+                .await;
         }
+        Ok(self.follow_fetch(scope, d, tee, phase, offset, size, src.size, piece))
     }
 
     fn stored(
@@ -129,17 +105,51 @@ impl Reads {
         if offset > blob_size {
             return Err(out_of_range(offset, blob_size));
         }
-        let (tx, rx) = mpsc::channel(DEPTH);
         let end = end_of(offset, size, blob_size);
-        let store = self.store.clone();
-        // One storage iterator serves the whole stream from a blocking thread; the bounded
-        // channel is the backpressure.
-        tokio::task::spawn_blocking(move || {
-            let r = store.stream_extent(extent, offset as u64, end as u64, piece, &mut |data| {
-                tx.blocking_send(Ok(data)).is_ok()
+        // A range one message and one chunk hold (configs, manifests, small files) is one
+        // point lookup on this worker: a Read's fixed cost is then that of an Info, with no
+        // blocking-pool hand-off and no iterator.
+        if end - offset <= piece as i64
+            && blob_size <= SMALL as i64
+            && let Some(data) = self
+                .store
+                .read_in_first_chunk(extent, offset as u64, end as u64)?
+        {
+            let (tx, rx) = mpsc::channel(1);
+            if !data.is_empty() {
+                let _ = tx.try_send(Ok(data));
+            }
+            return Ok(Opened {
+                size: Some(blob_size),
+                rx,
             });
-            if let Err(e) = r {
-                let _ = tx.blocking_send(Err(e));
+        }
+        // Demand-driven: a piece is read only once the previous one has left the channel, so
+        // a stream holds at most one piece here and one in the transport, however fast the
+        // store is and however slowly the client reads. Each piece is one short blocking task
+        // (a seek and a copy), so a thousand open streams hold no threads.
+        let (tx, rx) = mpsc::channel(1);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let (mut pos, end) = (offset as u64, end as u64);
+            while pos < end {
+                let Ok(permit) = tx.reserve().await else {
+                    return;
+                };
+                let (s, want) = (store.clone(), (end - pos).min(piece as u64) as usize);
+                let got = tokio::task::spawn_blocking(move || s.read_extent(extent, pos, want))
+                    .await
+                    .unwrap_or_else(|e| Err(Error::internal(format!("read task failed: {e}"))));
+                match got {
+                    Ok(data) => {
+                        pos += data.len() as u64;
+                        permit.send(Ok(data));
+                    }
+                    Err(e) => {
+                        permit.send(Err(e));
+                        return;
+                    }
+                }
             }
         });
         Ok(Opened {
@@ -242,6 +252,114 @@ impl Reads {
             size: (total > 0).then_some(total),
             rx,
         })
+    }
+
+    /// Streams a blob an on-demand fetch is bringing in: frames from the fetch's tee as they
+    /// come off the network, stored bytes for a reader behind the tee, and the committed blob
+    /// once the fetch has finished. A read to the end of the blob ends only with the fetch's
+    /// verified commit (an error if the bytes were wrong), like [`Reads::follow`].
+    #[allow(clippy::too_many_arguments)]
+    fn follow_fetch(
+        &self,
+        scope: &Scope,
+        d: &Digest,
+        tee: Arc<Tee>,
+        mut phase: tokio::sync::watch::Receiver<FetchPhase>,
+        offset: i64,
+        size: i64,
+        blob_size: i64,
+        piece: usize,
+    ) -> Opened {
+        let (tx, rx) = mpsc::channel(1);
+        let store = self.store.clone();
+        let (scope, d) = (scope.clone(), d.clone());
+        let mut window = tee.changed();
+        tokio::spawn(async move {
+            let mut pos = offset;
+            let want_end = (size > 0).then(|| offset.saturating_add(size));
+            loop {
+                let known_end = match (want_end, blob_size) {
+                    (Some(w), b) if b > 0 => Some(w.min(b)),
+                    (w, b) => w.or((b > 0).then_some(b)),
+                };
+                // A range ending before the blob's end is done when its bytes are; the rest
+                // waits for the verdict below.
+                if let Some(e) = known_end
+                    && pos >= e
+                    && e < blob_size
+                {
+                    return;
+                }
+                window.borrow_and_update();
+                let done = phase.borrow_and_update().clone();
+                if let FetchPhase::Done(verdict) = done {
+                    // Finished: whatever is left comes from the committed blob.
+                    let r = match verdict {
+                        Ok(()) => match store.locate(&scope, &d) {
+                            Ok(loc) => {
+                                let end = want_end.map_or(loc.size, |w| w.min(loc.size));
+                                pump(&store, loc.extent, pos, end, piece, &tx)
+                                    .await
+                                    .map(|_| ())
+                            }
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = r {
+                        let _ = tx.send(Err(e)).await;
+                    }
+                    return;
+                }
+                let cap = known_end.map_or(piece, |e| (e - pos).clamp(0, piece as i64) as usize);
+                if cap > 0 {
+                    match tee.at(pos, cap) {
+                        At::Data(b) => {
+                            pos += b.len() as i64;
+                            if tx.send(Ok(b)).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        At::Behind => {
+                            // Stored already: the fetch's ingest holds it.
+                            if let Some(live) = store.live(&scope, &d) {
+                                let st = live.borrow().clone();
+                                let upto = known_end.map_or(st.offset, |e| e.min(st.offset));
+                                // An error means the ingest moved (committed or restarted):
+                                // look again.
+                                if upto > pos
+                                    && let Ok(n) =
+                                        pump(&store, st.extent, pos, upto, piece, &tx).await
+                                {
+                                    pos = n;
+                                    continue;
+                                }
+                            }
+                        }
+                        At::Wait => {}
+                    }
+                }
+                tokio::select! {
+                    r = window.changed() => { let _ = r; }
+                    r = phase.changed() => {
+                        if r.is_err() {
+                            let _ = tx.send(Err(Error::unavailable(format!(
+                                "the fetch of {d} went away at offset {pos}; retry"
+                            )))).await;
+                            return;
+                        }
+                    }
+                    // A reader behind the window waits on the store, which the tee does
+                    // not announce.
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                }
+            }
+        });
+        Opened {
+            size: (blob_size > 0).then_some(blob_size),
+            rx,
+        }
     }
 
     /// A read served straight from the upstream with a Range request.
@@ -349,4 +467,81 @@ async fn pump(
     })
     .await
     .map_err(|e| Error::internal(format!("read task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Algorithm;
+    use crate::kv::mem::MemKv;
+
+    async fn put_in_pieces(store: &Arc<Store>, scope: &Scope, data: &[u8], piece: usize) -> Digest {
+        let d = Digest::of(Algorithm::Sha256, data);
+        let mut w = store
+            .open_writer(scope.clone(), "r", data.len() as i64, Some(d.clone()), None)
+            .await
+            .unwrap();
+        let mut off = 0;
+        for p in data.chunks(piece) {
+            w.write(off as i64, p).unwrap();
+            off += p.len();
+        }
+        w.commit(data.len() as i64, Some(d.clone()), None).unwrap();
+        d
+    }
+
+    async fn read(
+        reads: &Reads,
+        scope: &Scope,
+        d: &Digest,
+        off: i64,
+        size: i64,
+        piece: usize,
+    ) -> Vec<Bytes> {
+        let mut o = reads.open(scope, d, off, size, piece).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(b) = o.rx.recv().await {
+            got.push(b.unwrap());
+        }
+        got
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_shape_of_blob_and_range_reads_back_exactly() {
+        let store = Store::open(Arc::new(MemKv::default())).unwrap();
+        let reads = Reads::new(store.clone(), None);
+        let scope = Scope::namespace("n").unwrap();
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        // One chunk (the point-lookup path) and the same bytes in many chunks (streamed).
+        let one = put_in_pieces(&store, &scope, &data, data.len()).await;
+        let other: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+        let many = put_in_pieces(&store, &scope, &other, 100).await;
+        for (d, bytes) in [(&one, &data), (&many, &other)] {
+            for (off, size) in [(0, 0), (0, 3000), (7, 0), (100, 250), (2999, 5), (3000, 0)] {
+                let got: Vec<u8> = read(&reads, &scope, d, off, size, 1 << 20).await.concat();
+                let end = if size == 0 {
+                    3000
+                } else {
+                    (off + size).min(3000)
+                } as usize;
+                assert_eq!(got, &bytes[off as usize..end], "{d} @{off}+{size}");
+            }
+        }
+        assert!(
+            reads
+                .open(&scope, &one, 3001, 0, 1 << 20)
+                .await
+                .err()
+                .unwrap()
+                .is(Kind::OutOfRange)
+        );
+        // A large blob arrives in pieces of exactly the requested size.
+        let big: Vec<u8> = (0..(3 * CHUNK + 17)).map(|i| (i % 253) as u8).collect();
+        let d = put_in_pieces(&store, &scope, &big, 1 << 20).await;
+        let got = read(&reads, &scope, &d, 5, 0, 100_000).await;
+        assert!(got[..got.len() - 1].iter().all(|p| p.len() == 100_000));
+        assert_eq!(got.concat(), &big[5..]);
+    }
+
+    const CHUNK: usize = crate::store::CHUNK_SIZE;
 }

@@ -18,8 +18,10 @@ use crate::filter::Filter;
 use crate::reads::Reads;
 use crate::store::{self, Scope, Store, WriteAction, WriteRequest, WriteResponse, WriteSession};
 
-/// Largest Read message payload (containerd's server uses the same).
-pub const READ_CHUNK: usize = 1 << 20;
+/// Largest Read message payload. containerd's server sends 1 MiB; a quarter of that keeps a
+/// stream's memory (one piece queued, one in the transport) small under many concurrent
+/// readers, and is one stored chunk. Clients accept any size.
+pub const READ_CHUNK: usize = 256 << 10;
 const LIST_BATCH: usize = 100;
 
 pub struct ContentService {

@@ -45,6 +45,22 @@ impl Store {
         }
     }
 
+    /// `[offset, end)` of an extent when one stored chunk holds all of it: one point lookup,
+    /// no iterator. None when the range spans chunks (the caller streams it instead).
+    pub fn read_in_first_chunk(&self, extent: u64, offset: u64, end: u64) -> Result<Option<Bytes>> {
+        let Some(v) = self.kv.get(Cf::Chunks, &chunk_key(extent, 0))? else {
+            return Ok(None);
+        };
+        match (usize::try_from(offset), usize::try_from(end)) {
+            (Ok(a), Ok(b)) if a <= b && b <= v.len() => {
+                let mut v = v;
+                v.truncate(b);
+                Ok(Some(Bytes::from(v).slice(a..)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Streams `[offset, end)` of an extent in pieces of `piece` bytes (the last may be
     /// shorter) through one storage iterator. `sink` returns false to stop early. Where the
     /// stored bytes end before `end`, what precedes the gap is delivered, then DataLoss.

@@ -8,6 +8,7 @@
 //! crawling upstream Unavailable, wrong bytes DataLoss (caught at commit by the store).
 
 pub mod pull;
+pub mod tee;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

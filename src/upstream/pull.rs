@@ -21,6 +21,7 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
+use super::tee::Tee;
 use super::{Source, Upstream, parse_reference};
 use crate::digest::Digest;
 use crate::error::{Error, Kind, Result};
@@ -96,10 +97,13 @@ pub enum FetchPhase {
     Done(std::result::Result<(), Error>),
 }
 
+/// An on-demand fetch in progress: its phase, and its window of arriving bytes.
+type Fetching = (watch::Receiver<FetchPhase>, Arc<Tee>);
+
 pub struct Puller {
     store: Arc<Store>,
     upstream: Arc<Upstream>,
-    fetching: Mutex<HashMap<(Scope, Digest), watch::Receiver<FetchPhase>>>,
+    fetching: Mutex<HashMap<(Scope, Digest), Fetching>>,
 }
 
 /// How long a pull's temporary lease lives if the daemon dies mid-pull.
@@ -558,7 +562,17 @@ impl Puller {
     ) -> Result<()> {
         let lease = (!lease.is_empty()).then(|| lease.to_string());
         let stored = self
-            .fetch_into(scope, src, lease, d, size, media_type, Some(events), None)
+            .fetch_into(
+                scope,
+                src,
+                lease,
+                d,
+                size,
+                media_type,
+                Some(events),
+                None,
+                None,
+            )
             .await?;
         let _ = events
             .send(Event::blob(
@@ -601,6 +615,7 @@ impl Puller {
         media_type: &str,
         events: Option<&mpsc::Sender<Event>>,
         live: Option<&watch::Sender<FetchPhase>>,
+        tee: Option<&Arc<Tee>>,
     ) -> Result<bool> {
         let r: Result<bool> = async {
             let r = format!("fetch-{d}");
@@ -661,7 +676,7 @@ impl Puller {
                 let r = if size > 0 && offset >= size {
                     Ok(())
                 } else {
-                    self.copy_body(&mut w, src, d, offset, size, events, body)
+                    self.copy_body(&mut w, src, d, offset, size, events, body, tee)
                         .await
                 };
                 match r {
@@ -715,11 +730,18 @@ impl Puller {
         size: i64,
         events: Option<&mpsc::Sender<Event>>,
         body: Option<Result<super::BlobBody>>,
+        tee: Option<&Arc<Tee>>,
     ) -> Result<()> {
         let body = match body {
             Some(b) => b?,
             None => self.upstream.blob(src, d, offset as u64, None).await?,
         };
+        // Readers of this fetch take frames from the tee as they arrive off the network.
+        let tee = tee.cloned();
+        if let Some(t) = &tee {
+            t.start(offset);
+        }
+        let tee_net = tee.clone();
         // The network is read by its own task, so bytes keep arriving while a store write
         // runs (the fetch takes the longer of the two, not their sum); the channel bounds
         // what waits to PIPELINE body frames.
@@ -728,6 +750,9 @@ impl Puller {
         tokio::spawn(async move {
             while let Some(item) = stream.next().await {
                 let fail = item.is_err();
+                if let (Some(t), Ok(b)) = (&tee_net, &item) {
+                    t.push(b.clone());
+                }
                 if tx.send(item).await.is_err() || fail {
                     return;
                 }
@@ -751,10 +776,16 @@ impl Puller {
                 }
                 if buf.len() >= GATHER {
                     pos = w.append(std::mem::take(&mut buf).freeze()).await?;
+                    if let Some(t) = &tee {
+                        t.landed(pos);
+                    }
                 }
             }
             if !buf.is_empty() {
                 pos = w.append(buf.freeze()).await?;
+                if let Some(t) = &tee {
+                    t.landed(pos);
+                }
             }
             if size > 0 && pos > size {
                 return Err(Error::data_loss(format!(
@@ -791,19 +822,21 @@ impl Puller {
         self: &Arc<Self>,
         scope: &Scope,
         d: &Digest,
-    ) -> Result<watch::Receiver<FetchPhase>> {
+    ) -> Result<(watch::Receiver<FetchPhase>, Arc<Tee>)> {
         let key = (scope.clone(), d.clone());
         let mut fetching = self.fetching.lock();
-        if let Some(rx) = fetching.get(&key) {
-            return Ok(rx.clone());
+        if let Some((rx, tee)) = fetching.get(&key) {
+            return Ok((rx.clone(), tee.clone()));
         }
         let src = self
             .store
             .source(scope, d)?
             .ok_or_else(|| Error::not_found(format!("content {d}: not found")))?;
         let (tx, rx) = watch::channel(FetchPhase::Starting);
-        fetching.insert(key.clone(), rx.clone());
+        let tee = Arc::new(Tee::default());
+        fetching.insert(key.clone(), (rx.clone(), tee.clone()));
         drop(fetching);
+        let tee2 = tee.clone();
         let me = self.clone();
         tokio::spawn(async move {
             let (scope, d) = key.clone();
@@ -822,6 +855,7 @@ impl Puller {
                     &src.media_type,
                     None,
                     Some(&tx),
+                    Some(&tee2),
                 )
                 .await
                 .map(|_| ());
@@ -831,7 +865,7 @@ impl Puller {
             me.fetching.lock().remove(&key);
             let _ = tx.send(FetchPhase::Done(r));
         });
-        Ok(rx)
+        Ok((rx, tee))
     }
 }
 

@@ -1,0 +1,189 @@
+//! The in-memory window of an on-demand fetch: the body frames as they come off the network,
+//! so readers of a blob still arriving are served at wire speed instead of after each store
+//! write. Storing happens beside them through the one write path; nothing here is ever taken
+//! for the blob (readers still end only on the fetch's verified commit, see `reads`).
+//!
+//! Invariant (kept by [`Tee::landed`] and `trim`): the window's first byte is never past what
+//! the store has landed for the fetch, so a reader is always served either from the window
+//! or, behind it, from stored bytes. Memory: the frames not yet stored (bounded by the
+//! fetch's pipeline) plus at most [`KEEP`] bytes already stored, for readers just behind.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+/// Bytes already stored that stay in the window for readers slightly behind the network.
+pub const KEEP: i64 = 4 << 20;
+
+/// What the window holds at a reader's position.
+#[derive(Debug, PartialEq)]
+pub enum At {
+    /// Bytes from the position (one frame's worth at most).
+    Data(Bytes),
+    /// The position is before the window: those bytes are stored, read them there.
+    Behind,
+    /// Nothing there yet: wait for [`Tee::changed`].
+    Wait,
+}
+
+#[derive(Default)]
+struct Window {
+    /// Offset of `frames[0]`; None until the body starts.
+    base: Option<i64>,
+    frames: VecDeque<Bytes>,
+    len: i64,
+    landed: i64,
+}
+
+pub struct Tee {
+    window: Mutex<Window>,
+    version: watch::Sender<u64>,
+}
+
+impl Default for Tee {
+    fn default() -> Self {
+        Tee {
+            window: Mutex::new(Window::default()),
+            version: watch::channel(0).0,
+        }
+    }
+}
+
+impl Tee {
+    /// The body (re)starts at `offset`, which the store already holds: frames from an
+    /// interrupted attempt are dropped (the new attempt re-sends them).
+    pub fn start(&self, offset: i64) {
+        let mut w = self.window.lock();
+        w.frames.clear();
+        w.len = 0;
+        w.base = Some(offset);
+        w.landed = offset;
+        drop(w);
+        self.bump();
+    }
+
+    /// A frame arrived after everything before it.
+    pub fn push(&self, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        let mut w = self.window.lock();
+        if w.base.is_none() {
+            return;
+        }
+        w.len += b.len() as i64;
+        w.frames.push_back(b);
+        drop(w);
+        self.bump();
+    }
+
+    /// The store holds the fetch's bytes up to `pos`.
+    pub fn landed(&self, pos: i64) {
+        let mut w = self.window.lock();
+        w.landed = w.landed.max(pos);
+        // Drop stored frames beyond the KEEP allowance; never one the store lacks.
+        while let (Some(base), Some(front)) = (w.base, w.frames.front()) {
+            let flen = front.len() as i64;
+            if base + flen > w.landed || w.len - flen < KEEP {
+                break;
+            }
+            w.frames.pop_front();
+            w.len -= flen;
+            w.base = Some(base + flen);
+        }
+    }
+
+    /// Bytes received so far (the offset after the last frame), None before the body starts.
+    pub fn received(&self) -> Option<i64> {
+        let w = self.window.lock();
+        w.base.map(|b| b + w.len)
+    }
+
+    /// Up to `max` bytes at `pos`.
+    pub fn at(&self, pos: i64, max: usize) -> At {
+        let w = self.window.lock();
+        let Some(base) = w.base else {
+            return At::Wait;
+        };
+        if pos < base {
+            return At::Behind;
+        }
+        let mut off = base;
+        for f in &w.frames {
+            let end = off + f.len() as i64;
+            if pos < end {
+                let from = (pos - off) as usize;
+                let to = f.len().min(from.saturating_add(max));
+                return At::Data(f.slice(from..to));
+            }
+            off = end;
+        }
+        At::Wait
+    }
+
+    /// Changes whenever the window does.
+    pub fn changed(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(a: &At) -> &[u8] {
+        match a {
+            At::Data(b) => b,
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn serves_frames_and_sends_readers_behind_it_to_the_store() {
+        let t = Tee::default();
+        assert_eq!(t.at(0, 10), At::Wait);
+        t.start(100);
+        assert_eq!(t.at(50, 10), At::Behind);
+        assert_eq!(t.at(100, 10), At::Wait);
+        t.push(Bytes::from_static(b"abcdef"));
+        t.push(Bytes::from_static(b"ghij"));
+        assert_eq!(t.received(), Some(110));
+        assert_eq!(data(&t.at(100, 3)), b"abc");
+        assert_eq!(data(&t.at(104, 100)), b"ef");
+        assert_eq!(data(&t.at(107, 100)), b"hij");
+        assert_eq!(t.at(110, 10), At::Wait);
+        // Landed bytes stay within KEEP; the window never starts past the landed offset.
+        t.landed(110);
+        assert_eq!(data(&t.at(100, 1)), b"a");
+        // A restart drops the old frames.
+        t.start(103);
+        assert_eq!(t.at(100, 1), At::Behind);
+        assert_eq!(t.at(103, 1), At::Wait);
+    }
+
+    #[test]
+    fn memory_is_the_unstored_frames_plus_keep() {
+        let t = Tee::default();
+        t.start(0);
+        let frame = Bytes::from(vec![7u8; 64 << 10]);
+        for i in 1..=1000i64 {
+            t.push(frame.clone());
+            // The store lags the network by 16 frames.
+            t.landed(((i - 16).max(0)) * (64 << 10));
+        }
+        let w = t.window.lock();
+        assert!(w.len <= KEEP + 17 * (64 << 10), "{}", w.len);
+        assert!(w.base.unwrap() <= w.landed);
+        drop(w);
+        // Everything not yet stored is still served.
+        let unstored = 984 * (64 << 10);
+        assert_eq!(data(&t.at(unstored, 1)), &[7]);
+        assert_eq!(t.at(0, 1), At::Behind);
+    }
+}
