@@ -20,8 +20,10 @@ use crate::upstream::Source;
 use crate::upstream::pull::{FetchPhase, Puller};
 use crate::upstream::tee::{At, Tee};
 
-/// Messages in flight per stream.
+/// Pieces queued per stream.
 const DEPTH: usize = 4;
+/// A stored read whose client takes no piece for this long gives its thread back.
+const STALL: std::time::Duration = std::time::Duration::from_millis(50);
 /// Blobs up to this size are read with one point lookup on the async worker when one chunk
 /// holds them (a lookup of this size is a few microseconds from the block or blob cache).
 const SMALL: usize = 64 << 10;
@@ -124,29 +126,54 @@ impl Reads {
                 rx,
             });
         }
-        // Demand-driven: a piece is read only once the previous one has left the channel, so
-        // a stream holds at most one piece here and one in the transport, however fast the
-        // store is and however slowly the client reads. Each piece is one short blocking task
-        // (a seek and a copy), so a thousand open streams hold no threads.
-        let (tx, rx) = mpsc::channel(1);
+        // One blocking task streams with one storage iterator while the client keeps up; the
+        // bounded channel is the backpressure. A client that stops reading for STALL gets its
+        // thread taken back (the piece in hand is carried over, and a fresh task resumes
+        // once there is room), so slow readers cannot exhaust the blocking pool.
+        let (tx, rx) = mpsc::channel(DEPTH);
         let store = self.store.clone();
+        let handle = tokio::runtime::Handle::current();
         tokio::spawn(async move {
             let (mut pos, end) = (offset as u64, end as u64);
-            while pos < end {
-                let Ok(permit) = tx.reserve().await else {
+            let mut carry: Option<Bytes> = None;
+            loop {
+                if let Some(b) = carry.take()
+                    && tx.send(Ok(b)).await.is_err()
+                {
                     return;
-                };
-                let (s, want) = (store.clone(), (end - pos).min(piece as u64) as usize);
-                let got = tokio::task::spawn_blocking(move || s.read_extent(extent, pos, want))
-                    .await
-                    .unwrap_or_else(|e| Err(Error::internal(format!("read task failed: {e}"))));
-                match got {
-                    Ok(data) => {
-                        pos += data.len() as u64;
-                        permit.send(Ok(data));
+                }
+                if pos >= end || tx.is_closed() {
+                    return;
+                }
+                let (s, tx2, h, from) = (store.clone(), tx.clone(), handle.clone(), pos);
+                let ran = tokio::task::spawn_blocking(move || {
+                    let (mut at, mut carry) = (from, None);
+                    let r = s.stream_extent(extent, from, end, piece, &mut |b| {
+                        let n = b.len() as u64;
+                        match h.block_on(tokio::time::timeout(STALL, tx2.reserve())) {
+                            Ok(Ok(permit)) => permit.send(Ok(b)),
+                            Ok(Err(_)) => return false,
+                            Err(_) => carry = Some(b),
+                        }
+                        at += n;
+                        carry.is_none()
+                    });
+                    (at, carry, r)
+                })
+                .await;
+                match ran {
+                    Ok((at, c, Ok(()))) => (pos, carry) = (at, c),
+                    Ok((_, c, Err(e))) => {
+                        if let Some(b) = c {
+                            let _ = tx.send(Ok(b)).await;
+                        }
+                        let _ = tx.send(Err(e)).await;
+                        return;
                     }
                     Err(e) => {
-                        permit.send(Err(e));
+                        let _ = tx
+                            .send(Err(Error::internal(format!("read task failed: {e}"))))
+                            .await;
                         return;
                     }
                 }
@@ -541,6 +568,23 @@ mod tests {
         let got = read(&reads, &scope, &d, 5, 0, 100_000).await;
         assert!(got[..got.len() - 1].iter().all(|p| p.len() == 100_000));
         assert_eq!(got.concat(), &big[5..]);
+        // A reader that stalls past STALL twice (its thread is taken back each time) still
+        // gets every byte, in order.
+        let mut o = reads.open(&scope, &d, 0, 0, 50_000).await.unwrap();
+        let mut all = Vec::new();
+        for i in 0.. {
+            if i == 1 || i == 9 {
+                tokio::time::sleep(STALL * 2).await;
+            }
+            match o.rx.recv().await {
+                Some(b) => all.extend_from_slice(&b.unwrap()),
+                None => break,
+            }
+        }
+        assert_eq!(all, big);
+        // A reader that goes away ends the stream's work.
+        let o = reads.open(&scope, &d, 0, 0, 1000).await.unwrap();
+        drop(o);
     }
 
     const CHUNK: usize = crate::store::CHUNK_SIZE;
