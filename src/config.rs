@@ -330,6 +330,9 @@ tag_ttl_secs = {rttl}
 # Repositories whose path names no registry host (docker's registry-mirrors) mirror this
 # one ("" = only what clients push).
 default_upstream = "{rdu}"
+# MiB the registry's namespace may hold; past it, mirrored images are evicted least recently
+# used first (pushed images never are). 0 = no limit.
+max_mib = {rmax}
 
 [upstream]
 # Seconds to connect, and without a byte before a fetch is abandoned.
@@ -377,6 +380,7 @@ allowed_registries = []
         rns = c.registry.namespace,
         rttl = c.registry.tag_ttl_secs,
         rdu = c.registry.default_upstream,
+        rmax = c.registry.max_mib,
     )
 }
 

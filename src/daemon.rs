@@ -270,30 +270,56 @@ fn disk_used_percent(path: &Path) -> Option<f64> {
     Some(100.0 * used / (used + avail).max(1.0))
 }
 
-/// Evicts unreachable content whenever the disk is past its high watermark.
+/// Evicts whenever the disk is past its high watermark: unreachable content first, then, if
+/// that was not enough, mirrored images least recently used first. Mirrored images also go
+/// that way while the registry's namespace holds more than `[registry] max_mib`.
 async fn evictor(store: Arc<Store>, config: Config, stop: CancellationToken) {
     let every = std::time::Duration::from_secs(config.eviction_check_secs.max(1));
     let high = f64::from(config.eviction_high_watermark_percent);
+    let quota = i64::try_from(config.registry.max_mib.saturating_mul(1 << 20)).unwrap_or(i64::MAX);
+    let mirror = crate::store::Scope::namespace(&config.registry.namespace).ok();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let Some(used) = disk_used_percent(&config.root) else {
+        let disk_full =
+            || high > 0.0 && disk_used_percent(&config.root).is_some_and(|used| used >= high);
+        if disk_full() {
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.evict()).await {
+                Ok(Ok(r)) => tracing::warn!(
+                    blobs = r.blobs_swept,
+                    bytes = r.bytes_swept,
+                    "disk past its high watermark: evicted unreachable content"
+                ),
+                Ok(Err(e)) => tracing::error!(error = %e, "eviction failed"),
+                Err(e) => step_failed("evictor", e),
+            }
+        }
+        let Some(scope) = mirror.clone() else {
             continue;
         };
-        if used < high {
+        let over_quota = move |s: &Store| quota > 0 && s.usage_of(&scope) > quota;
+        let scope = mirror.clone().expect("checked above");
+        if !(disk_full() || over_quota(&store)) {
             continue;
         }
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.evict()).await {
-            Ok(Ok(r)) => tracing::warn!(
-                used_percent = used,
-                blobs = r.blobs_swept,
-                bytes = r.bytes_swept,
-                "disk past its high watermark: evicted unreachable content"
+        let (s, root) = (store.clone(), config.root.clone());
+        let ran = tokio::task::spawn_blocking(move || {
+            crate::registry::evict::evict_lru(&s, &scope, |s| {
+                over_quota(s)
+                    || (high > 0.0 && disk_used_percent(&root).is_some_and(|used| used >= high))
+            })
+        })
+        .await;
+        match ran {
+            Ok(Ok(names)) if !names.is_empty() => tracing::warn!(
+                images = names.len(),
+                "evicted mirrored images, least recently used first"
             ),
-            Ok(Err(e)) => tracing::error!(error = %e, "eviction failed"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "eviction of mirrored images failed"),
             Err(e) => step_failed("evictor", e),
         }
     }
@@ -565,7 +591,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             collector(s.clone(), c.clone(), t.clone())
         })
     };
-    if config.eviction_high_watermark_percent > 0 {
+    if config.eviction_high_watermark_percent > 0 || config.registry.max_mib > 0 {
         let (s, c, t) = (store.clone(), config.clone(), stop.clone());
         supervise("evictor", stop.clone(), move || {
             evictor(s.clone(), c.clone(), t.clone())

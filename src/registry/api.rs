@@ -17,6 +17,7 @@ use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use tokio::sync::mpsc;
 
+use super::evict::{USED_GRANULARITY_SECS, USED_LABEL};
 use super::routes::{self, Ranges, Reference, Route};
 use super::{Body, Registry, read_body};
 use crate::digest::{Algorithm, Digest};
@@ -331,6 +332,9 @@ impl Registry {
                 match blocking(move || store.visible(&scope, &d2)).await {
                     Ok(true) => {
                         out.cache = "hit";
+                        if repo.upstream.is_some() {
+                            self.touch(format!("{}@{d}", repo.canonical), None);
+                        }
                         Ok(d.clone())
                     }
                     Ok(false) => match (&repo.upstream, &self.puller) {
@@ -424,6 +428,7 @@ impl Registry {
             && fresh(img)
         {
             out.cache = "hit";
+            self.touch(name.clone(), Some(img));
             return Digest::parse(&img.digest);
         }
         // Single flight: one upstream check per tag; whoever waited finds it fresh.
@@ -498,6 +503,42 @@ impl Registry {
             .mirror_manifest(&self.scope, src, &d.to_string(), hold)
             .await
             .map(|(d, _, _)| d)
+    }
+
+    /// Records that a client asked for mirrored image `name` (its LRU recency, see
+    /// `registry::evict`): at most one write per image a minute, off the request path.
+    fn touch(&self, name: String, known: Option<&ImageRecord>) {
+        let now = now_ns() / 1_000_000_000;
+        let stale = move |img: &ImageRecord| {
+            img.labels.contains_key(CHECKED_LABEL)
+                && !img.labels.contains_key(ORIGIN_LABEL)
+                && img
+                    .labels
+                    .get(USED_LABEL)
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .is_none_or(|t| now - t >= USED_GRANULARITY_SECS)
+        };
+        if known.is_some_and(|img| !stale(img)) {
+            return;
+        }
+        let (store, scope) = (self.store.clone(), self.scope.clone());
+        tokio::task::spawn_blocking(move || {
+            let Ok(img) = store.image(&scope, &name) else {
+                return;
+            };
+            if stale(&img) {
+                let update = ImageRecord {
+                    name,
+                    labels: HashMap::from([(USED_LABEL.to_string(), now.to_string())]),
+                    ..Default::default()
+                };
+                if let Err(e) =
+                    store.update_image(&scope, update, &[format!("labels.{USED_LABEL}")])
+                {
+                    tracing::debug!(error = %e, "could not record a mirrored image's use");
+                }
+            }
+        });
     }
 
     async fn image(&self, name: &str) -> crate::error::Result<Option<ImageRecord>> {

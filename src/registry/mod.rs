@@ -15,6 +15,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod api;
+pub mod evict;
 pub mod routes;
 
 use std::collections::HashMap;
@@ -51,6 +52,11 @@ pub struct RegistryConfig {
     /// The upstream for repositories that name none (docker's registry-mirrors): one-part
     /// names get `library/`. Empty: such repositories are only what clients push.
     pub default_upstream: String,
+    /// Bytes (MiB) the registry's namespace may hold: past it, mirrored images are evicted
+    /// least recently used first (checked every `eviction_check_secs`; pushed images are
+    /// never evicted, and a blob a kept image needs always stays). 0: no limit. Mirrored
+    /// images are also evicted this way while the disk is past its high watermark.
+    pub max_mib: u64,
 }
 
 impl Default for RegistryConfig {
@@ -61,6 +67,7 @@ impl Default for RegistryConfig {
             htpasswd: None,
             tag_ttl_secs: 300,
             default_upstream: "docker.io".into(),
+            max_mib: 0,
         }
     }
 }

@@ -1157,3 +1157,176 @@ async fn a_non_loopback_registry_is_tls_with_client_certificates() {
             .is_err()
     );
 }
+
+/// Past `[registry] max_mib`, mirrored images go least recently used first, and a layer a
+/// pushed image shares with an evicted one stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirrored_images_are_evicted_least_recently_used_first() {
+    let Some((dir, _keep)) = crate::graph::fixtures() else {
+        return;
+    };
+    let Some(up) = Registry::start(&dir) else {
+        return;
+    };
+    let s: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    let (d, base, _cfg) = start_registry(&format!(
+        "gc_grace_secs = 0\neviction_check_secs = 1\neviction_high_watermark_percent = 0\n[registry]\nmax_mib = 1\ndefault_upstream = \"\"\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
+        a = up.addr
+    ));
+    let c = http();
+    let accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+    let single: Vec<&Value> = s["fixtures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| {
+            f["registry"].is_object()
+                && f["subject"].is_null()
+                && f["nodes"].as_array().unwrap().iter().all(|n| {
+                    n["present"].as_bool().unwrap()
+                        && !n["mediaType"].as_str().unwrap().contains("index")
+                        && !n["mediaType"].as_str().unwrap().contains("list")
+                })
+        })
+        .take(2)
+        .collect();
+    assert_eq!(single.len(), 2, "two single-manifest fixtures");
+    let mut names = Vec::new();
+    let mut layers_of_first = Vec::new();
+    let mut sizes = Vec::new();
+    for (i, fx) in single.iter().enumerate() {
+        let repo = fx["registry"]["repository"].as_str().unwrap();
+        let tag = fx["registry"]["tag"].as_str().unwrap();
+        let r = c
+            .get(format!("{base}/v2/{repo}/manifests/{tag}?ns={}", up.addr))
+            .header("Accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        for n in fx["nodes"].as_array().unwrap() {
+            let dg = n["digest"].as_str().unwrap();
+            let kind = if n["mediaType"].as_str().unwrap().contains("manifest") {
+                "manifests"
+            } else {
+                "blobs"
+            };
+            let body = c
+                .get(format!("{base}/v2/{repo}/{kind}/{dg}?ns={}", up.addr))
+                .header("Accept", accept)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert_eq!(sha(&body).to_string(), dg);
+            if i == 0 && kind == "blobs" {
+                layers_of_first.push((dg.to_string(), body));
+            }
+        }
+        names.push(format!("{}/{repo}:{tag}", up.addr));
+        sizes.push(
+            fx["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["size"].as_i64().unwrap())
+                .sum::<i64>(),
+        );
+        // Distinct recency, in seconds.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    }
+    // A pushed image sharing one blob of the first (least recently used) mirrored image.
+    let (shared, shared_bytes) = layers_of_first.pop().unwrap();
+    push_blob(&c, &base, "local/keep", &shared_bytes).await;
+    let config = b"{\"architecture\":\"amd64\",\"os\":\"linux\"}".to_vec();
+    let cd = push_blob(&c, &base, "local/keep", &config).await;
+    let m = manifest(
+        &(cd, config.len()),
+        &[(shared.clone(), shared_bytes.len())],
+        None,
+    );
+    assert_eq!(
+        put_manifest(&c, &base, "local/keep", "1", &m)
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+
+    // The least recently used goes first; the other goes too only if what is left is still
+    // past 1 MiB.
+    let pushed = (shared_bytes.len() + config.len() + m.len()) as i64;
+    let want = if sizes[1] + pushed > 1 << 20 { 2 } else { 1 };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let evicted = loop {
+        let log = d.log();
+        let lines: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("evicted a mirrored image"))
+            .map(String::from)
+            .collect();
+        if lines.len() >= want {
+            // Give a wrong extra eviction time to show.
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            break d
+                .log()
+                .lines()
+                .filter(|l| l.contains("evicted a mirrored image"))
+                .map(String::from)
+                .collect::<Vec<_>>();
+        }
+        assert!(std::time::Instant::now() < deadline, "no eviction:\n{log}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(evicted.len(), want, "{evicted:#?}");
+    assert!(evicted[0].contains(&names[0]), "{evicted:#?}");
+    // The mirror's tag list shows its stored records.
+    let (repo1, tag1) = single[1]["registry"]["repository"]
+        .as_str()
+        .zip(single[1]["registry"]["tag"].as_str())
+        .unwrap();
+    let tags: Value = c
+        .get(format!("{base}/v2/{repo1}/tags/list?ns={}", up.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kept = tags["tags"]
+        .as_array()
+        .is_some_and(|t| t.iter().any(|t| t == tag1));
+    if want == 2 {
+        assert!(evicted[1].contains(&names[1]), "{evicted:#?}");
+        assert!(!kept, "{tags}");
+    } else {
+        assert!(kept, "the more recent image was kept: {tags}");
+    }
+    // The pushed image is whole; the first image's other blobs are gone.
+    let r = c
+        .get(format!("{base}/v2/local/keep/manifests/1"))
+        .header("Accept", accept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = c
+        .get(format!("{base}/v2/local/keep/blobs/{shared}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap(), shared_bytes);
+    // The evicted image's own manifest is no longer stored. (Its layers stay known by their
+    // recorded upstream source and are fetched again on demand.)
+    let root = single[0]["root"]["digest"].as_str().unwrap();
+    let r = c
+        .head(format!("{base}/v2/local/keep/manifests/{root}"))
+        .header("Accept", accept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND, "{root} was kept");
+}
