@@ -1,9 +1,11 @@
 //! `contentd bench`: drives any `containerd.services.content.v1.Content` endpoint (contentd or
 //! containerd itself) through the same scenarios, so both can be measured in one run.
 //!
-//! Scenarios: large-blob write and read (MB/s), 4 KiB blob writes at concurrency 1 and 16
-//! (writes/s, p50/p99), random 1 MiB ranged reads, Info/s with p99, a full List, and the
-//! server's RSS sampled during each scenario when its pid is known.
+//! Scenarios: large-blob write (pipelined 1 MiB messages) and read (MiB/s); 4 KiB blob writes
+//! in containerd's lockstep Stat/Write/Commit pattern and full reads of them, each at
+//! concurrency 1 and 16 (ops/s, p50/p99); random 1 MiB ranged reads at concurrency 16; Info/s
+//! with p99; a full List; and the server's RSS sampled during each scenario when its pid is
+//! known, also with one large write beside one large read and under 64 concurrent streams.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -3,9 +3,11 @@
 //!
 //! Every path yields pieces of at most `piece` bytes through a bounded channel, so a
 //! stream's memory is a few pieces whatever the blob's size, and a slow reader slows only
-//! itself. A lazy blob is fetched once (see `upstream::pull`, single flight) and readers
-//! follow the fetch as it lands; a read far ahead of what has landed is served at once by an
-//! upstream Range request while the whole blob fills in behind it.
+//! itself. A blob one chunk holds is one point lookup, with no task at all. A lazy blob is
+//! fetched once (see `upstream::pull`, single flight) and its readers take the fetch's frames
+//! from its tee (`upstream::tee`) as they come off the network, or stored bytes when they are
+//! behind it; a read far ahead of what has arrived is served at once by an upstream Range
+//! request while the whole blob fills in behind it.
 
 use std::sync::Arc;
 
