@@ -307,19 +307,21 @@ impl Reads {
             let mut pos = offset;
             let want_end = (size > 0).then(|| offset.saturating_add(size));
             loop {
+                // Seen before anything is looked at, so no change is missed.
+                window.borrow_and_update();
                 let known_end = match (want_end, blob_size) {
                     (Some(w), b) if b > 0 => Some(w.min(b)),
                     (w, b) => w.or((b > 0).then_some(b)),
                 };
-                // A range ending before the blob's end is done when its bytes are; the rest
-                // waits for the verdict below.
+                // A range ending before the blob's end is done when its bytes are; a read to
+                // the end, once every byte arrived and hashed to the digest (or on the fetch's
+                // verdict below).
                 if let Some(e) = known_end
                     && pos >= e
-                    && e < blob_size
+                    && (e < blob_size || tee.is_verified())
                 {
                     return;
                 }
-                window.borrow_and_update();
                 let done = phase.borrow_and_update().clone();
                 if let FetchPhase::Done(verdict) = done {
                     // Finished: whatever is left comes from the committed blob.

@@ -51,8 +51,14 @@ pub fn evict_lru(
             Err(e) if e.is(crate::error::Kind::NotFound) => continue,
             Err(e) => return Err(e),
         }
-        tracing::warn!(image = %victim.name, used = recency(&victim.labels), "evicted a mirrored image (least recently used)");
-        store.evict()?;
+        let swept = store.evict()?;
+        tracing::warn!(
+            image = %victim.name,
+            used = recency(&victim.labels),
+            swept_bytes = swept.bytes_swept,
+            namespace_bytes = store.usage_of(scope),
+            "evicted a mirrored image (least recently used)"
+        );
         evicted.push(victim.name);
     }
     Ok(evicted)

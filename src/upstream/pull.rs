@@ -700,6 +700,14 @@ impl Puller {
                     }
                 }
             }
+            // Every byte is here: if they hash to the digest, readers of the fetch may finish
+            // now, while the commit makes the blob durable.
+            if let Some(t) = tee {
+                let st = w.step(|w| w.status()).await?;
+                if st.offset == size && st.digest == *d {
+                    t.verified();
+                }
+            }
             let d2 = d.clone();
             match w.step(move |w| w.commit(size, Some(d2), None)).await {
                 Ok(_) => Ok(true),

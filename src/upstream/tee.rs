@@ -35,6 +35,8 @@ struct Window {
     frames: VecDeque<Bytes>,
     len: i64,
     landed: i64,
+    /// Every byte of the blob has arrived and hashes to its digest.
+    verified: bool,
 }
 
 pub struct Tee {
@@ -60,6 +62,7 @@ impl Tee {
         w.len = 0;
         w.base = Some(offset);
         w.landed = offset;
+        w.verified = false;
         drop(w);
         self.bump();
     }
@@ -93,6 +96,17 @@ impl Tee {
             w.len -= flen;
             w.base = Some(base + flen);
         }
+    }
+
+    /// Every byte has arrived and the bytes hash to the blob's digest: a reader at the end
+    /// may finish before the store's commit makes the blob durable.
+    pub fn verified(&self) {
+        self.window.lock().verified = true;
+        self.bump();
+    }
+
+    pub fn is_verified(&self) -> bool {
+        self.window.lock().verified
     }
 
     /// Bytes received so far (the offset after the last frame), None before the body starts.
@@ -161,8 +175,12 @@ mod tests {
         // Landed bytes stay within KEEP; the window never starts past the landed offset.
         t.landed(110);
         assert_eq!(data(&t.at(100, 1)), b"a");
-        // A restart drops the old frames.
+        assert!(!t.is_verified());
+        t.verified();
+        assert!(t.is_verified());
+        // A restart drops the old frames and the verdict.
         t.start(103);
+        assert!(!t.is_verified());
         assert_eq!(t.at(100, 1), At::Behind);
         assert_eq!(t.at(103, 1), At::Wait);
     }
