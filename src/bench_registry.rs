@@ -35,6 +35,8 @@ pub struct Options {
     /// The upstream's access log, to count its GETs of the layer.
     pub upstream_log: Option<PathBuf>,
     pub runs: usize,
+    /// The registry's namespace (`[registry] namespace`).
+    pub namespace: String,
 }
 
 #[derive(Debug, Default)]
@@ -185,8 +187,27 @@ pub async fn run(o: Options) -> anyhow::Result<Figures> {
         ..Default::default()
     };
 
-    // Forgets the image in contentd, so the next GET is a miss.
+    // Forgets the image in contentd, so the next GET is a miss. A reader finishes once the
+    // bytes are verified, before the fetch's commit: wait for the commit first, or the
+    // delete would come before it.
+    let in_ns = crate::client::Namespace::new(Some(&o.namespace))?;
+    let content = crate::api::pb::containerd::services::content::v1::content_client::ContentClient::with_interceptor(ch.clone(), in_ns);
     let forget = || async {
+        for _ in 0..200 {
+            let st = content
+                .clone()
+                .list_statuses(
+                    crate::api::pb::containerd::services::content::v1::ListStatusesRequest {
+                        filters: vec![],
+                    },
+                )
+                .await?
+                .into_inner();
+            if st.statuses.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let r = c
             .head(cd(&tag_path))
             .header("Accept", ACCEPT)
@@ -240,6 +261,9 @@ pub async fn run(o: Options) -> anyhow::Result<Figures> {
         .error_for_status()?;
     let before = upstream_gets(&o.upstream_log, &layer);
     f.herd_mib_s = throughput(&c, &cd(&layer_path), 64, 64).await?;
+    // The upstream logs a request once its response is done, which can be just after our
+    // readers finished.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     f.herd_upstream_gets = upstream_gets(&o.upstream_log, &layer)
         .zip(before)
         .map(|(a, b)| a - b);

@@ -330,6 +330,7 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
                     image,
                     upstream_log,
                     runs,
+                    namespace: conn.namespace.clone(),
                 },
             ))?;
             contentd::bench_registry::print(&f);
