@@ -829,24 +829,21 @@ pub fn print_table(reports: &[Report]) {
             "RSS during large write MiB",
             Box::new(|r| {
                 r.rss_large_write_mib
-                    .map(|v| format!("{v:.1}"))
-                    .unwrap_or("-".into())
+                    .map_or("-".into(), |v| format!("{v:.1}"))
             }),
         ),
         (
             "RSS during large read MiB",
             Box::new(|r| {
                 r.rss_large_read_mib
-                    .map(|v| format!("{v:.1}"))
-                    .unwrap_or("-".into())
+                    .map_or("-".into(), |v| format!("{v:.1}"))
             }),
         ),
         (
             "RSS write+read streams MiB",
             Box::new(|r| {
                 r.rss_in_and_out_mib
-                    .map(|v| format!("{v:.1}"))
-                    .unwrap_or("-".into())
+                    .map_or("-".into(), |v| format!("{v:.1}"))
             }),
         ),
         (
@@ -855,8 +852,7 @@ pub fn print_table(reports: &[Report]) {
                 format!(
                     "{} ({:.0} MiB/s)",
                     r.rss_64_streams_mib
-                        .map(|v| format!("{v:.1}"))
-                        .unwrap_or("-".into()),
+                        .map_or("-".into(), |v| format!("{v:.1}")),
                     r.streams_64_mib_s
                 )
             }),
@@ -886,11 +882,7 @@ pub fn print_table(reports: &[Report]) {
         ),
         (
             "peak RSS MiB (VmHWM)",
-            Box::new(|r| {
-                r.rss_peak_mib
-                    .map(|v| format!("{v:.1}"))
-                    .unwrap_or("-".into())
-            }),
+            Box::new(|r| r.rss_peak_mib.map_or("-".into(), |v| format!("{v:.1}"))),
         ),
     ];
     print!("{:<28}", "scenario");

@@ -283,8 +283,8 @@ async fn evictor(store: Arc<Store>, config: Config, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let disk_full =
-            || high > 0.0 && disk_used_percent(&config.root).is_some_and(|used| used >= high);
+        let root = config.root.clone();
+        let disk_full = move || high > 0.0 && disk_used_percent(&root).is_some_and(|u| u >= high);
         if disk_full() {
             let s = store.clone();
             match tokio::task::spawn_blocking(move || s.evict()).await {
@@ -300,17 +300,15 @@ async fn evictor(store: Arc<Store>, config: Config, stop: CancellationToken) {
         let Some(scope) = mirror.clone() else {
             continue;
         };
-        let over_quota = move |s: &Store| quota > 0 && s.usage_of(&scope) > quota;
-        let scope = mirror.clone().expect("checked above");
-        if !(disk_full() || over_quota(&store)) {
+        let over = move |s: &Store, scope: &crate::store::Scope| {
+            (quota > 0 && s.usage_of(scope) > quota) || disk_full()
+        };
+        if !over(&store, &scope) {
             continue;
         }
-        let (s, root) = (store.clone(), config.root.clone());
+        let s = store.clone();
         let ran = tokio::task::spawn_blocking(move || {
-            crate::registry::evict::evict_lru(&s, &scope, |s| {
-                over_quota(s)
-                    || (high > 0.0 && disk_used_percent(&root).is_some_and(|used| used >= high))
-            })
+            crate::registry::evict::evict_lru(&s, &scope, |s| over(s, &scope))
         })
         .await;
         match ran {

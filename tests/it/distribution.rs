@@ -15,6 +15,9 @@ use crate::registry::{Registry, free_port};
 
 /// A daemon serving the registry on a free loopback port, with `extra` TOML appended to
 /// its configuration file.
+/// What a client that takes any manifest type sends.
+const ACCEPT_ANY: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
 pub fn start_registry(extra: &str) -> (Daemon, String, tempfile::TempDir) {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
@@ -713,7 +716,7 @@ async fn mirror_fetches_once_and_serves_when_the_upstream_is_down() {
         .filter(|f| f["registry"].is_object())
         .collect();
     assert!(!fixtures.is_empty());
-    let accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+    let accept = ACCEPT_ANY;
 
     // Every node of every graph, read through the mirror, 4 clients at once per blob.
     // (repository, tag, [(digest, is a manifest or index)])
@@ -1175,7 +1178,7 @@ async fn mirrored_images_are_evicted_least_recently_used_first() {
         a = up.addr
     ));
     let c = http();
-    let accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+    let accept = ACCEPT_ANY;
     let single: Vec<&Value> = s["fixtures"]
         .as_array()
         .unwrap()
