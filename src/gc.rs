@@ -6,8 +6,13 @@
 //! deep graphs cannot overflow the thread stack) and visits each node once, so cycles are
 //! harmless. `sweep_batches` plans the removal of everything unmarked in bounded batches, so
 //! a collector can interleave them with writes.
+//!
+//! `Reach` is the collector's marker: the same walk, but it keeps only a compact key per
+//! marked node (no predecessor, no reason) and asks for children a batch at a time, so a
+//! store can answer from sorted lookups instead of holding its whole edge map in memory.
+//! Its memory is the marked keys plus the walk's frontier, whatever the store's size.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 
 /// Why a root is a root (an image name, a lease id, a label, a hold...).
@@ -125,6 +130,74 @@ pub fn mark<N: Clone + Eq + Hash>(
     Marked { via }
 }
 
+/// Reachability without paths: the marked set of a collection, as compact keys.
+#[derive(Debug)]
+pub struct Reach<K: Eq + Hash> {
+    seen: HashSet<K>,
+}
+
+impl<K: Eq + Hash> Default for Reach<K> {
+    fn default() -> Self {
+        Self {
+            seen: HashSet::new(),
+        }
+    }
+}
+
+impl<K: Eq + Hash> Reach<K> {
+    pub fn contains(&self, k: &K) -> bool {
+        self.seen.contains(k)
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// Marks `n` alone, without following its edges; true when it was not marked before.
+    pub fn mark_flat(&mut self, k: K) -> bool {
+        self.seen.insert(k)
+    }
+
+    /// Marks `start` and everything reachable from it. `children` is given up to `batch`
+    /// nodes at a time and returns each one's children, in the same order; its first error
+    /// stops the walk (what was marked so far stays marked). `on_new` sees every node marked
+    /// by this call, once. The frontier is a stack, so a long chain is walked without
+    /// recursion and the frontier holds at most the unexpanded children of the nodes on it.
+    pub fn mark<N, E>(
+        &mut self,
+        start: impl IntoIterator<Item = N>,
+        key: impl Fn(&N) -> K,
+        batch: usize,
+        mut children: impl FnMut(&[N]) -> Result<Vec<Vec<N>>, E>,
+        mut on_new: impl FnMut(&N),
+    ) -> Result<(), E> {
+        let mut stack: Vec<N> = Vec::new();
+        for n in start {
+            if self.seen.insert(key(&n)) {
+                on_new(&n);
+                stack.push(n);
+            }
+        }
+        let batch = batch.max(1);
+        while !stack.is_empty() {
+            let take = stack.len().saturating_sub(batch);
+            let expand = stack.split_off(take);
+            let kids = children(&expand)?;
+            for c in kids.into_iter().flatten() {
+                if self.seen.insert(key(&c)) {
+                    on_new(&c);
+                    stack.push(c);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The unmarked nodes of `all`, in batches of at most `batch`.
 pub fn sweep_batches<N: Clone + Eq + Hash>(
     all: impl IntoIterator<Item = N>,
@@ -195,7 +268,74 @@ mod tests {
         assert_eq!(m.explain(&11).unwrap().0, "new image");
     }
 
+    #[test]
+    fn reach_walks_long_chains_in_batches_and_stops_on_error() {
+        let n = 100_000u32;
+        let mut r: Reach<u32> = Reach::default();
+        let mut calls = 0;
+        let mut new = 0;
+        r.mark(
+            [0u32],
+            |x| *x,
+            64,
+            |xs: &[u32]| {
+                calls += 1;
+                assert!(xs.len() <= 64);
+                Ok::<_, ()>(
+                    xs.iter()
+                        .map(|x| if *x < n { vec![x + 1] } else { vec![] })
+                        .collect(),
+                )
+            },
+            |_| new += 1,
+        )
+        .unwrap();
+        assert_eq!((r.len() as u32, new as u32), (n + 1, n + 1));
+        assert!(calls > 0);
+        let mut r: Reach<u32> = Reach::default();
+        let e = r.mark([1u32, 2], |x| *x, 1, |_: &[u32]| Err("boom"), |_| {});
+        assert_eq!(e, Err("boom"));
+        assert!(r.mark_flat(7) && !r.mark_flat(7));
+    }
+
     proptest! {
+        #[test]
+        fn reach_marks_what_mark_marks(
+            edges in proptest::collection::vec((0u32..60, 0u32..60), 0..200),
+            roots in proptest::collection::vec(0u32..60, 0..5),
+            later in proptest::collection::vec(0u32..60, 0..3),
+            batch in 1usize..9,
+        ) {
+            let g = graph(&edges);
+            let kids = |xs: &[u32]| Ok::<_, ()>(xs.iter().map(|n| g.get(n).cloned().unwrap_or_default()).collect());
+            let mut m = mark(roots.iter().map(|r| (*r, String::new())), |n| g.get(n).cloned().unwrap_or_default());
+            let mut r: Reach<u32> = Reach::default();
+            let mut first = Vec::new();
+            r.mark(roots.iter().copied(), |x| *x, batch, kids, |x| first.push(*x)).unwrap();
+            for l in &later {
+                let before = r.len();
+                let mut added = Vec::new();
+                r.mark([*l], |x| *x, batch, kids, |x| added.push(*x)).unwrap();
+                let expect = m.mark_more(*l, String::new(), |n| g.get(n).cloned().unwrap_or_default());
+                added.sort();
+                let mut expect = expect;
+                expect.sort();
+                prop_assert_eq!(&added, &expect);
+                prop_assert_eq!(r.len(), before + added.len());
+            }
+            // Each node is reported once, and exactly the roots' reach is.
+            let reported = first.len();
+            first.sort();
+            first.dedup();
+            prop_assert_eq!(first.len(), reported);
+            let mut reached: Vec<u32> = mark(roots.iter().map(|r| (*r, String::new())), |n| g.get(n).cloned().unwrap_or_default()).nodes().copied().collect();
+            reached.sort();
+            prop_assert_eq!(first, reached);
+            for n in 0..60u32 {
+                prop_assert_eq!(r.contains(&n), m.contains(&n));
+            }
+        }
+
         #[test]
         fn marked_is_exactly_the_reachable_set(
             edges in proptest::collection::vec((0u32..60, 0u32..60), 0..200),

@@ -115,6 +115,37 @@ impl Batch {
 /// Visitor for [`Kv::scan`]: return `false` to stop.
 pub type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> bool;
 
+/// Visitor for [`Kv::scan_prefixes`]: the prefix's index, then the entry.
+pub type PrefixVisit<'a> = &'a mut dyn FnMut(usize, &[u8], &[u8]) -> bool;
+
+/// Owned entries of one page of a scan.
+pub type Page = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Visits `cf` in pages of at most `page` entries. No storage iterator is open while `f`
+/// runs, so `f` may read and write the store; entries it adds or removes past the page
+/// are seen or not as the resumed scan finds them. `f` returns false to stop.
+pub fn for_each_page(
+    kv: &dyn Kv,
+    cf: Cf,
+    page: usize,
+    f: &mut dyn FnMut(Page) -> Result<bool>,
+) -> Result<()> {
+    let mut from: Vec<u8> = Vec::new();
+    loop {
+        let items = collect(kv, cf, &from, &[], page.max(1))?;
+        let full = items.len() >= page.max(1);
+        let Some(last) = items.last() else {
+            return Ok(());
+        };
+        // The smallest key after `last`.
+        from = last.0.clone();
+        from.push(0);
+        if !f(items)? || !full {
+            return Ok(());
+        }
+    }
+}
+
 pub trait Kv: Send + Sync + 'static {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
     /// The entry with the greatest key `<= key` and `>= lower`, if any.
@@ -132,6 +163,23 @@ pub trait Kv: Send + Sync + 'static {
         end: &[u8],
         visit: Visit<'_>,
     ) -> Result<()>;
+    /// Visits every entry whose key starts with one of `prefixes` (sorted ascending, so one
+    /// forward iterator can serve them all), as `visit(index of the prefix, key, value)`.
+    /// `visit` returns false to stop the whole walk. Prefixes that are themselves prefixes of
+    /// one another each see their entries.
+    fn scan_prefixes(&self, cf: Cf, prefixes: &[&[u8]], visit: PrefixVisit<'_>) -> Result<()> {
+        for (i, p) in prefixes.iter().enumerate() {
+            let mut go = true;
+            self.scan(cf, p, &prefix_end(p), &mut |k, v| {
+                go = visit(i, k, v);
+                go
+            })?;
+            if !go {
+                break;
+            }
+        }
+        Ok(())
+    }
     /// Applies `batch` atomically. With `sync`, it (and everything written before it) is on
     /// stable storage when this returns.
     fn write(&self, batch: Batch, sync: bool) -> Result<()>;
@@ -220,6 +268,46 @@ pub(crate) mod tests {
                 .len(),
             11
         );
+
+        // scan_prefixes: each prefix's entries, in order, with its index; early stop
+        let mut seen = Vec::new();
+        kv.scan_prefixes(
+            Cf::Chunks,
+            &[&[7, 2], &[7, 4], &[8], &[9]],
+            &mut |i, k, _| {
+                seen.push((i, k.to_vec()));
+                true
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            seen,
+            vec![(0, vec![7, 2]), (1, vec![7, 4]), (2, vec![8, 0])]
+        );
+        let mut n = 0;
+        kv.scan_prefixes(Cf::Chunks, &[&[7], &[8]], &mut |_, _, _| {
+            n += 1;
+            n < 4
+        })
+        .unwrap();
+        assert_eq!(n, 4);
+        let mut seen = Vec::new();
+        kv.scan_prefixes(Cf::Chunks, &[&[7], &[7, 9]], &mut |i, k, _| {
+            seen.push((i, k.to_vec()));
+            true
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 11);
+        assert_eq!(seen[10], (1, vec![7, 9]));
+
+        // for_each_page: every entry once, in order, in pages
+        let mut pages = Vec::new();
+        for_each_page(kv, Cf::Chunks, 4, &mut |p| {
+            pages.push(p.len());
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(pages, vec![4, 4, 3]);
 
         // floor respects the lower bound
         assert_eq!(

@@ -297,6 +297,41 @@ impl Kv for RocksKv {
         it.status().map_err(io)
     }
 
+    fn scan_prefixes(
+        &self,
+        cf: Cf,
+        prefixes: &[&[u8]],
+        visit: crate::kv::PrefixVisit<'_>,
+    ) -> Result<()> {
+        // One iterator seeks forward through the sorted prefixes: the per-lookup cost of a
+        // collection's edge walk is a seek, not an iterator's setup.
+        let (Some(first), Some(last)) = (prefixes.first(), prefixes.last()) else {
+            return Ok(());
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(first.to_vec());
+        let end = crate::kv::prefix_end(last);
+        if !end.is_empty() {
+            ro.set_iterate_upper_bound(end);
+        }
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
+        for (i, p) in prefixes.iter().enumerate() {
+            it.seek(p);
+            while it.valid() {
+                let k = it.key().expect("valid");
+                if !k.starts_with(p) {
+                    break;
+                }
+                if !visit(i, k, it.value().expect("valid")) {
+                    return Ok(());
+                }
+                it.next();
+            }
+            it.status().map_err(io)?;
+        }
+        Ok(())
+    }
+
     fn scan_from_floor(
         &self,
         cf: Cf,

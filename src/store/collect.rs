@@ -13,9 +13,16 @@
 //! writing one bounded batch at a time, first marks everything recorded in the barrier (and
 //! all it reaches), then re-checks each candidate. So a write either lands before a batch
 //! (and its targets are marked) or after it (and it never referred to anything swept, since
-//! what it refers to was either marked or already gone before it looked).
+//! what it refers to was either marked or already gone before it looked). A recorded node
+//! that was marked already is expanded again: its edges or labels may be what changed.
+//!
+//! Memory: the collector never holds a column family. Roots and sweep candidates are read a
+//! page at a time, children are looked up a batch at a time (sorted seeks through one
+//! iterator), and marks are 128-bit fingerprints, so a collection holds ~40 bytes per live
+//! (scope, blob) pair plus constant buffers, whatever the store's size.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -32,19 +39,47 @@ use crate::kv::{Batch, Cf};
 /// A (scope, blob) pair: scope prefix (tag ‖ name ‖ 0) followed by the digest key.
 pub type Node = Vec<u8>;
 
-/// Roots with the reason each is one.
+/// Roots with the reason each is one (empty when the caller does not need it).
 type Roots = Vec<(Node, String)>;
-/// Every link, as sweep candidates.
-type Links = Vec<(Node, LinkRecord)>;
-
-/// Parent digest key → (edge key, child digest key, role).
-type EdgeMap = HashMap<Vec<u8>, Vec<(Vec<u8>, Vec<u8>, graph::Role)>>;
-
-/// What marking yields: the marks, every link, every edge, and the expired leases.
-type MarkResult = (Marked<Node>, Links, EdgeMap, Vec<(Scope, String)>);
 
 /// Links swept per batch: bounds how long any writer can wait on the collector.
 const SWEEP_BATCH: usize = 256;
+
+/// Entries read per page of a scan (roots, sweep candidates): what a collection holds of a
+/// column family at once.
+const PAGE: usize = 4096;
+
+/// Nodes whose children are looked up together (one iterator, sorted seeks).
+const WALK_BATCH: usize = 512;
+
+/// Swept digests a report lists (in digest order); the counts are always exact.
+pub const SWEPT_LISTED: usize = 10_000;
+
+/// 128-bit fingerprints of node and digest keys, from two differently and randomly keyed
+/// SipHashes (fresh keys for every collection). The collector's marked sets hold these
+/// instead of the keys, so its memory is ~20 bytes per live node whatever the key length.
+/// Two keys sharing a fingerprint would make the walk take the second for walked already, so
+/// the odds matter: about n²/2¹²⁹ for n marked keys (10⁻²⁵ at ten million), and with secret
+/// keys no client can aim for one.
+struct Fingerprints(RandomState, RandomState);
+
+impl Fingerprints {
+    fn new() -> Self {
+        Self(RandomState::new(), RandomState::new())
+    }
+    fn of(&self, key: &[u8]) -> u128 {
+        (u128::from(self.0.hash_one(key)) << 64) | u128::from(self.1.hash_one(key))
+    }
+}
+
+/// A collection's marks: (scope, blob) nodes reached, digests reached in any scope (a blob
+/// goes when no scope reaches it), and the links whose labels name more content.
+struct Marks {
+    fp: Fingerprints,
+    nodes: gc::Reach<u128>,
+    live: HashSet<u128>,
+    labelled: HashSet<u128>,
+}
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GcReport {
@@ -135,27 +170,102 @@ impl Store {
         self.gc_wake.notified().await
     }
 
-    /// What a node reaches, for the write barrier. Every read error and every damaged record
-    /// is an error: a collection that cannot see an edge must not sweep what it protects.
-    fn children_of(&self, n: &Node) -> Result<Vec<Node>> {
-        let (scope, d) = split(n).ok_or_else(|| super::corrupt_record("barrier", n, None))?;
-        let mut out: Vec<Node> = self
-            .children(&d)?
-            .into_iter()
-            .filter(|e| e.role.keeps_alive())
-            .map(|e| node(&scope, &e.to))
+    /// The children of a batch of nodes, in order: descriptor edges that keep a child alive
+    /// (one forward seek per distinct blob, all through one iterator) and the
+    /// `gc.ref.content*` labels of each node's link. With `labelled`, only the links it names
+    /// are read (the mark phase builds it from a full scan); without, every node's link is
+    /// (the write barrier: labels may have changed since that scan). Every read error and
+    /// every damaged record is an error: a collection that cannot see an edge must not sweep
+    /// what it protects.
+    fn children_batch(
+        &self,
+        nodes: &[Node],
+        labelled: Option<(&Fingerprints, &HashSet<u128>)>,
+    ) -> Result<Vec<Vec<Node>>> {
+        let nul: Vec<Option<usize>> = nodes
+            .iter()
+            .map(|n| n.iter().position(|b| *b == 0))
             .collect();
-        if let Some(link) = self.link(&scope, &d)? {
-            out.extend(
-                graph::label_refs(&link.labels)
+        let mut dks: Vec<&[u8]> = nodes
+            .iter()
+            .zip(&nul)
+            .filter_map(|(n, p)| p.map(|p| &n[p + 1..]))
+            .collect();
+        dks.sort_unstable();
+        dks.dedup();
+        let mut kids: Vec<Vec<Vec<u8>>> = vec![Vec::new(); dks.len()];
+        let mut bad = None;
+        self.kv.scan_prefixes(Cf::Edges, &dks, &mut |i, k, _| {
+            let rest = &k[dks[i].len()..];
+            match super::keys::split_edge_rest(rest) {
+                Some((role, _, _)) => {
+                    if role.keeps_alive() {
+                        kids[i].push(rest[5..].to_vec());
+                    }
+                    true
+                }
+                None => {
+                    bad = Some(super::corrupt_record("edges", k, None));
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
+        let mut out = Vec::with_capacity(nodes.len());
+        for (n, p) in nodes.iter().zip(&nul) {
+            let Some(p) = *p else {
+                out.push(Vec::new());
+                continue;
+            };
+            let (prefix, dk) = (&n[..=p], &n[p + 1..]);
+            let mut c: Vec<Node> = match dks.binary_search(&dk) {
+                Ok(i) => kids[i]
                     .iter()
-                    .map(|c| node(&scope, c)),
-            );
+                    .map(|child| [prefix, &child[..]].concat())
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            let read_labels = labelled.is_none_or(|(fp, set)| set.contains(&fp.of(n)));
+            if read_labels && let Some(v) = self.kv.get(Cf::Links, n)? {
+                let link = LinkRecord::decode(&v[..])
+                    .map_err(|e| super::corrupt_record("links", n, Some(e)))?;
+                c.extend(
+                    graph::label_refs(&link.labels)
+                        .iter()
+                        .map(|d| [prefix, &d.key()[..]].concat()),
+                );
+            }
+            out.push(c);
         }
         Ok(out)
     }
 
-    /// Roots and every link (as sweep candidates, with its size and creation time).
+    /// Marks `start` and all it reaches. `fresh` reads every walked node's labels instead of
+    /// trusting the set the mark phase began with (see [`Store::children_batch`]).
+    fn mark_from(&self, m: &mut Marks, start: Vec<Node>, fresh: bool) -> Result<()> {
+        let Marks {
+            fp,
+            nodes,
+            live,
+            labelled,
+        } = m;
+        let fp = &*fp;
+        let labelled = (!fresh).then_some((fp, &*labelled));
+        nodes.mark(
+            start,
+            |n| fp.of(n),
+            WALK_BATCH,
+            |ns| self.children_batch(ns, labelled),
+            |n| {
+                if let Some(p) = n.iter().position(|b| *b == 0) {
+                    live.insert(fp.of(&n[p + 1..]));
+                }
+            },
+        )
+    }
+
     /// Unexpired leases' content as roots (flat ones separately: not followed), and the
     /// expired leases, which the sweep deletes.
     #[allow(clippy::type_complexity)]
@@ -178,162 +288,180 @@ impl Store {
         Ok((deep, flat, expired))
     }
 
-    fn roots(&self, now: i64) -> Result<(Roots, Links)> {
-        let mut roots = Vec::new();
-        let mut links = Vec::new();
-        let mut bad = None;
+    /// Hands every root to `f`, a page at a time, with no storage iterator open while `f`
+    /// runs: backend tenant holds, links labelled `containerd.io/gc.root` or younger than the
+    /// grace period, image targets and their label refs, shared ingests, and unexpired deep
+    /// leases' content. Returns flat leases' content (marked without their edges) and the
+    /// expired leases. `reasons` describes each root (for explain; the collector skips the
+    /// cost).
+    #[allow(clippy::type_complexity)]
+    fn for_each_root(
+        &self,
+        now: i64,
+        reasons: bool,
+        f: &mut dyn FnMut(Roots) -> Result<()>,
+    ) -> Result<(Roots, Vec<(Scope, String)>)> {
+        let why = |r: &dyn Fn() -> String| if reasons { r() } else { String::new() };
         // An eviction (the disk past its high watermark) keeps only what is really reachable.
         let grace = if self.evicting.load(Ordering::Relaxed) {
             0
         } else {
             self.gc_grace_ns
         };
-        self.kv.scan(Cf::Links, &[], &[], &mut |k, v| {
-            let (link, scope) = match (LinkRecord::decode(v), split(k)) {
-                (Ok(link), Some((scope, _))) => (link, scope),
-                (r, _) => {
-                    bad = Some(super::corrupt_record("links", k, r.err()));
-                    return false;
-                }
-            };
-            {
-                match &scope {
-                    Scope::Tenant(t) => {
-                        roots.push((k.to_vec(), format!("held by backend tenant {t:?}")))
+        crate::kv::for_each_page(&*self.kv, Cf::Links, PAGE, &mut |page| {
+            let mut roots = Vec::new();
+            for (k, v) in page {
+                let (link, scope) = match (LinkRecord::decode(&v[..]), split(&k)) {
+                    (Ok(link), Some((scope, _))) => (link, scope),
+                    (r, _) => return Err(super::corrupt_record("links", &k, r.err())),
+                };
+                let reason = match &scope {
+                    Scope::Tenant(t) => why(&|| format!("held by backend tenant {t:?}")),
+                    Scope::Namespace(ns) if graph::is_gc_root(&link.labels) => {
+                        why(&|| format!("label containerd.io/gc.root in namespace {ns:?}"))
                     }
-                    Scope::Namespace(ns) if graph::is_gc_root(&link.labels) => roots.push((
-                        k.to_vec(),
-                        format!("label containerd.io/gc.root in namespace {ns:?}"),
-                    )),
-                    Scope::Namespace(ns) if now - link.created_ns < grace => roots.push((
-                        k.to_vec(),
-                        format!("committed in namespace {ns:?} less than the grace period ago"),
-                    )),
-                    _ => {}
-                }
+                    Scope::Namespace(ns) if now.saturating_sub(link.created_ns) < grace => {
+                        why(&|| {
+                            format!("committed in namespace {ns:?} less than the grace period ago")
+                        })
+                    }
+                    _ => continue,
+                };
+                roots.push((k, reason));
             }
-            links.push((k.to_vec(), link));
-            true
+            f(roots)?;
+            Ok(true)
         })?;
-        if let Some(e) = bad.take() {
-            return Err(e);
-        }
-        for (scope, img) in self.all_images()? {
-            // Targets are validated when an image is written: one that no longer parses is
-            // damage, and the image's content must not be swept because of it.
-            let d = Digest::parse(&img.digest).map_err(|e| {
-                crate::error::Error::data_loss(format!(
-                    "image {:?}: stored target {:?} is damaged: {}",
-                    img.name,
-                    img.digest,
-                    e.message()
-                ))
-            })?;
-            {
-                roots.push((node(&scope, &d), format!("image {:?}", img.name)));
-            }
-            for d in graph::label_refs(&img.labels) {
-                roots.push((node(&scope, &d), format!("label of image {:?}", img.name)));
-            }
-        }
-        self.kv.scan(Cf::Ingests, &[], &[], &mut |k, v| {
-            let (rec, (scope, r)) = match (IngestRecord::decode(v), split_scope(k)) {
-                (Ok(rec), Some(parts)) => (rec, parts),
-                (r, _) => {
-                    bad = Some(super::corrupt_record("ingests", k, r.err()));
-                    return false;
+        crate::kv::for_each_page(&*self.kv, Cf::Images, PAGE, &mut |page| {
+            let mut roots = Vec::new();
+            for (k, v) in page {
+                let (scope, img) = match (split_scope(&k), ImageRecord::decode(&v[..])) {
+                    (Some((scope, _)), Ok(img)) => (scope, img),
+                    (_, r) => return Err(super::corrupt_record("images", &k, r.err())),
+                };
+                // Targets are validated when an image is written: one that no longer parses
+                // is damage, and the image's content must not be swept because of it.
+                let d = Digest::parse(&img.digest).map_err(|e| {
+                    crate::error::Error::data_loss(format!(
+                        "image {:?}: stored target {:?} is damaged: {}",
+                        img.name,
+                        img.digest,
+                        e.message()
+                    ))
+                })?;
+                roots.push((node(&scope, &d), why(&|| format!("image {:?}", img.name))));
+                for d in graph::label_refs(&img.labels) {
+                    roots.push((
+                        node(&scope, &d),
+                        why(&|| format!("label of image {:?}", img.name)),
+                    ));
                 }
-            };
-            if rec.shared.is_empty() {
-                return true;
             }
-            match Digest::parse(&rec.shared) {
-                Ok(d) => roots.push((
+            f(roots)?;
+            Ok(true)
+        })?;
+        crate::kv::for_each_page(&*self.kv, Cf::Ingests, PAGE, &mut |page| {
+            let mut roots = Vec::new();
+            for (k, v) in page {
+                let (rec, (scope, r)) = match (IngestRecord::decode(&v[..]), split_scope(&k)) {
+                    (Ok(rec), Some(parts)) => (rec, parts),
+                    (r, _) => return Err(super::corrupt_record("ingests", &k, r.err())),
+                };
+                if rec.shared.is_empty() {
+                    continue;
+                }
+                let d = Digest::parse(&rec.shared)
+                    .map_err(|_| super::corrupt_record("ingests", &k, None))?;
+                roots.push((
                     node(&scope, &d),
-                    format!("ingest {:?}", String::from_utf8_lossy(r)),
-                )),
-                Err(_) => {
-                    bad = Some(super::corrupt_record("ingests", k, None));
-                    return false;
-                }
+                    why(&|| format!("ingest {:?}", String::from_utf8_lossy(r))),
+                ));
             }
-            true
+            f(roots)?;
+            Ok(true)
         })?;
-        bad.map_or(Ok((roots, links)), Err)
-    }
-
-    /// Every edge, read in one sequential scan: parent digest key → (edge key, child digest
-    /// key, role). Marking then never touches storage per node.
-    fn edge_map(&self) -> Result<EdgeMap> {
-        let mut map: EdgeMap = HashMap::new();
-        let mut bad = None;
-        self.kv.scan(Cf::Edges, &[], &[], &mut |k, _| {
-            let parsed = Digest::from_key(k).and_then(|(_, rest)| {
-                let (role, _, _) = super::keys::split_edge_rest(rest)?;
-                Some((rest, role, rest.get(5..)?))
-            });
-            let Some((rest, role, child)) = parsed else {
-                bad = Some(super::corrupt_record("edges", k, None));
-                return false;
-            };
-            let pk = k[..k.len() - rest.len()].to_vec();
-            map.entry(pk)
-                .or_default()
-                .push((k.to_vec(), child.to_vec(), role));
-            true
-        })?;
-        bad.map_or(Ok(map), Err)
-    }
-
-    fn mark_all(&self, now: i64) -> Result<MarkResult> {
-        let (mut roots, links) = self.roots(now)?;
         let (deep, flat, expired) = self.lease_roots(now)?;
-        roots.extend(deep);
-        let edges = self.edge_map()?;
-        let mut labels: HashMap<&[u8], Vec<Node>> = HashMap::new();
-        for (k, link) in &links {
-            let refs = graph::label_refs(&link.labels);
-            if !refs.is_empty()
-                && let Some(nul) = k.iter().position(|b| *b == 0)
-            {
-                labels.insert(
-                    k,
-                    refs.iter()
-                        .map(|d| [&k[..=nul], &d.key()[..]].concat())
-                        .collect(),
-                );
-            }
-        }
-        let mut marked = gc::mark(roots, |n| {
-            let Some(nul) = n.iter().position(|b| *b == 0) else {
-                return Vec::new();
-            };
-            let (prefix, dk) = (&n[..=nul], &n[nul + 1..]);
-            let mut out: Vec<Node> = edges
-                .get(dk)
-                .into_iter()
-                .flatten()
-                .filter(|e| e.2.keeps_alive())
-                .map(|e| [prefix, &e.1[..]].concat())
-                .collect();
-            if let Some(l) = labels.get(&n[..]) {
-                out.extend(l.iter().cloned());
-            }
-            out
-        });
-        for (n, reason) in flat {
-            marked.mark_flat(n, reason);
-        }
-        Ok((marked, links, edges, expired))
+        f(deep)?;
+        Ok((flat, expired))
     }
 
-    /// Why `d` is alive for `scope`, or when it becomes collectable.
+    /// The fingerprints of links whose labels name more content (`gc.ref.content*`).
+    fn labelled_links(&self, fp: &Fingerprints) -> Result<HashSet<u128>> {
+        let mut out = HashSet::new();
+        let mut bad = None;
+        self.kv.scan(
+            Cf::Links,
+            &[],
+            &[],
+            &mut |k, v| match LinkRecord::decode(v) {
+                Ok(link) => {
+                    if !graph::label_refs(&link.labels).is_empty() {
+                        out.insert(fp.of(k));
+                    }
+                    true
+                }
+                Err(e) => {
+                    bad = Some(super::corrupt_record("links", k, Some(e)));
+                    false
+                }
+            },
+        )?;
+        bad.map_or(Ok(out), Err)
+    }
+
+    /// The mark phase of a collection: everything reachable from a root, as fingerprints,
+    /// and the expired leases.
+    fn mark_reach(&self, now: i64) -> Result<(Marks, Vec<(Scope, String)>)> {
+        let fp = Fingerprints::new();
+        let labelled = self.labelled_links(&fp)?;
+        let mut m = Marks {
+            fp,
+            nodes: gc::Reach::default(),
+            live: HashSet::new(),
+            labelled,
+        };
+        let (flat, expired) = self.for_each_root(now, false, &mut |roots| {
+            self.mark_from(&mut m, roots.into_iter().map(|(n, _)| n).collect(), false)
+        })?;
+        for (n, _) in flat {
+            if m.nodes.mark_flat(m.fp.of(&n))
+                && let Some(p) = n.iter().position(|b| *b == 0)
+            {
+                m.live.insert(m.fp.of(&n[p + 1..]));
+            }
+        }
+        Ok((m, expired))
+    }
+
+    /// Why `d` is alive for `scope`, or when it becomes collectable. A full walk that keeps
+    /// each marked node's predecessor, so it costs memory in proportion to what is live: a
+    /// diagnostic, not something the collector runs.
     pub fn explain(&self, scope: &Scope, d: &Digest) -> Result<Explanation> {
         let link = self.link(scope, d)?;
         if link.is_none() && self.blob(d)?.is_none() {
             return Err(Self::not_found(d));
         }
-        let (marked, _, _, _) = self.mark_all(now_ns())?;
+        let mut roots = Vec::new();
+        let (flat, _) = self.for_each_root(now_ns(), true, &mut |r| {
+            roots.extend(r);
+            Ok(())
+        })?;
+        let mut failed = None;
+        let mut marked: Marked<Node> = gc::mark(roots, |n| {
+            match self.children_batch(std::slice::from_ref(n), None) {
+                Ok(mut c) => c.pop().unwrap_or_default(),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    Vec::new()
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        for (n, reason) in flat {
+            marked.mark_flat(n, reason);
+        }
         match marked.explain(&node(scope, d)) {
             Some((root, path)) => Ok(Explanation::Alive {
                 root,
@@ -344,7 +472,7 @@ impl Store {
             }),
             None => Ok(Explanation::Unreachable {
                 collectable_after_ns: link
-                    .map(|l| l.created_ns + self.gc_grace_ns)
+                    .map(|l| l.created_ns.saturating_add(self.gc_grace_ns))
                     .unwrap_or(0)
                     .max(now_ns()),
             }),
@@ -419,55 +547,37 @@ impl Store {
     }
 
     fn collect_inner(&self, dry_run: bool, started_ns: i64) -> Result<GcReport> {
-        let (mut marked, links, edges, expired) = self.mark_all(started_ns)?;
-        let mut live: HashSet<Vec<u8>> = marked
-            .nodes()
-            .filter_map(|n| split(n).map(|(_, d)| d.key()))
-            .collect();
+        let (mut m, expired) = self.mark_reach(started_ns)?;
+        #[cfg(test)]
+        if let Some(hook) = self.after_mark.lock().take() {
+            hook();
+        }
         let mut report = GcReport {
             dry_run,
             started_ns,
             ..Default::default()
         };
-        // Every stored blob, as the second sweep's candidates.
-        let mut blobs: Vec<Vec<u8>> = Vec::new();
-        self.kv.scan(Cf::Blobs, &[], &[], &mut |k, _| {
-            blobs.push(k.to_vec());
-            true
-        })?;
 
-        // Write barrier: whatever was written since the mark is marked now, with all it
-        // reaches. Called with `gc_gate` held for writing.
-        let drain = |marked: &mut Marked<Node>, live: &mut HashSet<Vec<u8>>| -> Result<()> {
+        // Write barrier: whatever was written since the mark began is marked now, with all it
+        // reaches. A recorded node may be marked already but have new edges or labels (a
+        // label update, a dedupe commit repairing edges), so its children are read afresh
+        // rather than trusting the mark.
+        let drain = |m: &mut Marks| -> Result<()> {
             let recorded = self
                 .barrier
                 .lock()
                 .as_mut()
                 .map(std::mem::take)
                 .unwrap_or_default();
-            for n in recorded {
-                // The marker is pure and takes an infallible `children`; the first failure is
-                // kept and the collection stops on it before anything more is swept.
-                let mut failed = None;
-                let added = marked.mark_more(n, "written during the collection".into(), |n| {
-                    match self.children_of(n) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            failed.get_or_insert(e);
-                            Vec::new()
-                        }
-                    }
-                });
-                if let Some(e) = failed {
-                    return Err(e);
-                }
-                for added in added {
-                    if let Some((_, d)) = split(&added) {
-                        live.insert(d.key());
-                    }
-                }
+            if recorded.is_empty() {
+                return Ok(());
             }
-            Ok(())
+            let kids = self.children_batch(&recorded, None)?;
+            let start: Vec<Node> = recorded
+                .into_iter()
+                .chain(kids.into_iter().flatten())
+                .collect();
+            self.mark_from(m, start, true)
         };
 
         // Expired leases go by the clock.
@@ -481,96 +591,122 @@ impl Store {
 
         report.ingests_expired = self.expire_ingests(started_ns, dry_run)?;
 
-        // Sweep 1: links nothing reaches.
-        let candidates: Vec<&Node> = links
-            .iter()
-            .map(|(k, _)| k)
-            .filter(|k| !marked.contains(*k))
-            .collect();
-        for batch in candidates.chunks(SWEEP_BATCH) {
-            // Most of the barrier is marked before taking the gate, so a writer only ever
-            // waits for what arrived in the last moment plus one bounded batch.
-            drain(&mut marked, &mut live)?;
-            let pause = Instant::now();
-            let _gate = self.gc_gate.write();
-            drain(&mut marked, &mut live)?;
-            let mut b = Batch::new();
-            let mut uncount: Vec<(Scope, i64)> = Vec::new();
-            for k in batch {
-                let Some((scope, d)) = split(k) else { continue };
-                // Rescued by the barrier? (One created or replaced meanwhile is in the
-                // barrier, so marked.)
-                if marked.contains(*k) {
-                    continue;
+        // Sweep 1: links nothing reaches, a page of the links at a time.
+        crate::kv::for_each_page(&*self.kv, Cf::Links, PAGE, &mut |page| {
+            let candidates: Vec<Node> = page
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| !m.nodes.contains(&m.fp.of(k)))
+                .collect();
+            for batch in candidates.chunks(SWEEP_BATCH) {
+                // Most of the barrier is marked before taking the gate, so a writer only ever
+                // waits for what arrived in the last moment plus one bounded batch.
+                drain(&mut m)?;
+                let pause = Instant::now();
+                let _gate = self.gc_gate.write();
+                drain(&mut m)?;
+                let mut b = Batch::new();
+                let mut uncount: Vec<(Scope, i64)> = Vec::new();
+                for k in batch {
+                    let Some((scope, d)) = split(k) else { continue };
+                    // Rescued by the barrier? (One created or replaced meanwhile is in the
+                    // barrier, so marked.)
+                    if m.nodes.contains(&m.fp.of(k)) {
+                        continue;
+                    }
+                    // Deleted meanwhile? Then it was uncounted already. Deletes take the gate
+                    // for reading, so nothing changes between this check and the write below.
+                    let Some(v) = self.kv.get(Cf::Links, k)? else {
+                        continue;
+                    };
+                    let size = LinkRecord::decode(&v[..])
+                        .map_err(|e| super::corrupt_record("links", k, Some(e)))?
+                        .size;
+                    b.delete(Cf::Links, k.clone());
+                    b.delete(Cf::Owners, owner_key(&d, &scope));
+                    uncount.push((scope, size));
+                    report.links_swept += 1;
                 }
-                // Deleted meanwhile? Then it was uncounted already. Deletes take the gate
-                // for reading, so nothing changes between this check and the write below.
-                let Some(v) = self.kv.get(Cf::Links, k)? else {
-                    continue;
-                };
-                let size = LinkRecord::decode(&v[..])
-                    .map_err(|e| super::corrupt_record("links", k, Some(e)))?
-                    .size;
-                b.delete(Cf::Links, (*k).clone());
-                b.delete(Cf::Owners, owner_key(&d, &scope));
-                uncount.push((scope, size));
-                report.links_swept += 1;
-            }
-            if !dry_run && !b.is_empty() {
-                self.kv.write(b, false)?;
-                for (scope, size) in uncount {
-                    self.usage_add(&scope, -size);
+                if !dry_run && !b.is_empty() {
+                    self.kv.write(b, false)?;
+                    for (scope, size) in uncount {
+                        self.usage_add(&scope, -size);
+                    }
                 }
+                report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
             }
-            report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
-        }
+            Ok(true)
+        })?;
 
-        // Sweep 2: blobs no scope marks.
-        let candidates: Vec<&Vec<u8>> = blobs.iter().filter(|dk| !live.contains(*dk)).collect();
-        for batch in candidates.chunks(SWEEP_BATCH) {
-            drain(&mut marked, &mut live)?;
-            // Blob records are read before the gate is taken: only the collector removes
-            // them (one collection at a time), so they cannot change meanwhile, and the
-            // pause a writer may see is just the batch write.
-            let mut records = Vec::with_capacity(batch.len());
-            for dk in batch {
-                let Some((d, _)) = Digest::from_key(dk) else {
-                    continue;
-                };
-                if let Some(blob) = self.blob(&d)? {
-                    records.push((*dk, d, blob));
+        // Sweep 2: blobs no scope marks, a page of the blobs at a time.
+        crate::kv::for_each_page(&*self.kv, Cf::Blobs, PAGE, &mut |page| {
+            let candidates: Vec<Vec<u8>> = page
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|dk| !m.live.contains(&m.fp.of(dk)))
+                .collect();
+            for batch in candidates.chunks(SWEEP_BATCH) {
+                drain(&mut m)?;
+                // Records and edges are read before the gate is taken: only the collector
+                // removes a blob (one collection at a time), and a commit that adds edges to
+                // one (a dedupe commit repairing them) is in the barrier, so that blob is
+                // marked below and kept. The pause a writer may see is just the batch write.
+                let mut records = Vec::with_capacity(batch.len());
+                for dk in batch {
+                    let Some((d, _)) = Digest::from_key(dk) else {
+                        continue;
+                    };
+                    if let Some(blob) = self.blob(&d)? {
+                        records.push((dk, d, blob, Vec::new()));
+                    }
                 }
-            }
-            let pause = Instant::now();
-            let _gate = self.gc_gate.write();
-            drain(&mut marked, &mut live)?;
-            let mut b = Batch::new();
-            for (dk, d, blob) in records {
-                // Unmarked in every scope means every link it had was swept above, and any
-                // link made since is in the barrier, hence marked.
-                if live.contains(dk) {
-                    continue;
+                let prefixes: Vec<&[u8]> = records.iter().map(|r| &r.0[..]).collect();
+                let mut edge_keys: Vec<Vec<Vec<u8>>> = vec![Vec::new(); prefixes.len()];
+                self.kv
+                    .scan_prefixes(Cf::Edges, &prefixes, &mut |i, k, _| {
+                        edge_keys[i].push(k.to_vec());
+                        true
+                    })?;
+                for (r, keys) in records.iter_mut().zip(edge_keys) {
+                    r.3 = keys;
                 }
-                let (from, to) = extent_range(blob.extent);
-                b.delete(Cf::Blobs, (*dk).clone());
-                b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
-                for (ek, child, role) in edges.get(dk).into_iter().flatten() {
-                    b.delete(Cf::Edges, ek.clone());
-                    b.delete(
-                        Cf::Parents,
-                        [&child[..], &dk[..], &[role.code()][..]].concat(),
-                    );
+                let pause = Instant::now();
+                let _gate = self.gc_gate.write();
+                drain(&mut m)?;
+                let mut b = Batch::new();
+                for (dk, d, blob, edge_keys) in records {
+                    // Unmarked in every scope means every link it had was swept above, and any
+                    // link made since is in the barrier, hence marked.
+                    if m.live.contains(&m.fp.of(dk)) {
+                        continue;
+                    }
+                    let (from, to) = extent_range(blob.extent);
+                    b.delete(Cf::Blobs, dk.clone());
+                    b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+                    for ek in edge_keys {
+                        let rest = &ek[dk.len()..];
+                        if let Some((role, _, _)) = super::keys::split_edge_rest(rest) {
+                            b.delete(
+                                Cf::Parents,
+                                [&rest[5..], &dk[..], &[role.code()][..]].concat(),
+                            );
+                        }
+                        b.delete(Cf::Edges, ek);
+                    }
+                    report.blobs_swept += 1;
+                    report.bytes_swept += blob.size;
+                    if report.swept.len() < SWEPT_LISTED {
+                        report.swept.push(d);
+                    }
                 }
-                report.blobs_swept += 1;
-                report.bytes_swept += blob.size;
-                report.swept.push(d);
+                if !dry_run && !b.is_empty() {
+                    self.kv.write(b, false)?;
+                }
+                report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
             }
-            if !dry_run && !b.is_empty() {
-                self.kv.write(b, false)?;
-            }
-            report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
-        }
-        report.marked = marked.len() as i64;
+            Ok(true)
+        })?;
+        report.marked = m.nodes.len() as i64;
         report.swept.sort();
         Ok(report)
     }

@@ -179,11 +179,4 @@ impl Store {
         self.note_deletion();
         Ok(())
     }
-
-    /// Every image of every scope, for the collector's roots.
-    pub(super) fn all_images(&self) -> Result<Vec<(Scope, ImageRecord)>> {
-        let mut out = Vec::new();
-        self.scan_scoped(Cf::Images, "images", |scope, img| out.push((scope, img)))?;
-        Ok(out)
-    }
 }

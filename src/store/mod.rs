@@ -287,6 +287,10 @@ pub struct Store {
     live: Mutex<HashMap<Digest, Vec<Arc<LiveIngest>>>>,
     gc_grace_ns: i64,
     ingest_expiry_ns: i64,
+    /// Runs once between a collection's mark and its sweep: lets a test write at the moment
+    /// the write barrier exists for.
+    #[cfg(test)]
+    pub(crate) after_mark: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// Store settings.
@@ -377,6 +381,8 @@ impl Store {
             max_document: config.max_document,
             gc_grace_ns: config.gc_grace.as_nanos().min(i64::MAX as u128) as i64,
             ingest_expiry_ns: config.ingest_expiry.as_nanos().min(i64::MAX as u128) as i64,
+            #[cfg(test)]
+            after_mark: Mutex::new(None),
         });
         store.count_blobs()?;
         *store.usage.lock() = store.recount_usage()?;
