@@ -91,13 +91,16 @@ impl Store {
             created_ns: now_ns(),
             labels,
         };
-        let _gate = self.gc_gate.read();
+        let gate = self.gc_gate.read();
         if self.lease(scope, &id)?.is_some() {
             return Err(Error::exists(format!("lease {id:?}: already exists")));
         }
         let mut b = Batch::new();
         b.put(Cf::Leases, lease_key(scope, &id), rec.encode_to_vec());
-        self.kv.write(b, true)?;
+        self.kv.write(b, false)?;
+        // Synced once the gate is released (see `Store::gc_gate`).
+        drop(gate);
+        self.durable()?;
         if rec.expires_ns().is_some() {
             // The collector re-plans its wake-up around the new expiry.
             self.gc_wake.notify_one();
@@ -140,7 +143,7 @@ impl Store {
     /// Adds a resource to a lease (queued into `b` when given, else written now).
     pub fn add_lease_resource(&self, scope: &Scope, id: &str, kind: &str, rid: &str) -> Result<()> {
         validate_resource(kind, rid)?;
-        let _gate = self.gc_gate.read();
+        let gate = self.gc_gate.read();
         self.require_lease(scope, id)?;
         if kind == "content" {
             self.barrier([super::collect::node(scope, &Digest::parse(rid)?)]);
@@ -152,7 +155,10 @@ impl Store {
             Vec::new(),
         );
         // A lease resource is a root: acknowledged means durable.
-        self.kv.write(b, true)?;
+        self.kv.write(b, false)?;
+        // Synced once the gate is released (see `Store::gc_gate`).
+        drop(gate);
+        self.durable()?;
         self.note_mutation();
         Ok(())
     }
