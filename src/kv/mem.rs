@@ -5,7 +5,7 @@
 //! of what a power loss does to RocksDB as `rocks.rs` uses it, so the simulator can crash the
 //! store at any point:
 //! * a synced logged batch makes it and every logged batch before it durable (the WAL is
-//!   fsynced up to it), and so does a `sync`;
+//!   fsynced up to it);
 //! * an unsynced logged batch survives only if the WAL happened to reach the disk up to it:
 //!   at a crash, a random prefix of the unsynced logged batches survives;
 //! * an unlogged write lives in the memtable only: it survives if the family was flushed
@@ -251,15 +251,6 @@ impl Kv for MemKv {
         Ok(())
     }
 
-    fn sync(&self) -> Result<()> {
-        if let Some(power) = &self.power {
-            let mut p = power.lock();
-            p.sync_logged();
-            p.settle();
-        }
-        Ok(())
-    }
-
     fn flush(&self, cf: Cf) -> Result<()> {
         if let Some(power) = &self.power {
             let mut p = power.lock();
@@ -319,20 +310,6 @@ mod tests {
         put(&kv, b"a", false);
         chunk(&kv, b"c");
         put(&kv, b"b", true);
-        put(&kv, b"lost", false);
-        kv.power_loss(Loss::All);
-        assert!(has(&kv, Cf::Blobs, b"a") && has(&kv, Cf::Blobs, b"b"));
-        assert!(!has(&kv, Cf::Chunks, b"c"));
-        assert!(!has(&kv, Cf::Blobs, b"lost"));
-    }
-
-    #[test]
-    fn a_wal_sync_makes_every_earlier_logged_write_durable() {
-        let kv = MemKv::with_power_loss();
-        put(&kv, b"a", false);
-        chunk(&kv, b"c");
-        put(&kv, b"b", false);
-        kv.sync().unwrap();
         put(&kv, b"lost", false);
         kv.power_loss(Loss::All);
         assert!(has(&kv, Cf::Blobs, b"a") && has(&kv, Cf::Blobs, b"b"));

@@ -183,11 +183,6 @@ pub trait Kv: Send + Sync + 'static {
     /// Applies `batch` atomically. With `sync`, it (and everything written before it) is on
     /// stable storage when this returns.
     fn write(&self, batch: Batch, sync: bool) -> Result<()>;
-    /// Makes every logged write that returned before this call durable (an fsync of the
-    /// write-ahead log). `write(b, false)` then `sync()` is `write(b, true)` except that the
-    /// batch is visible to readers before it is durable, and that the fsync holds no lock of
-    /// the caller's: see `Store::durable`.
-    fn sync(&self) -> Result<()>;
     /// Applies `batch` atomically without the write-ahead log: cheaper for bulk bytes, but
     /// lost by a crash unless a [`Kv::flush`] of its families completes first.
     fn write_unlogged(&self, batch: Batch) -> Result<()>;

@@ -366,12 +366,6 @@ impl Kv for RocksKv {
         self.db.write_opt(self.batch(&batch), &wo).map_err(io)
     }
 
-    fn sync(&self) -> Result<()> {
-        // Without manual WAL flushing every write is in the log file already; this fsyncs it.
-        // Writes may append to the log while it runs.
-        self.db.flush_wal(true).map_err(io)
-    }
-
     fn flush(&self, cf: Cf) -> Result<()> {
         self.db.flush_cf(self.cf(cf)).map_err(io)
     }

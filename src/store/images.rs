@@ -83,7 +83,7 @@ impl Store {
     pub fn create_image(&self, scope: &Scope, mut img: ImageRecord) -> Result<ImageRecord> {
         validate(&img)?;
         let key = image_key(scope, &img.name);
-        let gate = self.gc_gate.read();
+        let _gate = self.gc_gate.read();
         if self.kv.get(Cf::Images, &key)?.is_some() {
             return Err(Error::exists(format!(
                 "image {:?}: already exists",
@@ -95,10 +95,7 @@ impl Store {
         self.barrier_image(scope, &img);
         let mut b = Batch::new();
         b.put(Cf::Images, key, img.encode_to_vec());
-        self.kv.write(b, false)?;
-        // Synced once the gate is released (see `Store::gc_gate`).
-        drop(gate);
-        self.durable()?;
+        self.kv.write(b, true)?;
         self.note_mutation();
         Ok(img)
     }
@@ -112,7 +109,7 @@ impl Store {
         paths: &[String],
     ) -> Result<ImageRecord> {
         let key = image_key(scope, &update.name);
-        let gate = self.gc_gate.read();
+        let _gate = self.gc_gate.read();
         let mut img = self.image(scope, &update.name)?;
         if paths.is_empty() {
             img.labels = update.labels.clone();
@@ -166,10 +163,7 @@ impl Store {
         self.barrier_image(scope, &img);
         let mut b = Batch::new();
         b.put(Cf::Images, key, img.encode_to_vec());
-        self.kv.write(b, false)?;
-        // Synced once the gate is released (see `Store::gc_gate`).
-        drop(gate);
-        self.durable()?;
+        self.kv.write(b, true)?;
         self.note_mutation();
         Ok(img)
     }

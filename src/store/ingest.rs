@@ -891,7 +891,7 @@ impl Writer {
             } else {
                 None
             };
-            // Queued chunk writes go in the same batch as the commit itself.
+            // Queued chunk writes go in the same synced batch as the commit itself.
             let mut b = std::mem::take(&mut self.pending);
             b.ops.append(&mut self.chunks.ops);
             self.chunk_bytes = 0;
@@ -921,7 +921,7 @@ impl Writer {
                     if linked.is_none() {
                         store.put_link(&mut b, &scope, &actual, &link);
                     }
-                    store.kv.write(b, false)?;
+                    store.kv.write(b, true)?;
                     if let (None, Some(r)) = (&linked, reservation) {
                         r.keep();
                     }
@@ -932,7 +932,7 @@ impl Writer {
                     }
                 }
                 None if !rec.shared.is_empty() => {
-                    store.kv.write(b, false)?;
+                    store.kv.write(b, true)?;
                     Err(Error::precondition(format!(
                         "content {actual} was removed while a shared ingest of it was open; write it again"
                     )))
@@ -956,7 +956,7 @@ impl Writer {
                     b.put(Cf::Blobs, actual.key(), blob.encode_to_vec());
                     (link.size, link.extent) = (blob.size, blob.extent);
                     store.put_link(&mut b, &scope, &actual, &link);
-                    store.kv.write(b, false)?;
+                    store.kv.write(b, true)?;
                     if let Some(r) = reservation {
                         r.keep();
                     }
@@ -971,9 +971,6 @@ impl Writer {
                 }
             }
         };
-        // The batch went in unsynced under the gate; it is made durable here, with the gate
-        // released (see `Store::gc_gate`), before anything is acknowledged or announced.
-        let outcome = store.durable().and(outcome);
         *self.guard = None;
         store.release_slot(&self.key);
         self.end_live(match &outcome {

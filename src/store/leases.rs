@@ -91,16 +91,13 @@ impl Store {
             created_ns: now_ns(),
             labels,
         };
-        let gate = self.gc_gate.read();
+        let _gate = self.gc_gate.read();
         if self.lease(scope, &id)?.is_some() {
             return Err(Error::exists(format!("lease {id:?}: already exists")));
         }
         let mut b = Batch::new();
         b.put(Cf::Leases, lease_key(scope, &id), rec.encode_to_vec());
-        self.kv.write(b, false)?;
-        // Synced once the gate is released (see `Store::gc_gate`).
-        drop(gate);
-        self.durable()?;
+        self.kv.write(b, true)?;
         if rec.expires_ns().is_some() {
             // The collector re-plans its wake-up around the new expiry.
             self.gc_wake.notify_one();
@@ -143,7 +140,7 @@ impl Store {
     /// Adds a resource to a lease (queued into `b` when given, else written now).
     pub fn add_lease_resource(&self, scope: &Scope, id: &str, kind: &str, rid: &str) -> Result<()> {
         validate_resource(kind, rid)?;
-        let gate = self.gc_gate.read();
+        let _gate = self.gc_gate.read();
         self.require_lease(scope, id)?;
         if kind == "content" {
             self.barrier([super::collect::node(scope, &Digest::parse(rid)?)]);
@@ -155,10 +152,7 @@ impl Store {
             Vec::new(),
         );
         // A lease resource is a root: acknowledged means durable.
-        self.kv.write(b, false)?;
-        // Synced once the gate is released (see `Store::gc_gate`).
-        drop(gate);
-        self.durable()?;
+        self.kv.write(b, true)?;
         self.note_mutation();
         Ok(())
     }

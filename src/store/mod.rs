@@ -261,13 +261,7 @@ pub struct Store {
     digest_locks: Vec<Mutex<()>>,
     extents: Mutex<Extents>,
     /// The collector's write barrier; see `collect.rs` for the invariant.
-    ///
-    /// Durability invariant: no fsync runs under the gate. A path that writes under it writes
-    /// unsynced, releases it, then calls [`Store::durable`] before it acknowledges. Otherwise
-    /// a collection waiting for the gate waits out someone's fsync, and every writer queues
-    /// behind the collection (measured: 90–170 ms write stalls during a 1M-blob collection).
     gc_gate: parking_lot::RwLock<()>,
-    syncs: Syncs,
     barrier: Mutex<Option<Vec<collect::Node>>>,
     gc_running: Mutex<()>,
     /// Set while an eviction runs (under `gc_running`): the grace period does not apply.
@@ -297,21 +291,6 @@ pub struct Store {
     /// the write barrier exists for.
     #[cfg(test)]
     pub(crate) after_mark: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-/// Group commit for syncs made outside the store's locks (see [`Store::durable`]).
-#[derive(Default)]
-struct Syncs {
-    state: Mutex<SyncState>,
-    done: parking_lot::Condvar,
-}
-
-#[derive(Default)]
-struct SyncState {
-    /// Tickets handed out (one per caller) and the highest ticket a finished sync covers.
-    issued: u64,
-    covered: u64,
-    running: bool,
 }
 
 /// Store settings.
@@ -383,7 +362,6 @@ impl Store {
                 reserved,
             }),
             gc_gate: parking_lot::RwLock::new(()),
-            syncs: Syncs::default(),
             barrier: Mutex::new(None),
             gc_running: Mutex::new(()),
             evicting: Default::default(),
@@ -413,32 +391,6 @@ impl Store {
 
     pub fn kv(&self) -> &Arc<dyn Kv> {
         &self.kv
-    }
-
-    /// Makes every logged write that returned before this call durable. Concurrent callers
-    /// share fsyncs: a sync covers every caller that arrived before it began, and a caller
-    /// that arrives while one runs waits for the next, which one of the waiters starts. A
-    /// failed sync covers no one: each waiter tries its own, so every caller fails closed.
-    pub(crate) fn durable(&self) -> Result<()> {
-        let mut st = self.syncs.state.lock();
-        st.issued += 1;
-        let ticket = st.issued;
-        loop {
-            if st.covered >= ticket {
-                return Ok(());
-            }
-            if st.running {
-                self.syncs.done.wait(&mut st);
-                continue;
-            }
-            st.running = true;
-            let upto = st.issued;
-            let r = parking_lot::MutexGuard::unlocked(&mut st, || self.kv.sync());
-            st.running = false;
-            self.syncs.done.notify_all();
-            r?;
-            st.covered = st.covered.max(upto);
-        }
     }
 
     /// Counts the committed blobs once, at open; commits and sweeps keep the count.
@@ -702,7 +654,7 @@ impl Store {
         }
         link.updated_ns = now_ns();
         let _g = self.digest_lock(d);
-        let gate = self.gc_gate.read();
+        let _gate = self.gc_gate.read();
         if self.link(scope, d)?.is_none() {
             return Err(Self::not_found(d));
         }
@@ -712,10 +664,7 @@ impl Store {
         b.put(Cf::Links, link_key(scope, d), link.encode_to_vec());
         // Labels decide what the collector keeps (gc.root, gc.ref.*): acknowledged means
         // durable.
-        self.kv.write(b, false)?;
-        // Synced once the gate is released (see `Store::gc_gate`).
-        drop(gate);
-        self.durable()?;
+        self.kv.write(b, true)?;
         Ok(Self::info_of(d, &blob, link))
     }
 
@@ -776,17 +725,14 @@ impl Store {
         let _g = self.digest_lock(d);
         // Under the gate too: the sweep checks a link still exists before it removes (and
         // uncounts) it, which only holds if no delete runs between its check and its write.
-        let gate = self.gc_gate.read();
+        let _gate = self.gc_gate.read();
         let Some(link) = self.link(scope, d)? else {
             return Ok(false);
         };
         let mut b = Batch::new();
         b.delete(Cf::Links, link_key(scope, d));
         b.delete(Cf::Owners, owner_key(d, scope));
-        self.kv.write(b, false)?;
-        // Synced once the gate is released (see `Store::gc_gate`).
-        drop(gate);
-        self.durable()?;
+        self.kv.write(b, true)?;
         self.usage_add(scope, -link.size);
         self.note_deletion();
         Ok(true)

@@ -73,7 +73,7 @@ impl Store {
             ));
         }
         let _g = self.digest_lock(d);
-        let gate = self.gc_gate.read();
+        let _gate = self.gc_gate.read();
         if let Some(found) = self.linked(scope, d)? {
             return Ok(Some(found));
         }
@@ -91,10 +91,7 @@ impl Store {
         };
         let mut b = Batch::new();
         self.put_link(&mut b, scope, d, &link);
-        self.kv.write(b, false)?;
-        // Synced once the gate is released (see `Store::gc_gate`).
-        drop(gate);
-        self.durable()?;
+        self.kv.write(b, true)?;
         self.usage_add(scope, blob.size);
         Ok(Some((blob, link)))
     }
