@@ -926,6 +926,10 @@ pub struct GcBench {
     /// The same writer for 5 s before the collection, with nothing else running.
     pub baseline_write_p99_ms: f64,
     pub baseline_write_max_ms: f64,
+    /// This process's RSS just before the collection, and its peak while it ran (sampled
+    /// every 20 ms): the difference is what the collection held.
+    pub rss_before_gc_mib: f64,
+    pub gc_peak_rss_mib: f64,
 }
 
 /// Builds a synthetic store of `blobs` blobs (images of 1 manifest, 1 config and 8 layers;
@@ -1029,10 +1033,17 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = writer("during", stop.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let me = std::process::id();
+    let rss_before_gc_mib = status_kib(me, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+    let sampler = RssSampler::start(Some(me));
     let t = Instant::now();
     let st = store.clone();
     let report = tokio::task::spawn_blocking(move || st.collect(false)).await??;
     let gc_s = t.elapsed().as_secs_f64();
+    let gc_peak_rss_mib = match sampler {
+        Some(s) => s.finish().await,
+        None => 0.0,
+    };
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut lat = writer.await??;
@@ -1051,6 +1062,8 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
         write_max_ms: lat.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
         baseline_write_p99_ms: percentile(&base, 0.99),
         baseline_write_max_ms: base.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
+        rss_before_gc_mib,
+        gc_peak_rss_mib,
     })
 }
 
