@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt as _;
@@ -52,6 +53,8 @@ pub const ORIGIN_LABEL: &str = "contentd.io/registry.origin";
 
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Mirrored repositories whose upstream tag lists are held at once.
+pub const TAG_LISTS: usize = 64;
 /// Blob bytes per body frame.
 const PIECE: usize = 256 << 10;
 /// Upload bodies are gathered to this size before each store write.
@@ -295,7 +298,7 @@ impl Registry {
             Route::Tags { name } => {
                 out.route = "tags";
                 match method {
-                    Method::GET => self.tags(&name, &self.repo(&name, q), q).await,
+                    Method::GET => self.tags(&name, &self.repo(&name, q), q, out).await,
                     _ => not_allowed(),
                 }
             }
@@ -471,11 +474,18 @@ impl Registry {
         }
         .await;
         drop(guard);
-        let mut checks = self.tag_checks.lock();
-        if checks.get(&name).is_some_and(|g| Arc::strong_count(g) <= 2) {
-            checks.remove(&name);
-        }
+        self.release_gate(&name, gate);
         r
+    }
+
+    /// Forgets a single-flight gate nobody else holds or waits on (the map's `Arc` and the
+    /// caller's are the last two).
+    fn release_gate(&self, key: &str, gate: Arc<tokio::sync::Mutex<()>>) {
+        drop(gate);
+        let mut checks = self.tag_checks.lock();
+        if checks.get(key).is_some_and(|g| Arc::strong_count(g) <= 1) {
+            checks.remove(key);
+        }
     }
 
     /// A manifest by digest from upstream. It is held by an image record `<repo>@<digest>`
@@ -1216,7 +1226,13 @@ impl Registry {
 
     // ---- tags and referrers ---------------------------------------------------------------
 
-    async fn tags(&self, name: &str, repo: &Repo, q: Option<&str>) -> Response<Body> {
+    async fn tags(
+        &self,
+        name: &str,
+        repo: &Repo,
+        q: Option<&str>,
+        out: &mut Outcome,
+    ) -> Response<Body> {
         let n = match routes::query_param(q, "n").map(|v| v.parse::<usize>()) {
             None => None,
             Some(Ok(n)) => Some(n),
@@ -1234,18 +1250,41 @@ impl Registry {
         let listed = blocking(move || {
             let f =
                 crate::filter::Filter::parse_all(&[&format!("name~=^{}", regex_escape(&prefix))])?;
-            Ok(store
+            let mut pushed = false;
+            let tags = store
                 .list_images(&scope, &f)?
                 .into_iter()
-                .filter_map(|i| i.name.strip_prefix(&prefix).map(str::to_string))
+                .filter_map(|i| {
+                    pushed |= i.labels.contains_key(ORIGIN_LABEL);
+                    i.name.strip_prefix(&prefix).map(str::to_string)
+                })
                 .filter(|t| routes::tag_ok(t))
-                .collect::<Vec<_>>())
+                .collect::<Vec<_>>();
+            Ok((tags, pushed))
         })
         .await;
-        let mut tags = match listed {
+        let (mut tags, pushed) = match listed {
             Ok(t) => t,
             Err(e) => return from_store(&e, "NAME_UNKNOWN"),
         };
+        // A mirrored repository lists what the upstream has, not only what is cached here;
+        // a repository clients pushed to is ours alone.
+        out.cache = "hit";
+        if let (Some(src), Some(puller), false) = (&repo.upstream, &self.puller, pushed) {
+            match self.upstream_tags(&repo.canonical, src, puller).await {
+                Ok((up, fetched)) => {
+                    if fetched {
+                        out.cache = "miss";
+                    }
+                    tags.extend(up.iter().filter(|t| routes::tag_ok(t)).cloned());
+                }
+                Err(e) if e.is(Kind::NotFound) => {}
+                Err(e) => {
+                    tracing::warn!(repository = %repo.canonical, error = %e, "upstream unreachable: listing the stored tags");
+                    out.cache = "stale";
+                }
+            }
+        }
         if tags.is_empty() {
             return error(
                 StatusCode::NOT_FOUND,
@@ -1254,6 +1293,7 @@ impl Registry {
             );
         }
         tags.sort();
+        tags.dedup();
         if let Some(l) = &last {
             tags.retain(|t| t > l);
         }
@@ -1274,6 +1314,57 @@ impl Registry {
                 format!("</v2/{name}/tags/list?n={n}&last={l}>; rel=\"next\""),
             );
         }
+        r
+    }
+
+    /// A mirrored repository's upstream tag list, from the cache while younger than
+    /// `tag_ttl_secs`; `true` when it was fetched now. One fetch per repository at a time.
+    async fn upstream_tags(
+        &self,
+        canonical: &str,
+        src: &Source,
+        puller: &Arc<crate::upstream::pull::Puller>,
+    ) -> crate::error::Result<(Arc<Vec<String>>, bool)> {
+        let ttl = std::time::Duration::from_secs(self.config.tag_ttl_secs);
+        let cached = || {
+            self.tag_lists
+                .lock()
+                .get(canonical)
+                .filter(|(at, _)| at.elapsed() < ttl)
+                .map(|(_, l)| l.clone())
+        };
+        if let Some(l) = cached() {
+            return Ok((l, false));
+        }
+        // The gate's key cannot be an image name (those have no space).
+        let key = format!("{canonical} tags");
+        let gate = self
+            .tag_checks
+            .lock()
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let guard = gate.lock().await;
+        let r = match cached() {
+            Some(l) => Ok((l, false)),
+            None => puller.upstream().tags(src).await.map(|l| {
+                let l = Arc::new(l);
+                let mut lists = self.tag_lists.lock();
+                lists.retain(|_, (at, _)| at.elapsed() < ttl);
+                if lists.len() >= TAG_LISTS
+                    && let Some(oldest) = lists
+                        .iter()
+                        .min_by_key(|(_, (at, _))| *at)
+                        .map(|(k, _)| k.clone())
+                {
+                    lists.remove(&oldest);
+                }
+                lists.insert(canonical.to_string(), (Instant::now(), l.clone()));
+                (l, true)
+            }),
+        };
+        drop(guard);
+        self.release_gate(&key, gate);
         r
     }
 

@@ -75,6 +75,9 @@ impl Default for RegistryConfig {
 /// The response body type of every route.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, crate::error::Error>;
 
+/// An upstream tag list and when it was fetched.
+type TagList = (Instant, Arc<Vec<String>>);
+
 /// The shared state of the registry listener.
 pub struct Registry {
     store: Arc<Store>,
@@ -86,6 +89,9 @@ pub struct Registry {
     users: Option<Users>,
     /// One upstream check per mirrored tag at a time; the others wait and then find it fresh.
     tag_checks: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Mirrored repositories' upstream tag lists, each fresh for `tag_ttl_secs` (at most
+    /// [`api::TAG_LISTS`] repositories are held).
+    tag_lists: parking_lot::Mutex<HashMap<String, TagList>>,
 }
 
 impl Registry {
@@ -111,6 +117,7 @@ impl Registry {
             max_manifest,
             users,
             tag_checks: Default::default(),
+            tag_lists: Default::default(),
         }))
     }
 

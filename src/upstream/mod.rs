@@ -37,6 +37,11 @@ pub const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.docker.distribution.manifest.v2+json",
 ];
 
+/// Tags asked of an upstream per tag-list request.
+pub const TAG_PAGE: usize = 1000;
+/// The most tags contentd takes from one upstream repository's list.
+pub const MAX_TAGS: usize = 100_000;
+
 /// How to reach one registry host (the `[upstream.registries."HOST"]` table).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -408,6 +413,44 @@ impl Upstream {
         let digest = Digest::parse(&digest)
             .map_err(|e| Error::data_loss(format!("{what}: upstream digest: {e}")))?;
         Ok((body, digest))
+    }
+
+    /// The repository's tags, in pages of [`TAG_PAGE`] (`n`/`last`), at most [`MAX_TAGS`]:
+    /// past that the list is cut short rather than held whole (a warning says so).
+    pub async fn tags(&self, src: &Source) -> Result<Vec<String>> {
+        let what = format!("tag list of {}/{}", src.registry, src.repository);
+        let mut all: Vec<String> = Vec::new();
+        loop {
+            let last = all.last().cloned();
+            let page = self
+                .each_endpoint(&src.registry, &what, |(c, _), ep, auth| {
+                    let r = reference(&ep.host, &src.repository, "latest");
+                    let last = last.clone();
+                    async move {
+                        c.list_tags(&r, &auth, Some(TAG_PAGE), last.as_deref())
+                            .await
+                    }
+                })
+                .await?;
+            // A registry that ignores `last` would repeat its first page forever: only tags
+            // past the previous page count as progress.
+            let before = all.len();
+            all.extend(
+                page.tags
+                    .into_iter()
+                    .filter(|t| last.as_ref().is_none_or(|l| t > l)),
+            );
+            all.sort_unstable();
+            all.dedup();
+            if all.len() == before {
+                return Ok(all);
+            }
+            if all.len() >= MAX_TAGS {
+                tracing::warn!(registry = %src.registry, repository = %src.repository, "the upstream lists more than {MAX_TAGS} tags; the list is cut there");
+                all.truncate(MAX_TAGS);
+                return Ok(all);
+            }
+        }
     }
 
     /// Opens a blob body from `offset` (to the end, or for `length` bytes). A registry that

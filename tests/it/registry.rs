@@ -109,10 +109,14 @@ impl Registry {
         ))
     }
 
+    /// The registry's access log.
+    pub fn log_path(&self) -> PathBuf {
+        self.work.path().join("registry/registry.log")
+    }
+
     /// Completed requests in the access log whose request line contains `needle`.
     pub fn requests(&self, method: &str, needle: &str) -> usize {
-        let log = std::fs::read_to_string(self.work.path().join("registry/registry.log"))
-            .unwrap_or_default();
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let prefix = format!("\"{method} ");
         log.lines()
             .filter(|l| l.contains(&prefix) && l.contains(needle))
