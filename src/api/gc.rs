@@ -35,6 +35,7 @@ fn report_pb(r: GcReport) -> pb::Report {
         swept: r.swept.iter().map(|d| d.to_string()).collect(),
         max_pause_us: r.max_pause_us,
         ingests_expired: r.ingests_expired,
+        sources_swept: r.sources_swept,
     }
 }
 

@@ -921,6 +921,7 @@ fn report_json(r: &gpb::Report) -> serde_json::Value {
         "bytesSwept": r.bytes_swept,
         "linksSwept": r.links_swept,
         "ingestsExpired": r.ingests_expired,
+        "sourcesSwept": r.sources_swept,
         "maxPauseUs": r.max_pause_us,
         "swept": r.swept,
     })
@@ -928,12 +929,13 @@ fn report_json(r: &gpb::Report) -> serde_json::Value {
 
 fn print_report(r: &gpb::Report) {
     println!(
-        "{} {} blobs ({}), {} links, {} ingests in {} ms; {} marked live; longest pause {:.1} ms",
+        "{} {} blobs ({}), {} links, {} ingests, {} upstream sources in {} ms; {} marked live; longest pause {:.1} ms",
         if r.dry_run { "would sweep" } else { "swept" },
         r.blobs_swept,
         human_size(r.bytes_swept),
         r.links_swept,
         r.ingests_expired,
+        r.sources_swept,
         r.duration_ms,
         r.marked,
         r.max_pause_us as f64 / 1e3

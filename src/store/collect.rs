@@ -5,7 +5,8 @@
 //! tenant hold, blobs labelled `containerd.io/gc.root`, image targets (and their
 //! `gc.ref.content*` labels), shared ingests, and links younger than the grace period.
 //! Edges: the descriptor graph recorded at commit (subject edges excluded) and the
-//! `gc.ref.content*` labels of each link. A blob's bytes go when no scope marks it.
+//! `gc.ref.content*` labels of each link. A blob's bytes go when no scope marks it; an
+//! upstream source record goes when its (scope, blob) is unmarked and it is ten minutes old.
 //!
 //! Locking invariant (the write barrier): every path that creates a link, changes labels or
 //! names an image holds `gc_gate` for reading while it checks and writes, and, while a
@@ -44,6 +45,14 @@ type Roots = Vec<(Node, String)>;
 
 /// Links swept per batch: bounds how long any writer can wait on the collector.
 const SWEEP_BATCH: usize = 256;
+/// How long the collector looks for a moment with no writer before queueing for the gate.
+const GATE_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// A source nothing reaches is kept at least this long after it was recorded (or last
+/// refreshed by a pull), whatever the grace period: a pull in flight is about to reach it.
+const SOURCE_MIN_AGE_NS: i64 = 600 * 1_000_000_000;
+/// Blobs up to this size have their chunks deleted key by key; larger ones by one range.
+/// Below the chunk family's blob-file threshold, so finding the keys reads no blob file.
+const POINT_DELETE_MAX: i64 = 16 << 10;
 
 /// Entries read per page of a scan (roots, sweep candidates): what a collection holds of a
 /// column family at once.
@@ -90,6 +99,8 @@ pub struct GcReport {
     pub blobs_swept: i64,
     pub bytes_swept: i64,
     pub links_swept: i64,
+    /// Upstream source records dropped: nothing reaches their blob in their scope.
+    pub sources_swept: i64,
     pub swept: Vec<Digest>,
     pub max_pause_us: i64,
     /// Unleased ingests dropped because nobody wrote to them for the expiry time.
@@ -111,7 +122,33 @@ fn split(n: &[u8]) -> Option<(Scope, Digest)> {
     split_link(n)
 }
 
+/// The keys of a page that `marked` does not hold: a sweep's candidates.
+fn unmarked(page: crate::kv::Page, marked: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+    page.into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| !marked(k))
+        .collect()
+}
+
 impl Store {
+    /// `gc_gate` for writing, taken in a moment when no writer holds it. A writer that
+    /// queued behind a collector that itself waits on a slow commit (an fsync under a busy
+    /// disk) would wait for both; so the collector polls, and so never makes writers wait
+    /// for anything but its own bounded batch. A collector that finds no such moment within
+    /// GATE_POLL queues as a plain writer would, so it cannot starve.
+    fn sweep_gate(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        let t = Instant::now();
+        loop {
+            if let Some(g) = self.gc_gate.try_write() {
+                return g;
+            }
+            if t.elapsed() > GATE_POLL {
+                return self.gc_gate.write();
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+
     /// Records a write for a running collection (call with `gc_gate` held for reading).
     pub(super) fn barrier(&self, nodes: impl IntoIterator<Item = Node>) {
         if let Some(b) = self.barrier.lock().as_mut() {
@@ -508,7 +545,7 @@ impl Store {
         {
             // Opened under the gate: a write in flight when the collection starts has landed
             // (so the scans below see it), and every later one is recorded.
-            let _gate = self.gc_gate.write();
+            let _gate = self.sweep_gate();
             *self.barrier.lock() = Some(Vec::new());
         }
         let result = self.collect_inner(dry_run, started_ns);
@@ -593,17 +630,13 @@ impl Store {
 
         // Sweep 1: links nothing reaches, a page of the links at a time.
         crate::kv::for_each_page(&*self.kv, Cf::Links, PAGE, &mut |page| {
-            let candidates: Vec<Node> = page
-                .into_iter()
-                .map(|(k, _)| k)
-                .filter(|k| !m.nodes.contains(&m.fp.of(k)))
-                .collect();
+            let candidates = unmarked(page, |k| m.nodes.contains(&m.fp.of(k)));
             for batch in candidates.chunks(SWEEP_BATCH) {
                 // Most of the barrier is marked before taking the gate, so a writer only ever
                 // waits for what arrived in the last moment plus one bounded batch.
                 drain(&mut m)?;
+                let _gate = self.sweep_gate();
                 let pause = Instant::now();
-                let _gate = self.gc_gate.write();
                 drain(&mut m)?;
                 let mut b = Batch::new();
                 let mut uncount: Vec<(Scope, i64)> = Vec::new();
@@ -640,11 +673,7 @@ impl Store {
 
         // Sweep 2: blobs no scope marks, a page of the blobs at a time.
         crate::kv::for_each_page(&*self.kv, Cf::Blobs, PAGE, &mut |page| {
-            let candidates: Vec<Vec<u8>> = page
-                .into_iter()
-                .map(|(k, _)| k)
-                .filter(|dk| !m.live.contains(&m.fp.of(dk)))
-                .collect();
+            let candidates = unmarked(page, |dk| m.live.contains(&m.fp.of(dk)));
             for batch in candidates.chunks(SWEEP_BATCH) {
                 drain(&mut m)?;
                 // Records and edges are read before the gate is taken: only the collector
@@ -670,19 +699,48 @@ impl Store {
                 for (r, keys) in records.iter_mut().zip(edge_keys) {
                     r.3 = keys;
                 }
+                // A small blob's chunks are point-deleted, by the keys found here: a range
+                // tombstone per blob made each batch write ~15 ms at 256 blobs, and every
+                // later read of the chunk family pays for tombstones until compaction. Only
+                // values held inline are scanned (no blob-file reads), and a committed
+                // extent gains no chunks, so the keys found here are all of them.
+                let mut small: Vec<([u8; 8], usize)> = records
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.2.size <= POINT_DELETE_MAX)
+                    .map(|(i, r)| (r.2.extent.to_be_bytes(), i))
+                    .collect();
+                small.sort_unstable();
+                let prefixes: Vec<&[u8]> = small.iter().map(|(e, _)| &e[..]).collect();
+                let mut chunk_keys: Vec<Option<Vec<Vec<u8>>>> = vec![None; records.len()];
+                for (_, i) in &small {
+                    chunk_keys[*i] = Some(Vec::new());
+                }
+                self.kv
+                    .scan_prefixes(Cf::Chunks, &prefixes, &mut |i, k, _| {
+                        if let Some(keys) = &mut chunk_keys[small[i].1] {
+                            keys.push(k.to_vec());
+                        }
+                        true
+                    })?;
+                let _gate = self.sweep_gate();
                 let pause = Instant::now();
-                let _gate = self.gc_gate.write();
                 drain(&mut m)?;
                 let mut b = Batch::new();
-                for (dk, d, blob, edge_keys) in records {
+                for ((dk, d, blob, edge_keys), chunks) in records.into_iter().zip(chunk_keys) {
                     // Unmarked in every scope means every link it had was swept above, and any
                     // link made since is in the barrier, hence marked.
                     if m.live.contains(&m.fp.of(dk)) {
                         continue;
                     }
-                    let (from, to) = extent_range(blob.extent);
                     b.delete(Cf::Blobs, dk.clone());
-                    b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+                    match chunks {
+                        Some(keys) => keys.into_iter().for_each(|k| b.delete(Cf::Chunks, k)),
+                        None => {
+                            let (from, to) = extent_range(blob.extent);
+                            b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+                        }
+                    }
                     for ek in edge_keys {
                         let rest = &ek[dk.len()..];
                         if let Some((role, _, _)) = super::keys::split_edge_rest(rest) {
@@ -698,6 +756,43 @@ impl Store {
                     if report.swept.len() < SWEPT_LISTED {
                         report.swept.push(d);
                     }
+                }
+                if !dry_run && !b.is_empty() {
+                    self.kv.write(b, false)?;
+                }
+                report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
+            }
+            Ok(true)
+        })?;
+
+        // Sweep 3: upstream sources nothing reaches. A source is how a lazy blob of a kept
+        // image is fetched, so one goes only when no scope's walk reached its (scope, blob)
+        // and it is older than SOURCE_MIN_AGE (and the grace period): a pull records its
+        // sources just before the image that reaches them, and refreshes them when it finds
+        // them recorded already. The re-read under the gate sees such a refresh.
+        let min_age = self.gc_grace_ns.max(SOURCE_MIN_AGE_NS);
+        crate::kv::for_each_page(&*self.kv, Cf::Sources, PAGE, &mut |page| {
+            let candidates = unmarked(page, |k| m.nodes.contains(&m.fp.of(k)));
+            for batch in candidates.chunks(SWEEP_BATCH) {
+                drain(&mut m)?;
+                let _gate = self.sweep_gate();
+                let pause = Instant::now();
+                drain(&mut m)?;
+                let mut b = Batch::new();
+                for k in batch {
+                    if m.nodes.contains(&m.fp.of(k)) {
+                        continue;
+                    }
+                    let Some(v) = self.kv.get(Cf::Sources, k)? else {
+                        continue;
+                    };
+                    let rec = super::SourceRecord::decode(&v[..])
+                        .map_err(|e| super::corrupt_record("sources", k, Some(e)))?;
+                    if started_ns.saturating_sub(rec.created_ns) < min_age {
+                        continue;
+                    }
+                    b.delete(Cf::Sources, k.clone());
+                    report.sources_swept += 1;
                 }
                 if !dry_run && !b.is_empty() {
                     self.kv.write(b, false)?;

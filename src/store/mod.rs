@@ -571,8 +571,18 @@ impl Store {
 
     /// Records where `scope` can fetch `d` from (a pull records every blob it saw).
     pub fn put_source(&self, scope: &Scope, d: &Digest, rec: &SourceRecord) -> Result<()> {
+        self.put_sources(scope, std::slice::from_ref(&(d.clone(), rec.clone())))
+    }
+
+    /// [`Store::put_source`] for several blobs, in one synced write.
+    pub fn put_sources(&self, scope: &Scope, recs: &[(Digest, SourceRecord)]) -> Result<()> {
         let mut b = Batch::new();
-        b.put(Cf::Sources, link_key(scope, d), rec.encode_to_vec());
+        for (d, rec) in recs {
+            b.put(Cf::Sources, link_key(scope, d), rec.encode_to_vec());
+        }
+        // Under the gate: the collector re-reads a source under it before dropping one, so a
+        // record refreshed meanwhile (a younger `created_ns`) is seen and kept.
+        let _gate = self.gc_gate.read();
         // Durable with the pull's answer: a lazy blob without its source cannot be read.
         self.kv.write(b, true)
     }

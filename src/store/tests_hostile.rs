@@ -173,10 +173,24 @@ async fn a_label_added_during_a_collection_keeps_what_it_names() {
 /// commit made between mark and sweep.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_spanning_many_pages_keeps_exactly_the_reachable() {
-    let store = graceless(Arc::new(MemKv::default()));
+    let kv: Arc<dyn Kv> = Arc::new(MemKv::default());
+    let store = graceless(kv.clone());
     let a = ns("a");
     let mut kept = Vec::new();
     let mut garbage = Vec::new();
+    // Large enough that its chunks go by one range, not key by key; in two writes.
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let mut w = store
+        .open_writer(a.clone(), "big", big.len() as i64, Some(sha(&big)), None)
+        .await
+        .unwrap();
+    w.write(0, &big[..40_000]).unwrap();
+    w.write(40_000, &big[40_000..]).unwrap();
+    garbage.push(
+        w.commit(big.len() as i64, Some(sha(&big)), None)
+            .unwrap()
+            .digest,
+    );
     for i in 0..600 {
         let layer = put(
             &store,
@@ -230,6 +244,80 @@ async fn a_collection_spanning_many_pages_keeps_exactly_the_reachable() {
     for d in kept.iter().chain([&sha(&late)]) {
         store.verify(d).unwrap();
     }
+    // Every swept blob's chunks went with it: each kept blob was written in one chunk.
+    let mut chunks = 0;
+    kv.scan(Cf::Chunks, &[], &[], &mut |_, _| {
+        chunks += 1;
+        true
+    })
+    .unwrap();
+    assert_eq!(chunks, kept.len() + 1);
+}
+
+/// Upstream source records are collected like the content they describe: one that an image
+/// reaches stays (its blob is lazy, so the source is how it is read), one nothing reaches
+/// goes once it is ten minutes old, and a young one stays (a pull in flight records sources
+/// just before the image that reaches them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_sources_are_collected_once_old() {
+    let store = graceless(Arc::new(MemKv::default()));
+    let a = ns("a");
+    let lazy_layer = sha(b"a layer never fetched");
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{lazy_layer}","size":21}},"layers":[]}}"#
+    );
+    let m = put(&store, &a, "m", manifest.as_bytes()).await;
+    store
+        .create_image(
+            &a,
+            ImageRecord {
+                name: "img".into(),
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                digest: m.digest.to_string(),
+                size: m.size,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let hour_ago = now_ns() - 3600 * 1_000_000_000;
+    let rec = |created_ns| SourceRecord {
+        registry: "registry.example".into(),
+        repository: "app".into(),
+        media_type: "application/octet-stream".into(),
+        size: 21,
+        created_ns,
+    };
+    let (old_orphan, young_orphan) = (sha(b"old orphan"), sha(b"young orphan"));
+    store.put_source(&a, &lazy_layer, &rec(hour_ago)).unwrap();
+    store.put_source(&a, &old_orphan, &rec(hour_ago)).unwrap();
+    store.put_source(&a, &young_orphan, &rec(now_ns())).unwrap();
+    // The same blob in another scope that no image of its own reaches.
+    let b = ns("b");
+    store.put_source(&b, &lazy_layer, &rec(hour_ago)).unwrap();
+
+    let r = tokio::task::spawn_blocking({
+        let s = store.clone();
+        move || s.collect(false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(r.sources_swept, 2, "{r:?}");
+    assert!(store.source(&a, &lazy_layer).unwrap().is_some());
+    assert!(store.source(&a, &old_orphan).unwrap().is_none());
+    assert!(store.source(&a, &young_orphan).unwrap().is_some());
+    assert!(store.source(&b, &lazy_layer).unwrap().is_none());
+    // A dry run counts, and removes nothing.
+    store.put_source(&a, &old_orphan, &rec(hour_ago)).unwrap();
+    let r = tokio::task::spawn_blocking({
+        let s = store.clone();
+        move || s.collect(true)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(r.sources_swept, 1, "{r:?}");
+    assert!(store.source(&a, &old_orphan).unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -413,11 +413,9 @@ impl Puller {
                 ..Default::default()
             });
             blocking(move || {
-                for (d, rec) in &records {
-                    if store.source(&sc, d)?.is_none() {
-                        store.put_source(&sc, d, rec)?;
-                    }
-                }
+                // Refreshed even when known: the collector drops a source only once it is
+                // old and nothing reaches it, and this image is about to reach it.
+                store.put_sources(&sc, &records)?;
                 if let Some(img) = img {
                     match store.create_image(&sc, img.clone()) {
                         Ok(_) => {}
