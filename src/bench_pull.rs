@@ -103,6 +103,12 @@ async fn forget(ch: &tonic::transport::Channel, ns: &str, image: &str) -> anyhow
             sync: false,
         })
         .await?;
+    collect_forgotten(ch).await
+}
+
+/// Runs a collection that must sweep what a bench just forgot (a daemon with a grace period
+/// would keep it, and the next "miss" would be a hit).
+pub(crate) async fn collect_forgotten(ch: &tonic::transport::Channel) -> anyhow::Result<()> {
     let mut gc = gpb::gc_client::GcClient::new(ch.clone());
     let r = gc
         .run(gpb::RunRequest { dry_run: false })

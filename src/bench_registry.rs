@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 
-use crate::api::pb::contentd::v1 as gpb;
 use crate::bench::{RssSampler, median, pid_of_socket, status_kib};
 use crate::client::connect_unix;
 
@@ -218,15 +217,7 @@ pub async fn run(o: Options) -> anyhow::Result<Figures> {
             c.delete(cd(&format!("manifests/{d}"))).send().await?;
         }
         c.delete(cd(&layer_path)).send().await?;
-        let mut gc = gpb::gc_client::GcClient::new(ch.clone());
-        let r = gc
-            .run(gpb::RunRequest { dry_run: false })
-            .await?
-            .into_inner();
-        if r.blobs_swept == 0 {
-            bail!("the collection swept nothing: run the daemon with --gc-grace-secs 0");
-        }
-        Ok::<_, anyhow::Error>(())
+        crate::bench_pull::collect_forgotten(&ch).await
     };
 
     // Misses, alternating with direct GETs of the same layer.

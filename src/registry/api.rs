@@ -657,14 +657,7 @@ impl Registry {
                 ..Default::default()
             };
             let (store, scope) = (self.store.clone(), self.scope.clone());
-            let r = blocking(move || match store.create_image(&scope, img.clone()) {
-                Ok(_) => Ok(()),
-                Err(e) if is_exists(&e) => store
-                    .update_image(&scope, img, &["target".to_string(), "labels".to_string()])
-                    .map(|_| ()),
-                Err(e) => Err(e),
-            })
-            .await;
+            let r = blocking(move || store.create_or_move_image(&scope, img, true)).await;
             if let Err(e) = r {
                 return from_store(&e, "MANIFEST_INVALID");
             }

@@ -8,7 +8,7 @@ use prost::Message as _;
 use super::keys::image_key;
 use super::{ImageRecord, Scope, Store, decode, now_ns, validate_labels};
 use crate::digest::Digest;
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::filter::{self, Adaptor, Filter};
 use crate::kv::{Batch, Cf, prefix_end};
 
@@ -98,6 +98,37 @@ impl Store {
         self.kv.write(b, true)?;
         self.note_mutation();
         Ok(img)
+    }
+
+    /// Creates the image record, or points the existing one of that name at `img`'s target
+    /// (and, with `labels`, replaces its labels): a pull, mirror check or push that names an
+    /// image again. A record deleted between the two steps is created afresh.
+    pub fn create_or_move_image(
+        &self,
+        scope: &Scope,
+        img: ImageRecord,
+        labels: bool,
+    ) -> Result<ImageRecord> {
+        let mut paths = vec!["target".to_string()];
+        if labels {
+            paths.push("labels".to_string());
+        }
+        // Bounded: a client deleting and re-creating the name in a loop cannot spin this.
+        for _ in 0..8 {
+            match self.create_image(scope, img.clone()) {
+                Err(e) if e.is(Kind::AlreadyExists) => {
+                    match self.update_image(scope, img.clone(), &paths) {
+                        Err(e) if e.is(Kind::NotFound) => continue,
+                        r => return r,
+                    }
+                }
+                r => return r,
+            }
+        }
+        Err(Error::new(
+            Kind::Aborted,
+            format!("image {:?} kept changing; try again", img.name),
+        ))
     }
 
     /// Applies `update` to an image, limited to `paths` (`labels`, `labels.<k>`, `target`,

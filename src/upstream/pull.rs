@@ -89,10 +89,8 @@ pub struct PullRequest {
 /// Where an on-demand fetch is.
 #[derive(Debug, Clone)]
 pub enum FetchPhase {
-    /// Opening the ingest.
-    Starting,
-    /// The ingest is live: follow it through [`Store::live`].
-    Live,
+    /// Under way: readers take arriving bytes from the fetch's [`Tee`].
+    Running,
     /// Finished: committed, or failed with this error.
     Done(std::result::Result<(), Error>),
 }
@@ -341,12 +339,7 @@ impl Puller {
             ..Default::default()
         };
         let (store, sc) = (self.store.clone(), scope.clone());
-        let img = blocking(move || match store.create_image(&sc, img.clone()) {
-            Ok(i) => Ok(i),
-            Err(e) if is_exists(&e) => store.update_image(&sc, img, &["target".to_string()]),
-            Err(e) => Err(e),
-        })
-        .await?;
+        let img = blocking(move || store.create_or_move_image(&sc, img, false)).await?;
         let _ = events
             .send(Event::Done {
                 image: name,
@@ -417,17 +410,7 @@ impl Puller {
                 // old and nothing reaches it, and this image is about to reach it.
                 store.put_sources(&sc, &records)?;
                 if let Some(img) = img {
-                    match store.create_image(&sc, img.clone()) {
-                        Ok(_) => {}
-                        Err(e) if is_exists(&e) => {
-                            store.update_image(
-                                &sc,
-                                img,
-                                &["target".to_string(), "labels".to_string()],
-                            )?;
-                        }
-                        Err(e) => return Err(e),
-                    }
+                    store.create_or_move_image(&sc, img, true)?;
                 }
                 Ok(())
             })
@@ -560,17 +543,7 @@ impl Puller {
     ) -> Result<()> {
         let lease = (!lease.is_empty()).then(|| lease.to_string());
         let stored = self
-            .fetch_into(
-                scope,
-                src,
-                lease,
-                d,
-                size,
-                media_type,
-                Some(events),
-                None,
-                None,
-            )
+            .fetch_into(scope, src, lease, d, size, media_type, Some(events), None)
             .await?;
         let _ = events
             .send(Event::blob(
@@ -612,7 +585,6 @@ impl Puller {
         size: i64,
         media_type: &str,
         events: Option<&mpsc::Sender<Event>>,
-        live: Option<&watch::Sender<FetchPhase>>,
         tee: Option<&Arc<Tee>>,
     ) -> Result<bool> {
         let r: Result<bool> = async {
@@ -651,9 +623,6 @@ impl Puller {
                 Ok(())
             })
             .await?;
-            if let Some(l) = live {
-                let _ = l.send(FetchPhase::Live);
-            }
             let attempts = self.upstream.config().fetch_attempts;
             let mut attempt = 0;
             let mut early = early;
@@ -838,7 +807,7 @@ impl Puller {
             .store
             .source(scope, d)?
             .ok_or_else(|| Error::not_found(format!("content {d}: not found")))?;
-        let (tx, rx) = watch::channel(FetchPhase::Starting);
+        let (tx, rx) = watch::channel(FetchPhase::Running);
         let tee = Arc::new(Tee::default());
         fetching.insert(key.clone(), (rx.clone(), tee.clone()));
         drop(fetching);
@@ -860,7 +829,6 @@ impl Puller {
                     src.size,
                     &src.media_type,
                     None,
-                    Some(&tx),
                     Some(&tee2),
                 )
                 .await
