@@ -435,14 +435,7 @@ impl Registry {
             return Digest::parse(&img.digest);
         }
         // Single flight: one upstream check per tag; whoever waited finds it fresh.
-        let gate = self
-            .tag_checks
-            .lock()
-            .entry(name.clone())
-            .or_default()
-            .clone();
-        let guard = gate.lock().await;
-        let r = async {
+        self.single_flight(&name, async {
             if let Some(img) = self.image(&name).await?
                 && fresh(&img)
             {
@@ -471,21 +464,30 @@ impl Registry {
                     None => Err(e),
                 },
             }
-        }
-        .await;
-        drop(guard);
-        self.release_gate(&name, gate);
-        r
+        })
+        .await
     }
 
-    /// Forgets a single-flight gate nobody else holds or waits on (the map's `Arc` and the
-    /// caller's are the last two).
-    fn release_gate(&self, key: &str, gate: Arc<tokio::sync::Mutex<()>>) {
+    /// Runs `f` while holding the single-flight gate of `key` (one upstream check per key at
+    /// a time), then forgets the gate if nobody else holds or waits on it.
+    async fn single_flight<T>(&self, key: &str, f: impl std::future::Future<Output = T>) -> T {
+        let gate = self
+            .tag_checks
+            .lock()
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let r = {
+            let _held = gate.lock().await;
+            f.await
+        };
         drop(gate);
         let mut checks = self.tag_checks.lock();
+        // The map's `Arc` is the last one: nobody holds or waits on it.
         if checks.get(key).is_some_and(|g| Arc::strong_count(g) <= 1) {
             checks.remove(key);
         }
+        r
     }
 
     /// A manifest by digest from upstream. It is held by an image record `<repo>@<digest>`
@@ -1331,34 +1333,27 @@ impl Registry {
         }
         // The gate's key cannot be an image name (those have no space).
         let key = format!("{canonical} tags");
-        let gate = self
-            .tag_checks
-            .lock()
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let guard = gate.lock().await;
-        let r = match cached() {
-            Some(l) => Ok((l, false)),
-            None => puller.upstream().tags(src).await.map(|l| {
-                let l = Arc::new(l);
-                let mut lists = self.tag_lists.lock();
-                lists.retain(|_, (at, _)| at.elapsed() < ttl);
-                if lists.len() >= TAG_LISTS
-                    && let Some(oldest) = lists
-                        .iter()
-                        .min_by_key(|(_, (at, _))| *at)
-                        .map(|(k, _)| k.clone())
-                {
-                    lists.remove(&oldest);
-                }
-                lists.insert(canonical.to_string(), (Instant::now(), l.clone()));
-                (l, true)
-            }),
-        };
-        drop(guard);
-        self.release_gate(&key, gate);
-        r
+        self.single_flight(&key, async {
+            match cached() {
+                Some(l) => Ok((l, false)),
+                None => puller.upstream().tags(src).await.map(|l| {
+                    let l = Arc::new(l);
+                    let mut lists = self.tag_lists.lock();
+                    lists.retain(|_, (at, _)| at.elapsed() < ttl);
+                    if lists.len() >= TAG_LISTS
+                        && let Some(oldest) = lists
+                            .iter()
+                            .min_by_key(|(_, (at, _))| *at)
+                            .map(|(k, _)| k.clone())
+                    {
+                        lists.remove(&oldest);
+                    }
+                    lists.insert(canonical.to_string(), (Instant::now(), l.clone()));
+                    (l, true)
+                }),
+            }
+        })
+        .await
     }
 
     async fn referrers(&self, d: &Digest, q: Option<&str>) -> Response<Body> {

@@ -149,6 +149,32 @@ impl Store {
         }
     }
 
+    /// One sweep batch: the barrier is drained (most of it before the gate, so a writer only
+    /// ever waits for what arrived in the last moment plus one bounded batch), then, under
+    /// the gate, drained again and `fill` picks the deletes, re-checking each candidate
+    /// against the marks. Returns whether the batch was written (not for a dry run).
+    fn sweep_batch(
+        &self,
+        m: &mut Marks,
+        drain: &dyn Fn(&mut Marks) -> Result<()>,
+        dry_run: bool,
+        report: &mut GcReport,
+        fill: impl FnOnce(&Marks, &mut Batch, &mut GcReport) -> Result<()>,
+    ) -> Result<bool> {
+        drain(m)?;
+        let _gate = self.sweep_gate();
+        let pause = Instant::now();
+        drain(m)?;
+        let mut b = Batch::new();
+        fill(m, &mut b, report)?;
+        let write = !dry_run && !b.is_empty();
+        if write {
+            self.kv.write(b, false)?;
+        }
+        report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
+        Ok(write)
+    }
+
     /// Records a write for a running collection (call with `gc_gate` held for reading).
     pub(super) fn barrier(&self, nodes: impl IntoIterator<Item = Node>) {
         if let Some(b) = self.barrier.lock().as_mut() {
@@ -632,41 +658,36 @@ impl Store {
         crate::kv::for_each_page(&*self.kv, Cf::Links, PAGE, &mut |page| {
             let candidates = unmarked(page, |k| m.nodes.contains(&m.fp.of(k)));
             for batch in candidates.chunks(SWEEP_BATCH) {
-                // Most of the barrier is marked before taking the gate, so a writer only ever
-                // waits for what arrived in the last moment plus one bounded batch.
-                drain(&mut m)?;
-                let _gate = self.sweep_gate();
-                let pause = Instant::now();
-                drain(&mut m)?;
-                let mut b = Batch::new();
                 let mut uncount: Vec<(Scope, i64)> = Vec::new();
-                for k in batch {
-                    let Some((scope, d)) = split(k) else { continue };
-                    // Rescued by the barrier? (One created or replaced meanwhile is in the
-                    // barrier, so marked.)
-                    if m.nodes.contains(&m.fp.of(k)) {
-                        continue;
-                    }
-                    // Deleted meanwhile? Then it was uncounted already. Deletes take the gate
-                    // for reading, so nothing changes between this check and the write below.
-                    let Some(v) = self.kv.get(Cf::Links, k)? else {
-                        continue;
-                    };
-                    let size = LinkRecord::decode(&v[..])
-                        .map_err(|e| super::corrupt_record("links", k, Some(e)))?
-                        .size;
-                    b.delete(Cf::Links, k.clone());
-                    b.delete(Cf::Owners, owner_key(&d, &scope));
-                    uncount.push((scope, size));
-                    report.links_swept += 1;
-                }
-                if !dry_run && !b.is_empty() {
-                    self.kv.write(b, false)?;
+                let written =
+                    self.sweep_batch(&mut m, &drain, dry_run, &mut report, |m, b, report| {
+                        for k in batch {
+                            let Some((scope, d)) = split(k) else { continue };
+                            // Rescued by the barrier? (One created or replaced meanwhile is in the
+                            // barrier, so marked.)
+                            if m.nodes.contains(&m.fp.of(k)) {
+                                continue;
+                            }
+                            // Deleted meanwhile? Then it was uncounted already. Deletes take the gate
+                            // for reading, so nothing changes between this check and the write below.
+                            let Some(v) = self.kv.get(Cf::Links, k)? else {
+                                continue;
+                            };
+                            let size = LinkRecord::decode(&v[..])
+                                .map_err(|e| super::corrupt_record("links", k, Some(e)))?
+                                .size;
+                            b.delete(Cf::Links, k.clone());
+                            b.delete(Cf::Owners, owner_key(&d, &scope));
+                            uncount.push((scope, size));
+                            report.links_swept += 1;
+                        }
+                        Ok(())
+                    })?;
+                if written {
                     for (scope, size) in uncount {
                         self.usage_add(&scope, -size);
                     }
                 }
-                report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
             }
             Ok(true)
         })?;
@@ -675,7 +696,6 @@ impl Store {
         crate::kv::for_each_page(&*self.kv, Cf::Blobs, PAGE, &mut |page| {
             let candidates = unmarked(page, |dk| m.live.contains(&m.fp.of(dk)));
             for batch in candidates.chunks(SWEEP_BATCH) {
-                drain(&mut m)?;
                 // Records and edges are read before the gate is taken: only the collector
                 // removes a blob (one collection at a time), and a commit that adds edges to
                 // one (a dedupe commit repairing them) is in the barrier, so that blob is
@@ -723,44 +743,39 @@ impl Store {
                         }
                         true
                     })?;
-                let _gate = self.sweep_gate();
-                let pause = Instant::now();
-                drain(&mut m)?;
-                let mut b = Batch::new();
-                for ((dk, d, blob, edge_keys), chunks) in records.into_iter().zip(chunk_keys) {
-                    // Unmarked in every scope means every link it had was swept above, and any
-                    // link made since is in the barrier, hence marked.
-                    if m.live.contains(&m.fp.of(dk)) {
-                        continue;
-                    }
-                    b.delete(Cf::Blobs, dk.clone());
-                    match chunks {
-                        Some(keys) => keys.into_iter().for_each(|k| b.delete(Cf::Chunks, k)),
-                        None => {
-                            let (from, to) = extent_range(blob.extent);
-                            b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+                self.sweep_batch(&mut m, &drain, dry_run, &mut report, |m, b, report| {
+                    for ((dk, d, blob, edge_keys), chunks) in records.into_iter().zip(chunk_keys) {
+                        // Unmarked in every scope means every link it had was swept above, and any
+                        // link made since is in the barrier, hence marked.
+                        if m.live.contains(&m.fp.of(dk)) {
+                            continue;
+                        }
+                        b.delete(Cf::Blobs, dk.clone());
+                        match chunks {
+                            Some(keys) => keys.into_iter().for_each(|k| b.delete(Cf::Chunks, k)),
+                            None => {
+                                let (from, to) = extent_range(blob.extent);
+                                b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+                            }
+                        }
+                        for ek in edge_keys {
+                            let rest = &ek[dk.len()..];
+                            if let Some((role, _, _)) = super::keys::split_edge_rest(rest) {
+                                b.delete(
+                                    Cf::Parents,
+                                    [&rest[5..], &dk[..], &[role.code()][..]].concat(),
+                                );
+                            }
+                            b.delete(Cf::Edges, ek);
+                        }
+                        report.blobs_swept += 1;
+                        report.bytes_swept += blob.size;
+                        if report.swept.len() < SWEPT_LISTED {
+                            report.swept.push(d);
                         }
                     }
-                    for ek in edge_keys {
-                        let rest = &ek[dk.len()..];
-                        if let Some((role, _, _)) = super::keys::split_edge_rest(rest) {
-                            b.delete(
-                                Cf::Parents,
-                                [&rest[5..], &dk[..], &[role.code()][..]].concat(),
-                            );
-                        }
-                        b.delete(Cf::Edges, ek);
-                    }
-                    report.blobs_swept += 1;
-                    report.bytes_swept += blob.size;
-                    if report.swept.len() < SWEPT_LISTED {
-                        report.swept.push(d);
-                    }
-                }
-                if !dry_run && !b.is_empty() {
-                    self.kv.write(b, false)?;
-                }
-                report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
+                    Ok(())
+                })?;
             }
             Ok(true)
         })?;
@@ -774,30 +789,24 @@ impl Store {
         crate::kv::for_each_page(&*self.kv, Cf::Sources, PAGE, &mut |page| {
             let candidates = unmarked(page, |k| m.nodes.contains(&m.fp.of(k)));
             for batch in candidates.chunks(SWEEP_BATCH) {
-                drain(&mut m)?;
-                let _gate = self.sweep_gate();
-                let pause = Instant::now();
-                drain(&mut m)?;
-                let mut b = Batch::new();
-                for k in batch {
-                    if m.nodes.contains(&m.fp.of(k)) {
-                        continue;
+                self.sweep_batch(&mut m, &drain, dry_run, &mut report, |m, b, report| {
+                    for k in batch {
+                        if m.nodes.contains(&m.fp.of(k)) {
+                            continue;
+                        }
+                        let Some(v) = self.kv.get(Cf::Sources, k)? else {
+                            continue;
+                        };
+                        let rec = super::SourceRecord::decode(&v[..])
+                            .map_err(|e| super::corrupt_record("sources", k, Some(e)))?;
+                        if started_ns.saturating_sub(rec.created_ns) < min_age {
+                            continue;
+                        }
+                        b.delete(Cf::Sources, k.clone());
+                        report.sources_swept += 1;
                     }
-                    let Some(v) = self.kv.get(Cf::Sources, k)? else {
-                        continue;
-                    };
-                    let rec = super::SourceRecord::decode(&v[..])
-                        .map_err(|e| super::corrupt_record("sources", k, Some(e)))?;
-                    if started_ns.saturating_sub(rec.created_ns) < min_age {
-                        continue;
-                    }
-                    b.delete(Cf::Sources, k.clone());
-                    report.sources_swept += 1;
-                }
-                if !dry_run && !b.is_empty() {
-                    self.kv.write(b, false)?;
-                }
-                report.max_pause_us = report.max_pause_us.max(pause.elapsed().as_micros() as i64);
+                    Ok(())
+                })?;
             }
             Ok(true)
         })?;

@@ -42,23 +42,6 @@ fn err(o: &Output) -> (i32, String) {
     )
 }
 
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    if !found {
-        assert!(
-            std::env::var_os("CONTENTD_REQUIRE_TOOLS").is_none(),
-            "{tool} is not installed"
-        );
-        eprintln!("skipping: {tool} not installed");
-    }
-    found
-}
-
 #[test]
 fn verbs_round_trip() {
     let d = Daemon::start();

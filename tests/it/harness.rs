@@ -353,3 +353,22 @@ pub fn corrupt_first_chunk(dir: &Path, namespace: &str, d: &Digest, at: usize) {
     b.put(Cf::Chunks, key, v);
     store.kv().write(b, true).unwrap();
 }
+
+/// Whether `tool` is on PATH; a missing tool skips the test, or fails it under
+/// `CONTENTD_REQUIRE_TOOLS` (CI installs every tool).
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    if !found {
+        assert!(
+            std::env::var_os("CONTENTD_REQUIRE_TOOLS").is_none(),
+            "{tool} is not installed"
+        );
+        eprintln!("skipping: {tool} not installed");
+    }
+    found
+}

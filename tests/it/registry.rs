@@ -46,18 +46,7 @@ impl Registry {
     /// A registry on a free loopback port with every fixture of `fixtures` pushed.
     pub fn start(fixtures: &Path) -> Option<Registry> {
         let shared = shared()?;
-        let have = std::process::Command::new("sh")
-            .args(["-c", "command -v docker-registry"])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap()
-            .success();
-        if !have {
-            assert!(
-                std::env::var_os("CONTENTD_REQUIRE_TOOLS").is_none(),
-                "docker-registry is not installed"
-            );
-            eprintln!("skipping: docker-registry not installed");
+        if !crate::harness::have("docker-registry") {
             return None;
         }
         let r = Registry {
