@@ -1440,10 +1440,16 @@ async fn mirrored_images_are_evicted_least_recently_used_first() {
     };
     let s: Value =
         serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
-    let (d, base, _cfg) = start_registry(&format!(
-        "gc_grace_secs = 0\neviction_check_secs = 1\neviction_high_watermark_percent = 0\n[registry]\nmax_mib = 1\ndefault_upstream = \"\"\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
-        a = up.addr
-    ));
+    // No limit while the images are fetched: an eviction in the middle of the setup would
+    // race it (a manifest fetched again by digest is a new mirrored record). The daemon is
+    // restarted with the 1 MiB limit once everything is in place.
+    let settings = |max_mib: u32| {
+        format!(
+            "gc_grace_secs = 0\neviction_check_secs = 1\neviction_high_watermark_percent = 0\n[registry]\nmax_mib = {max_mib}\ndefault_upstream = \"\"\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
+            a = up.addr
+        )
+    };
+    let (d, base, cfg) = start_registry(&settings(0));
     let c = http();
     let accept = ACCEPT_ANY;
     let single: Vec<&Value> = s["fixtures"]
@@ -1524,6 +1530,14 @@ async fn mirrored_images_are_evicted_least_recently_used_first() {
             .status(),
         StatusCode::CREATED
     );
+
+    let conf = cfg.path().join("contentd.toml");
+    let listen = std::fs::read_to_string(&conf).unwrap();
+    let listen = listen.lines().next().unwrap();
+    std::fs::write(&conf, format!("{listen}\n{}", settings(1))).unwrap();
+    assert!(!d.log().contains("evicted a mirrored image"), "{}", d.log());
+    let d = d.restart();
+    wait_http(&base);
 
     // The least recently used goes first; the other goes too only if what is left is still
     // past 1 MiB.
