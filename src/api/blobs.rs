@@ -79,7 +79,7 @@ impl pb::blobs_server::Blobs for BlobsService {
         let (offset, data) = (first.offset, first.data);
         w.step(move |w| {
             w.set_media_type(media_type);
-            w.write(offset, &data)
+            w.write_bytes(offset, data)
         })
         .await
         .map_err(status)?;

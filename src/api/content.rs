@@ -264,28 +264,37 @@ async fn write_session(
     } else {
         Some(parse_digest(&first.expected)?)
     };
-    let mut session = WriteSession::open(&store, scope, &first.r#ref, first.total, expected, lease)
-        .await
-        .map_err(status)?;
-    let mut msg = first;
+    let (reference, total) = (first.r#ref.clone(), first.total);
+    let first = request(first).map_err(status)?;
+    let (mut session, resp) =
+        WriteSession::start(&store, scope, &reference, total, expected, lease, first)
+            .await
+            .map_err(status)?;
+    let mut resp = response(resp);
     loop {
-        let req = request(msg).map_err(status)?;
-        let (s, result) = tokio::task::spawn_blocking(move || {
-            let r = session.step(req);
-            (session, r)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
-        session = s;
-        let resp = response(result.map_err(status)?);
         if tx.send(Ok(resp)).await.is_err() || session.is_done() {
             return Ok(());
         }
-        msg = match inbound.message().await? {
-            Some(m) => m,
+        let req = match inbound.message().await? {
+            Some(m) => request(m).map_err(status)?,
             // Client EOF: the ingest stays for a later resume.
             None => return Ok(()),
         };
+        // A STAT between writes (containerd's client sends one before each copy) is answered
+        // here; anything that touches storage runs on the blocking pool.
+        let result = if session.in_memory(&req) {
+            session.step(req)
+        } else {
+            let (s, r) = tokio::task::spawn_blocking(move || {
+                let r = session.step(req);
+                (session, r)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
+            session = s;
+            r
+        };
+        resp = response(result.map_err(status)?);
     }
 }
 

@@ -70,7 +70,7 @@ fn apply(maps: &mut Maps, batch: &Batch) {
     for op in &batch.ops {
         match op {
             Op::Put(cf, k, v) => {
-                maps.entry(*cf).or_default().insert(k.clone(), v.clone());
+                maps.entry(*cf).or_default().insert(k.clone(), v.to_vec());
             }
             Op::Delete(cf, k) => {
                 maps.entry(*cf).or_default().remove(k);

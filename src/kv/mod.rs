@@ -82,7 +82,9 @@ impl Cf {
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    Put(Cf, Vec<u8>, Vec<u8>),
+    /// The value is shared, not owned: a chunk is a slice of the request that carried it, so
+    /// queueing it costs no copy.
+    Put(Cf, Vec<u8>, bytes::Bytes),
     Delete(Cf, Vec<u8>),
     /// Deletes every key in `[from, to)`.
     DeleteRange(Cf, Vec<u8>, Vec<u8>),
@@ -98,7 +100,7 @@ impl Batch {
     pub fn new() -> Self {
         Self::default()
     }
-    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<bytes::Bytes>) {
         self.ops.push(Op::Put(cf, key.into(), value.into()));
     }
     pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {

@@ -94,7 +94,18 @@ fn is_no_space(text: &str) -> bool {
 
 impl RocksKv {
     fn batch(&self, batch: &Batch) -> WriteBatch {
-        let mut wb = WriteBatch::default();
+        // Sized up front: a batch of bulk chunks would otherwise be copied again each time
+        // RocksDB's buffer grows. (A record's header is a few bytes beyond key and value.)
+        let bytes: usize = batch
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(_, k, v) => k.len() + v.len() + 16,
+                Op::DeleteRange(_, from, to) => from.len() + to.len() + 16,
+                Op::Delete(_, k) => k.len() + 16,
+            })
+            .sum();
+        let mut wb = WriteBatch::with_capacity_bytes(bytes + 12);
         for op in &batch.ops {
             match op {
                 Op::Put(cf, k, v) => wb.put_cf(self.cf(*cf), k, v),

@@ -696,7 +696,7 @@ impl Registry {
                 match w
                     .step(move |w| {
                         w.set_media_type(media_type);
-                        w.write(0, &bytes)?;
+                        w.write_bytes(0, bytes)?;
                         w.commit(size, Some(d2), None)
                     })
                     .await

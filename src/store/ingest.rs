@@ -188,6 +188,22 @@ impl Store {
         expected: Option<Digest>,
         lease: Option<String>,
     ) -> Result<Writer> {
+        self.open_writer_with(scope, r, total, expected, lease, |_| Ok(()))
+            .await
+            .map(|(w, ())| w)
+    }
+
+    /// [`Store::open_writer`], then `first` on the new writer in the same blocking-pool task:
+    /// a content.v1 Write stream's open and first request cost one hand-off, not two.
+    pub async fn open_writer_with<T: Send + 'static>(
+        self: &Arc<Self>,
+        scope: Scope,
+        r: &str,
+        total: i64,
+        expected: Option<Digest>,
+        lease: Option<String>,
+        first: impl FnOnce(&mut Writer) -> Result<T> + Send + 'static,
+    ) -> Result<(Writer, T)> {
         if r.is_empty() {
             return Err(Error::invalid("ingest ref must not be empty"));
         }
@@ -195,18 +211,24 @@ impl Store {
             self.require_lease(&scope, l)?;
         }
         if let Some(d) = &expected {
-            let store = self.clone();
-            let (s, d2, l) = (scope.clone(), d.clone(), lease.clone());
-            let exists = blocking(move || {
-                let exists = store.link(&s, &d2)?.is_some();
-                // Opening a writer for content one has is how containerd clients check and
-                // pin in one step: the lease gets the blob.
-                if let (true, Some(l)) = (exists, l) {
-                    store.add_lease_resource(&s, &l, "content", &d2.to_string())?;
+            let exists = match &lease {
+                // A point lookup: answered on this worker, like a small read's.
+                None => self.link(&scope, d)?.is_some(),
+                Some(l) => {
+                    let store = self.clone();
+                    let (s, d2, l) = (scope.clone(), d.clone(), l.clone());
+                    blocking(move || {
+                        let exists = store.link(&s, &d2)?.is_some();
+                        // Opening a writer for content one has is how containerd clients
+                        // check and pin in one step: the lease gets the blob.
+                        if exists {
+                            store.add_lease_resource(&s, &l, "content", &d2.to_string())?;
+                        }
+                        Ok(exists)
+                    })
+                    .await?
                 }
-                Ok(exists)
-            })
-            .await?;
+            };
             if exists {
                 return Err(Error::exists(format!("content {d}: already exists")));
             }
@@ -215,7 +237,12 @@ impl Store {
         let guard = self.lock_slot(&key, r).await?;
         let store = self.clone();
         let r = r.to_string();
-        blocking(move || store.load_writer(guard, scope, key, r, total, expected, lease)).await
+        blocking(move || {
+            let mut w = store.load_writer(guard, scope, key, r, total, expected, lease)?;
+            let v = first(&mut w)?;
+            Ok((w, v))
+        })
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -602,6 +629,11 @@ impl Writer {
         Ok(())
     }
 
+    /// Whether anything is queued for the next [`Writer::flush`] to write.
+    pub fn has_queued(&self) -> bool {
+        !self.pending.is_empty() || !self.chunks.is_empty()
+    }
+
     /// Drops all data and restarts the ingest at offset zero (in a fresh extent).
     pub(super) fn truncate(&mut self) -> Result<()> {
         // A reader that followed the old bytes cannot be told they were rewritten.
@@ -688,6 +720,12 @@ impl Writer {
     /// Appends `data` at `offset`, following containerd's rules: an offset of zero on an ingest
     /// that has data restarts it; any other offset must be the current one.
     pub fn write(&mut self, offset: i64, data: &[u8]) -> Result<()> {
+        self.write_bytes(offset, Bytes::copy_from_slice(data))
+    }
+
+    /// [`Writer::write`] of bytes the caller already holds shared (a request's payload): the
+    /// queued chunks are slices of `data`, not copies.
+    pub fn write_bytes(&mut self, offset: i64, data: Bytes) -> Result<()> {
         let current = self.state()?.rec.offset;
         if offset > 0 && offset != current {
             return Err(Error::out_of_range(format!(
@@ -715,13 +753,14 @@ impl Writer {
             .ok()
             .and_then(|n| st.rec.offset.checked_add(n))
             .ok_or_else(|| Error::out_of_range("write would pass the largest blob size"))?;
-        st.hasher.update(data);
+        st.hasher.update(&data);
         st.rec.offset = end;
         st.rec.updated_ns = now_ns();
-        for piece in data.chunks(CHUNK_SIZE) {
+        for from in (0..data.len()).step_by(CHUNK_SIZE) {
+            let piece = data.slice(from..(from + CHUNK_SIZE).min(data.len()));
             self.chunks
-                .put(Cf::Chunks, chunk_key(extent, pos).to_vec(), piece.to_vec());
-            pos += piece.len() as u64;
+                .put(Cf::Chunks, chunk_key(extent, pos).to_vec(), piece);
+            pos += (CHUNK_SIZE.min(data.len() - from)) as u64;
         }
         self.chunk_bytes += data.len();
         crate::metrics::get().bytes_in.inc_by(data.len() as u64);
@@ -740,7 +779,7 @@ impl Writer {
         }
         // Queued chunk puts of this extent (copied shared bytes sit in `pending`, new
         // request data in `chunks`); everything before the first of them is stored.
-        let mut queued: Vec<(u64, &Vec<u8>)> = self
+        let mut queued: Vec<(u64, &bytes::Bytes)> = self
             .pending
             .ops
             .iter()
@@ -1017,9 +1056,9 @@ impl AsyncWriter {
     /// Appends at the ingest's current offset.
     pub async fn append(&mut self, data: Bytes) -> Result<i64> {
         self.step(move |w| {
-            let at = w.status()?.offset;
-            w.write(at, &data)?;
-            Ok(at + data.len() as i64)
+            let (at, n) = (w.status()?.offset, data.len() as i64);
+            w.write_bytes(at, data)?;
+            Ok(at + n)
         })
         .await
     }

@@ -44,6 +44,13 @@ pub struct WriteResponse {
 /// One Write stream's state: its writer, and whether the next request is the first.
 pub struct WriteSession {
     writer: Writer,
+    steps: Steps,
+}
+
+/// Where a stream is in its requests: the first one's expected digest was given at open,
+/// and nothing follows a commit.
+#[derive(Clone, Copy)]
+struct Steps {
     first: bool,
     done: bool,
 }
@@ -66,36 +73,83 @@ impl WriteSession {
             .await?;
         Ok(WriteSession {
             writer,
-            first: true,
-            done: false,
+            steps: Steps {
+                first: true,
+                done: false,
+            },
         })
+    }
+
+    /// Opens the session and answers its first request, in one blocking-pool task.
+    pub async fn start(
+        store: &Arc<Store>,
+        scope: Scope,
+        reference: &str,
+        total: i64,
+        expected: Option<Digest>,
+        lease: Option<String>,
+        first: WriteRequest,
+    ) -> Result<(WriteSession, WriteResponse)> {
+        if reference.is_empty() {
+            return Err(Error::invalid("first message must have a reference"));
+        }
+        let (writer, (r, steps)) = store
+            .open_writer_with(scope, reference, total, expected, lease, move |w| {
+                let mut steps = Steps {
+                    first: true,
+                    done: false,
+                };
+                Ok((steps.step(w, first), steps))
+            })
+            .await?;
+        Ok((WriteSession { writer, steps }, r?))
+    }
+
+    /// Whether `req` can be answered from this stream's state alone (a STAT that changes
+    /// nothing stored, with nothing queued): then it needs no blocking-pool hand-off.
+    pub fn in_memory(&self, req: &WriteRequest) -> bool {
+        req.action == Some(WriteAction::Stat)
+            && req.data.is_empty()
+            && (self.steps.first || req.expected.is_none())
+            && !self.steps.done
+            && !self.writer.has_queued()
     }
 
     /// Whether a commit ended the stream.
     pub fn is_done(&self) -> bool {
-        self.done
+        self.steps.done
     }
 
     /// Applies one request. Whatever it changed (even if it then failed) is written before
     /// this returns, so the response never acknowledges bytes that are not stored. Blocking:
     /// run it on the blocking pool.
     pub fn step(&mut self, req: WriteRequest) -> Result<WriteResponse> {
+        self.steps.step(&mut self.writer, req)
+    }
+
+    /// Tells readers following this upload why the stream stopped.
+    pub fn fail_live(&mut self, e: Error) {
+        self.writer.fail_live(e);
+    }
+}
+
+impl Steps {
+    fn step(&mut self, w: &mut Writer, req: WriteRequest) -> Result<WriteResponse> {
         if self.done {
             return Err(Error::precondition("the stream already committed its blob"));
         }
-        let r = self.apply(req);
+        let r = self.apply(w, req);
         self.first = false;
-        match (r, self.writer.flush()) {
+        match (r, w.flush()) {
             (Ok(v), Ok(())) => Ok(v),
             (Err(e), _) | (Ok(_), Err(e)) => Err(e),
         }
     }
 
-    fn apply(&mut self, req: WriteRequest) -> Result<WriteResponse> {
+    fn apply(&mut self, w: &mut Writer, req: WriteRequest) -> Result<WriteResponse> {
         let action = req
             .action
             .ok_or_else(|| Error::invalid("unknown write action"))?;
-        let w = &mut self.writer;
         // The first request's expected digest was given at open.
         if let (Some(d), false) = (&req.expected, self.first) {
             w.set_expected(d.clone())?;
@@ -104,11 +158,11 @@ impl WriteSession {
         let committed = match action {
             WriteAction::Stat => None,
             WriteAction::Write => {
-                w.write(req.offset, &req.data)?;
+                w.write_bytes(req.offset, req.data)?;
                 None
             }
             WriteAction::Commit => {
-                w.write(req.offset, &req.data)?;
+                w.write_bytes(req.offset, req.data)?;
                 let started = w.status()?.started_ns;
                 let info = w.commit(req.total, req.expected, req.labels)?;
                 self.done = true;
@@ -136,11 +190,6 @@ impl WriteSession {
                 }
             }
         })
-    }
-
-    /// Tells readers following this upload why the stream stopped.
-    pub fn fail_live(&mut self, e: Error) {
-        self.writer.fail_live(e);
     }
 }
 
@@ -189,8 +238,10 @@ pub fn fuzz_one(data: &[u8]) {
             2 => Scope::namespace("b").unwrap(),
             _ => Scope::tenant("t").unwrap(),
         };
+        let mut opening = None;
         if session.is_none() || op & 0x20 != 0 {
-            // (Re)open a stream on one of two refs, with or without an expected digest.
+            // (Re)open a stream on one of two refs, with or without an expected digest:
+            // either first, or together with this request (as the gRPC service does).
             drop(session.take());
             let r = if op & 1 == 0 { "r0" } else { "r1" };
             let expected = match input.byte().unwrap_or(0) % 4 {
@@ -201,12 +252,17 @@ pub fn fuzz_one(data: &[u8]) {
                 )),
             };
             let total = i64::from(input.byte().unwrap_or(0)) - 8;
-            match fuzz_rt().block_on(WriteSession::open(&store, scope, r, total, expected, None)) {
-                Ok(s) => session = Some(s),
-                Err(_) => continue,
+            if op & 0x08 != 0 {
+                opening = Some((scope, r, total, expected));
+            } else {
+                match fuzz_rt()
+                    .block_on(WriteSession::open(&store, scope, r, total, expected, None))
+                {
+                    Ok(s) => session = Some(s),
+                    Err(_) => continue,
+                }
             }
         }
-        let s = session.as_mut().unwrap();
         let action = match op % 4 {
             0 => None,
             1 => Some(WriteAction::Stat),
@@ -241,7 +297,18 @@ pub fn fuzz_one(data: &[u8]) {
             data: chunk.clone().into(),
             labels: None,
         };
-        match s.step(req) {
+        let result = match opening {
+            Some((scope, r, total, expected)) => fuzz_rt()
+                .block_on(WriteSession::start(
+                    &store, scope, r, total, expected, None, req,
+                ))
+                .map(|(s, resp)| {
+                    session = Some(s);
+                    resp
+                }),
+            None => session.as_mut().unwrap().step(req),
+        };
+        match result {
             Ok(resp) => {
                 assert!(resp.offset >= 0, "negative offset {resp:?}");
                 if resp.action == WriteAction::Commit {

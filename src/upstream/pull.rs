@@ -512,7 +512,7 @@ impl Puller {
                 match w
                     .step(move |w| {
                         w.set_media_type(mt);
-                        w.write(0, &bytes)?;
+                        w.write_bytes(0, bytes)?;
                         w.commit(size, Some(d2), None)
                     })
                     .await
