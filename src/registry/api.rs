@@ -721,11 +721,10 @@ impl Registry {
             Reference::Digest(d) => {
                 // Untag every tag of this repository that points at it, then drop the blob
                 // from the namespace.
-                let all = store.list_images(&scope, &crate::filter::Filter::default())?;
-                for img in all.iter().filter(|i| {
-                    (i.name.starts_with(&prefix) || i.name.starts_with(&at))
-                        && i.digest == d.to_string()
-                }) {
+                let none = crate::filter::Filter::default();
+                let mut named = store.list_images_named(&scope, &prefix, &none)?;
+                named.extend(store.list_images_named(&scope, &at, &none)?);
+                for img in named.iter().filter(|i| i.digest == d.to_string()) {
                     store.delete_image(&scope, &img.name)?;
                 }
                 store.delete(&scope, d)
@@ -1243,11 +1242,9 @@ impl Registry {
         let (store, scope) = (self.store.clone(), self.scope.clone());
         let prefix = format!("{}:", repo.canonical);
         let listed = blocking(move || {
-            let f =
-                crate::filter::Filter::parse_all(&[&format!("name~=^{}", regex_escape(&prefix))])?;
             let mut pushed = false;
             let tags = store
-                .list_images(&scope, &f)?
+                .list_images_named(&scope, &prefix, &crate::filter::Filter::default())?
                 .into_iter()
                 .filter_map(|i| {
                     pushed |= i.labels.contains_key(ORIGIN_LABEL);
@@ -1420,10 +1417,6 @@ impl Registry {
         }
         r
     }
-}
-
-fn regex_escape(s: &str) -> String {
-    regex::escape(s)
 }
 
 fn upload_ref(id: &str) -> String {

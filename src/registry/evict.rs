@@ -28,38 +28,55 @@ fn recency(labels: &std::collections::HashMap<String, String>) -> i64 {
 
 /// Deletes mirrored images of `scope`, least recently used first, collecting after each,
 /// while `over` says the store is past its limit. Returns the names evicted.
+///
+/// The namespace is listed once per pass, not once per eviction; each victim is read again
+/// just before it goes, and one a client asked for since the listing is kept.
 pub fn evict_lru(
     store: &Store,
     scope: &Scope,
     mut over: impl FnMut(&Store) -> bool,
 ) -> Result<Vec<String>> {
     let mut evicted = Vec::new();
-    while evicted.len() < MAX_PER_PASS && over(store) {
-        let images = store.list_images(scope, &crate::filter::Filter::parse_all::<&str>(&[])?)?;
-        let Some(victim) = images
-            .into_iter()
-            .filter(|i| {
-                i.labels.contains_key(CHECKED_LABEL) && !i.labels.contains_key(ORIGIN_LABEL)
-            })
-            .min_by_key(|i| (recency(&i.labels), i.name.clone()))
-        else {
+    if !over(store) {
+        return Ok(evicted);
+    }
+    let mut candidates: Vec<(i64, String)> = store
+        .list_images(scope, &crate::filter::Filter::default())?
+        .into_iter()
+        .filter(|i| mirrored(&i.labels))
+        .map(|i| (recency(&i.labels), i.name))
+        .collect();
+    candidates.sort();
+    for (used, name) in candidates {
+        if evicted.len() >= MAX_PER_PASS || !over(store) {
             break;
-        };
-        match store.delete_image(scope, &victim.name) {
+        }
+        match store.image(scope, &name) {
+            Ok(now) if mirrored(&now.labels) && recency(&now.labels) == used => {}
+            // Asked for meanwhile, pushed over, or deleted: not this one.
+            Ok(_) => continue,
+            Err(e) if e.is(crate::error::Kind::NotFound) => continue,
+            Err(e) => return Err(e),
+        }
+        match store.delete_image(scope, &name) {
             Ok(()) => {}
-            // Deleted meanwhile (a client's DELETE): look again.
             Err(e) if e.is(crate::error::Kind::NotFound) => continue,
             Err(e) => return Err(e),
         }
         let swept = store.evict()?;
         tracing::warn!(
-            image = %victim.name,
-            used = recency(&victim.labels),
+            image = %name,
+            used,
             swept_bytes = swept.bytes_swept,
             namespace_bytes = store.usage_of(scope),
             "evicted a mirrored image (least recently used)"
         );
-        evicted.push(victim.name);
+        evicted.push(name);
     }
     Ok(evicted)
+}
+
+/// A record the mirror made and may evict: checked upstream, never pushed.
+fn mirrored(labels: &std::collections::HashMap<String, String>) -> bool {
+    labels.contains_key(CHECKED_LABEL) && !labels.contains_key(ORIGIN_LABEL)
 }

@@ -61,7 +61,18 @@ impl Store {
     }
 
     pub fn list_images(&self, scope: &Scope, f: &Filter) -> Result<Vec<ImageRecord>> {
-        let prefix = scope.prefix();
+        self.list_images_named(scope, "", f)
+    }
+
+    /// The images of `scope` whose names start with `name_prefix` (a repository's tags, say),
+    /// in name order: one range scan of those names, not of the whole namespace.
+    pub fn list_images_named(
+        &self,
+        scope: &Scope,
+        name_prefix: &str,
+        f: &Filter,
+    ) -> Result<Vec<ImageRecord>> {
+        let prefix = image_key(scope, name_prefix);
         let mut out = Vec::new();
         let mut err = None;
         self.kv

@@ -531,3 +531,52 @@ async fn quotas_are_exact_under_concurrent_commits() {
     assert!(store.delete(&ns("q"), &first.digest).unwrap());
     assert_eq!(store.usage_of(&ns("q")), 900);
 }
+
+/// A name-prefix listing is exactly the images whose names start with it, in name order,
+/// whatever else the namespace (or another namespace) holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_list_by_name_prefix() {
+    let store = graceless(Arc::new(MemKv::default()));
+    let (a, b) = (ns("a"), ns("b"));
+    let m = put(&store, &a, "m", b"not a manifest").await;
+    let _ = put(&store, &b, "m", b"not a manifest").await;
+    let names = [
+        "r/app:2",
+        "r/app:1",
+        "r/app@sha256:00",
+        "r/apps:1",
+        "r/ap:1",
+        "s/app:1",
+    ];
+    for (scope, name) in names.iter().map(|n| (&a, *n)).chain([(&b, "r/app:3")]) {
+        store
+            .create_image(
+                scope,
+                ImageRecord {
+                    name: name.into(),
+                    media_type: "application/octet-stream".into(),
+                    digest: m.digest.to_string(),
+                    size: m.size,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+    }
+    let listed = |scope: &Scope, prefix: &str| -> Vec<String> {
+        store
+            .list_images_named(scope, prefix, &crate::filter::Filter::default())
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect()
+    };
+    assert_eq!(listed(&a, "r/app:"), ["r/app:1", "r/app:2"]);
+    assert_eq!(listed(&a, "r/app@"), ["r/app@sha256:00"]);
+    assert_eq!(
+        listed(&a, "r/app"),
+        ["r/app:1", "r/app:2", "r/app@sha256:00", "r/apps:1"]
+    );
+    assert_eq!(listed(&b, "r/app:"), ["r/app:3"]);
+    assert!(listed(&a, "t/").is_empty());
+    assert_eq!(listed(&a, "").len(), names.len());
+}
