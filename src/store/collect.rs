@@ -47,6 +47,8 @@ type Roots = Vec<(Node, String)>;
 const SWEEP_BATCH: usize = 256;
 /// How long the collector looks for a moment with no writer before queueing for the gate.
 const GATE_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// How often a collector waiting for the gate marks what writers recorded meanwhile.
+const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(2);
 /// A source nothing reaches is kept at least this long after it was recorded (or last
 /// refreshed by a pull), whatever the grace period: a pull in flight is about to reach it.
 const SOURCE_MIN_AGE_NS: i64 = 600 * 1_000_000_000;
@@ -136,14 +138,27 @@ impl Store {
     /// disk) would wait for both; so the collector polls, and so never makes writers wait
     /// for anything but its own bounded batch. A collector that finds no such moment within
     /// GATE_POLL queues as a plain writer would, so it cannot starve.
-    fn sweep_gate(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+    ///
+    /// While it polls it keeps draining the barrier (marking outside the gate is what the
+    /// first drain already does): the drain under the gate, which writers wait for, then
+    /// covers only the last DRAIN_EVERY of writes, however fast they arrive.
+    fn sweep_gate(
+        &self,
+        mut drain: impl FnMut() -> Result<()>,
+    ) -> Result<parking_lot::RwLockWriteGuard<'_, ()>> {
         let t = Instant::now();
+        let mut drained = Instant::now();
         loop {
             if let Some(g) = self.gc_gate.try_write() {
-                return g;
+                return Ok(g);
             }
             if t.elapsed() > GATE_POLL {
-                return self.gc_gate.write();
+                drain()?;
+                return Ok(self.gc_gate.write());
+            }
+            if drained.elapsed() > DRAIN_EVERY {
+                drain()?;
+                drained = Instant::now();
             }
             std::thread::sleep(std::time::Duration::from_micros(100));
         }
@@ -162,7 +177,7 @@ impl Store {
         fill: impl FnOnce(&Marks, &mut Batch, &mut GcReport) -> Result<()>,
     ) -> Result<bool> {
         drain(m)?;
-        let _gate = self.sweep_gate();
+        let _gate = self.sweep_gate(|| drain(m))?;
         let pause = Instant::now();
         drain(m)?;
         let mut b = Batch::new();
@@ -571,7 +586,7 @@ impl Store {
         {
             // Opened under the gate: a write in flight when the collection starts has landed
             // (so the scans below see it), and every later one is recorded.
-            let _gate = self.sweep_gate();
+            let _gate = self.sweep_gate(|| Ok(()))?;
             *self.barrier.lock() = Some(Vec::new());
         }
         let result = self.collect_inner(dry_run, started_ns);
