@@ -758,9 +758,10 @@ impl Writer {
         st.rec.updated_ns = now_ns();
         for from in (0..data.len()).step_by(CHUNK_SIZE) {
             let piece = data.slice(from..(from + CHUNK_SIZE).min(data.len()));
+            let n = piece.len() as u64;
             self.chunks
                 .put(Cf::Chunks, chunk_key(extent, pos).to_vec(), piece);
-            pos += (CHUNK_SIZE.min(data.len() - from)) as u64;
+            pos += n;
         }
         self.chunk_bytes += data.len();
         crate::metrics::get().bytes_in.inc_by(data.len() as u64);
