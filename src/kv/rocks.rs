@@ -13,6 +13,7 @@
 //!   instead of twice (WAL + blob file).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
@@ -65,8 +66,27 @@ impl Default for Tuning {
 }
 
 pub struct RocksKv {
-    db: Db,
+    // Shared so a value handed out without a copy (`get_run`) can keep the DB open.
+    db: Arc<Db>,
 }
+
+/// A value RocksDB pinned for us (for a blob-file value: the buffer it read the record into),
+/// owned by a `Bytes` so it travels to the client without a copy.
+struct Pinned {
+    // Declared first, so it is dropped before the DB it borrows.
+    slice: rocksdb::DBPinnableSlice<'static>,
+    _db: Arc<Db>,
+}
+
+impl AsRef<[u8]> for Pinned {
+    fn as_ref(&self) -> &[u8] {
+        &self.slice
+    }
+}
+
+/// Values smaller than this are copied out instead of pinned: a pinned small value would hold
+/// a whole block-cache block (or memtable copy) for as long as a client keeps it.
+const PIN_MIN: usize = 16 << 10;
 
 /// RocksDB's status, as a kind the caller can act on. A checksum mismatch (a block, a blob
 /// record, a WAL record) is `Corruption`: the bytes on disk are not what was written, which
@@ -184,7 +204,7 @@ impl RocksKv {
                 )
             }
         })?;
-        Ok(RocksKv { db })
+        Ok(RocksKv { db: Arc::new(db) })
     }
 
     /// Runs RocksDB's repair on a data directory that no longer opens: it rebuilds the
@@ -276,6 +296,40 @@ impl Kv for RocksKv {
             .get_pinned_cf(self.cf(cf), key)
             .map_err(io)?
             .map(|v| v.to_vec()))
+    }
+
+    fn get_run(
+        &self,
+        cf: Cf,
+        first: Vec<u8>,
+        next: &mut dyn FnMut(Option<bytes::Bytes>) -> Option<Vec<u8>>,
+    ) -> Result<()> {
+        let snap = self.db.snapshot();
+        let handle = self.cf(cf);
+        let mut key = first;
+        loop {
+            let v = snap.get_pinned_cf(handle, &key).map_err(io)?.map(|slice| {
+                if slice.len() < PIN_MIN {
+                    return bytes::Bytes::copy_from_slice(&slice);
+                }
+                // SAFETY: the slice borrows only the DB (its buffer is pinned by RocksDB, not
+                // by the snapshot), and `Pinned` keeps the DB alive in a field dropped after it.
+                let slice = unsafe {
+                    std::mem::transmute::<
+                        rocksdb::DBPinnableSlice<'_>,
+                        rocksdb::DBPinnableSlice<'static>,
+                    >(slice)
+                };
+                bytes::Bytes::from_owner(Pinned {
+                    slice,
+                    _db: self.db.clone(),
+                })
+            });
+            match next(v) {
+                Some(k) => key = k,
+                None => return Ok(()),
+            }
+        }
     }
 
     fn floor(&self, cf: Cf, key: &[u8], lower: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {

@@ -22,26 +22,28 @@ impl Store {
         Ok(e.next - 1)
     }
 
-    /// Up to `max` bytes of an extent starting at `offset` (one iterator, one copy). Fewer
-    /// bytes only where the extent's stored data ends.
+    /// Up to `max` bytes of an extent starting at `offset`, in one buffer. Fewer bytes only
+    /// where the extent's stored data ends.
     pub fn read_extent(&self, extent: u64, offset: u64, max: usize) -> Result<Bytes> {
-        let mut got = None;
+        let mut got: Vec<Bytes> = Vec::new();
         let r = self.stream_extent(
             extent,
             offset,
             offset.saturating_add(max as u64),
             max,
             &mut |b| {
-                got = Some(b);
-                false
+                got.push(b);
+                true
             },
         );
-        match (got, r) {
-            (Some(b), _) => Ok(b),
-            (None, Err(e)) => Err(e),
-            (None, Ok(())) => Err(Error::data_loss(format!(
+        match (got.len(), r) {
+            (0, Err(e)) => Err(e),
+            (0, Ok(())) => Err(Error::data_loss(format!(
                 "stored bytes missing at offset {offset}"
             ))),
+            (1, _) => Ok(got.pop().expect("one piece")),
+            // The no-copy path ends pieces at chunk boundaries; join them.
+            _ => Ok(got.concat().into()),
         }
     }
 
@@ -61,9 +63,16 @@ impl Store {
         }
     }
 
-    /// Streams `[offset, end)` of an extent in pieces of `piece` bytes (the last may be
-    /// shorter) through one storage iterator. `sink` returns false to stop early. Where the
-    /// stored bytes end before `end`, what precedes the gap is delivered, then DataLoss.
+    /// Streams `[offset, end)` of an extent in pieces of at most `piece` bytes. `sink`
+    /// returns false to stop early. Where the stored bytes end before `end`, what precedes
+    /// the gap is delivered, then DataLoss.
+    ///
+    /// Pieces are full (`piece` bytes) except the last and, on the no-copy path, those
+    /// that end a stored chunk: while the chunk under the stream holds at least a piece (or
+    /// the rest of the range), its own buffer is handed out in slices. Chunks written in
+    /// large messages are all like that, so a blob streams out without being copied here.
+    /// Anything else (chunks cut small by small writes) is gathered into full pieces from
+    /// one storage iterator.
     pub fn stream_extent(
         &self,
         extent: u64,
@@ -72,14 +81,47 @@ impl Store {
         piece: usize,
         sink: &mut dyn FnMut(Bytes) -> bool,
     ) -> Result<()> {
-        if offset >= end {
+        if offset >= end || piece == 0 {
             return Ok(());
         }
+        let mut pos = offset;
+        let mut stopped = false;
+        // Chunks are cut at CHUNK_SIZE from the start of each write, so for a blob written
+        // in large messages the chunk under any offset starts at its multiple of CHUNK_SIZE.
+        let mut start = offset - offset % CHUNK_SIZE as u64;
+        self.kv
+            .get_run(Cf::Chunks, chunk_key(extent, start).to_vec(), &mut |v| {
+                let v = v?;
+                let chunk_end = start.checked_add(v.len() as u64)?;
+                if pos < start || pos >= chunk_end {
+                    return None;
+                }
+                let stop = chunk_end.min(end);
+                if v.len() < piece && stop < end {
+                    return None;
+                }
+                while pos < stop {
+                    let n = (stop - pos).min(piece as u64);
+                    let from = (pos - start) as usize;
+                    pos += n;
+                    if !sink(v.slice(from..from + n as usize)) {
+                        stopped = true;
+                        return None;
+                    }
+                }
+                if pos >= end {
+                    return None;
+                }
+                start = chunk_end;
+                Some(chunk_key(extent, start).to_vec())
+            })?;
+        if stopped || pos >= end {
+            return Ok(());
+        }
+        let offset = pos;
         let (lower, _) = extent_range(extent);
         let upper = chunk_key(extent, end);
         let mut buf = BytesMut::with_capacity(piece.min((end - offset) as usize));
-        let mut pos = offset;
-        let mut stopped = false;
         self.kv.scan_from_floor(
             Cf::Chunks,
             &chunk_key(extent, offset),
@@ -133,18 +175,27 @@ impl Store {
         len: u64,
         mut sink: impl FnMut(Bytes) -> Result<()>,
     ) -> Result<()> {
-        let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let data = self.read_extent(
-                extent,
-                pos,
-                (end - pos).min(READ_BUFFER_LIMIT as u64) as usize,
-            )?;
-            pos += data.len() as u64;
-            sink(data)?;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| Error::invalid(format!("range {offset}+{len} overflows")))?;
+        let mut failed = None;
+        let r = self.stream_extent(
+            extent,
+            offset,
+            end,
+            READ_BUFFER_LIMIT,
+            &mut |b| match sink(b) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            },
+        );
+        match failed {
+            Some(e) => Err(e),
+            None => r,
         }
-        Ok(())
     }
 
     /// Re-hashes a stored blob and checks it against its digest and size.
