@@ -181,6 +181,33 @@ fn step_failed(task: &'static str, e: tokio::task::JoinError) {
     tracing::error!(task, error = %e, "background step failed");
 }
 
+/// Hands memory the allocator holds but nobody uses back to the kernel, once a second.
+///
+/// glibc keeps freed memory in its arenas for reuse and returns only the top of a heap: after
+/// a large write (flushed memtables, 1 MiB messages, write batches) tens of MiB stay resident
+/// though nothing live needs them (measured: 33 MiB of anonymous RSS, 6 MiB after a trim).
+/// `malloc_trim` releases every whole free page; the cost is a walk of the free lists under
+/// each arena's lock and page faults when that memory is used again, a few ms a second at
+/// most under full streaming load.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let spawned = std::thread::Builder::new()
+            .name("contentd-trim".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    // SAFETY: malloc_trim only returns free pages to the kernel; it takes the
+                    // allocator's own locks and is safe to call from any thread at any time.
+                    unsafe { libc::malloc_trim(0) };
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the memory trimming thread");
+        }
+    }
+}
+
 /// Runs a background loop for the daemon's whole life. A panic in it is logged, counted
 /// (`contentd_task_restarts_total{task}`) and the loop starts again after a backoff that
 /// doubles from one second to a minute: one bad record must never stop collection, eviction
@@ -446,6 +473,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         },
     )?;
     tracing::info!(root = %config.root.display(), "store open");
+    release_free_memory();
     let upstream = Arc::new(crate::upstream::Upstream::new(config.upstream.clone())?);
     let puller = Some(crate::upstream::pull::Puller::new(store.clone(), upstream));
     let reads = crate::reads::Reads::new(store.clone(), puller.clone());

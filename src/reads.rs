@@ -23,7 +23,7 @@ use crate::upstream::pull::{FetchPhase, Puller};
 use crate::upstream::tee::{At, Tee};
 
 /// Pieces queued per stream.
-const DEPTH: usize = 4;
+const DEPTH: usize = 2;
 /// A stored read whose client takes no piece for this long gives its thread back.
 const STALL: std::time::Duration = std::time::Duration::from_millis(50);
 /// Blobs up to this size are read with one point lookup on the async worker when one chunk
