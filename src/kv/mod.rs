@@ -151,10 +151,10 @@ pub fn for_each_page(
 pub trait Kv: Send + Sync + 'static {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
     /// Point reads of `first`, then of each key `next` returns, handing every value over as
-    /// shared bytes (`None` when the key is absent); `next` returns None to stop. RocksDB
-    /// serves the whole run from one snapshot and hands over its own buffer for values kept
-    /// in blob files, so a streamed chunk is never copied on its way out. The default reads
-    /// each key as it is asked for.
+    /// shared bytes (`None` when the key is absent); `next` returns None to stop. Each key is
+    /// read when it is asked for (no snapshot across the run). RocksDB hands over its own
+    /// buffer for values kept in blob files, so a streamed chunk is never copied on its way
+    /// out.
     fn get_run(
         &self,
         cf: Cf,

@@ -89,6 +89,8 @@ impl Store {
         // Chunks are cut at CHUNK_SIZE from the start of each write, so for a blob written
         // in large messages the chunk under any offset starts at its multiple of CHUNK_SIZE.
         let mut start = offset - offset % CHUNK_SIZE as u64;
+        // Each chunk is looked up when it is due, so one deleted meanwhile (a collected blob)
+        // ends this path; the iterator below then reports what is still stored.
         self.kv
             .get_run(Cf::Chunks, chunk_key(extent, start).to_vec(), &mut |v| {
                 let v = v?;
