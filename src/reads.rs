@@ -70,7 +70,7 @@ impl Reads {
             }
         };
         match located {
-            Ok(loc) => return self.stored(loc.extent, loc.size, offset, size, piece),
+            Ok(loc) => return self.stored(d, loc.extent, loc.size, offset, size, piece),
             Err(e) if e.is(Kind::NotFound) => {}
             Err(e) => return Err(e),
         }
@@ -100,6 +100,7 @@ impl Reads {
 
     fn stored(
         &self,
+        d: &Digest,
         extent: u64,
         blob_size: i64,
         offset: i64,
@@ -135,6 +136,7 @@ impl Reads {
         let (tx, rx) = mpsc::channel(DEPTH);
         let store = self.store.clone();
         let handle = tokio::runtime::Handle::current();
+        let d = d.clone();
         tokio::spawn(async move {
             let (mut pos, end) = (offset as u64, end as u64);
             let mut carry: Option<Bytes> = None;
@@ -169,6 +171,14 @@ impl Reads {
                         if let Some(b) = c {
                             let _ = tx.send(Ok(b)).await;
                         }
+                        // Chunks are read as they are due, so a collection can remove the
+                        // rest of a blob under a slow reader: that is not lost data.
+                        let e = match e.is(Kind::DataLoss) && !store.stored_in(&d, extent) {
+                            true => Error::not_found(format!(
+                                "content {d}: deleted while it was being read"
+                            )),
+                            false => e,
+                        };
                         let _ = tx.send(Err(e)).await;
                         return;
                     }
@@ -603,6 +613,44 @@ mod tests {
         // A reader that goes away ends the stream's work.
         let o = reads.open(&scope, &d, 0, 0, 1000).await.unwrap();
         drop(o);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blob_collected_under_its_reader_ends_the_stream_not_found() {
+        let config = crate::store::StoreConfig {
+            gc_grace: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        let store = Store::open_with(Arc::new(MemKv::default()), config).unwrap();
+        let reads = Reads::new(store.clone(), None);
+        let scope = Scope::namespace("n").unwrap();
+        let big: Vec<u8> = (0..(16 * CHUNK)).map(|i| (i % 249) as u8).collect();
+        let d = put_in_pieces(&store, &scope, &big, 1 << 20).await;
+        let mut o = reads.open(&scope, &d, 0, 0, CHUNK).await.unwrap();
+        let first = o.rx.recv().await.unwrap().unwrap();
+        assert_eq!(first, &big[..CHUNK]);
+        // The reader holds the stream open while the blob is deleted and collected.
+        assert!(store.delete(&scope, &d).unwrap());
+        let s = store.clone();
+        let run = tokio::task::spawn_blocking(move || s.collect(false))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(run.swept.contains(&d));
+        let mut got = first.len();
+        let err = loop {
+            match o.rx.recv().await {
+                Some(Ok(b)) => got += b.len(),
+                Some(Err(e)) => break e,
+                None => panic!("the stream ended without an error after {got} bytes"),
+            }
+        };
+        assert!(got < big.len());
+        assert!(err.is(Kind::NotFound), "{err}");
+        assert!(
+            err.to_string().contains("deleted while it was being read"),
+            "{err}"
+        );
     }
 
     const CHUNK: usize = crate::store::CHUNK_SIZE;

@@ -169,6 +169,13 @@ impl Store {
         Ok(())
     }
 
+    /// Whether `d` is still stored in `extent`. A read that finds bytes missing asks, to tell
+    /// a blob collected while it was being read (not found) from lost bytes (data loss).
+    /// A failed lookup answers yes, so the data-loss report stands.
+    pub fn stored_in(&self, d: &Digest, extent: u64) -> bool {
+        !matches!(self.blob(d), Ok(ref b) if b.as_ref().is_none_or(|b| b.extent != extent))
+    }
+
     /// Reads `[offset, offset+len)` of an extent, chunk by chunk.
     pub fn read_range(
         &self,
