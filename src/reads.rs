@@ -129,8 +129,9 @@ impl Reads {
                 rx,
             });
         }
-        // One blocking task streams with one storage iterator while the client keeps up; the
-        // bounded channel is the backpressure. A client that stops reading for STALL gets its
+        // One blocking task streams the extent (`Store::stream_extent`: the store's own chunk
+        // buffers, no copy) while the client keeps up; the bounded channel is the
+        // backpressure. A client that stops reading for STALL gets its
         // thread taken back (the piece in hand is carried over, and a fresh task resumes
         // once there is room), so slow readers cannot exhaust the blocking pool.
         let (tx, rx) = mpsc::channel(DEPTH);
