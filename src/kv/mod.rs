@@ -150,25 +150,10 @@ pub fn for_each_page(
 
 pub trait Kv: Send + Sync + 'static {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
-    /// Point reads of `first`, then of each key `next` returns, handing every value over as
-    /// shared bytes (`None` when the key is absent); `next` returns None to stop. Each key is
-    /// read when it is asked for (no snapshot across the run). RocksDB hands over its own
-    /// buffer for values kept in blob files, so a streamed chunk is never copied on its way
-    /// out.
-    fn get_run(
-        &self,
-        cf: Cf,
-        first: Vec<u8>,
-        next: &mut dyn FnMut(Option<bytes::Bytes>) -> Option<Vec<u8>>,
-    ) -> Result<()> {
-        let mut key = first;
-        loop {
-            let v = self.get(cf, &key)?.map(bytes::Bytes::from);
-            match next(v) {
-                Some(k) => key = k,
-                None => return Ok(()),
-            }
-        }
+    /// The value of `key` as shared bytes. RocksDB hands over its own buffer for values kept
+    /// in blob files, so a streamed chunk is never copied on its way out; the default copies.
+    fn get_bytes(&self, cf: Cf, key: &[u8]) -> Result<Option<bytes::Bytes>> {
+        Ok(self.get(cf, key)?.map(bytes::Bytes::from))
     }
     /// The entry with the greatest key `<= key` and `>= lower`, if any.
     fn floor(&self, cf: Cf, key: &[u8], lower: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
@@ -267,27 +252,20 @@ pub(crate) mod tests {
         kv.write(b, false).unwrap();
         assert_eq!(kv.get(Cf::Blobs, b"a").unwrap(), None);
 
-        // a run of point reads, large values (blob files in RocksDB) and small alike
+        // shared-bytes reads, large values (blob files in RocksDB) and small alike
         let big: Vec<u8> = (0..(300u32 << 10)).map(|i| (i % 253) as u8).collect();
         let mut b = Batch::new();
         b.put(Cf::Chunks, vec![5, 0], big.clone());
         b.put(Cf::Chunks, vec![5, 1], b"small".to_vec());
         kv.write(b, true).unwrap();
-        let mut seen = Vec::new();
-        kv.get_run(Cf::Chunks, vec![5, 0], &mut |v| {
-            seen.push(v);
-            match seen.len() {
-                1 => Some(vec![5, 1]),
-                2 => Some(vec![5, 2]),
-                _ => None,
-            }
-        })
-        .unwrap();
-        assert_eq!(seen.len(), 3);
+        let seen: Vec<_> = [[5, 0], [5, 1], [5, 2]]
+            .iter()
+            .map(|k| kv.get_bytes(Cf::Chunks, k).unwrap())
+            .collect();
         assert_eq!(seen[0].as_deref(), Some(&big[..]));
         assert_eq!(seen[1].as_deref(), Some(&b"small"[..]));
         assert_eq!(seen[2], None);
-        // the values outlive the run and the writes after it
+        // the values outlive the writes after them
         let mut b = Batch::new();
         b.delete_range(Cf::Chunks, vec![5], vec![6]);
         kv.write(b, true).unwrap();

@@ -66,7 +66,7 @@ impl Default for Tuning {
 }
 
 pub struct RocksKv {
-    // Shared so a value handed out without a copy (`get_run`) can keep the DB open.
+    // Shared so a value handed out without a copy (`get_bytes`) can keep the DB open.
     db: Arc<Db>,
 }
 
@@ -298,45 +298,28 @@ impl Kv for RocksKv {
             .map(|v| v.to_vec()))
     }
 
-    fn get_run(
-        &self,
-        cf: Cf,
-        first: Vec<u8>,
-        next: &mut dyn FnMut(Option<bytes::Bytes>) -> Option<Vec<u8>>,
-    ) -> Result<()> {
-        // No snapshot: releasing one makes RocksDB re-compact every bottommost file written
-        // before it (to zero sequence numbers), and blob GC then rewrites their blobs.
-        // Measured: one read of a freshly written 512 MiB blob cost 61 compactions that
-        // rewrote 488 MB. Iterators pin no snapshot, so they do not trigger it.
-        let handle = self.cf(cf);
-        let mut key = first;
-        loop {
-            let v = self
-                .db
-                .get_pinned_cf(handle, &key)
-                .map_err(io)?
-                .map(|slice| {
-                    if slice.len() < PIN_MIN {
-                        return bytes::Bytes::copy_from_slice(&slice);
-                    }
-                    // SAFETY: the slice borrows only the DB, and `Pinned` keeps the DB alive in a
-                    // field dropped after it.
-                    let slice = unsafe {
-                        std::mem::transmute::<
-                            rocksdb::DBPinnableSlice<'_>,
-                            rocksdb::DBPinnableSlice<'static>,
-                        >(slice)
-                    };
-                    bytes::Bytes::from_owner(Pinned {
-                        slice,
-                        _db: self.db.clone(),
-                    })
-                });
-            match next(v) {
-                Some(k) => key = k,
-                None => return Ok(()),
-            }
+    fn get_bytes(&self, cf: Cf, key: &[u8]) -> Result<Option<bytes::Bytes>> {
+        // A point read with no snapshot. Releasing a snapshot makes RocksDB re-compact every
+        // bottommost file written before it (to zero sequence numbers), and blob GC then
+        // rewrites their blobs: reading a freshly written 512 MiB blob under one cost 61
+        // compactions that rewrote 488 MB. So a streamed blob is read key by key.
+        let Some(slice) = self.db.get_pinned_cf(self.cf(cf), key).map_err(io)? else {
+            return Ok(None);
+        };
+        if slice.len() < PIN_MIN {
+            return Ok(Some(bytes::Bytes::copy_from_slice(&slice)));
         }
+        // SAFETY: the slice borrows only the DB, and `Pinned` keeps the DB alive in a field
+        // dropped after it.
+        let slice = unsafe {
+            std::mem::transmute::<rocksdb::DBPinnableSlice<'_>, rocksdb::DBPinnableSlice<'static>>(
+                slice,
+            )
+        };
+        Ok(Some(bytes::Bytes::from_owner(Pinned {
+            slice,
+            _db: self.db.clone(),
+        })))
     }
 
     fn floor(&self, cf: Cf, key: &[u8], lower: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {

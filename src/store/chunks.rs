@@ -50,15 +50,11 @@ impl Store {
     /// `[offset, end)` of an extent when one stored chunk holds all of it: one point lookup,
     /// no iterator. None when the range spans chunks (the caller streams it instead).
     pub fn read_in_first_chunk(&self, extent: u64, offset: u64, end: u64) -> Result<Option<Bytes>> {
-        let Some(v) = self.kv.get(Cf::Chunks, &chunk_key(extent, 0))? else {
+        let Some(v) = self.kv.get_bytes(Cf::Chunks, &chunk_key(extent, 0))? else {
             return Ok(None);
         };
         match (usize::try_from(offset), usize::try_from(end)) {
-            (Ok(a), Ok(b)) if a <= b && b <= v.len() => {
-                let mut v = v;
-                v.truncate(b);
-                Ok(Some(Bytes::from(v).slice(a..)))
-            }
+            (Ok(a), Ok(b)) if a <= b && b <= v.len() => Ok(Some(v.slice(a..b))),
             _ => Ok(None),
         }
     }
@@ -85,42 +81,34 @@ impl Store {
             return Ok(());
         }
         let mut pos = offset;
-        let mut stopped = false;
         // Chunks are cut at CHUNK_SIZE from the start of each write, so for a blob written
         // in large messages the chunk under any offset starts at its multiple of CHUNK_SIZE.
         let mut start = offset - offset % CHUNK_SIZE as u64;
         // Each chunk is looked up when it is due, so one deleted meanwhile (a collected blob)
         // ends this path; the iterator below then reports what is still stored.
-        self.kv
-            .get_run(Cf::Chunks, chunk_key(extent, start).to_vec(), &mut |v| {
-                let v = v?;
-                let chunk_end = start.checked_add(v.len() as u64)?;
-                if pos < start || pos >= chunk_end {
-                    return None;
+        while let Some(v) = self.kv.get_bytes(Cf::Chunks, &chunk_key(extent, start))? {
+            let Some(chunk_end) = start.checked_add(v.len() as u64) else {
+                break;
+            };
+            let stop = chunk_end.min(end);
+            if pos < start || pos >= chunk_end || (v.len() < piece && stop < end) {
+                break;
+            }
+            while pos < stop {
+                let n = (stop - pos).min(piece as u64);
+                let from = (pos - start) as usize;
+                pos += n;
+                if !sink(v.slice(from..from + n as usize)) {
+                    return Ok(());
                 }
-                let stop = chunk_end.min(end);
-                if v.len() < piece && stop < end {
-                    return None;
-                }
-                while pos < stop {
-                    let n = (stop - pos).min(piece as u64);
-                    let from = (pos - start) as usize;
-                    pos += n;
-                    if !sink(v.slice(from..from + n as usize)) {
-                        stopped = true;
-                        return None;
-                    }
-                }
-                if pos >= end {
-                    return None;
-                }
-                start = chunk_end;
-                Some(chunk_key(extent, start).to_vec())
-            })?;
-        if stopped || pos >= end {
-            return Ok(());
+            }
+            if pos >= end {
+                return Ok(());
+            }
+            start = chunk_end;
         }
         let offset = pos;
+        let mut stopped = false;
         let (lower, _) = extent_range(extent);
         let upper = chunk_key(extent, end);
         let mut buf = BytesMut::with_capacity(piece.min((end - offset) as usize));
