@@ -38,7 +38,7 @@ pub struct Options {
     pub label: Option<String>,
 }
 
-#[derive(Debug, Serialize, Default)]
+#[derive(Debug, Serialize, serde::Deserialize, Default, Clone)]
 pub struct Report {
     pub target: String,
     pub large_write_mib_s: f64,
@@ -758,6 +758,38 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// One endpoint's rounds merged: every figure is the median of its rounds (a peak RSS too:
+/// the typical peak, not the worst). Rounds of different endpoints are run alternately, so
+/// a minute in which the machine runs slow weighs on both sides of a ratio alike.
+pub fn median_of_rounds(rounds: &[Report]) -> anyhow::Result<Report> {
+    let Some(first) = rounds.first() else {
+        bail!("no rounds to merge");
+    };
+    let values: Vec<serde_json::Value> = rounds
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()?;
+    let mut merged = serde_json::to_value(first)?;
+    let serde_json::Value::Object(fields) = &mut merged else {
+        bail!("a report is not a JSON object");
+    };
+    for (name, v) in fields.iter_mut() {
+        let mut xs: Vec<f64> = values
+            .iter()
+            .filter_map(|r| r.get(name).and_then(|x| x.as_f64()))
+            .collect();
+        if xs.is_empty() || !v.is_number() && !v.is_null() {
+            continue;
+        }
+        let m = median(&mut xs);
+        *v = match v.is_u64() {
+            true => serde_json::Value::from(m.round() as u64),
+            false => serde_json::Value::from(m),
+        };
+    }
+    Ok(serde_json::from_value(merged)?)
+}
+
 pub fn print_table(reports: &[Report]) {
     type Row = (&'static str, Box<dyn Fn(&Report) -> String>);
     let rows: Vec<Row> = vec![
@@ -1085,4 +1117,32 @@ async fn put_in(
     })
     .await??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_merge_to_the_median_of_each_figure() {
+        let round = |info: f64, rss: Option<f64>, entries: usize| Report {
+            target: "x".into(),
+            info_per_s: info,
+            rss_peak_mib: rss,
+            list_entries: entries,
+            ..Default::default()
+        };
+        let m = median_of_rounds(&[
+            round(9000.0, Some(80.0), 10),
+            round(21000.0, None, 12),
+            round(15000.0, Some(60.0), 11),
+        ])
+        .unwrap();
+        assert_eq!(m.target, "x");
+        assert_eq!(m.info_per_s, 15000.0);
+        // A figure some rounds lack is the median of the rounds that have it.
+        assert_eq!(m.rss_peak_mib, Some(80.0));
+        assert_eq!(m.list_entries, 11);
+        assert!(median_of_rounds(&[]).is_err());
+    }
 }

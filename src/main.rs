@@ -182,6 +182,11 @@ enum Command {
         ranged_reads: usize,
         #[arg(long, default_value_t = 20000)]
         info_calls: usize,
+        /// Rounds of the whole suite, endpoints taking turns (A B A B ...); each figure is the
+        /// median of its rounds. On a noisy machine 3 or more keep a slow minute from landing
+        /// on one side of a comparison only.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -425,30 +430,40 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             small,
             ranged_reads,
             info_calls,
+            rounds,
             json,
         } => {
-            let mut reports = Vec::new();
-            for s in endpoint {
-                let (label, path) = match s.split_once('=') {
-                    Some((l, p)) => (Some(l.to_string()), PathBuf::from(p)),
-                    None => (None, PathBuf::from(&s)),
-                };
-                let opts = contentd::bench::Options {
-                    socket: path,
-                    namespace: Some(namespace.clone()),
-                    pid: None,
-                    large_mib,
-                    runs,
-                    small_count: small,
-                    ranged_reads,
-                    info_calls,
-                    label,
-                };
-                reports.push(
-                    rt.block_on(contentd::bench::run(opts))
-                        .with_context(|| format!("benchmarking {s}"))?,
-                );
+            let mut rounds_of: Vec<Vec<contentd::bench::Report>> = vec![Vec::new(); endpoint.len()];
+            for round in 0..rounds.max(1) {
+                if rounds > 1 {
+                    eprintln!("bench: round {} of {rounds}", round + 1);
+                }
+                for (i, s) in endpoint.iter().enumerate() {
+                    let (label, path) = match s.split_once('=') {
+                        Some((l, p)) => (Some(l.to_string()), PathBuf::from(p)),
+                        None => (None, PathBuf::from(s)),
+                    };
+                    let opts = contentd::bench::Options {
+                        socket: path,
+                        namespace: Some(namespace.clone()),
+                        pid: None,
+                        large_mib,
+                        runs,
+                        small_count: small,
+                        ranged_reads,
+                        info_calls,
+                        label,
+                    };
+                    rounds_of[i].push(
+                        rt.block_on(contentd::bench::run(opts))
+                            .with_context(|| format!("benchmarking {s}"))?,
+                    );
+                }
             }
+            let reports = rounds_of
+                .iter()
+                .map(|r| contentd::bench::median_of_rounds(r))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);
             } else {
