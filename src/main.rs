@@ -433,18 +433,21 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             rounds,
             json,
         } => {
+            let targets: Vec<(Option<String>, PathBuf)> = endpoint
+                .iter()
+                .map(|s| match s.split_once('=') {
+                    Some((l, p)) => (Some(l.to_string()), PathBuf::from(p)),
+                    None => (None, PathBuf::from(s)),
+                })
+                .collect();
             let mut rounds_of: Vec<Vec<contentd::bench::Report>> = vec![Vec::new(); endpoint.len()];
             for round in 0..rounds.max(1) {
                 if rounds > 1 {
                     eprintln!("bench: round {} of {rounds}", round + 1);
                 }
-                for (i, s) in endpoint.iter().enumerate() {
-                    let (label, path) = match s.split_once('=') {
-                        Some((l, p)) => (Some(l.to_string()), PathBuf::from(p)),
-                        None => (None, PathBuf::from(s)),
-                    };
+                for (i, (s, (label, path))) in endpoint.iter().zip(&targets).enumerate() {
                     let opts = contentd::bench::Options {
-                        socket: path,
+                        socket: path.clone(),
                         namespace: Some(namespace.clone()),
                         pid: None,
                         large_mib,
@@ -452,7 +455,7 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
                         small_count: small,
                         ranged_reads,
                         info_calls,
-                        label,
+                        label: label.clone(),
                     };
                     rounds_of[i].push(
                         rt.block_on(contentd::bench::run(opts))

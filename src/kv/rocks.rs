@@ -71,14 +71,14 @@ pub struct RocksKv {
     dir: PathBuf,
 }
 
-/// Live WAL files beyond which the families holding the oldest one are flushed.
+/// Live WAL files beyond which every family with unflushed records is flushed.
 ///
 /// Every memtable switch starts a WAL file, and a file is deleted only once every family with
 /// records in it has flushed. Bulk bytes are written without the WAL and each large commit
 /// flushes `chunks`, so WAL files stay tiny (a few hundred bytes of metadata) and
 /// `max_total_wal_size`, a byte count, would let hundreds of thousands pile up behind a
 /// family that is rarely written (leases, images), each replayed at the next start
-/// (measured: 1,322 files of ~800 bytes after one bench run).
+/// (measured: 1,322 files of ~800 bytes after three bench rounds).
 const WAL_FILES_MAX: usize = 16;
 
 /// A value RocksDB pinned for us (for a blob-file value: the buffer it read the record into),
@@ -300,13 +300,7 @@ impl RocksKv {
     /// memtable holds anything, which lets RocksDB delete them. Housekeeping: it never fails
     /// the write that triggered it, and it does not wait for the flushes.
     fn release_wals(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        let wals = entries
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().as_encoded_bytes().ends_with(b".log"))
-            .count();
+        let wals = wal_files(&self.dir);
         if wals <= WAL_FILES_MAX {
             return;
         }
@@ -314,16 +308,14 @@ impl RocksKv {
         fo.set_wait(false);
         for cf in Cf::ALL {
             let h = self.cf(cf);
-            let entries = |p: &str| {
-                self.db
-                    .property_int_value_cf(h, p)
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0)
-            };
-            if entries("rocksdb.num-entries-active-mem-table") == 0
-                && entries("rocksdb.num-deletes-active-mem-table") == 0
-            {
+            // Counts every record, deletes included.
+            let entries = self
+                .db
+                .property_int_value_cf(h, "rocksdb.num-entries-active-mem-table")
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+            if entries == 0 {
                 continue;
             }
             if let Err(e) = self.db.flush_cf_opt(h, &fo) {
@@ -515,17 +507,19 @@ impl Kv for RocksKv {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn wal_files(dir: &Path) -> usize {
-        std::fs::read_dir(dir)
-            .unwrap()
+/// WAL files in a data directory (0 when it cannot be listed).
+fn wal_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().as_encoded_bytes().ends_with(b".log"))
             .count()
-    }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn wal_files_do_not_pile_up_behind_a_quiet_family() {
