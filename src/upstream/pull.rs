@@ -672,7 +672,7 @@ impl Puller {
             if let Some(t) = tee {
                 let st = w.step(|w| w.status()).await?;
                 if st.offset == size && st.digest == *d {
-                    t.verified();
+                    t.verified(t.generation());
                 }
             }
             let d2 = d.clone();
@@ -713,26 +713,27 @@ impl Puller {
         };
         // Readers of this fetch take frames from the tee as they arrive off the network.
         let tee = tee.cloned();
-        if let Some(t) = &tee {
-            t.start(offset);
-        }
-        let tee_net = tee.clone();
+        let generation = tee.as_ref().map(|t| t.start(offset));
+        let tee_net = tee.clone().zip(generation);
         // The network is read by its own task, so bytes keep arriving while a store write
         // runs (the fetch takes the longer of the two, not their sum); the channel bounds
         // what waits to PIPELINE body frames.
         let (tx, rx) = mpsc::channel(PIPELINE);
         let mut stream = body.stream;
-        tokio::spawn(async move {
+        let net = tokio::spawn(async move {
             while let Some(item) = stream.next().await {
                 let fail = item.is_err();
-                if let (Some(t), Ok(b)) = (&tee_net, &item) {
-                    t.push(b.clone());
+                if let (Some((t, g)), Ok(b)) = (&tee_net, &item) {
+                    t.push(*g, b.clone());
                 }
                 if tx.send(item).await.is_err() || fail {
                     return;
                 }
             }
         });
+        // The task must not outlive this attempt: a frame it read late would belong to no
+        // one (the tee ignores it anyway, by its generation).
+        let _net = tokio_util::task::AbortOnDropHandle::new(net);
         // Whatever is ready is written at once (a reader waiting on the first bytes gets them
         // without waiting for a full buffer), up to GATHER bytes per store write.
         let mut chunks = tokio_stream::wrappers::ReceiverStream::new(rx).ready_chunks(64);

@@ -3,14 +3,18 @@
 //! write. Storing happens beside them through the one write path; nothing here is ever taken
 //! for the blob (readers still end only on the fetch's verified commit, see `reads`).
 //!
-//! Invariant (kept by [`Tee::landed`] and `trim`): the window's first byte is never past what
-//! the store has landed for the fetch, so a reader is always served either from the window
-//! or, behind it, from stored bytes. Memory: the frames not yet stored (bounded by the
-//! fetch's pipeline) plus at most [`KEEP`] bytes already stored, for readers just behind.
+//! Invariant (kept by [`Tee::landed`]): the window's first byte is never past what the store
+//! has landed for the fetch, so a reader is always served either from the window or, behind
+//! it, from stored bytes. Memory: the frames not yet stored (bounded by the fetch's pipeline)
+//! plus at most [`KEEP`] bytes already stored, for readers just behind.
+//!
+//! Each body attempt has a generation ([`Tee::start`]): a frame or verdict from an attempt
+//! that has since been replaced is ignored, so a network task that outlives its attempt can
+//! never put bytes at the wrong offset.
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
@@ -37,6 +41,8 @@ struct Window {
     landed: i64,
     /// Every byte of the blob has arrived and hashes to its digest.
     verified: bool,
+    /// The current body attempt.
+    generation: u64,
 }
 
 pub struct Tee {
@@ -55,25 +61,29 @@ impl Default for Tee {
 
 impl Tee {
     /// The body (re)starts at `offset`, which the store already holds: frames from an
-    /// interrupted attempt are dropped (the new attempt re-sends them).
-    pub fn start(&self, offset: i64) {
+    /// interrupted attempt are dropped (the new attempt re-sends them). Returns the attempt's
+    /// generation, which its frames and verdict carry.
+    pub fn start(&self, offset: i64) -> u64 {
         let mut w = self.window.lock();
         w.frames.clear();
         w.len = 0;
         w.base = Some(offset);
         w.landed = offset;
         w.verified = false;
+        w.generation += 1;
+        let g = w.generation;
         drop(w);
         self.bump();
+        g
     }
 
-    /// A frame arrived after everything before it.
-    pub fn push(&self, b: Bytes) {
+    /// A frame of attempt `generation` arrived after everything before it.
+    pub fn push(&self, generation: u64, b: Bytes) {
         if b.is_empty() {
             return;
         }
         let mut w = self.window.lock();
-        if w.base.is_none() {
+        if w.base.is_none() || w.generation != generation {
             return;
         }
         w.len += b.len() as i64;
@@ -98,11 +108,22 @@ impl Tee {
         }
     }
 
-    /// Every byte has arrived and the bytes hash to the blob's digest: a reader at the end
-    /// may finish before the store's commit makes the blob durable.
-    pub fn verified(&self) {
-        self.window.lock().verified = true;
+    /// Every byte of attempt `generation` (and of the store before it) has arrived and they
+    /// hash to the blob's digest: a reader at the end may finish before the store's commit
+    /// makes the blob durable.
+    pub fn verified(&self, generation: u64) {
+        let mut w = self.window.lock();
+        if w.generation != generation {
+            return;
+        }
+        w.verified = true;
+        drop(w);
         self.bump();
+    }
+
+    /// The current body attempt's generation.
+    pub fn generation(&self) -> u64 {
+        self.window.lock().generation
     }
 
     pub fn is_verified(&self) -> bool {
@@ -115,7 +136,9 @@ impl Tee {
         w.base.map(|b| b + w.len)
     }
 
-    /// Up to `max` bytes at `pos`.
+    /// Up to `max` bytes at `pos`: a slice of one frame when one frame holds them, else
+    /// copied from the frames that do (network frames are often a few KiB, and a reader's
+    /// message costs the same whether it carries one of them or `max` bytes).
     pub fn at(&self, pos: i64, max: usize) -> At {
         let w = self.window.lock();
         let Some(base) = w.base else {
@@ -125,12 +148,25 @@ impl Tee {
             return At::Behind;
         }
         let mut off = base;
-        for f in &w.frames {
+        let mut frames = w.frames.iter();
+        for f in frames.by_ref() {
             let end = off + f.len() as i64;
             if pos < end {
                 let from = (pos - off) as usize;
                 let to = f.len().min(from.saturating_add(max));
-                return At::Data(f.slice(from..to));
+                if to - from == max || to < f.len() {
+                    return At::Data(f.slice(from..to));
+                }
+                let mut out = BytesMut::with_capacity(max.min((w.len - (pos - base)) as usize));
+                out.extend_from_slice(&f[from..]);
+                for f in frames {
+                    let take = f.len().min(max - out.len());
+                    out.extend_from_slice(&f[..take]);
+                    if out.len() == max {
+                        break;
+                    }
+                }
+                return At::Data(out.freeze());
             }
             off = end;
         }
@@ -162,36 +198,47 @@ mod tests {
     fn serves_frames_and_sends_readers_behind_it_to_the_store() {
         let t = Tee::default();
         assert_eq!(t.at(0, 10), At::Wait);
-        t.start(100);
+        let g = t.start(100);
         assert_eq!(t.at(50, 10), At::Behind);
         assert_eq!(t.at(100, 10), At::Wait);
-        t.push(Bytes::from_static(b"abcdef"));
-        t.push(Bytes::from_static(b"ghij"));
-        assert_eq!(t.received(), Some(110));
+        t.push(g, Bytes::from_static(b"abcdef"));
+        t.push(g, Bytes::from_static(b"ghij"));
+        t.push(g, Bytes::from_static(b"kl"));
+        assert_eq!(t.received(), Some(112));
         assert_eq!(data(&t.at(100, 3)), b"abc");
-        assert_eq!(data(&t.at(104, 100)), b"ef");
-        assert_eq!(data(&t.at(107, 100)), b"hij");
-        assert_eq!(t.at(110, 10), At::Wait);
+        // A read spanning frames gathers them, up to its limit.
+        assert_eq!(data(&t.at(104, 100)), b"efghijkl");
+        assert_eq!(data(&t.at(104, 5)), b"efghi");
+        assert_eq!(data(&t.at(107, 3)), b"hij");
+        assert_eq!(data(&t.at(111, 100)), b"l");
+        assert_eq!(t.at(112, 10), At::Wait);
         // Landed bytes stay within KEEP; the window never starts past the landed offset.
-        t.landed(110);
+        t.landed(112);
         assert_eq!(data(&t.at(100, 1)), b"a");
         assert!(!t.is_verified());
-        t.verified();
+        t.verified(g);
         assert!(t.is_verified());
-        // A restart drops the old frames and the verdict.
-        t.start(103);
+        // A restart drops the old frames and the verdict; the old attempt's late frames and
+        // verdict are ignored.
+        let g2 = t.start(103);
         assert!(!t.is_verified());
         assert_eq!(t.at(100, 1), At::Behind);
         assert_eq!(t.at(103, 1), At::Wait);
+        t.push(g, Bytes::from_static(b"zz"));
+        t.verified(g);
+        assert_eq!(t.at(103, 1), At::Wait);
+        assert!(!t.is_verified());
+        t.push(g2, Bytes::from_static(b"d"));
+        assert_eq!(data(&t.at(103, 10)), b"d");
     }
 
     #[test]
     fn memory_is_the_unstored_frames_plus_keep() {
         let t = Tee::default();
-        t.start(0);
+        let g = t.start(0);
         let frame = Bytes::from(vec![7u8; 64 << 10]);
         for i in 1..=1000i64 {
-            t.push(frame.clone());
+            t.push(g, frame.clone());
             // The store lags the network by 16 frames.
             t.landed(((i - 16).max(0)) * (64 << 10));
         }
