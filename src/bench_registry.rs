@@ -186,27 +186,8 @@ pub async fn run(o: Options) -> anyhow::Result<Figures> {
         ..Default::default()
     };
 
-    // Forgets the image in contentd, so the next GET is a miss. A reader finishes once the
-    // bytes are verified, before the fetch's commit: wait for the commit first, or the
-    // delete would come before it.
-    let in_ns = crate::client::Namespace::new(Some(&o.namespace))?;
-    let content = crate::api::pb::containerd::services::content::v1::content_client::ContentClient::with_interceptor(ch.clone(), in_ns);
+    // Forgets the image in contentd, so the next GET is a miss.
     let forget = || async {
-        for _ in 0..200 {
-            let st = content
-                .clone()
-                .list_statuses(
-                    crate::api::pb::containerd::services::content::v1::ListStatusesRequest {
-                        filters: vec![],
-                    },
-                )
-                .await?
-                .into_inner();
-            if st.statuses.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         let r = c
             .head(cd(&tag_path))
             .header("Accept", ACCEPT)
@@ -217,7 +198,7 @@ pub async fn run(o: Options) -> anyhow::Result<Figures> {
             c.delete(cd(&format!("manifests/{d}"))).send().await?;
         }
         c.delete(cd(&layer_path)).send().await?;
-        crate::bench_pull::collect_forgotten(&ch).await
+        crate::bench_pull::collect_forgotten(&ch, &o.namespace).await
     };
 
     // Misses, alternating with direct GETs of the same layer.
