@@ -474,7 +474,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     )?;
     tracing::info!(root = %config.root.display(), "store open");
     release_free_memory();
-    let upstream = Arc::new(crate::upstream::Upstream::new(config.upstream.clone())?);
+    let upstream = Arc::new(crate::upstream::Upstream::new(
+        config.upstream.clone(),
+        config.max_manifest_bytes,
+    )?);
     let puller = Some(crate::upstream::pull::Puller::new(store.clone(), upstream));
     let reads = crate::reads::Reads::new(store.clone(), puller.clone());
 

@@ -6,6 +6,11 @@
 //! oci-client is named only in this file. Everything leaves here as domain types and
 //! [`Error`]s with a kind: 404s are NotFound, refused credentials PermissionDenied, a dead or
 //! crawling upstream Unavailable, wrong bytes DataLoss (caught at commit by the store).
+//!
+//! Memory is bounded by what contentd asks for, never by what an upstream sends: blobs
+//! stream, and documents read whole (manifests, tag-list pages) go through [`Upstream::get_small`],
+//! which stops at a size limit. oci-client negotiates tokens and streams blobs; it is not
+//! used for documents, which it would read whole whatever their size.
 
 pub mod pull;
 pub mod tee;
@@ -41,6 +46,11 @@ pub const MANIFEST_TYPES: &[&str] = &[
 pub const TAG_PAGE: usize = 1000;
 /// The most tags contentd takes from one upstream repository's list.
 pub const MAX_TAGS: usize = 100_000;
+/// The largest tag-list page read (enough for a registry that ignores `n` and sends
+/// [`MAX_TAGS`] names of the spec's 128-character maximum).
+const MAX_TAG_PAGE: usize = 16 << 20;
+/// Bearer tokens remembered (per endpoint and repository) before the cache starts over.
+const MAX_TOKENS: usize = 1024;
 
 /// How to reach one registry host (the `[upstream.registries."HOST"]` table).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -214,28 +224,40 @@ pub struct BlobBody {
     pub length: Option<u64>,
 }
 
-/// An endpoint's (authenticating, bare) clients.
-type ClientPair = (Arc<Client>, Arc<Client>);
+/// An endpoint's clients: oci-client's authenticating one (tokens, blobs), a bare one that
+/// never has credentials stored (so it sends no auth probe before each request; anonymous
+/// blob fetches use it until the endpoint asks for a token, `needs_token`), and plain HTTP
+/// for documents read with a size limit.
+#[derive(Clone)]
+struct Clients {
+    oci: Arc<Client>,
+    bare: Arc<Client>,
+    http: reqwest::Client,
+}
 
 /// The distribution-spec client.
 pub struct Upstream {
     config: UpstreamConfig,
-    /// Per endpoint: (authenticating client, bare client). The bare one never has
-    /// credentials stored, so it sends no auth probe before each request; anonymous blob
-    /// fetches use it until the endpoint asks for a token (`needs_token`).
-    clients: Mutex<HashMap<Endpoint, ClientPair>>,
+    /// The largest manifest or index read from an upstream (`max_manifest_bytes`).
+    max_document: usize,
+    clients: Mutex<HashMap<Endpoint, Clients>>,
     needs_token: Mutex<std::collections::HashSet<Endpoint>>,
+    /// Bearer tokens for document requests, per (endpoint, repository).
+    tokens: Mutex<HashMap<(Endpoint, String), String>>,
 }
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig) -> Result<Upstream> {
+    /// `max_document`: the largest manifest or index taken from an upstream.
+    pub fn new(config: UpstreamConfig, max_document: usize) -> Result<Upstream> {
         config.validate()?;
         // reqwest is built without a bundled TLS provider; ring is the one rustls uses here.
         let _ = rustls::crypto::ring::default_provider().install_default();
         Ok(Upstream {
             config,
+            max_document,
             clients: Mutex::new(HashMap::new()),
             needs_token: Mutex::new(std::collections::HashSet::new()),
+            tokens: Mutex::new(HashMap::new()),
         })
     }
 
@@ -319,7 +341,7 @@ impl Upstream {
         ))
     }
 
-    fn clients(&self, registry: &str, ep: &Endpoint) -> Result<ClientPair> {
+    fn clients(&self, registry: &str, ep: &Endpoint) -> Result<Clients> {
         if let Some(c) = self.clients.lock().get(ep) {
             return Ok(c.clone());
         }
@@ -363,17 +385,141 @@ impl Upstream {
             user_agent: config.user_agent,
             ..Default::default()
         };
-        let c = (make(config)?, make(bare_config)?);
+        let mut http = reqwest::Client::builder()
+            .user_agent(config.user_agent)
+            .connect_timeout(Duration::from_secs(self.config.connect_timeout_secs))
+            .read_timeout(Duration::from_secs(self.config.read_timeout_secs))
+            .tls_danger_accept_invalid_certs(h.insecure_skip_verify);
+        for c in &config.extra_root_certificates {
+            let cert = reqwest::Certificate::from_pem(&c.data).map_err(|e| {
+                Error::invalid(format!("upstream {registry}: ca_file certificate: {e}"))
+            })?;
+            http = http.tls_certs_merge([cert]);
+        }
+        let http = http
+            .build()
+            .map_err(|e| Error::invalid(format!("upstream client for {registry}: {e}")))?;
+        let c = Clients {
+            oci: make(config)?,
+            bare: make(bare_config)?,
+            http,
+        };
         self.clients.lock().insert(ep.clone(), c.clone());
         Ok(c)
     }
 
+    /// GETs `doc` from `ep`, reading at most its `max` bytes of body (more is
+    /// an error before it is read). Credentials: a bearer token remembered for the
+    /// repository, else the configured basic credentials; a 401 gets a fresh token through
+    /// oci-client's token flow and one retry. Returns the response headers and body.
+    async fn get_small(
+        &self,
+        c: &Clients,
+        ep: &Endpoint,
+        auth: &RegistryAuth,
+        doc: &DocRequest<'_>,
+    ) -> Result<(reqwest::header::HeaderMap, Bytes)> {
+        let DocRequest {
+            repository,
+            path,
+            accept,
+            max,
+        } = *doc;
+        let scheme = if ep.plain_http { "http" } else { "https" };
+        let url = format!("{scheme}://{}/v2/{repository}/{path}", ep.host);
+        let key = (ep.clone(), repository.to_string());
+        let mut refreshed = false;
+        loop {
+            let mut req = c.http.get(&url).header(reqwest::header::ACCEPT, accept);
+            let token = self.tokens.lock().get(&key).cloned();
+            req = match (&token, auth) {
+                (Some(t), _) => req.bearer_auth(t),
+                (None, RegistryAuth::Basic(u, p)) => req.basic_auth(u, Some(p)),
+                (None, _) => req,
+            };
+            let mut res = req.send().await.map_err(|e| {
+                Error::unavailable(format!("{url}: {e} ({:?})", std::error::Error::source(&e)))
+            })?;
+            let status = res.status();
+            if status == reqwest::StatusCode::UNAUTHORIZED && !refreshed {
+                refreshed = true;
+                let r = reference(&ep.host, repository, "latest");
+                let t = c
+                    .oci
+                    .auth(&r, auth, oci_client::RegistryOperation::Pull)
+                    .await
+                    .map_err(|e| map_err(e, &url, &ep.host))?;
+                let mut tokens = self.tokens.lock();
+                match t {
+                    Some(t) => {
+                        if tokens.len() >= MAX_TOKENS {
+                            tokens.clear();
+                        }
+                        tokens.insert(key.clone(), t);
+                    }
+                    // No token to be had: the configured credentials were all there is.
+                    None if token.is_none() => {}
+                    None => {
+                        tokens.remove(&key);
+                    }
+                }
+                continue;
+            }
+            let too_big = |n: u64| {
+                Error::precondition(format!(
+                    "{url}: the upstream sent more than the {max} bytes contentd reads for this \
+                     (got {n}{})",
+                    if n > max as u64 { "" } else { "+" }
+                ))
+            };
+            if !status.is_success() {
+                // Only the start of an error body is read, for the message.
+                let mut msg = Vec::new();
+                while msg.len() < 1024
+                    && let Ok(Some(b)) = res.chunk().await
+                {
+                    msg.extend_from_slice(&b[..b.len().min(1024 - msg.len())]);
+                }
+                let code = status.as_u16();
+                let kind = match code {
+                    404 => Kind::NotFound,
+                    401 | 403 => Kind::PermissionDenied,
+                    400 | 405 | 406 | 416 => Kind::FailedPrecondition,
+                    _ => Kind::Unavailable,
+                };
+                return Err(Error::new(
+                    kind,
+                    format!(
+                        "{url}: HTTP {code}: {}",
+                        String::from_utf8_lossy(&msg).trim()
+                    ),
+                ));
+            }
+            if let Some(n) = res.content_length()
+                && n > max as u64
+            {
+                return Err(too_big(n));
+            }
+            let mut body = bytes::BytesMut::new();
+            while let Some(b) = res.chunk().await.map_err(|e| {
+                Error::unavailable(format!("{url}: the upstream failed mid-body: {e}"))
+            })? {
+                if body.len() + b.len() > max {
+                    return Err(too_big((body.len() + b.len()) as u64));
+                }
+                body.extend_from_slice(&b);
+            }
+            return Ok((res.headers().clone(), body.freeze()));
+        }
+    }
+
     /// Tries each endpoint of `registry` in turn; the first success wins. The error returned
     /// is the endpoint's own (mirrors are best effort), else the last mirror's.
-    async fn each_endpoint<T, F, Fut>(&self, registry: &str, what: &str, f: F) -> Result<T>
+    async fn each_endpoint<T, E, F, Fut>(&self, registry: &str, what: &str, f: F) -> Result<T>
     where
-        F: Fn(ClientPair, Endpoint, RegistryAuth) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
+        F: Fn(Clients, Endpoint, RegistryAuth) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, E>>,
+        E: EndpointError,
     {
         self.check_allowed(registry)?;
         let eps = self.endpoints(registry);
@@ -385,7 +531,7 @@ impl Upstream {
             match f(c, ep.clone(), auth).await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
-                    let e = map_err(e, what, &ep.host);
+                    let e = e.at(what, &ep.host);
                     if i + 1 < n {
                         tracing::debug!(mirror = %ep.host, error = %e, "mirror failed; trying the next endpoint");
                     }
@@ -397,48 +543,96 @@ impl Upstream {
     }
 
     /// Fetches a manifest (or index) by tag or digest, with the Accept list of every
-    /// manifest type contentd understands. Returns its bytes and digest (checked against the
-    /// reference's digest, when it has one).
+    /// manifest type contentd understands, reading at most `max_manifest_bytes`. Returns its
+    /// bytes and digest: by digest, the bytes must hash to it; by tag, the digest the
+    /// registry names (`Docker-Content-Digest`) must match the bytes, else it is their
+    /// sha256.
     pub async fn manifest(&self, src: &Source, tag_or_digest: &str) -> Result<(Bytes, Digest)> {
         let what = format!(
             "manifest {}/{}:{tag_or_digest}",
             src.registry, src.repository
         );
-        let (body, digest) = self
-            .each_endpoint(&src.registry, &what, |(c, _), ep, auth| {
-                let r = reference(&ep.host, &src.repository, tag_or_digest);
-                async move { c.pull_manifest_raw(&r, &auth, MANIFEST_TYPES).await }
+        let wanted = if tag_or_digest.contains(':') {
+            Some(Digest::parse(tag_or_digest).map_err(|e| Error::invalid(format!("{what}: {e}")))?)
+        } else if is_tag(tag_or_digest) {
+            None
+        } else {
+            return Err(Error::invalid(format!("{what}: not a valid tag or digest")));
+        };
+        let accept = MANIFEST_TYPES.join(", ");
+        let path = format!("manifests/{tag_or_digest}");
+        let doc = &DocRequest {
+            repository: &src.repository,
+            path: &path,
+            accept: &accept,
+            max: self.max_document,
+        };
+        let (headers, body) = self
+            .each_endpoint(&src.registry, &what, |c, ep, auth| async move {
+                self.get_small(&c, &ep, &auth, doc).await
             })
             .await?;
-        let digest = Digest::parse(&digest)
-            .map_err(|e| Error::data_loss(format!("{what}: upstream digest: {e}")))?;
+        let named = headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v.trim()).ok());
+        let claimed = wanted.or(named);
+        let digest = match claimed {
+            Some(d) => {
+                let got = Digest::of(d.algorithm(), &body);
+                if got != d {
+                    return Err(Error::data_loss(format!(
+                        "{what}: upstream {} served bytes that hash to {got}, not {d}",
+                        src.registry
+                    )));
+                }
+                d
+            }
+            None => Digest::of(crate::digest::Algorithm::Sha256, &body),
+        };
         Ok((body, digest))
     }
 
     /// The repository's tags, in pages of [`TAG_PAGE`] (`n`/`last`), at most [`MAX_TAGS`]:
-    /// past that the list is cut short rather than held whole (a warning says so).
+    /// past that the list is cut short rather than held whole (a warning says so). Names
+    /// that are not valid tags are dropped.
     pub async fn tags(&self, src: &Source) -> Result<Vec<String>> {
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
         let what = format!("tag list of {}/{}", src.registry, src.repository);
         let mut all: Vec<String> = Vec::new();
         loop {
             let last = all.last().cloned();
-            let page = self
-                .each_endpoint(&src.registry, &what, |(c, _), ep, auth| {
-                    let r = reference(&ep.host, &src.repository, "latest");
-                    let last = last.clone();
-                    async move {
-                        c.list_tags(&r, &auth, Some(TAG_PAGE), last.as_deref())
-                            .await
-                    }
+            // Tags are [A-Za-z0-9_.-]: nothing in one needs escaping in a query.
+            let path = match &last {
+                Some(l) => format!("tags/list?n={TAG_PAGE}&last={l}"),
+                None => format!("tags/list?n={TAG_PAGE}"),
+            };
+            let doc = &DocRequest {
+                repository: &src.repository,
+                path: &path,
+                accept: "application/json",
+                max: MAX_TAG_PAGE,
+            };
+            let (_, body) = self
+                .each_endpoint(&src.registry, &what, |c, ep, auth| async move {
+                    self.get_small(&c, &ep, &auth, doc).await
                 })
                 .await?;
+            let page: Page = serde_json::from_slice(&body).map_err(|e| {
+                Error::precondition(format!("{what}: upstream {}: {e}", src.registry))
+            })?;
             // A registry that ignores `last` would repeat its first page forever: only tags
             // past the previous page count as progress.
             let before = all.len();
             all.extend(
                 page.tags
+                    .unwrap_or_default()
                     .into_iter()
-                    .filter(|t| last.as_ref().is_none_or(|l| t > l)),
+                    .filter(|t| is_tag(t) && last.as_ref().is_none_or(|l| t > l)),
             );
             all.sort_unstable();
             all.dedup();
@@ -464,31 +658,38 @@ impl Upstream {
     ) -> Result<BlobBody> {
         let what = format!("blob {d} from {}/{}", src.registry, src.repository);
         let resp = self
-            .each_endpoint(&src.registry, &what, |(c, bare), ep, auth| {
-                let r =
-                    Reference::with_digest(ep.host.clone(), src.repository.clone(), d.to_string());
-                let desc = oci_client::manifest::OciDescriptor {
-                    digest: d.to_string(),
-                    ..Default::default()
-                };
-                // Anonymous: first without any auth (no probe round trip before the
-                // request); a registry that answers 401 gets the token flow from then on.
-                let bare = (matches!(auth, RegistryAuth::Anonymous)
-                    && !self.needs_token.lock().contains(&ep))
-                .then_some(bare);
-                async move {
-                    if let Some(b) = bare {
-                        match b.pull_blob_stream_partial(&r, &desc, offset, length).await {
-                            Err(OciDistributionError::UnauthorizedError { .. }) => {
-                                self.needs_token.lock().insert(ep);
+            .each_endpoint(
+                &src.registry,
+                &what,
+                |Clients { oci: c, bare, .. }, ep, auth| {
+                    let r = Reference::with_digest(
+                        ep.host.clone(),
+                        src.repository.clone(),
+                        d.to_string(),
+                    );
+                    let desc = oci_client::manifest::OciDescriptor {
+                        digest: d.to_string(),
+                        ..Default::default()
+                    };
+                    // Anonymous: first without any auth (no probe round trip before the
+                    // request); a registry that answers 401 gets the token flow from then on.
+                    let bare = (matches!(auth, RegistryAuth::Anonymous)
+                        && !self.needs_token.lock().contains(&ep))
+                    .then_some(bare);
+                    async move {
+                        if let Some(b) = bare {
+                            match b.pull_blob_stream_partial(&r, &desc, offset, length).await {
+                                Err(OciDistributionError::UnauthorizedError { .. }) => {
+                                    self.needs_token.lock().insert(ep);
+                                }
+                                other => return other,
                             }
-                            other => return other,
                         }
+                        c.store_auth_if_needed(r.resolve_registry(), &auth).await;
+                        c.pull_blob_stream_partial(&r, &desc, offset, length).await
                     }
-                    c.store_auth_if_needed(r.resolve_registry(), &auth).await;
-                    c.pull_blob_stream_partial(&r, &desc, offset, length).await
-                }
-            })
+                },
+            )
             .await?;
         let host = src.registry.clone();
         let what2 = what.clone();
@@ -602,6 +803,45 @@ pub fn parse_reference(s: &str) -> Result<(Source, String)> {
 }
 
 /// The single translation of registry failures into domain errors.
+/// A tag as the distribution spec allows it: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
+fn is_tag(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// A document read whole from an upstream: `/v2/REPOSITORY/PATH`, at most `max` bytes.
+#[derive(Clone, Copy)]
+struct DocRequest<'a> {
+    repository: &'a str,
+    path: &'a str,
+    accept: &'a str,
+    max: usize,
+}
+
+/// An error from one endpoint, given the request and host it came from.
+trait EndpointError {
+    fn at(self, what: &str, host: &str) -> Error;
+}
+
+impl EndpointError for OciDistributionError {
+    fn at(self, what: &str, host: &str) -> Error {
+        map_err(self, what, host)
+    }
+}
+
+impl EndpointError for Error {
+    fn at(self, what: &str, host: &str) -> Error {
+        Error::new(
+            self.kind(),
+            format!("{what}: upstream {host}: {}", self.message()),
+        )
+    }
+}
+
 fn map_err(e: OciDistributionError, what: &str, host: &str) -> Error {
     use OciDistributionError as E;
     let kind_of_status = |code: u16| match code {
@@ -688,7 +928,7 @@ mod tests {
             "trusted-mirror.example.net".into(),
             host("https://trusted-mirror.example.net", &[], true),
         );
-        let up = Upstream::new(config).unwrap();
+        let up = Upstream::new(config, 4 << 20).unwrap();
         let eps = up.endpoints("registry.example.com");
         assert_eq!(eps.len(), 3);
         assert!(!basic(&up.auth("registry.example.com", &eps[0], true)));
@@ -715,7 +955,7 @@ mod tests {
             .registries
             .insert("[::1]:5000".into(), host("http://[::1]:5000", &[], true));
         config.validate().unwrap();
-        let up = Upstream::new(config).unwrap();
+        let up = Upstream::new(config, 4 << 20).unwrap();
         let ep = &up.endpoints("127.0.0.1:5000")[0];
         assert!(basic(&up.auth("127.0.0.1:5000", ep, false)));
         // And at run time too: a plain-HTTP endpoint elsewhere gets nothing.
@@ -725,12 +965,15 @@ mod tests {
 
     #[test]
     fn only_allowed_registries_are_fetched_from() {
-        let up = Upstream::new(UpstreamConfig::default()).unwrap();
+        let up = Upstream::new(UpstreamConfig::default(), 4 << 20).unwrap();
         up.check_allowed("anything.example.com").unwrap();
-        let up = Upstream::new(UpstreamConfig {
-            allowed_registries: vec!["docker.io".into(), "127.0.0.1:5000".into()],
-            ..Default::default()
-        })
+        let up = Upstream::new(
+            UpstreamConfig {
+                allowed_registries: vec!["docker.io".into(), "127.0.0.1:5000".into()],
+                ..Default::default()
+            },
+            4 << 20,
+        )
         .unwrap();
         up.check_allowed("docker.io").unwrap();
         let e = up.check_allowed("169.254.169.254").unwrap_err();
@@ -757,5 +1000,209 @@ mod tests {
         ] {
             assert!(!is_loopback(h), "{h}");
         }
+    }
+
+    /// A registry on loopback that answers from a table: path prefix → response. It asks for
+    /// a bearer token (from its own /token) before anything else, and counts the body bytes
+    /// it manages to send.
+    struct Hostile {
+        addr: String,
+        sent: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    enum Answer {
+        Body(&'static str, Vec<u8>),
+        /// An endless chunked body.
+        Endless,
+        /// A Content-Length far beyond any limit, and a few bytes.
+        Claims(u64),
+        /// 404 with the spec's error body.
+        Missing,
+    }
+
+    impl Hostile {
+        async fn start(answer: fn(&str) -> Answer) -> Hostile {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let (a2, sent2) = (addr.clone(), sent.clone());
+            tokio::spawn(async move {
+                loop {
+                    let (mut s, _) = l.accept().await.unwrap();
+                    let (addr, sent) = (a2.clone(), sent2.clone());
+                    tokio::spawn(async move {
+                        let mut head = Vec::new();
+                        let mut b = [0u8; 1024];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut b).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&b[..n]),
+                            }
+                        }
+                        let head = String::from_utf8_lossy(&head).to_string();
+                        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                        let authorized = head.lines().any(|l| {
+                            l.to_ascii_lowercase()
+                                .starts_with("authorization: bearer tok")
+                        });
+                        let (status, headers, body) = if path.starts_with("/token") {
+                            (
+                                "200 OK",
+                                String::new(),
+                                Answer::Body("", br#"{"token":"tok"}"#.to_vec()),
+                            )
+                        } else if !authorized {
+                            (
+                                "401 Unauthorized",
+                                format!(
+                                    "WWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"t\"\r\n"
+                                ),
+                                Answer::Body("", b"{}".to_vec()),
+                            )
+                        } else {
+                            match answer(&path) {
+                                Answer::Missing => (
+                                    "404 Not Found",
+                                    String::new(),
+                                    Answer::Body(
+                                        "",
+                                        br#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#.to_vec(),
+                                    ),
+                                ),
+                                a => ("200 OK", String::new(), a),
+                            }
+                        };
+                        let head = match &body {
+                            Answer::Body(digest, b) => format!(
+                                "HTTP/1.1 {status}\r\n{headers}{}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                                if digest.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!("Docker-Content-Digest: {digest}\r\n")
+                                },
+                                b.len()
+                            ),
+                            Answer::Missing => String::new(),
+                            Answer::Endless => format!(
+                                "HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                            ),
+                            Answer::Claims(n) => format!(
+                                "HTTP/1.1 {status}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+                            ),
+                        };
+                        if s.write_all(head.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        match body {
+                            Answer::Missing => {}
+                            Answer::Body(_, b) => {
+                                let _ = s.write_all(&b).await;
+                            }
+                            Answer::Claims(_) => {
+                                let _ = s.write_all(b"{\"a\":").await;
+                            }
+                            Answer::Endless => {
+                                let chunk = [b' '; 64 << 10];
+                                let frame =
+                                    [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"]
+                                        .concat();
+                                while s.write_all(&frame).await.is_ok() {
+                                    sent.fetch_add(
+                                        chunk.len() as u64,
+                                        std::sync::atomic::Ordering::Relaxed,
+                                    );
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            Hostile { addr, sent }
+        }
+
+        fn src(&self) -> Source {
+            Source {
+                registry: self.addr.clone(),
+                repository: "r".into(),
+            }
+        }
+    }
+
+    const DOC: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+
+    /// Manifests and tag pages are read up to a limit, never whole: an upstream that sends
+    /// an endless or oversized body gets a named error while contentd has read only the
+    /// limit; digests are checked; tags that are not tags are dropped; the token flow works.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn documents_from_an_upstream_are_bounded_and_checked() {
+        let h = Hostile::start(|path| {
+            let doc_digest: &'static str = Box::leak(
+                Digest::of(crate::digest::Algorithm::Sha256, DOC)
+                    .to_string()
+                    .into_boxed_str(),
+            );
+            match path {
+                "/v2/r/manifests/good" => Answer::Body(doc_digest, DOC.to_vec()),
+                "/v2/r/manifests/plain" => Answer::Body("", DOC.to_vec()),
+                "/v2/r/manifests/lies" => Answer::Body(
+                    "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                    DOC.to_vec(),
+                ),
+                "/v2/r/manifests/endless" => Answer::Endless,
+                "/v2/r/manifests/claims" => Answer::Claims(1 << 40),
+                "/v2/r/tags/list?n=1000" => Answer::Body(
+                    "",
+                    br#"{"name":"r","tags":["b","a","../x","c&d=e"]}"#.to_vec(),
+                ),
+                "/v2/r/tags/list?n=1000&last=b" => {
+                    Answer::Body("", br#"{"name":"r","tags":null}"#.to_vec())
+                }
+                p if p.starts_with("/v2/endless/tags/list") => Answer::Endless,
+                p if p.starts_with("/v2/r/manifests/sha256:") => Answer::Body("", DOC.to_vec()),
+                _ => Answer::Missing,
+            }
+        })
+        .await;
+        let up = Upstream::new(UpstreamConfig::default(), 1 << 20).unwrap();
+        let src = h.src();
+        let want = Digest::of(crate::digest::Algorithm::Sha256, DOC);
+
+        let (b, d) = up.manifest(&src, "good").await.unwrap();
+        assert_eq!((&b[..], &d), (DOC, &want));
+        // No digest header: the bytes' sha256. By digest: checked against the bytes.
+        assert_eq!(up.manifest(&src, "plain").await.unwrap().1, want);
+        assert_eq!(up.manifest(&src, &want.to_string()).await.unwrap().1, want);
+        let other = Digest::of(crate::digest::Algorithm::Sha256, b"other");
+        let e = up.manifest(&src, &other.to_string()).await.unwrap_err();
+        assert!(e.is(Kind::DataLoss), "{e}");
+        let e = up.manifest(&src, "lies").await.unwrap_err();
+        assert!(e.is(Kind::DataLoss), "{e}");
+        let e = up.manifest(&src, "../../etc").await.unwrap_err();
+        assert!(e.is(Kind::InvalidArgument), "{e}");
+
+        let e = up.manifest(&src, "endless").await.unwrap_err();
+        assert!(e.is(Kind::FailedPrecondition), "{e}");
+        assert!(e.message().contains("1048576 bytes"), "{e}");
+        let e = up.manifest(&src, "claims").await.unwrap_err();
+        assert!(e.is(Kind::FailedPrecondition), "{e}");
+        assert!(e.message().contains(&(1u64 << 40).to_string()), "{e}");
+        let e = up.manifest(&src, "missing").await.unwrap_err();
+        assert!(e.is(Kind::NotFound), "{e}");
+
+        assert_eq!(up.tags(&src).await.unwrap(), ["a", "b"]);
+        let e = up
+            .tags(&Source {
+                registry: h.addr.clone(),
+                repository: "endless".into(),
+            })
+            .await
+            .unwrap_err();
+        assert!(e.is(Kind::FailedPrecondition), "{e}");
+        // Give the server a moment to see the connections close: what it sent is the limit
+        // plus what the sockets buffer, not the endless body.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sent = h.sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(sent < 64 << 20, "the server sent {sent} bytes");
     }
 }
