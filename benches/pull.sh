@@ -20,7 +20,9 @@ mkdir -p "$W"
 bash "$SHARED/images/registry.sh" start
 bash "$SHARED/images/registry.sh" push "$W/fixtures" >/dev/null 2>&1
 
-if ! curl -fsS -o /dev/null "http://$REGISTRY_ADDR/v2/bench/big/manifests/1g"; then
+# (distribution answers 404 for an OCI manifest unless the Accept header names its type)
+if ! curl -fsS -o /dev/null -H "Accept: application/vnd.oci.image.manifest.v1+json" \
+    "http://$REGISTRY_ADDR/v2/bench/big/manifests/1g"; then
   B=$W/big; rm -rf "$B"; mkdir -p "$B/blobs/sha256"
   head -c 1G /dev/urandom > "$B/layer"
   ld=$(sha256sum "$B/layer" | cut -d' ' -f1); mv "$B/layer" "$B/blobs/sha256/$ld"
