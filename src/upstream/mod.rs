@@ -408,10 +408,10 @@ impl Upstream {
         Ok(c)
     }
 
-    /// GETs `doc` from `ep`, reading at most its `max` bytes of body (more is
-    /// an error before it is read). Credentials: a bearer token remembered for the
-    /// repository, else the configured basic credentials; a 401 gets a fresh token through
-    /// oci-client's token flow and one retry. Returns the response headers and body.
+    /// GETs `doc` from `ep`, reading at most its `max` bytes of body (more is an error, and
+    /// the rest is never read). Credentials: a bearer token remembered for the repository,
+    /// else the configured basic credentials; a 401 gets a fresh token through oci-client's
+    /// token flow and one retry. Returns the response headers and body.
     async fn get_small(
         &self,
         c: &Clients,
@@ -465,11 +465,10 @@ impl Upstream {
                 }
                 continue;
             }
-            let too_big = |n: u64| {
+            let too_big = |how: String| {
                 Error::precondition(format!(
-                    "{url}: the upstream sent more than the {max} bytes contentd reads for this \
-                     (got {n}{})",
-                    if n > max as u64 { "" } else { "+" }
+                    "{url}: the upstream sent more than the {max} bytes contentd reads for \
+                     this ({how})"
                 ))
             };
             if !status.is_success() {
@@ -481,14 +480,8 @@ impl Upstream {
                     msg.extend_from_slice(&b[..b.len().min(1024 - msg.len())]);
                 }
                 let code = status.as_u16();
-                let kind = match code {
-                    404 => Kind::NotFound,
-                    401 | 403 => Kind::PermissionDenied,
-                    400 | 405 | 406 | 416 => Kind::FailedPrecondition,
-                    _ => Kind::Unavailable,
-                };
                 return Err(Error::new(
-                    kind,
+                    kind_of_status(code),
                     format!(
                         "{url}: HTTP {code}: {}",
                         String::from_utf8_lossy(&msg).trim()
@@ -498,14 +491,14 @@ impl Upstream {
             if let Some(n) = res.content_length()
                 && n > max as u64
             {
-                return Err(too_big(n));
+                return Err(too_big(format!("Content-Length {n}")));
             }
             let mut body = bytes::BytesMut::new();
             while let Some(b) = res.chunk().await.map_err(|e| {
                 Error::unavailable(format!("{url}: the upstream failed mid-body: {e}"))
             })? {
                 if body.len() + b.len() > max {
-                    return Err(too_big((body.len() + b.len()) as u64));
+                    return Err(too_big("it kept sending".into()));
                 }
                 body.extend_from_slice(&b);
             }
@@ -842,14 +835,18 @@ impl EndpointError for Error {
     }
 }
 
-fn map_err(e: OciDistributionError, what: &str, host: &str) -> Error {
-    use OciDistributionError as E;
-    let kind_of_status = |code: u16| match code {
+/// The kind of an upstream's HTTP error status.
+fn kind_of_status(code: u16) -> Kind {
+    match code {
         404 => Kind::NotFound,
         401 | 403 => Kind::PermissionDenied,
         400 | 405 | 406 | 416 => Kind::FailedPrecondition,
         _ => Kind::Unavailable,
-    };
+    }
+}
+
+fn map_err(e: OciDistributionError, what: &str, host: &str) -> Error {
+    use OciDistributionError as E;
     let (kind, detail) = match &e {
         E::RegistryError { envelope, .. } => {
             use oci_client::errors::OciErrorCode as C;

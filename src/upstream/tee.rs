@@ -8,9 +8,9 @@
 //! it, from stored bytes. Memory: the frames not yet stored (bounded by the fetch's pipeline)
 //! plus at most [`KEEP`] bytes already stored, for readers just behind.
 //!
-//! Each body attempt has a generation ([`Tee::start`]): a frame or verdict from an attempt
-//! that has since been replaced is ignored, so a network task that outlives its attempt can
-//! never put bytes at the wrong offset.
+//! Each body attempt has a generation ([`Tee::start`]): a frame from an attempt that has
+//! since been replaced is ignored, so a network task that outlives its attempt can never put
+//! bytes at the wrong offset.
 
 use std::collections::VecDeque;
 
@@ -108,22 +108,11 @@ impl Tee {
         }
     }
 
-    /// Every byte of attempt `generation` (and of the store before it) has arrived and they
-    /// hash to the blob's digest: a reader at the end may finish before the store's commit
-    /// makes the blob durable.
-    pub fn verified(&self, generation: u64) {
-        let mut w = self.window.lock();
-        if w.generation != generation {
-            return;
-        }
-        w.verified = true;
-        drop(w);
+    /// Every byte has arrived and the bytes hash to the blob's digest: a reader at the end
+    /// may finish before the store's commit makes the blob durable.
+    pub fn verified(&self) {
+        self.window.lock().verified = true;
         self.bump();
-    }
-
-    /// The current body attempt's generation.
-    pub fn generation(&self) -> u64 {
-        self.window.lock().generation
     }
 
     pub fn is_verified(&self) -> bool {
@@ -216,18 +205,16 @@ mod tests {
         t.landed(112);
         assert_eq!(data(&t.at(100, 1)), b"a");
         assert!(!t.is_verified());
-        t.verified(g);
+        t.verified();
         assert!(t.is_verified());
-        // A restart drops the old frames and the verdict; the old attempt's late frames and
-        // verdict are ignored.
+        // A restart drops the old frames and the verdict; the old attempt's late frames are
+        // ignored.
         let g2 = t.start(103);
         assert!(!t.is_verified());
         assert_eq!(t.at(100, 1), At::Behind);
         assert_eq!(t.at(103, 1), At::Wait);
         t.push(g, Bytes::from_static(b"zz"));
-        t.verified(g);
         assert_eq!(t.at(103, 1), At::Wait);
-        assert!(!t.is_verified());
         t.push(g2, Bytes::from_static(b"d"));
         assert_eq!(data(&t.at(103, 10)), b"d");
     }
