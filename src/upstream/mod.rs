@@ -8,9 +8,10 @@
 //! crawling upstream Unavailable, wrong bytes DataLoss (caught at commit by the store).
 //!
 //! Memory is bounded by what contentd asks for, never by what an upstream sends: blobs
-//! stream, and documents read whole (manifests, tag-list pages) go through [`Upstream::get_small`],
-//! which stops at a size limit. oci-client negotiates tokens and streams blobs; it is not
-//! used for documents, which it would read whole whatever their size.
+//! stream, and documents read whole (manifests, tag-list pages) go through
+//! [`Upstream::get_small`], which stops at a size limit. oci-client negotiates tokens and
+//! streams blobs; it is not used for documents, which it would read whole whatever their
+//! size.
 
 pub mod pull;
 pub mod tee;
@@ -457,8 +458,7 @@ impl Upstream {
                         }
                         tokens.insert(key.clone(), t);
                     }
-                    // No token to be had: the configured credentials were all there is.
-                    None if token.is_none() => {}
+                    // No token to be had: the configured credentials are all there is.
                     None => {
                         tokens.remove(&key);
                     }
