@@ -1146,10 +1146,13 @@ impl Registry {
             return Err(r);
         }
         let mut offset = at;
-        let mut buf = bytes::BytesMut::new();
+        // Writes that keep the blob's chunks whole; a request's last bytes are written before
+        // it is answered (an upload's acknowledged offset is stored).
+        let mut gather = crate::store::Gather::new(at.max(0) as u64, GATHER);
         loop {
             let frame = body.frame().await;
             let done = frame.is_none();
+            let mut piece = None;
             if let Some(f) = frame {
                 let f = f.map_err(|e| {
                     error(
@@ -1159,13 +1162,14 @@ impl Registry {
                     )
                 })?;
                 if let Ok(data) = f.into_data() {
-                    buf.extend_from_slice(&data);
+                    piece = gather.push(&data);
                 }
+            } else {
+                piece = gather.rest();
             }
-            if buf.len() >= GATHER || (done && !buf.is_empty()) {
-                let piece = buf.split().freeze();
+            if let Some(p) = piece {
                 offset = w
-                    .append(piece)
+                    .append(p)
                     .await
                     .map_err(|e| from_store(&e, "BLOB_UPLOAD_INVALID"))?;
             }

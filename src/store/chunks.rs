@@ -1,10 +1,69 @@
 //! The chunk byte layer: extents of fixed-size chunks under `chunks[extent ‖ offset]`, the
 //! one place bytes are read back (whole, ranged, streamed) and re-verified, and where fresh
-//! extent ids come from.
+//! extent ids come from; and [`Gather`], which shapes a byte stream into writes that keep
+//! chunks whole.
 
 use bytes::{Bytes, BytesMut};
 
 use super::*;
+
+/// Gathers a stream of body frames (an upstream fetch, a registry upload) into store writes
+/// that end on a blob's `CHUNK_SIZE` boundaries, so its chunks are whole and aligned.
+///
+/// Why: a write's chunks end on the blob's boundaries, so a write that ends between two
+/// leaves a short chunk there. Frames written as they come (tens of KiB, any size) leave
+/// almost every chunk short, and such a blob can never be streamed from its stored chunk
+/// buffers: each read falls back to the iterator that copies pieces together (a copy of
+/// every byte on every cached registry GET of a mirrored layer), and chunks under the
+/// blob-file threshold stay in the LSM tree, rewritten by every compaction. Only the
+/// caller's last write (`rest`) may end between boundaries.
+pub struct Gather {
+    /// Blob offset of `buf[0]`.
+    at: u64,
+    buf: BytesMut,
+    /// Bytes gathered before a write is due (at least one chunk).
+    min: usize,
+}
+
+impl Gather {
+    /// A stream whose first byte lands at blob offset `at`; writes of at least `min` bytes.
+    pub fn new(at: u64, min: usize) -> Gather {
+        Gather {
+            at,
+            buf: BytesMut::new(),
+            min: min.max(CHUNK_SIZE),
+        }
+    }
+
+    /// Bytes gathered and not yet handed out for writing.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Adds `data`; returns the next write once `min` bytes are gathered: everything up to
+    /// the last chunk boundary they reach (the remainder stays for the next write).
+    pub fn push(&mut self, data: &[u8]) -> Option<Bytes> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() < self.min {
+            return None;
+        }
+        // `min` ≥ CHUNK_SIZE bytes from `at` always cross a boundary, so `cut` > 0 (a stream
+        // that starts off a boundary, a resumed one, is realigned by its first write).
+        let end = self.at + self.buf.len() as u64;
+        let cut = (end - end % CHUNK_SIZE as u64 - self.at) as usize;
+        self.at += cut as u64;
+        Some(self.buf.split_to(cut).freeze())
+    }
+
+    /// Whatever is gathered (the stream's end, or a point where the caller must write).
+    pub fn rest(&mut self) -> Option<Bytes> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        self.at += self.buf.len() as u64;
+        Some(self.buf.split().freeze())
+    }
+}
 
 impl Store {
     /// A fresh extent id. Ids are reserved in blocks with a synced write before use, so an id
@@ -81,8 +140,8 @@ impl Store {
             return Ok(());
         }
         let mut pos = offset;
-        // Chunks are cut at CHUNK_SIZE from the start of each write, so for a blob written
-        // in large messages the chunk under any offset starts at its multiple of CHUNK_SIZE.
+        // Chunks end on multiples of CHUNK_SIZE (`Writer::write_bytes`), so for a blob
+        // written in whole chunks the chunk under any offset starts at its multiple.
         let mut start = offset - offset % CHUNK_SIZE as u64;
         // Each chunk is looked up when it is due, so one deleted meanwhile (a collected blob)
         // ends this path; the iterator below then reports what is still stored.
@@ -211,5 +270,65 @@ impl Store {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod gather_tests {
+    use super::*;
+
+    /// Frames of awkward sizes from offset `at`: every byte comes out once, in order; every
+    /// write but the last ends on a chunk boundary and is at least `min` bytes (or realigns
+    /// a stream that started off a boundary).
+    fn check(at: u64, min: usize, frames: &[usize]) {
+        let total: usize = frames.iter().sum();
+        let data: Vec<u8> = (0..total).map(|i| (i * 31 % 251) as u8).collect();
+        let mut g = Gather::new(at, min);
+        let (mut out, mut pos, mut from) = (Vec::new(), at, 0);
+        let mut writes = Vec::new();
+        for &n in frames {
+            if let Some(p) = g.push(&data[from..from + n]) {
+                writes.push((pos, p.len()));
+                pos += p.len() as u64;
+                out.extend_from_slice(&p);
+            }
+            from += n;
+            assert_eq!(out.len() + g.pending(), from);
+        }
+        if let Some(p) = g.rest() {
+            out.extend_from_slice(&p);
+        }
+        assert!(g.rest().is_none());
+        assert_eq!(out, data);
+        for (start, len) in writes {
+            assert_eq!(
+                (start + len as u64) % CHUNK_SIZE as u64,
+                0,
+                "write ends off a boundary"
+            );
+            assert!(
+                len >= min.max(CHUNK_SIZE) - CHUNK_SIZE,
+                "write of {len} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn writes_end_on_chunk_boundaries() {
+        check(0, 1 << 20, &[16 << 10; 300]);
+        check(0, 1 << 20, &[1 << 20, 5, (1 << 20) - 5, 3 << 20, 7]);
+        check(1000, 1 << 20, &[16 << 10; 200]);
+        check(0, 1, &[CHUNK_SIZE + 1, CHUNK_SIZE - 1, 1]);
+        check(5, 0, &[CHUNK_SIZE * 3]);
+        check(0, 1 << 20, &[]);
+        let mut odd = Vec::new();
+        let mut x = 7usize;
+        for _ in 0..500 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            odd.push(1 + (x >> 33) % 70_000);
+        }
+        check(123_457, 1 << 20, &odd);
     }
 }

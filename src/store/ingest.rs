@@ -756,12 +756,19 @@ impl Writer {
         st.hasher.update(&data);
         st.rec.offset = end;
         st.rec.updated_ns = now_ns();
-        for from in (0..data.len()).step_by(CHUNK_SIZE) {
-            let piece = data.slice(from..(from + CHUNK_SIZE).min(data.len()));
-            let n = piece.len() as u64;
-            self.chunks
-                .put(Cf::Chunks, chunk_key(extent, pos).to_vec(), piece);
-            pos += n;
+        // Chunks end on the blob's CHUNK_SIZE boundaries whatever the write's offset, so a
+        // stream whose writes end on them (`Gather`) is stored in whole, aligned chunks.
+        let mut from = 0;
+        while from < data.len() {
+            let room = CHUNK_SIZE - (pos % CHUNK_SIZE as u64) as usize;
+            let n = room.min(data.len() - from);
+            self.chunks.put(
+                Cf::Chunks,
+                chunk_key(extent, pos).to_vec(),
+                data.slice(from..from + n),
+            );
+            pos += n as u64;
+            from += n;
         }
         self.chunk_bytes += data.len();
         crate::metrics::get().bytes_in.inc_by(data.len() as u64);

@@ -46,6 +46,7 @@ use prost::Message as _;
 use tokio::sync::OwnedMutexGuard;
 
 pub use crate::dates::parse_rfc3339;
+pub use chunks::Gather;
 pub use collect::{Explanation, GcReport};
 pub use ingest::{AsyncWriter, Writer, WriterStatus};
 use ingest::{LockedSince, Reservation, Slot};

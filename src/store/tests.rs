@@ -55,6 +55,55 @@ async fn conformance(store: Arc<Store>) {
     );
     assert!(store.status(&a, "r1").unwrap_err().is(Kind::NotFound));
 
+    // bytes gathered from odd frames (a fetch, an upload) are stored in whole, aligned
+    // chunks, and a write that resumes off a boundary realigns
+    let frames: Vec<u8> = (0..(5 * CHUNK_SIZE + 77))
+        .map(|i| (i % 241) as u8)
+        .collect();
+    let d = sha(&frames);
+    let mut w = store
+        .open_writer(
+            a.clone(),
+            "gathered",
+            frames.len() as i64,
+            Some(d.clone()),
+            None,
+        )
+        .await
+        .unwrap();
+    w.write(0, &frames[..1000]).unwrap();
+    let mut g = Gather::new(1000, 1 << 20);
+    let mut at = 1000i64;
+    for f in frames[1000..].chunks(13_001) {
+        if let Some(p) = g.push(f) {
+            let n = p.len() as i64;
+            w.write_bytes(at, p).unwrap();
+            at += n;
+        }
+    }
+    if let Some(p) = g.rest() {
+        w.write_bytes(at, p).unwrap();
+    }
+    w.commit(frames.len() as i64, Some(d.clone()), None)
+        .unwrap();
+    assert_eq!(read_all(&store, &a, &d), frames);
+    let extent = store.locate(&a, &d).unwrap().extent;
+    let (lo, hi) = keys::extent_range(extent);
+    let mut starts = Vec::new();
+    store
+        .kv
+        .scan(Cf::Chunks, &lo, &hi, &mut |k, v| {
+            starts.push((keys::chunk_offset(k).unwrap(), v.len()));
+            true
+        })
+        .unwrap();
+    let expect: Vec<(u64, usize)> = [(0, 1000), (1000, CHUNK_SIZE - 1000)]
+        .into_iter()
+        .chain((1..5).map(|i| ((i * CHUNK_SIZE) as u64, CHUNK_SIZE)))
+        .chain([((5 * CHUNK_SIZE) as u64, 77)])
+        .collect();
+    assert_eq!(starts, expect);
+
     // namespaces isolate visibility
     assert!(store.info(&b, &sha(&data)).unwrap_err().is(Kind::NotFound));
     // committing the same bytes again in the same namespace: AlreadyExists

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
@@ -27,7 +27,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Kind, Result};
 use crate::graph::{self, Kind as DocKind, Role};
 use crate::store::{
-    AsyncWriter, ImageRecord, Scope, SourceRecord, Store, blocking, is_exists, now_ns,
+    AsyncWriter, Gather, ImageRecord, Scope, SourceRecord, Store, blocking, is_exists, now_ns,
 };
 
 /// What happened to one blob of a pull.
@@ -734,36 +734,37 @@ impl Puller {
         // The task must not outlive this attempt: a frame it read late would belong to no
         // one (the tee ignores it anyway, by its generation).
         let _net = tokio_util::task::AbortOnDropHandle::new(net);
-        // Whatever is ready is written at once (a reader waiting on the first bytes gets them
-        // without waiting for a full buffer), up to GATHER bytes per store write.
-        let mut chunks = tokio_stream::wrappers::ReceiverStream::new(rx).ready_chunks(64);
+        // Stored in writes of GATHER bytes that keep the blob's chunks whole (`Gather`).
+        // Readers of this fetch are fed from the tee, which holds every frame until it has
+        // landed, so holding bytes back from the store delays no one; readers of an eager
+        // pull (no tee) follow the ingest a write behind. What is gathered when the body
+        // fails is still written: it is verified data a retry resumes after.
+        let mut frames = tokio_stream::wrappers::ReceiverStream::new(rx).ready_chunks(64);
+        let mut gather = Gather::new(offset.max(0) as u64, GATHER);
         let mut pos = offset;
         let mut reported = pos;
-        while let Some(items) = chunks.next().await {
-            let mut buf = BytesMut::new();
+        while let Some(items) = frames.next().await {
             let mut failed = None;
             for it in items {
-                match it {
-                    Ok(b) => buf.extend_from_slice(&b),
+                let piece = match it {
+                    Ok(b) => gather.push(&b),
                     Err(e) => {
                         failed = Some(e);
-                        break;
+                        gather.rest()
                     }
-                }
-                if buf.len() >= GATHER {
-                    pos = w.append(std::mem::take(&mut buf).freeze()).await?;
+                };
+                if let Some(p) = piece {
+                    pos = w.append(p).await?;
                     if let Some(t) = &tee {
                         t.landed(pos);
                     }
                 }
-            }
-            if !buf.is_empty() {
-                pos = w.append(buf.freeze()).await?;
-                if let Some(t) = &tee {
-                    t.landed(pos);
+                if failed.is_some() {
+                    break;
                 }
             }
-            if size > 0 && pos > size {
+            let held = i64::try_from(gather.pending()).unwrap_or(i64::MAX);
+            if size > 0 && pos.saturating_add(held) > size {
                 return Err(Error::data_loss(format!(
                     "upstream {} sent more than the {size} bytes of {d}",
                     src.registry
@@ -781,6 +782,12 @@ impl Puller {
             }
             if let Some(e) = failed {
                 return Err(e);
+            }
+        }
+        if let Some(p) = gather.rest() {
+            pos = w.append(p).await?;
+            if let Some(t) = &tee {
+                t.landed(pos);
             }
         }
         if size > 0 && pos < size {
