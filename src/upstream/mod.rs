@@ -8,10 +8,10 @@
 //! crawling upstream Unavailable, wrong bytes DataLoss (caught at commit by the store).
 //!
 //! Memory is bounded by what contentd asks for, never by what an upstream sends: blobs
-//! stream, and documents read whole (manifests, tag-list pages) go through
-//! [`Upstream::get_small`], which stops at a size limit. oci-client negotiates tokens and
-//! streams blobs; it is not used for documents, which it would read whole whatever their
-//! size.
+//! stream, and what is read whole (manifests, tag-list pages, token responses) goes through
+//! one reader that stops at a size limit (`read_bounded`). oci-client streams blobs only: it
+//! is given the bearer token contentd's own flow obtained (`Upstream::token`), because its
+//! own flow, like its document reads, takes a response whole whatever its size.
 
 pub mod pull;
 pub mod tee;
@@ -52,6 +52,8 @@ pub const MAX_TAGS: usize = 100_000;
 const MAX_TAG_PAGE: usize = 16 << 20;
 /// Bearer tokens remembered (per endpoint and repository) before the cache starts over.
 const MAX_TOKENS: usize = 1024;
+/// Most of a token response read (tokens are JWTs of a few KiB).
+const MAX_TOKEN_BODY: usize = 256 << 10;
 
 /// How to reach one registry host (the `[upstream.registries."HOST"]` table).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -411,8 +413,8 @@ impl Upstream {
 
     /// GETs `doc` from `ep`, reading at most its `max` bytes of body (more is an error, and
     /// the rest is never read). Credentials: a bearer token remembered for the repository,
-    /// else the configured basic credentials; a 401 gets a fresh token through oci-client's
-    /// token flow and one retry. Returns the response headers and body.
+    /// else the configured basic credentials; a 401 gets a fresh token (`token`) and one
+    /// retry. Returns the response headers and body.
     async fn get_small(
         &self,
         c: &Clients,
@@ -438,72 +440,106 @@ impl Upstream {
                 (None, RegistryAuth::Basic(u, p)) => req.basic_auth(u, Some(p)),
                 (None, _) => req,
             };
-            let mut res = req.send().await.map_err(|e| {
+            let res = req.send().await.map_err(|e| {
                 Error::unavailable(format!("{url}: {e} ({:?})", std::error::Error::source(&e)))
             })?;
             let status = res.status();
             if status == reqwest::StatusCode::UNAUTHORIZED && !refreshed {
                 refreshed = true;
-                let r = reference(&ep.host, repository, "latest");
-                let t = c
-                    .oci
-                    .auth(&r, auth, oci_client::RegistryOperation::Pull)
-                    .await
-                    .map_err(|e| map_err(e, &url, &ep.host))?;
-                let mut tokens = self.tokens.lock();
-                match t {
-                    Some(t) => {
-                        if tokens.len() >= MAX_TOKENS {
-                            tokens.clear();
-                        }
-                        tokens.insert(key.clone(), t);
-                    }
-                    // No token to be had: the configured credentials are all there is.
-                    None => {
-                        tokens.remove(&key);
-                    }
-                }
+                let challenge = res
+                    .headers()
+                    .get(reqwest::header::WWW_AUTHENTICATE)
+                    .cloned();
+                let t = self.token(c, ep, auth, repository, challenge).await?;
+                self.remember(key.clone(), t);
                 continue;
             }
-            let too_big = |how: String| {
-                Error::precondition(format!(
-                    "{url}: the upstream sent more than the {max} bytes contentd reads for \
-                     this ({how})"
-                ))
-            };
-            if !status.is_success() {
-                // Only the start of an error body is read, for the message.
-                let mut msg = Vec::new();
-                while msg.len() < 1024
-                    && let Ok(Some(b)) = res.chunk().await
-                {
-                    msg.extend_from_slice(&b[..b.len().min(1024 - msg.len())]);
-                }
-                let code = status.as_u16();
-                return Err(Error::new(
-                    kind_of_status(code),
-                    format!(
-                        "{url}: HTTP {code}: {}",
-                        String::from_utf8_lossy(&msg).trim()
-                    ),
-                ));
-            }
-            if let Some(n) = res.content_length()
-                && n > max as u64
-            {
-                return Err(too_big(format!("Content-Length {n}")));
-            }
-            let mut body = bytes::BytesMut::new();
-            while let Some(b) = res.chunk().await.map_err(|e| {
-                Error::unavailable(format!("{url}: the upstream failed mid-body: {e}"))
-            })? {
-                if body.len() + b.len() > max {
-                    return Err(too_big("it kept sending".into()));
-                }
-                body.extend_from_slice(&b);
-            }
-            return Ok((res.headers().clone(), body.freeze()));
+            let headers = res.headers().clone();
+            return Ok((headers, read_bounded(&url, res, max).await?));
         }
+    }
+
+    /// Remembers (or, with None, forgets) the bearer token of an (endpoint, repository).
+    fn remember(&self, key: (Endpoint, String), token: Option<String>) {
+        let mut tokens = self.tokens.lock();
+        match token {
+            Some(t) => {
+                if tokens.len() >= MAX_TOKENS {
+                    tokens.clear();
+                }
+                tokens.insert(key, t);
+            }
+            // No token to be had: the configured credentials are all there is.
+            None => {
+                tokens.remove(&key);
+            }
+        }
+    }
+
+    /// A pull token for `repository` on `ep` by the distribution token flow, or None when
+    /// the endpoint asks for none (no Bearer challenge). `challenge` is the
+    /// `WWW-Authenticate` of a 401 in hand; without one, `/v2/` is asked.
+    ///
+    /// contentd's own flow, not oci-client's: that one reads a token response whole from
+    /// wherever the challenge's realm points, so any upstream a client can name (`?ns=`)
+    /// could exhaust the daemon's memory with an endless token. Here the response is read up
+    /// to MAX_TOKEN_BODY, and a TLS endpoint's credentials never go to a plain-HTTP realm.
+    async fn token(
+        &self,
+        c: &Clients,
+        ep: &Endpoint,
+        auth: &RegistryAuth,
+        repository: &str,
+        challenge: Option<reqwest::header::HeaderValue>,
+    ) -> Result<Option<String>> {
+        let challenge = match challenge {
+            Some(h) => Some(h),
+            None => {
+                let scheme = if ep.plain_http { "http" } else { "https" };
+                let url = format!("{scheme}://{}/v2/", ep.host);
+                // The body is never read: only the challenge matters.
+                let res = c.http.get(&url).send().await.map_err(|e| {
+                    Error::unavailable(format!("{url}: {e} ({:?})", std::error::Error::source(&e)))
+                })?;
+                res.headers()
+                    .get(reqwest::header::WWW_AUTHENTICATE)
+                    .cloned()
+            }
+        };
+        let Some((realm, service)) = challenge.as_ref().and_then(bearer_challenge) else {
+            return Ok(None);
+        };
+        let bad =
+            |why: String| Error::unavailable(format!("{}: token realm {realm:?} {why}", ep.host));
+        let mut url = reqwest::Url::parse(&realm).map_err(|e| bad(format!("is not a URL: {e}")))?;
+        match url.scheme() {
+            "https" => {}
+            "http" if ep.plain_http => {}
+            "http" => return Err(bad("is plain HTTP for a TLS registry".into())),
+            s => return Err(bad(format!("has scheme {s:?}"))),
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("scope", &format!("repository:{repository}:pull"));
+            if let Some(s) = &service {
+                q.append_pair("service", s);
+            }
+        }
+        let shown = format!("token realm {realm}");
+        let mut req = c.http.get(url);
+        if let RegistryAuth::Basic(u, p) = auth {
+            req = req.basic_auth(u, Some(p));
+        }
+        let res = req.send().await.map_err(|e| {
+            Error::unavailable(format!(
+                "{shown}: {e} ({:?})",
+                std::error::Error::source(&e)
+            ))
+        })?;
+        let body = read_bounded(&shown, res, MAX_TOKEN_BODY).await?;
+        let token: oci_client::token_cache::RegistryToken = serde_json::from_slice(&body)
+            .map_err(|e| Error::unavailable(format!("{shown}: not a token response: {e}")))?;
+        Ok(Some(token.token().to_string()))
     }
 
     /// Tries each endpoint of `registry` in turn; the first success wins. The error returned
@@ -651,38 +687,77 @@ impl Upstream {
     ) -> Result<BlobBody> {
         let what = format!("blob {d} from {}/{}", src.registry, src.repository);
         let resp = self
-            .each_endpoint(
-                &src.registry,
-                &what,
-                |Clients { oci: c, bare, .. }, ep, auth| {
-                    let r = Reference::with_digest(
-                        ep.host.clone(),
-                        src.repository.clone(),
-                        d.to_string(),
-                    );
-                    let desc = oci_client::manifest::OciDescriptor {
-                        digest: d.to_string(),
-                        ..Default::default()
-                    };
+            .each_endpoint(&src.registry, &what, |cl: Clients, ep, auth| {
+                let r =
+                    Reference::with_digest(ep.host.clone(), src.repository.clone(), d.to_string());
+                let desc = oci_client::manifest::OciDescriptor {
+                    digest: d.to_string(),
+                    ..Default::default()
+                };
+                let key = (ep.clone(), src.repository.clone());
+                async move {
+                    let (c, bare) = (&cl.oci, &cl.bare);
+                    let anonymous = matches!(auth, RegistryAuth::Anonymous);
                     // Anonymous: first without any auth (no probe round trip before the
-                    // request); a registry that answers 401 gets the token flow from then on.
-                    let bare = (matches!(auth, RegistryAuth::Anonymous)
-                        && !self.needs_token.lock().contains(&ep))
-                    .then_some(bare);
-                    async move {
-                        if let Some(b) = bare {
-                            match b.pull_blob_stream_partial(&r, &desc, offset, length).await {
-                                Err(OciDistributionError::UnauthorizedError { .. }) => {
-                                    self.needs_token.lock().insert(ep);
-                                }
-                                other => return other,
+                    // request); a registry that answers 401 gets tokens from then on.
+                    if anonymous && !self.needs_token.lock().contains(&ep) {
+                        match bare
+                            .pull_blob_stream_partial(&r, &desc, offset, length)
+                            .await
+                        {
+                            Err(OciDistributionError::UnauthorizedError { .. }) => {
+                                self.needs_token.lock().insert(ep.clone());
                             }
+                            other => return other.map_err(Upstreamed::Oci),
                         }
-                        c.store_auth_if_needed(r.resolve_registry(), &auth).await;
-                        c.pull_blob_stream_partial(&r, &desc, offset, length).await
                     }
-                },
-            )
+                    // Tokens come from contentd's own flow (`token`) and are handed to
+                    // oci-client as given bearer credentials, which it uses without a
+                    // flow of its own; `bare` has no credentials, so it never runs one.
+                    let mut fresh = false;
+                    loop {
+                        let known = self.tokens.lock().get(&key).cloned();
+                        let token = match known {
+                            Some(t) if !fresh => Some(t),
+                            _ => {
+                                let t = self
+                                    .token(&cl, &ep, &auth, &key.1, None)
+                                    .await
+                                    .map_err(Upstreamed::Own)?;
+                                self.remember(key.clone(), t.clone());
+                                t
+                            }
+                        };
+                        let client = match token {
+                            Some(t) => {
+                                c.auth(
+                                    &r,
+                                    &RegistryAuth::Bearer(t),
+                                    oci_client::RegistryOperation::Pull,
+                                )
+                                .await
+                                .map_err(Upstreamed::Oci)?;
+                                c
+                            }
+                            None if anonymous => bare,
+                            // Basic credentials for a registry that issues no tokens.
+                            None => {
+                                c.store_auth_if_needed(r.resolve_registry(), &auth).await;
+                                c
+                            }
+                        };
+                        match client
+                            .pull_blob_stream_partial(&r, &desc, offset, length)
+                            .await
+                        {
+                            Err(OciDistributionError::UnauthorizedError { .. }) if !fresh => {
+                                fresh = true;
+                            }
+                            other => return other.map_err(Upstreamed::Oci),
+                        }
+                    }
+                }
+            })
             .await?;
         let host = src.registry.clone();
         let what2 = what.clone();
@@ -760,22 +835,6 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-fn reference(host: &str, repo: &str, tag_or_digest: &str) -> Reference {
-    if tag_or_digest.contains(':') {
-        Reference::with_digest(
-            host.to_string(),
-            repo.to_string(),
-            tag_or_digest.to_string(),
-        )
-    } else {
-        Reference::with_tag(
-            host.to_string(),
-            repo.to_string(),
-            tag_or_digest.to_string(),
-        )
-    }
-}
-
 /// Splits "host/repo[:tag][@digest]" into its source and the tag or digest to resolve.
 pub fn parse_reference(s: &str) -> Result<(Source, String)> {
     let r: Reference = s
@@ -826,6 +885,21 @@ impl EndpointError for OciDistributionError {
     }
 }
 
+/// An endpoint's failure from either client: oci-client's (blobs) or contentd's own (tokens).
+enum Upstreamed {
+    Oci(OciDistributionError),
+    Own(Error),
+}
+
+impl EndpointError for Upstreamed {
+    fn at(self, what: &str, host: &str) -> Error {
+        match self {
+            Upstreamed::Oci(e) => e.at(what, host),
+            Upstreamed::Own(e) => e.at(what, host),
+        }
+    }
+}
+
 impl EndpointError for Error {
     fn at(self, what: &str, host: &str) -> Error {
         Error::new(
@@ -833,6 +907,66 @@ impl EndpointError for Error {
             format!("{what}: upstream {host}: {}", self.message()),
         )
     }
+}
+
+/// The body of a response, read up to `max` bytes: more is an error, and the rest is never
+/// read. An error status is an error carrying the start of its body.
+async fn read_bounded(url: &str, mut res: reqwest::Response, max: usize) -> Result<Bytes> {
+    let status = res.status();
+    if !status.is_success() {
+        // Only the start of an error body is read, for the message.
+        let mut msg = Vec::new();
+        while msg.len() < 1024
+            && let Ok(Some(b)) = res.chunk().await
+        {
+            msg.extend_from_slice(&b[..b.len().min(1024 - msg.len())]);
+        }
+        let code = status.as_u16();
+        return Err(Error::new(
+            kind_of_status(code),
+            format!(
+                "{url}: HTTP {code}: {}",
+                String::from_utf8_lossy(&msg).trim()
+            ),
+        ));
+    }
+    let too_big = |how: String| {
+        Error::precondition(format!(
+            "{url}: the upstream sent more than the {max} bytes contentd reads for this ({how})"
+        ))
+    };
+    if let Some(n) = res.content_length()
+        && n > max as u64
+    {
+        return Err(too_big(format!("Content-Length {n}")));
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(b) = res
+        .chunk()
+        .await
+        .map_err(|e| Error::unavailable(format!("{url}: the upstream failed mid-body: {e}")))?
+    {
+        if body.len() + b.len() > max {
+            return Err(too_big("it kept sending".into()));
+        }
+        body.extend_from_slice(&b);
+    }
+    Ok(body.freeze())
+}
+
+/// The realm and service of a `WWW-Authenticate` header's Bearer challenge.
+fn bearer_challenge(h: &reqwest::header::HeaderValue) -> Option<(String, Option<String>)> {
+    let challenges = http_auth::parse_challenges(h.to_str().ok()?).ok()?;
+    let c = challenges
+        .iter()
+        .find(|c| c.scheme.eq_ignore_ascii_case("bearer"))?;
+    let param = |name: &str| {
+        c.params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.to_unescaped())
+    };
+    Some((param("realm")?, param("service")))
 }
 
 /// The kind of an upstream's HTTP error status.
@@ -1018,7 +1152,9 @@ mod tests {
     }
 
     impl Hostile {
-        async fn start(answer: fn(&str) -> Answer) -> Hostile {
+        /// `realm`: the token path its challenges name; `/token` grants "tok", and
+        /// `/endless-token` answers with an endless body.
+        async fn start(answer: fn(&str) -> Answer, realm: &'static str) -> Hostile {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = l.local_addr().unwrap().to_string();
@@ -1043,7 +1179,9 @@ mod tests {
                             l.to_ascii_lowercase()
                                 .starts_with("authorization: bearer tok")
                         });
-                        let (status, headers, body) = if path.starts_with("/token") {
+                        let (status, headers, body) = if path.starts_with("/endless-token") {
+                            ("200 OK", String::new(), Answer::Endless)
+                        } else if path.starts_with("/token") {
                             (
                                 "200 OK",
                                 String::new(),
@@ -1053,7 +1191,7 @@ mod tests {
                             (
                                 "401 Unauthorized",
                                 format!(
-                                    "WWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"t\"\r\n"
+                                    "WWW-Authenticate: Bearer realm=\"http://{addr}{realm}\",service=\"t\"\r\n"
                                 ),
                                 Answer::Body("", b"{}".to_vec()),
                             )
@@ -1128,38 +1266,43 @@ mod tests {
 
     const DOC: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
 
-    /// Manifests and tag pages are read up to a limit, never whole: an upstream that sends
-    /// an endless or oversized body gets a named error while contentd has read only the
-    /// limit; digests are checked; tags that are not tags are dropped; the token flow works.
+    /// Manifests, tag pages and token responses are read up to a limit, never whole: an
+    /// upstream that sends an endless or oversized body gets a named error while contentd
+    /// has read only the limit; digests are checked; tags that are not tags are dropped; the
+    /// token flow works for documents and blobs.
     #[tokio::test(flavor = "multi_thread")]
     async fn documents_from_an_upstream_are_bounded_and_checked() {
-        let h = Hostile::start(|path| {
-            let doc_digest: &'static str = Box::leak(
-                Digest::of(crate::digest::Algorithm::Sha256, DOC)
-                    .to_string()
-                    .into_boxed_str(),
-            );
-            match path {
-                "/v2/r/manifests/good" => Answer::Body(doc_digest, DOC.to_vec()),
-                "/v2/r/manifests/plain" => Answer::Body("", DOC.to_vec()),
-                "/v2/r/manifests/lies" => Answer::Body(
-                    "sha256:0000000000000000000000000000000000000000000000000000000000000000",
-                    DOC.to_vec(),
-                ),
-                "/v2/r/manifests/endless" => Answer::Endless,
-                "/v2/r/manifests/claims" => Answer::Claims(1 << 40),
-                "/v2/r/tags/list?n=1000" => Answer::Body(
-                    "",
-                    br#"{"name":"r","tags":["b","a","../x","c&d=e"]}"#.to_vec(),
-                ),
-                "/v2/r/tags/list?n=1000&last=b" => {
-                    Answer::Body("", br#"{"name":"r","tags":null}"#.to_vec())
+        let h = Hostile::start(
+            |path| {
+                let doc_digest: &'static str = Box::leak(
+                    Digest::of(crate::digest::Algorithm::Sha256, DOC)
+                        .to_string()
+                        .into_boxed_str(),
+                );
+                match path {
+                    "/v2/r/manifests/good" => Answer::Body(doc_digest, DOC.to_vec()),
+                    "/v2/r/manifests/plain" => Answer::Body("", DOC.to_vec()),
+                    "/v2/r/manifests/lies" => Answer::Body(
+                        "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                        DOC.to_vec(),
+                    ),
+                    "/v2/r/manifests/endless" => Answer::Endless,
+                    "/v2/r/manifests/claims" => Answer::Claims(1 << 40),
+                    "/v2/r/tags/list?n=1000" => Answer::Body(
+                        "",
+                        br#"{"name":"r","tags":["b","a","../x","c&d=e"]}"#.to_vec(),
+                    ),
+                    "/v2/r/tags/list?n=1000&last=b" => {
+                        Answer::Body("", br#"{"name":"r","tags":null}"#.to_vec())
+                    }
+                    p if p.starts_with("/v2/endless/tags/list") => Answer::Endless,
+                    p if p.starts_with("/v2/r/manifests/sha256:") => Answer::Body("", DOC.to_vec()),
+                    p if p.starts_with("/v2/r/blobs/sha256:") => Answer::Body("", DOC.to_vec()),
+                    _ => Answer::Missing,
                 }
-                p if p.starts_with("/v2/endless/tags/list") => Answer::Endless,
-                p if p.starts_with("/v2/r/manifests/sha256:") => Answer::Body("", DOC.to_vec()),
-                _ => Answer::Missing,
-            }
-        })
+            },
+            "/token",
+        )
         .await;
         let up = Upstream::new(UpstreamConfig::default(), 1 << 20).unwrap();
         let src = h.src();
@@ -1196,10 +1339,28 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.is(Kind::FailedPrecondition), "{e}");
-        // Give the server a moment to see the connections close: what it sent is the limit
-        // plus what the sockets buffer, not the endless body.
+
+        // Blobs: the token from contentd's own flow is what oci-client sends.
+        let body = up.blob(&src, &want, 0, None).await.unwrap();
+        let got: Vec<Bytes> = body.stream.map(|b| b.unwrap()).collect().await;
+        assert_eq!(got.concat(), DOC);
+
+        // A token realm that never stops sending: a named error for documents and blobs,
+        // with only the token limit read.
+        let t = Hostile::start(|_| Answer::Body("", DOC.to_vec()), "/endless-token").await;
+        let e = up.manifest(&t.src(), "good").await.unwrap_err();
+        assert!(e.is(Kind::FailedPrecondition), "{e}");
+        assert!(e.message().contains("token realm"), "{e}");
+        let e = up.blob(&t.src(), &want, 0, None).await.err().unwrap();
+        assert!(e.is(Kind::FailedPrecondition), "{e}");
+        assert!(e.message().contains("token realm"), "{e}");
+
+        // Give the servers a moment to see the connections close: what they sent is the
+        // limit plus what the sockets buffer, not the endless bodies.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let sent = h.sent.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(sent < 64 << 20, "the server sent {sent} bytes");
+        for server in [&h, &t] {
+            let sent = server.sent.load(std::sync::atomic::Ordering::Relaxed);
+            assert!(sent < 64 << 20, "the server sent {sent} bytes");
+        }
     }
 }
