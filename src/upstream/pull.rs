@@ -738,7 +738,7 @@ impl Puller {
         // Readers of this fetch are fed from the tee, which holds every frame until it has
         // landed, so holding bytes back from the store delays no one; readers of an eager
         // pull (no tee) follow the ingest a write behind. What is gathered when the body
-        // fails is still written: it is verified data a retry resumes after.
+        // fails is still written, for a retry to resume after (the commit verifies it all).
         let mut frames = tokio_stream::wrappers::ReceiverStream::new(rx).ready_chunks(64);
         let mut gather = Gather::new(offset.max(0) as u64, GATHER);
         let mut pos = offset;
