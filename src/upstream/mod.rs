@@ -227,10 +227,11 @@ pub struct BlobBody {
     pub length: Option<u64>,
 }
 
-/// An endpoint's clients: oci-client's authenticating one (tokens, blobs), a bare one that
-/// never has credentials stored (so it sends no auth probe before each request; anonymous
-/// blob fetches use it until the endpoint asks for a token, `needs_token`), and plain HTTP
-/// for documents read with a size limit.
+/// An endpoint's clients: oci-client's authenticating one (blobs, with the bearer token
+/// contentd's own flow obtained, or configured basic credentials), a bare one that never has
+/// credentials stored (so it sends no auth probe before each request; anonymous blob fetches
+/// use it until the endpoint asks for a token, `needs_token`), and plain HTTP for tokens and
+/// documents, read with a size limit.
 #[derive(Clone)]
 struct Clients {
     oci: Arc<Client>,
