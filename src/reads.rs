@@ -74,7 +74,15 @@ impl Reads {
             Err(e) if e.is(Kind::NotFound) => {}
             Err(e) => return Err(e),
         }
-        if let Some(rx) = self.store.live(scope, d) {
+        // A fetch under way has a live ingest too, but its readers are fed from its tee:
+        // following the ingest, a reader would get bytes only as each store write lands.
+        let under_way = self
+            .puller
+            .as_ref()
+            .and_then(|p| p.fetch_under_way(scope, d));
+        if under_way.is_none()
+            && let Some(rx) = self.store.live(scope, d)
+        {
             return self.follow(scope, d, rx, offset, size, piece);
         }
         let Some(puller) = &self.puller else {
@@ -87,7 +95,10 @@ impl Reads {
         if src.size > 0 && offset > src.size {
             return Err(out_of_range(offset, src.size));
         }
-        let (phase, tee) = puller.ensure_fetch(scope, d)?;
+        let (phase, tee) = match under_way {
+            Some(f) => f,
+            None => puller.ensure_fetch(scope, d)?,
+        };
         // A read far beyond what has arrived is served at once by a Range request while the
         // whole blob fills in behind it.
         if offset > tee.received().unwrap_or(0).max(0) + AHEAD {

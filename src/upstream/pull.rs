@@ -799,6 +799,18 @@ impl Puller {
         Ok(())
     }
 
+    /// The on-demand fetch of `d` for `scope` under way, if there is one (never starts one).
+    pub fn fetch_under_way(
+        &self,
+        scope: &Scope,
+        d: &Digest,
+    ) -> Option<(watch::Receiver<FetchPhase>, Arc<Tee>)> {
+        self.fetching
+            .lock()
+            .get(&(scope.clone(), d.clone()))
+            .cloned()
+    }
+
     /// Starts (or joins) the on-demand fetch of `d` for `scope` from its recorded source.
     /// NotFound when `d` has no source.
     pub fn ensure_fetch(
