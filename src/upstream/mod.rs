@@ -159,6 +159,12 @@ struct Endpoint {
 }
 
 impl Endpoint {
+    /// `scheme://host/v2/` followed by `path`.
+    fn v2(&self, path: &str) -> String {
+        let scheme = if self.plain_http { "http" } else { "https" };
+        format!("{scheme}://{}/v2/{path}", self.host)
+    }
+
     fn parse(url: &str) -> std::result::Result<Endpoint, String> {
         let (plain_http, rest) = if let Some(r) = url.strip_prefix("http://") {
             (true, r)
@@ -429,8 +435,7 @@ impl Upstream {
             accept,
             max,
         } = *doc;
-        let scheme = if ep.plain_http { "http" } else { "https" };
-        let url = format!("{scheme}://{}/v2/{repository}/{path}", ep.host);
+        let url = ep.v2(&format!("{repository}/{path}"));
         let key = (ep.clone(), repository.to_string());
         let mut refreshed = false;
         loop {
@@ -441,9 +446,7 @@ impl Upstream {
                 (None, RegistryAuth::Basic(u, p)) => req.basic_auth(u, Some(p)),
                 (None, _) => req,
             };
-            let res = req.send().await.map_err(|e| {
-                Error::unavailable(format!("{url}: {e} ({:?})", std::error::Error::source(&e)))
-            })?;
+            let res = req.send().await.map_err(|e| send_failed(&url, e))?;
             let status = res.status();
             if status == reqwest::StatusCode::UNAUTHORIZED && !refreshed {
                 refreshed = true;
@@ -496,12 +499,14 @@ impl Upstream {
         let challenge = match challenge {
             Some(h) => Some(h),
             None => {
-                let scheme = if ep.plain_http { "http" } else { "https" };
-                let url = format!("{scheme}://{}/v2/", ep.host);
+                let url = ep.v2("");
                 // The body is never read: only the challenge matters.
-                let res = c.http.get(&url).send().await.map_err(|e| {
-                    Error::unavailable(format!("{url}: {e} ({:?})", std::error::Error::source(&e)))
-                })?;
+                let res = c
+                    .http
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|e| send_failed(&url, e))?;
                 res.headers()
                     .get(reqwest::header::WWW_AUTHENTICATE)
                     .cloned()
@@ -531,12 +536,7 @@ impl Upstream {
         if let RegistryAuth::Basic(u, p) = auth {
             req = req.basic_auth(u, Some(p));
         }
-        let res = req.send().await.map_err(|e| {
-            Error::unavailable(format!(
-                "{shown}: {e} ({:?})",
-                std::error::Error::source(&e)
-            ))
-        })?;
+        let res = req.send().await.map_err(|e| send_failed(&shown, e))?;
         let body = read_bounded(&shown, res, MAX_TOKEN_BODY).await?;
         let token: oci_client::token_cache::RegistryToken = serde_json::from_slice(&body)
             .map_err(|e| Error::unavailable(format!("{shown}: not a token response: {e}")))?;
@@ -908,6 +908,12 @@ impl EndpointError for Error {
             format!("{what}: upstream {host}: {}", self.message()),
         )
     }
+}
+
+/// A request that got no response (refused, reset, timed out), with the cause reqwest
+/// keeps underneath.
+fn send_failed(url: &str, e: reqwest::Error) -> Error {
+    Error::unavailable(format!("{url}: {e} ({:?})", std::error::Error::source(&e)))
 }
 
 /// The body of a response, read up to `max` bytes: more is an error, and the rest is never

@@ -754,10 +754,7 @@ impl Puller {
                     }
                 };
                 if let Some(p) = piece {
-                    pos = w.append(p).await?;
-                    if let Some(t) = &tee {
-                        t.landed(pos);
-                    }
+                    pos = land(w, tee.as_ref(), p).await?;
                 }
                 if failed.is_some() {
                     break;
@@ -785,10 +782,7 @@ impl Puller {
             }
         }
         if let Some(p) = gather.rest() {
-            pos = w.append(p).await?;
-            if let Some(t) = &tee {
-                t.landed(pos);
-            }
+            pos = land(w, tee.as_ref(), p).await?;
         }
         if size > 0 && pos < size {
             return Err(Error::unavailable(format!(
@@ -861,6 +855,15 @@ impl Puller {
         });
         Ok((rx, tee))
     }
+}
+
+/// Stores a fetch's next bytes and tells its tee they have landed. Returns the new offset.
+async fn land(w: &mut AsyncWriter, tee: Option<&Arc<Tee>>, bytes: Bytes) -> Result<i64> {
+    let pos = w.append(bytes).await?;
+    if let Some(t) = tee {
+        t.landed(pos);
+    }
+    Ok(pos)
 }
 
 fn platform_wanted(wanted: &[String], platform: Option<&str>) -> bool {
