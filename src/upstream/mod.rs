@@ -3,33 +3,30 @@
 //! distribution-spec client for what contentd needs — resolving a reference to a manifest
 //! and fetching blobs, whole or by range.
 //!
-//! oci-client is named only in this file. Everything leaves here as domain types and
-//! [`Error`]s with a kind: 404s are NotFound, refused credentials PermissionDenied, a dead or
-//! crawling upstream Unavailable, wrong bytes DataLoss (caught at commit by the store).
+//! Every request to a registry goes through one function (`Upstream::get`): credentials as
+//! the endpoint asks for them, a bearer token from the 401's own challenge, one retry.
+//! Everything leaves here as domain types and [`Error`]s with a kind: 404s are NotFound,
+//! refused credentials PermissionDenied, a dead or crawling upstream Unavailable, wrong bytes
+//! DataLoss (caught at commit by the store).
 //!
 //! Memory is bounded by what contentd asks for, never by what an upstream sends: blobs
-//! stream, and what is read whole (manifests, tag-list pages, token responses) goes through
-//! one reader that stops at a size limit (`read_bounded`). oci-client streams blobs only: it
-//! is given the bearer token contentd's own flow obtained (`Upstream::token`), because its
-//! own flow, like its document reads, takes a response whole whatever its size.
+//! stream, and what is read whole (manifests, tag-list pages, token responses, error bodies)
+//! goes through one reader that stops at a size limit (`read_bounded`). That is why this is
+//! contentd's own client on reqwest, not a registry client crate: the ones available read
+//! token responses and error bodies whole, from whatever host a challenge's realm names.
 
 pub mod pull;
 pub mod tee;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt, TryStreamExt};
-use oci_client::client::{
-    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
-};
-use oci_client::errors::OciDistributionError;
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use futures::{Stream, StreamExt};
+use oci_spec::distribution::Reference;
 use parking_lot::Mutex;
+use reqwest::header::{HeaderMap, HeaderValue};
 use serde::Deserialize;
 
 use crate::digest::Digest;
@@ -233,16 +230,11 @@ pub struct BlobBody {
     pub length: Option<u64>,
 }
 
-/// An endpoint's clients: oci-client's authenticating one (blobs, with the bearer token
-/// contentd's own flow obtained, or configured basic credentials), a bare one that never has
-/// credentials stored (so it sends no auth probe before each request; anonymous blob fetches
-/// use it until the endpoint asks for a token, `needs_token`), and plain HTTP for tokens and
-/// documents, read with a size limit.
-#[derive(Clone)]
-struct Clients {
-    oci: Arc<Client>,
-    bare: Arc<Client>,
-    http: reqwest::Client,
+/// The credentials configured for one endpoint.
+#[derive(Debug, Clone, PartialEq)]
+enum Auth {
+    Anonymous,
+    Basic(String, String),
 }
 
 /// The distribution-spec client.
@@ -250,9 +242,9 @@ pub struct Upstream {
     config: UpstreamConfig,
     /// The largest manifest or index read from an upstream (`max_manifest_bytes`).
     max_document: usize,
-    clients: Mutex<HashMap<Endpoint, Clients>>,
-    needs_token: Mutex<std::collections::HashSet<Endpoint>>,
-    /// Bearer tokens for document requests, per (endpoint, repository).
+    /// One HTTP client (connection pool, CA roots) per endpoint.
+    clients: Mutex<HashMap<Endpoint, reqwest::Client>>,
+    /// Bearer tokens, per (endpoint, repository).
     tokens: Mutex<HashMap<(Endpoint, String), String>>,
 }
 
@@ -266,7 +258,6 @@ impl Upstream {
             config,
             max_document,
             clients: Mutex::new(HashMap::new()),
-            needs_token: Mutex::new(std::collections::HashSet::new()),
             tokens: Mutex::new(HashMap::new()),
         })
     }
@@ -304,22 +295,22 @@ impl Upstream {
     /// its own endpoint; a mirror gets the credentials configured for the mirror's own host
     /// (its `[upstream.registries."MIRROR-HOST"]` table), else none. Nothing goes in the
     /// clear to another machine.
-    fn auth(&self, registry: &str, ep: &Endpoint, mirror: bool) -> RegistryAuth {
+    fn auth(&self, registry: &str, ep: &Endpoint, mirror: bool) -> Auth {
         let h = if mirror {
             match self.config.registries.get(&ep.host) {
                 Some(h) => h.clone(),
-                None => return RegistryAuth::Anonymous,
+                None => return Auth::Anonymous,
             }
         } else {
             self.host(registry)
         };
         match (h.username, h.password) {
-            (Some(u), Some(p)) if ep.may_carry_credentials() => RegistryAuth::Basic(u, p),
+            (Some(u), Some(p)) if ep.may_carry_credentials() => Auth::Basic(u, p),
             (Some(_), Some(_)) => {
                 tracing::warn!(registry, endpoint = %ep.host, "not sending credentials over plain HTTP to a non-loopback host");
-                RegistryAuth::Anonymous
+                Auth::Anonymous
             }
-            _ => RegistryAuth::Anonymous,
+            _ => Auth::Anonymous,
         }
     }
 
@@ -351,116 +342,91 @@ impl Upstream {
         ))
     }
 
-    fn clients(&self, registry: &str, ep: &Endpoint) -> Result<Clients> {
+    fn client(&self, registry: &str, ep: &Endpoint) -> Result<reqwest::Client> {
         if let Some(c) = self.clients.lock().get(ep) {
             return Ok(c.clone());
         }
         let h = self.host(registry);
-        let mut extra = Vec::new();
+        // Redirects are followed (registries send blob GETs to a CDN); reqwest drops
+        // Authorization when one leaves the host, so credentials never follow them.
+        let mut http = reqwest::Client::builder()
+            .user_agent(concat!("contentd/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(self.config.connect_timeout_secs))
+            .read_timeout(Duration::from_secs(self.config.read_timeout_secs))
+            .tls_danger_accept_invalid_certs(h.insecure_skip_verify);
         if let Some(f) = &h.ca_file {
             let data = std::fs::read(f).map_err(|e| {
                 Error::invalid(format!("ca_file {} for {registry}: {e}", f.display()))
             })?;
-            extra.push(Certificate {
-                encoding: CertificateEncoding::Pem,
-                data,
-            });
-        }
-        let config = ClientConfig {
-            protocol: if ep.plain_http {
-                ClientProtocol::Http
-            } else {
-                ClientProtocol::Https
-            },
-            accept_invalid_certificates: h.insecure_skip_verify,
-            extra_root_certificates: extra,
-            platform_resolver: None,
-            connect_timeout: Some(Duration::from_secs(self.config.connect_timeout_secs)),
-            read_timeout: Some(Duration::from_secs(self.config.read_timeout_secs)),
-            user_agent: concat!("contentd/", env!("CARGO_PKG_VERSION")),
-            ..Default::default()
-        };
-        let make = |config: ClientConfig| {
-            Client::try_from(config)
-                .map(Arc::new)
-                .map_err(|e| Error::invalid(format!("upstream client for {registry}: {e}")))
-        };
-        let bare_config = ClientConfig {
-            protocol: config.protocol.clone(),
-            accept_invalid_certificates: config.accept_invalid_certificates,
-            extra_root_certificates: config.extra_root_certificates.clone(),
-            platform_resolver: None,
-            connect_timeout: config.connect_timeout,
-            read_timeout: config.read_timeout,
-            user_agent: config.user_agent,
-            ..Default::default()
-        };
-        let mut http = reqwest::Client::builder()
-            .user_agent(config.user_agent)
-            .connect_timeout(Duration::from_secs(self.config.connect_timeout_secs))
-            .read_timeout(Duration::from_secs(self.config.read_timeout_secs))
-            .tls_danger_accept_invalid_certs(h.insecure_skip_verify);
-        for c in &config.extra_root_certificates {
-            let cert = reqwest::Certificate::from_pem(&c.data).map_err(|e| {
+            let certs = reqwest::Certificate::from_pem_bundle(&data).map_err(|e| {
                 Error::invalid(format!("upstream {registry}: ca_file certificate: {e}"))
             })?;
-            http = http.tls_certs_merge([cert]);
+            http = http.tls_certs_merge(certs);
         }
         let http = http
             .build()
             .map_err(|e| Error::invalid(format!("upstream client for {registry}: {e}")))?;
-        let c = Clients {
-            oci: make(config)?,
-            bare: make(bare_config)?,
-            http,
-        };
-        self.clients.lock().insert(ep.clone(), c.clone());
-        Ok(c)
+        self.clients.lock().insert(ep.clone(), http.clone());
+        Ok(http)
     }
 
-    /// GETs `doc` from `ep`, reading at most its `max` bytes of body (more is an error, and
-    /// the rest is never read). Credentials: a bearer token remembered for the repository,
-    /// else the configured basic credentials; a 401 gets a fresh token (`token`) and one
-    /// retry. Returns the response headers and body.
-    async fn get_small(
+    /// GETs `/v2/REPOSITORY/PATH` from `ep` with `headers`. Credentials: a bearer token
+    /// remembered for the repository, else the configured basic credentials; a 401 gets a
+    /// fresh token from its own challenge (`token`) and one retry. Returns a success
+    /// response; an error status is an error.
+    async fn get(
         &self,
-        c: &Clients,
+        c: &reqwest::Client,
         ep: &Endpoint,
-        auth: &RegistryAuth,
-        doc: &DocRequest<'_>,
-    ) -> Result<(reqwest::header::HeaderMap, Bytes)> {
-        let DocRequest {
-            repository,
-            path,
-            accept,
-            max,
-        } = *doc;
+        auth: &Auth,
+        repository: &str,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Result<(String, reqwest::Response)> {
         let url = ep.v2(&format!("{repository}/{path}"));
         let key = (ep.clone(), repository.to_string());
         let mut refreshed = false;
         loop {
-            let mut req = c.http.get(&url).header(reqwest::header::ACCEPT, accept);
+            let mut req = c.get(&url).headers(headers.clone());
             let token = self.tokens.lock().get(&key).cloned();
             req = match (&token, auth) {
                 (Some(t), _) => req.bearer_auth(t),
-                (None, RegistryAuth::Basic(u, p)) => req.basic_auth(u, Some(p)),
-                (None, _) => req,
+                (None, Auth::Basic(u, p)) => req.basic_auth(u, Some(p)),
+                (None, Auth::Anonymous) => req,
             };
             let res = req.send().await.map_err(|e| send_failed(&url, e))?;
             let status = res.status();
             if status == reqwest::StatusCode::UNAUTHORIZED && !refreshed {
                 refreshed = true;
-                let challenge = res
-                    .headers()
-                    .get(reqwest::header::WWW_AUTHENTICATE)
-                    .cloned();
-                let t = self.token(c, ep, auth, repository, challenge).await?;
-                self.remember(key.clone(), t);
-                continue;
+                if let Some(challenge) = res.headers().get(reqwest::header::WWW_AUTHENTICATE) {
+                    let t = self.token(c, ep, auth, repository, challenge).await?;
+                    self.remember(key.clone(), t);
+                    continue;
+                }
             }
-            let headers = res.headers().clone();
-            return Ok((headers, read_bounded(&url, res, max).await?));
+            if !status.is_success() {
+                return Err(status_error(&url, res).await);
+            }
+            return Ok((url, res));
         }
+    }
+
+    /// GETs `doc` from `ep` (see `get`), reading at most its `max` bytes of body (more is
+    /// an error, and the rest is never read). Returns the response headers and body.
+    async fn get_small(
+        &self,
+        c: &reqwest::Client,
+        ep: &Endpoint,
+        auth: &Auth,
+        doc: &DocRequest<'_>,
+    ) -> Result<(HeaderMap, Bytes)> {
+        let mut h = HeaderMap::new();
+        let accept = HeaderValue::from_str(doc.accept)
+            .map_err(|e| Error::internal(format!("Accept {:?}: {e}", doc.accept)))?;
+        h.insert(reqwest::header::ACCEPT, accept);
+        let (url, res) = self.get(c, ep, auth, doc.repository, doc.path, h).await?;
+        let headers = res.headers().clone();
+        Ok((headers, read_bounded(&url, res, doc.max).await?))
     }
 
     /// Remembers (or, with None, forgets) the bearer token of an (endpoint, repository).
@@ -480,39 +446,20 @@ impl Upstream {
         }
     }
 
-    /// A pull token for `repository` on `ep` by the distribution token flow, or None when
-    /// the endpoint asks for none (no Bearer challenge). `challenge` is the
-    /// `WWW-Authenticate` of a 401 in hand; without one, `/v2/` is asked.
+    /// A pull token for `repository` on `ep` by the distribution token flow, from the
+    /// `WWW-Authenticate` of a 401, or None when it is no Bearer challenge.
     ///
-    /// contentd's own flow, not oci-client's: that one reads a token response whole from
-    /// wherever the challenge's realm points, so any upstream a client can name (`?ns=`)
-    /// could exhaust the daemon's memory with an endless token. Here the response is read up
-    /// to MAX_TOKEN_BODY, and a TLS endpoint's credentials never go to a plain-HTTP realm.
+    /// The response is read up to MAX_TOKEN_BODY, whatever host the realm names, and a TLS
+    /// endpoint's credentials never go to a plain-HTTP realm.
     async fn token(
         &self,
-        c: &Clients,
+        c: &reqwest::Client,
         ep: &Endpoint,
-        auth: &RegistryAuth,
+        auth: &Auth,
         repository: &str,
-        challenge: Option<reqwest::header::HeaderValue>,
+        challenge: &HeaderValue,
     ) -> Result<Option<String>> {
-        let challenge = match challenge {
-            Some(h) => Some(h),
-            None => {
-                let url = ep.v2("");
-                // The body is never read: only the challenge matters.
-                let res = c
-                    .http
-                    .get(&url)
-                    .send()
-                    .await
-                    .map_err(|e| send_failed(&url, e))?;
-                res.headers()
-                    .get(reqwest::header::WWW_AUTHENTICATE)
-                    .cloned()
-            }
-        };
-        let Some((realm, service)) = challenge.as_ref().and_then(bearer_challenge) else {
+        let Some((realm, service)) = bearer_challenge(challenge) else {
             return Ok(None);
         };
         let bad =
@@ -532,36 +479,49 @@ impl Upstream {
             }
         }
         let shown = format!("token realm {realm}");
-        let mut req = c.http.get(url);
-        if let RegistryAuth::Basic(u, p) = auth {
+        let mut req = c.get(url);
+        if let Auth::Basic(u, p) = auth {
             req = req.basic_auth(u, Some(p));
         }
         let res = req.send().await.map_err(|e| send_failed(&shown, e))?;
         let body = read_bounded(&shown, res, MAX_TOKEN_BODY).await?;
-        let token: oci_client::token_cache::RegistryToken = serde_json::from_slice(&body)
+        // The spec's `token`, or OAuth2's `access_token` that some registries send instead.
+        #[derive(Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let t: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| Error::unavailable(format!("{shown}: not a token response: {e}")))?;
-        Ok(Some(token.token().to_string()))
+        match t.token.or(t.access_token) {
+            Some(t) if !t.is_empty() => Ok(Some(t)),
+            _ => Err(Error::unavailable(format!(
+                "{shown}: the response holds no token"
+            ))),
+        }
     }
 
     /// Tries each endpoint of `registry` in turn; the first success wins. The error returned
     /// is the endpoint's own (mirrors are best effort), else the last mirror's.
-    async fn each_endpoint<T, E, F, Fut>(&self, registry: &str, what: &str, f: F) -> Result<T>
+    async fn each_endpoint<T, F, Fut>(&self, registry: &str, what: &str, f: F) -> Result<T>
     where
-        F: Fn(Clients, Endpoint, RegistryAuth) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, E>>,
-        E: EndpointError,
+        F: Fn(reqwest::Client, Endpoint, Auth) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
     {
         self.check_allowed(registry)?;
         let eps = self.endpoints(registry);
         let n = eps.len();
         let mut last = None;
         for (i, ep) in eps.into_iter().enumerate() {
-            let c = self.clients(registry, &ep)?;
+            let c = self.client(registry, &ep)?;
             let auth = self.auth(registry, &ep, i + 1 < n);
             match f(c, ep.clone(), auth).await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
-                    let e = e.at(what, &ep.host);
+                    let e = Error::new(
+                        e.kind(),
+                        format!("{what}: upstream {}: {}", ep.host, e.message()),
+                    );
                     if i + 1 < n {
                         tracing::debug!(mirror = %ep.host, error = %e, "mirror failed; trying the next endpoint");
                     }
@@ -678,7 +638,8 @@ impl Upstream {
     }
 
     /// Opens a blob body from `offset` (to the end, or for `length` bytes). A registry that
-    /// ignores Range is handled here: the bytes before `offset` are skipped.
+    /// ignores Range is handled here: the bytes before `offset` are skipped, and those past
+    /// the range are not passed on.
     pub async fn blob(
         &self,
         src: &Source,
@@ -687,113 +648,99 @@ impl Upstream {
         length: Option<u64>,
     ) -> Result<BlobBody> {
         let what = format!("blob {d} from {}/{}", src.registry, src.repository);
-        let resp = self
-            .each_endpoint(&src.registry, &what, |cl: Clients, ep, auth| {
-                let r =
-                    Reference::with_digest(ep.host.clone(), src.repository.clone(), d.to_string());
-                let desc = oci_client::manifest::OciDescriptor {
-                    digest: d.to_string(),
-                    ..Default::default()
-                };
-                let key = (ep.clone(), src.repository.clone());
+        let range = match length {
+            Some(0) => {
+                return Ok(BlobBody {
+                    stream: Box::pin(futures::stream::empty()),
+                    length: Some(0),
+                });
+            }
+            Some(n) => {
+                let last = offset.checked_add(n - 1).ok_or_else(|| {
+                    Error::out_of_range(format!("{what}: {n} bytes from {offset} overflow"))
+                })?;
+                Some(format!("bytes={offset}-{last}"))
+            }
+            None if offset > 0 => Some(format!("bytes={offset}-")),
+            None => None,
+        };
+        let path = format!("blobs/{d}");
+        let (res, skip) = self
+            .each_endpoint(&src.registry, &what, |c, ep, auth| {
+                let (path, range) = (&path, &range);
                 async move {
-                    let (c, bare) = (&cl.oci, &cl.bare);
-                    let anonymous = matches!(auth, RegistryAuth::Anonymous);
-                    // Anonymous: first without any auth (no probe round trip before the
-                    // request); a registry that answers 401 gets tokens from then on.
-                    if anonymous && !self.needs_token.lock().contains(&ep) {
-                        match bare
-                            .pull_blob_stream_partial(&r, &desc, offset, length)
-                            .await
-                        {
-                            Err(OciDistributionError::UnauthorizedError { .. }) => {
-                                self.needs_token.lock().insert(ep.clone());
-                            }
-                            other => return other.map_err(Upstreamed::Oci),
-                        }
+                    let mut h = HeaderMap::new();
+                    if let Some(r) = range {
+                        // Digits, '=' and '-' only: always a valid header value.
+                        h.insert(
+                            reqwest::header::RANGE,
+                            HeaderValue::from_str(r)
+                                .map_err(|e| Error::internal(format!("Range {r:?}: {e}")))?,
+                        );
                     }
-                    // Tokens come from contentd's own flow (`token`) and are handed to
-                    // oci-client as given bearer credentials, which it uses without a
-                    // flow of its own; `bare` has no credentials, so it never runs one.
-                    let mut fresh = false;
-                    loop {
-                        let known = self.tokens.lock().get(&key).cloned();
-                        let token = match known {
-                            Some(t) if !fresh => Some(t),
-                            _ => {
-                                let t = self
-                                    .token(&cl, &ep, &auth, &key.1, None)
-                                    .await
-                                    .map_err(Upstreamed::Own)?;
-                                self.remember(key.clone(), t.clone());
-                                t
-                            }
-                        };
-                        let client = match token {
-                            Some(t) => {
-                                c.auth(
-                                    &r,
-                                    &RegistryAuth::Bearer(t),
-                                    oci_client::RegistryOperation::Pull,
-                                )
-                                .await
-                                .map_err(Upstreamed::Oci)?;
-                                c
-                            }
-                            None if anonymous => bare,
-                            // Basic credentials for a registry that issues no tokens.
-                            None => {
-                                c.store_auth_if_needed(r.resolve_registry(), &auth).await;
-                                c
-                            }
-                        };
-                        match client
-                            .pull_blob_stream_partial(&r, &desc, offset, length)
-                            .await
-                        {
-                            Err(OciDistributionError::UnauthorizedError { .. }) if !fresh => {
-                                fresh = true;
-                            }
-                            other => return other.map_err(Upstreamed::Oci),
-                        }
+                    let (url, res) = self.get(&c, &ep, &auth, &src.repository, path, h).await?;
+                    if res.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+                        return Ok((res, offset));
+                    }
+                    // A 206 must say where its bytes start; one that starts past the
+                    // offset cannot serve it.
+                    match content_range_start(res.headers()) {
+                        Some(start) if start <= offset => Ok((res, offset - start)),
+                        _ => Err(Error::unavailable(format!(
+                            "{url}: answered bytes from {offset} with a 206 whose \
+                             Content-Range is {:?}",
+                            res.headers().get(reqwest::header::CONTENT_RANGE)
+                        ))),
                     }
                 }
             })
             .await?;
-        let host = src.registry.clone();
-        let what2 = what.clone();
-        let (sized, skip) = match resp {
-            BlobResponse::Partial(s) => (s, 0),
-            BlobResponse::Full(s) => (s, offset),
+        let expected = match (res.content_length().map(|l| l.saturating_sub(skip)), length) {
+            (Some(sent), Some(n)) => Some(sent.min(n)),
+            (sent, n) => sent.or(n),
         };
-        let length = sized.content_length.map(|l| l.saturating_sub(skip));
-        let mut skip = skip;
-        let stream = sized
-            .stream
-            .map_err(move |e| {
-                Error::unavailable(format!(
-                    "{what2}: the upstream {host} failed mid-stream: {e}"
-                ))
-            })
-            .filter_map(move |r| {
-                let out = match r {
-                    Ok(mut b) if skip > 0 => {
-                        let n = (b.len() as u64).min(skip);
-                        skip -= n;
-                        let _ = b.split_to(n as usize);
-                        (!b.is_empty()).then_some(Ok(b))
+        let failed = format!("{what}: the upstream {} failed mid-stream", src.registry);
+        let left = length.unwrap_or(u64::MAX);
+        let stream = futures::stream::unfold(
+            (res.bytes_stream(), skip, left, failed),
+            |(mut body, mut skip, mut left, failed)| async move {
+                while left > 0 {
+                    let mut b = match body.next().await? {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let e = Error::unavailable(format!("{failed}: {e}"));
+                            return Some((Err(e), (body, skip, 0, failed)));
+                        }
+                    };
+                    let n = (b.len() as u64).min(skip);
+                    skip -= n;
+                    let _ = b.split_to(n as usize);
+                    b.truncate(usize::try_from(left).unwrap_or(usize::MAX).min(b.len()));
+                    left -= b.len() as u64;
+                    if !b.is_empty() {
+                        return Some((Ok(b), (body, skip, left, failed)));
                     }
-                    other => Some(other),
-                };
-                futures::future::ready(out)
-            });
-        let stream: futures::stream::BoxStream<'static, Result<Bytes>> = match length {
+                }
+                None
+            },
+        );
+        let stream: futures::stream::BoxStream<'static, Result<Bytes>> = match expected {
             // A body that ends early is an error, not a short blob.
             Some(len) => Box::pin(exact(stream, len, what)),
             None => Box::pin(stream),
         };
-        Ok(BlobBody { stream, length })
+        Ok(BlobBody {
+            stream,
+            length: expected,
+        })
     }
+}
+
+/// Where the bytes of a 206 start: `Content-Range: bytes START-END/TOTAL`.
+fn content_range_start(h: &HeaderMap) -> Option<u64> {
+    let v = h.get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?;
+    let (first, _) = v.trim().strip_prefix("bytes ")?.split_once('-')?;
+    first.trim().parse().ok()
 }
 
 /// Passes `len` bytes through and turns an early end into Unavailable.
@@ -855,7 +802,6 @@ pub fn parse_reference(s: &str) -> Result<(Source, String)> {
     ))
 }
 
-/// The single translation of registry failures into domain errors.
 /// A tag as the distribution spec allows it: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
 fn is_tag(s: &str) -> bool {
     let b = s.as_bytes();
@@ -875,67 +821,36 @@ struct DocRequest<'a> {
     max: usize,
 }
 
-/// An error from one endpoint, given the request and host it came from.
-trait EndpointError {
-    fn at(self, what: &str, host: &str) -> Error;
-}
-
-impl EndpointError for OciDistributionError {
-    fn at(self, what: &str, host: &str) -> Error {
-        map_err(self, what, host)
-    }
-}
-
-/// An endpoint's failure from either client: oci-client's (blobs) or contentd's own (tokens).
-enum Upstreamed {
-    Oci(OciDistributionError),
-    Own(Error),
-}
-
-impl EndpointError for Upstreamed {
-    fn at(self, what: &str, host: &str) -> Error {
-        match self {
-            Upstreamed::Oci(e) => e.at(what, host),
-            Upstreamed::Own(e) => e.at(what, host),
-        }
-    }
-}
-
-impl EndpointError for Error {
-    fn at(self, what: &str, host: &str) -> Error {
-        Error::new(
-            self.kind(),
-            format!("{what}: upstream {host}: {}", self.message()),
-        )
-    }
-}
-
 /// A request that got no response (refused, reset, timed out), with the cause reqwest
 /// keeps underneath.
 fn send_failed(url: &str, e: reqwest::Error) -> Error {
     Error::unavailable(format!("{url}: {e} ({:?})", std::error::Error::source(&e)))
 }
 
+/// An error status as an error of its kind, carrying the start of its body (only that is
+/// read).
+async fn status_error(url: &str, mut res: reqwest::Response) -> Error {
+    let mut msg = Vec::new();
+    while msg.len() < 1024
+        && let Ok(Some(b)) = res.chunk().await
+    {
+        msg.extend_from_slice(&b[..b.len().min(1024 - msg.len())]);
+    }
+    let code = res.status().as_u16();
+    Error::new(
+        kind_of_status(code),
+        format!(
+            "{url}: HTTP {code}: {}",
+            String::from_utf8_lossy(&msg).trim()
+        ),
+    )
+}
+
 /// The body of a response, read up to `max` bytes: more is an error, and the rest is never
 /// read. An error status is an error carrying the start of its body.
 async fn read_bounded(url: &str, mut res: reqwest::Response, max: usize) -> Result<Bytes> {
-    let status = res.status();
-    if !status.is_success() {
-        // Only the start of an error body is read, for the message.
-        let mut msg = Vec::new();
-        while msg.len() < 1024
-            && let Ok(Some(b)) = res.chunk().await
-        {
-            msg.extend_from_slice(&b[..b.len().min(1024 - msg.len())]);
-        }
-        let code = status.as_u16();
-        return Err(Error::new(
-            kind_of_status(code),
-            format!(
-                "{url}: HTTP {code}: {}",
-                String::from_utf8_lossy(&msg).trim()
-            ),
-        ));
+    if !res.status().is_success() {
+        return Err(status_error(url, res).await);
     }
     let too_big = |how: String| {
         Error::precondition(format!(
@@ -986,52 +901,10 @@ fn kind_of_status(code: u16) -> Kind {
     }
 }
 
-fn map_err(e: OciDistributionError, what: &str, host: &str) -> Error {
-    use OciDistributionError as E;
-    let (kind, detail) = match &e {
-        E::RegistryError { envelope, .. } => {
-            use oci_client::errors::OciErrorCode as C;
-            let kind = match envelope.errors.first().map(|x| &x.code) {
-                Some(C::BlobUnknown | C::ManifestUnknown | C::NameUnknown | C::NotFound) => {
-                    Kind::NotFound
-                }
-                Some(C::Unauthorized | C::Denied) => Kind::PermissionDenied,
-                Some(C::Toomanyrequests) => Kind::Unavailable,
-                _ => Kind::FailedPrecondition,
-            };
-            let msgs: Vec<String> = envelope
-                .errors
-                .iter()
-                .map(|x| format!("{:?}: {}", x.code, x.message))
-                .collect();
-            (kind, msgs.join("; "))
-        }
-        E::ServerError { code, message, .. } => (
-            kind_of_status(*code),
-            format!(
-                "HTTP {code}: {}",
-                message.chars().take(200).collect::<String>()
-            ),
-        ),
-        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => {
-            (Kind::PermissionDenied, e.to_string())
-        }
-        E::ImageManifestNotFoundError(_) => (Kind::NotFound, e.to_string()),
-        E::DigestError(_) => (Kind::DataLoss, e.to_string()),
-        E::RequestError(r) if r.is_timeout() => (Kind::Unavailable, format!("timed out: {r}")),
-        E::RequestError(r) => (
-            Kind::Unavailable,
-            format!("{r} ({:?})", std::error::Error::source(r)),
-        ),
-        E::IoError(_) => (Kind::Unavailable, e.to_string()),
-        _ => (Kind::FailedPrecondition, e.to_string()),
-    };
-    Error::new(kind, format!("{what}: upstream {host}: {detail}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn host(endpoint: &str, mirrors: &[&str], creds: bool) -> RegistryHost {
         RegistryHost {
@@ -1043,8 +916,8 @@ mod tests {
         }
     }
 
-    fn basic(a: &RegistryAuth) -> bool {
-        matches!(a, RegistryAuth::Basic(..))
+    fn basic(a: &Auth) -> bool {
+        matches!(a, Auth::Basic(..))
     }
 
     #[test]
@@ -1156,6 +1029,8 @@ mod tests {
         Claims(u64),
         /// 404 with the spec's error body.
         Missing,
+        /// A 206 of these bytes, said to start at this offset (whatever was asked).
+        Partial(u64, Vec<u8>),
     }
 
     impl Hostile {
@@ -1212,6 +1087,14 @@ mod tests {
                                         br#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#.to_vec(),
                                     ),
                                 ),
+                                Answer::Partial(at, b) => (
+                                    "206 Partial Content",
+                                    format!(
+                                        "Content-Range: bytes {at}-{}/*\r\n",
+                                        at + b.len() as u64 - 1
+                                    ),
+                                    Answer::Body("", b),
+                                ),
                                 a => ("200 OK", String::new(), a),
                             }
                         };
@@ -1225,7 +1108,7 @@ mod tests {
                                 },
                                 b.len()
                             ),
-                            Answer::Missing => String::new(),
+                            Answer::Missing | Answer::Partial(..) => String::new(),
                             Answer::Endless => format!(
                                 "HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                             ),
@@ -1237,7 +1120,7 @@ mod tests {
                             return;
                         }
                         match body {
-                            Answer::Missing => {}
+                            Answer::Missing | Answer::Partial(..) => {}
                             Answer::Body(_, b) => {
                                 let _ = s.write_all(&b).await;
                             }
@@ -1305,6 +1188,9 @@ mod tests {
                     p if p.starts_with("/v2/endless/tags/list") => Answer::Endless,
                     p if p.starts_with("/v2/r/manifests/sha256:") => Answer::Body("", DOC.to_vec()),
                     p if p.starts_with("/v2/r/blobs/sha256:") => Answer::Body("", DOC.to_vec()),
+                    p if p.starts_with("/v2/shifted/blobs/sha256:") => {
+                        Answer::Partial(3, DOC[3..].to_vec())
+                    }
                     _ => Answer::Missing,
                 }
             },
@@ -1347,10 +1233,28 @@ mod tests {
             .unwrap_err();
         assert!(e.is(Kind::FailedPrecondition), "{e}");
 
-        // Blobs: the token from contentd's own flow is what oci-client sends.
+        // Blobs go through the same token flow.
         let body = up.blob(&src, &want, 0, None).await.unwrap();
         let got: Vec<Bytes> = body.stream.map(|b| b.unwrap()).collect().await;
         assert_eq!(got.concat(), DOC);
+        // A registry that ignores Range: the bytes before the offset are skipped and those
+        // past the range never passed on.
+        let body = up.blob(&src, &want, 5, Some(10)).await.unwrap();
+        assert_eq!(body.length, Some(10));
+        let got: Vec<Bytes> = body.stream.map(|b| b.unwrap()).collect().await;
+        assert_eq!(got.concat(), &DOC[5..15]);
+        // A 206 that starts before the offset is trimmed; one that starts after it cannot
+        // serve the read.
+        let shifted = Source {
+            registry: h.addr.clone(),
+            repository: "shifted".into(),
+        };
+        let body = up.blob(&shifted, &want, 5, None).await.unwrap();
+        let got: Vec<Bytes> = body.stream.map(|b| b.unwrap()).collect().await;
+        assert_eq!(got.concat(), &DOC[5..]);
+        let e = up.blob(&shifted, &want, 1, None).await.err().unwrap();
+        assert!(e.is(Kind::Unavailable), "{e}");
+        assert!(e.message().contains("Content-Range"), "{e}");
 
         // A token realm that never stops sending: a named error for documents and blobs,
         // with only the token limit read.
@@ -1359,6 +1263,21 @@ mod tests {
         assert!(e.is(Kind::FailedPrecondition), "{e}");
         assert!(e.message().contains("token realm"), "{e}");
         let e = up.blob(&t.src(), &want, 0, None).await.err().unwrap();
+        assert!(e.is(Kind::FailedPrecondition), "{e}");
+        assert!(e.message().contains("token realm"), "{e}");
+        // With basic credentials configured too: they go to the realm, whose answer is read
+        // with the same bound (no other client runs a token flow of its own).
+        let mut config = UpstreamConfig::default();
+        config.registries.insert(
+            t.addr.clone(),
+            host(&format!("http://{}", t.addr), &[], true),
+        );
+        let with_creds = Upstream::new(config, 1 << 20).unwrap();
+        let e = with_creds
+            .blob(&t.src(), &want, 0, None)
+            .await
+            .err()
+            .unwrap();
         assert!(e.is(Kind::FailedPrecondition), "{e}");
         assert!(e.message().contains("token realm"), "{e}");
 
