@@ -472,7 +472,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             max_document: config.max_manifest_bytes,
         },
     )?;
-    tracing::info!(root = %config.root.display(), "store open");
+    tracing::info!(root = %config.root.display(), workers = config.workers(), "store open");
     release_free_memory();
     let upstream = Arc::new(crate::upstream::Upstream::new(
         config.upstream.clone(),

@@ -212,10 +212,17 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The runtime of a command; `workers` 0 is tokio's default (one per CPU).
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    Ok(b.enable_all().build()?)
+}
+
 fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // Each command builds the runtime it needs: the daemon's is sized by its configuration.
     match command {
         Command::Client(_) => unreachable!("client verbs are dispatched in main"),
         Command::Serve {
@@ -281,6 +288,7 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
                 c.scrub_interval_secs = v;
             }
             c.validate()?;
+            let rt = runtime(c.workers())?;
             let _telemetry = rt.block_on(async {
                 contentd::telemetry::init(&c.log_format, c.otlp_endpoint.as_deref())
             })?;
@@ -307,6 +315,7 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
                 .socket
                 .clone()
                 .context("bench-pull needs --socket (the daemon's client socket)")?;
+            let rt = runtime(0)?;
             let f = rt.block_on(contentd::bench_pull::run(contentd::bench_pull::Options {
                 socket,
                 reference,
@@ -327,6 +336,7 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
                 .socket
                 .clone()
                 .context("bench-registry needs --socket (the daemon's client socket)")?;
+            let rt = runtime(0)?;
             let f = rt.block_on(contentd::bench_registry::run(
                 contentd::bench_registry::Options {
                     socket,
@@ -342,7 +352,6 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Repair { root, force, json } => {
-            drop(rt);
             if !root.is_dir() {
                 anyhow::bail!("{} is not a directory", root.display());
             }
@@ -389,7 +398,6 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             steps,
             secs,
         } => {
-            drop(rt);
             let secs = secs.or((seeds == u64::MAX).then_some(60));
             let start = std::time::Instant::now();
             match contentd::sim::run_many(
@@ -418,7 +426,7 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             if root.exists() {
                 anyhow::bail!("{} exists; bench-gc builds a fresh store", root.display());
             }
-            let r = rt.block_on(contentd::bench::gc_bench(&root, blobs))?;
+            let r = runtime(0)?.block_on(contentd::bench::gc_bench(&root, blobs))?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }
@@ -433,6 +441,7 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             rounds,
             json,
         } => {
+            let rt = runtime(0)?;
             let targets: Vec<(Option<String>, PathBuf)> = endpoint
                 .iter()
                 .map(|s| match s.split_once('=') {
