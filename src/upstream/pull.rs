@@ -590,12 +590,10 @@ impl Puller {
         let r: Result<bool> = async {
             let r = format!("fetch-{d}");
             // With nothing stored yet the fetch starts at offset 0: the request goes out now,
-            // overlapping the registry's latency with opening the ingest.
+            // overlapping the registry's latency with opening the ingest. Bytes another
+            // namespace stored are linked by opening the writer, with no request at all.
             let early = match self.store.status(scope, &r) {
-                Err(e)
-                    if e.is(Kind::NotFound)
-                        && self.store.info_linked(scope, d).ok().flatten().is_none() =>
-                {
+                Err(e) if e.is(Kind::NotFound) && !self.store.holds(d).unwrap_or(true) => {
                     let (up, src2, d2) = (self.upstream.clone(), src.clone(), d.clone());
                     Some(tokio::spawn(
                         async move { up.blob(&src2, &d2, 0, None).await },

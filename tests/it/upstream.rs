@@ -423,6 +423,12 @@ async fn lazy_layer_single_flight_and_first_bytes_early() {
     let w = walk_when(&ch, "lz", fx["root"]["digest"].as_str().unwrap(), stored).await;
     assert!(stored(&w), "the fetched layer was never committed");
     eprintln!("ranged read of 1 MiB at 40 MiB: {ranged_in:?}");
+    // Another namespace's lazy read of the stored layer is linked to it: no upstream request.
+    pull(&ch, "lz2", &reference(&reg, fx), true).await.unwrap();
+    let mut c2 = d.client(Some("lz2")).await;
+    let (data, _) = read(&mut c2, &layer, 0, 0).await.unwrap();
+    assert!(data == bytes, "the second namespace read the wrong bytes");
+    assert_eq!(reg.requests("GET", &format!("/blobs/{layer}")), 2);
 }
 
 /// The registry is killed in the middle of a layer and restarted: the pull resumes with a
