@@ -216,14 +216,14 @@ impl Store {
         Ok(())
     }
 
-    /// Whether `d` is still stored in `extent`. A read that finds bytes missing asks, to tell
-    /// a blob collected while it was being read (not found) from lost bytes (data loss).
-    /// A failed lookup answers yes, so the data-loss report stands.
     /// Whether `d`'s bytes are stored, for any scope.
     pub fn holds(&self, d: &Digest) -> Result<bool> {
         Ok(self.blob(d)?.is_some())
     }
 
+    /// Whether `d` is still stored in `extent`. A read that finds bytes missing asks, to tell
+    /// a blob collected while it was being read (not found) from lost bytes (data loss).
+    /// A failed lookup answers yes, so the data-loss report stands.
     pub fn stored_in(&self, d: &Digest, extent: u64) -> bool {
         !matches!(self.blob(d), Ok(ref b) if b.as_ref().is_none_or(|b| b.extent != extent))
     }

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use oci_spec::distribution::Reference;
 use parking_lot::Mutex;
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -699,36 +699,70 @@ impl Upstream {
             (Some(sent), Some(n)) => Some(sent.min(n)),
             (sent, n) => sent.or(n),
         };
-        let failed = format!("{what}: the upstream {} failed mid-stream", src.registry);
-        let left = length.unwrap_or(u64::MAX);
-        let stream = futures::stream::unfold(
-            (res.bytes_stream(), skip, left, failed),
-            |(mut body, mut skip, mut left, failed)| async move {
-                while left > 0 {
-                    let mut b = match body.next().await? {
-                        Ok(b) => b,
-                        Err(e) => {
-                            let e = Error::unavailable(format!("{failed}: {e}"));
-                            return Some((Err(e), (body, skip, 0, failed)));
-                        }
-                    };
-                    let n = (b.len() as u64).min(skip);
-                    skip -= n;
-                    let _ = b.split_to(n as usize);
-                    b.truncate(usize::try_from(left).unwrap_or(usize::MAX).min(b.len()));
-                    left -= b.len() as u64;
-                    if !b.is_empty() {
-                        return Some((Ok(b), (body, skip, left, failed)));
-                    }
-                }
-                None
-            },
-        );
-        let stream: futures::stream::BoxStream<'static, Result<Bytes>> = match expected {
-            // A body that ends early is an error, not a short blob.
-            Some(len) => Box::pin(exact(stream, len, what)),
-            None => Box::pin(stream),
+        // One pass over the body: skip to the offset, stop at the range's end, and turn an
+        // early end into an error (a body that ends short is not a short blob).
+        struct Body<S> {
+            frames: S,
+            skip: u64,
+            left: u64,
+            seen: u64,
+            expected: Option<u64>,
+            what: String,
+            host: String,
+            done: bool,
+        }
+        let state = Body {
+            frames: res.bytes_stream(),
+            skip,
+            left: length.unwrap_or(u64::MAX),
+            seen: 0,
+            expected,
+            what,
+            host: src.registry.clone(),
+            done: false,
         };
+        let stream = futures::stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
+            }
+            while st.left > 0 {
+                let Some(frame) = st.frames.next().await else {
+                    break;
+                };
+                let mut b = match frame {
+                    Ok(b) => b,
+                    Err(e) => {
+                        st.done = true;
+                        let e = Error::unavailable(format!(
+                            "{}: the upstream {} failed mid-stream: {e}",
+                            st.what, st.host
+                        ));
+                        return Some((Err(e), st));
+                    }
+                };
+                let n = (b.len() as u64).min(st.skip);
+                st.skip -= n;
+                let _ = b.split_to(n as usize);
+                b.truncate(usize::try_from(st.left).unwrap_or(usize::MAX).min(b.len()));
+                st.left -= b.len() as u64;
+                st.seen += b.len() as u64;
+                if !b.is_empty() {
+                    return Some((Ok(b), st));
+                }
+            }
+            st.done = true;
+            match st.expected {
+                Some(len) if st.seen < len => {
+                    let e = Error::unavailable(format!(
+                        "{}: the upstream closed the body after {} of {len} bytes",
+                        st.what, st.seen
+                    ));
+                    Some((Err(e), st))
+                }
+                _ => None,
+            }
+        });
+        let stream: futures::stream::BoxStream<'static, Result<Bytes>> = Box::pin(stream);
         Ok(BlobBody {
             stream,
             length: expected,
@@ -741,46 +775,6 @@ fn content_range_start(h: &HeaderMap) -> Option<u64> {
     let v = h.get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?;
     let (first, _) = v.trim().strip_prefix("bytes ")?.split_once('-')?;
     first.trim().parse().ok()
-}
-
-/// Passes `len` bytes through and turns an early end into Unavailable.
-fn exact(
-    s: impl Stream<Item = Result<Bytes>> + Send + 'static,
-    len: u64,
-    what: String,
-) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
-    let mut seen = 0u64;
-    let mut s = Box::pin(s);
-    async_stream_like(move |tx| async move {
-        while let Some(item) = s.next().await {
-            if let Ok(b) = &item {
-                seen += b.len() as u64;
-            }
-            let stop = item.is_err();
-            if tx.send(item).await.is_err() || stop {
-                return;
-            }
-        }
-        if seen < len {
-            let _ = tx
-                .send(Err(Error::unavailable(format!(
-                    "{what}: the upstream closed the body after {seen} of {len} bytes"
-                ))))
-                .await;
-        }
-    })
-}
-
-/// A stream fed by a task through a one-slot channel (backpressure: the task waits for the
-/// consumer).
-fn async_stream_like<F, Fut>(f: F) -> impl Stream<Item = Result<Bytes>> + Send + 'static
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(f(tx));
-    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// Splits "host/repo[:tag][@digest]" into its source and the tag or digest to resolve.
@@ -1188,6 +1182,7 @@ mod tests {
                     p if p.starts_with("/v2/endless/tags/list") => Answer::Endless,
                     p if p.starts_with("/v2/r/manifests/sha256:") => Answer::Body("", DOC.to_vec()),
                     p if p.starts_with("/v2/r/blobs/sha256:") => Answer::Body("", DOC.to_vec()),
+                    p if p.starts_with("/v2/short/blobs/sha256:") => Answer::Claims(1 << 20),
                     p if p.starts_with("/v2/shifted/blobs/sha256:") => {
                         Answer::Partial(3, DOC[3..].to_vec())
                     }
@@ -1255,6 +1250,22 @@ mod tests {
         let e = up.blob(&shifted, &want, 1, None).await.err().unwrap();
         assert!(e.is(Kind::Unavailable), "{e}");
         assert!(e.message().contains("Content-Range"), "{e}");
+        // A body that ends before its Content-Length: the bytes that came, then an error.
+        let short = Source {
+            registry: h.addr.clone(),
+            repository: "short".into(),
+        };
+        let body = up.blob(&short, &want, 0, None).await.unwrap();
+        assert_eq!(body.length, Some(1 << 20));
+        let got: Vec<Result<Bytes>> = body.stream.collect().await;
+        let e = got.last().unwrap().as_ref().unwrap_err();
+        assert!(e.is(Kind::Unavailable), "{e}");
+        // reqwest notices the short body itself; either way the read fails, never ends short.
+        assert!(
+            e.message().contains("failed mid-stream") || e.message().contains("closed the body"),
+            "{e}"
+        );
+        assert!(got[..got.len() - 1].iter().all(|r| r.is_ok()));
 
         // A token realm that never stops sending: a named error for documents and blobs,
         // with only the token limit read.
