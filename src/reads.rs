@@ -31,6 +31,9 @@ const STALL: std::time::Duration = std::time::Duration::from_millis(50);
 const SMALL: usize = 64 << 10;
 /// A read starting this far beyond what a fetch has landed goes to the upstream directly.
 const AHEAD: i64 = 4 << 20;
+/// Longest a delete waits for a fetch of the same blob to commit (a crawling upstream must
+/// not hold a delete for as long as its fetch takes).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct Reads {
     store: Arc<Store>,
@@ -46,6 +49,22 @@ pub struct Opened {
 impl Reads {
     pub fn new(store: Arc<Store>, puller: Option<Arc<Puller>>) -> Arc<Reads> {
         Arc::new(Reads { store, puller })
+    }
+
+    /// Waits (at most SETTLE) for an on-demand fetch of `d` under way in `scope` to end. A
+    /// reader of a fetch finishes once every byte is verified, before the fetch commits: a
+    /// delete that follows at once must wait for the commit, or it finds nothing to delete
+    /// and the blob is linked just after it, as if the delete never happened.
+    pub async fn settle(&self, scope: &Scope, d: &Digest) {
+        let Some((mut phase, _)) = self
+            .puller
+            .as_ref()
+            .and_then(|p| p.fetch_under_way(scope, d))
+        else {
+            return;
+        };
+        let done = phase.wait_for(|p| matches!(p, FetchPhase::Done(_)));
+        let _ = tokio::time::timeout(SETTLE, done).await;
     }
 
     /// `[offset, offset+size)` of `d` (`size` ≤ 0: to the end).

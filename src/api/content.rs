@@ -149,6 +149,7 @@ impl pb::content_server::Content for ContentService {
         let scope = self.mode.scope(&req)?;
         tracing::Span::current().record("digest", req.get_ref().digest.as_str());
         let d = parse_digest(&req.get_ref().digest)?;
+        self.reads.settle(&scope, &d).await;
         let store = self.store.clone();
         let d2 = d.clone();
         let existed = blocking(move || store.delete(&scope, &d2)).await?;

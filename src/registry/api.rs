@@ -972,6 +972,7 @@ impl Registry {
     }
 
     async fn delete_blob(&self, d: &Digest) -> Response<Body> {
+        self.reads.settle(&self.scope, d).await;
         let (store, scope, d2) = (self.store.clone(), self.scope.clone(), d.clone());
         match blocking(move || store.delete(&scope, &d2)).await {
             Ok(true) => status_only(StatusCode::ACCEPTED),

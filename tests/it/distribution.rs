@@ -1595,3 +1595,60 @@ async fn mirrored_images_are_evicted_least_recently_used_first() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND, "{root} was kept");
 }
+
+/// A client that deletes a blob right after reading it through the mirror deletes it, and
+/// nothing links it again afterwards. (A read ends once the bytes are verified, before the
+/// fetch commits, so the delete waits for that commit: `Reads::settle`. The fixtures here
+/// commit fast enough that this test passes without the wait too; the 50 MiB miss loop of
+/// `benches/registry.sh` is what caught the race.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_deleted_right_after_its_mirrored_read_stays_deleted() {
+    let Some((dir, _keep)) = crate::graph::fixtures() else {
+        return;
+    };
+    let Some(up) = Registry::start(&dir) else {
+        return;
+    };
+    let s: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    let (_d, base, _cfg) = start_registry(&format!(
+        "gc_grace_secs = 0\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
+        a = up.addr
+    ));
+    let c = http();
+    let fx = s["fixtures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["registry"].is_object())
+        .unwrap();
+    let repo = fx["registry"]["repository"].as_str().unwrap();
+    let tag = fx["registry"]["tag"].as_str().unwrap();
+    let layer = fx["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["present"].as_bool().unwrap())
+        .max_by_key(|n| n["size"].as_i64().unwrap())
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ns = format!("?ns={}", up.addr);
+    let r = c
+        .get(format!("{base}/v2/{repo}/manifests/{tag}{ns}"))
+        .header("Accept", ACCEPT_ANY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let blob = format!("{base}/v2/{repo}/blobs/{layer}{ns}");
+    let body = c.get(&blob).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(sha(&body).to_string(), layer);
+    let r = c.delete(&blob).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED, "the delete found no blob");
+    // Nothing links it again afterwards: a second delete finds it gone.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let r = c.delete(&blob).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
