@@ -304,6 +304,49 @@ async fn conformance(store: Arc<Store>) {
     assert!(store.delete(&t1, &sha(&shared)).unwrap());
     assert_eq!(read_all(&store, &t2, &sha(&shared)), shared);
     assert_eq!(store.owners(&sha(&shared)).unwrap(), vec![t2.clone()]);
+
+    // an image delete is never undone by a label update racing it (the registry records a
+    // mirrored tag's use that way while a client deletes the tag)
+    let target = put(&store, &a, "img-target", b"{}").await.unwrap();
+    for round in 0..50 {
+        let name = format!("raced-{round}");
+        let img = ImageRecord {
+            name: name.clone(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            digest: target.digest.to_string(),
+            size: target.size,
+            ..Default::default()
+        };
+        store.create_image(&a, img).unwrap();
+        let (s2, a2, n2) = (store.clone(), a.clone(), name.clone());
+        let deleted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = deleted.clone();
+        let updater = std::thread::spawn(move || {
+            for i in 0.. {
+                // The update under way when the delete returned may still finish.
+                if seen.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let update = ImageRecord {
+                    name: n2.clone(),
+                    labels: HashMap::from([("used".to_string(), i.to_string())]),
+                    ..Default::default()
+                };
+                if let Err(e) = s2.update_image(&a2, update, &["labels.used".to_string()]) {
+                    assert!(e.is(Kind::NotFound), "{e}");
+                    return;
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_micros(200));
+        store.delete_image(&a, &name).unwrap();
+        deleted.store(true, std::sync::atomic::Ordering::SeqCst);
+        updater.join().unwrap();
+        assert!(
+            store.image(&a, &name).unwrap_err().is(Kind::NotFound),
+            "round {round}: the deleted image came back"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
