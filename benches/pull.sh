@@ -13,7 +13,7 @@ SHARED=${CONTENTD_SHARED:-}
 [ -n "$SHARED" ] || for d in ../shared /work/shared; do [ -d "$d/images" ] && { SHARED=$d; break; }; done
 W=${BENCH_WORK:-/tmp/contentd-bench-pull}
 export IMGWORK=$W REGISTRY_ADDR=127.0.0.1:5066
-BIN=$(cargo build --release -q --message-format=json 2>/dev/null | jq -r 'select(.executable != null and .target.name == "contentd") | .executable' | tail -1)
+BIN=${CONTENTD_BIN:-$(cargo build --release -q --message-format=json 2>/dev/null | jq -r 'select(.executable != null and .target.name == "contentd") | .executable' | tail -1)}
 mkdir -p "$W"
 
 [ -f "$W/fixtures/summary.json" ] || bash "$SHARED/images/make-fixtures.sh" "$W/fixtures" >/dev/null

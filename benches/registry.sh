@@ -14,7 +14,7 @@ SHARED=${CONTENTD_SHARED:-}
 W=${BENCH_WORK:-/tmp/contentd-bench-registry}
 export IMGWORK=$W REGISTRY_ADDR=127.0.0.1:5067
 CD_ADDR=127.0.0.1:5068
-BIN=$(cargo build --release -q --message-format=json 2>/dev/null | jq -r 'select(.executable != null and .target.name == "contentd") | .executable' | tail -1)
+BIN=${CONTENTD_BIN:-$(cargo build --release -q --message-format=json 2>/dev/null | jq -r 'select(.executable != null and .target.name == "contentd") | .executable' | tail -1)}
 mkdir -p "$W"
 [ -f "$W/fixtures/summary.json" ] || bash "$SHARED/images/make-fixtures.sh" "$W/fixtures" >/dev/null
 bash "$SHARED/images/registry.sh" start
