@@ -847,11 +847,21 @@ impl Store {
 
     /// Drops ingests that no lease holds and nobody has written to for `ingest_expiry`.
     fn expire_ingests(&self, now: i64, dry_run: bool) -> Result<i64> {
+        let mut leases: HashSet<Vec<u8>> = HashSet::new();
+        self.kv.scan(Cf::Leases, &[], &[], &mut |k, _| {
+            leases.insert(k.to_vec());
+            true
+        })?;
         let mut leased: HashSet<Vec<u8>> = HashSet::new();
         self.kv.scan(Cf::LeaseResources, &[], &[], &mut |k, _| {
-            // scope ‖ 0 ‖ lease ‖ 0 ‖ "ingests" ‖ 0 ‖ ref  →  scope ‖ 0 ‖ ref
+            // scope ‖ 0 ‖ lease ‖ 0 ‖ "ingests" ‖ 0 ‖ ref  →  scope ‖ 0 ‖ ref. Only a lease
+            // that exists holds an ingest (an ingest opened under a lease as it was deleted
+            // leaves its resource behind it).
             let parts: Vec<&[u8]> = k.splitn(4, |b| *b == 0).collect();
-            if parts.len() == 4 && parts[2] == b"ingests" {
+            if parts.len() == 4
+                && parts[2] == b"ingests"
+                && leases.contains(&[parts[0], &[0], parts[1]].concat())
+            {
                 leased.insert([parts[0], &[0], parts[3]].concat());
             }
             true

@@ -928,6 +928,21 @@ impl Writer {
         }
         let outcome = {
             let _g = store.digest_lock(&actual);
+            // The lease's stripe (before the gate, see `Store::record_locks`), held until the
+            // batch lands: a lease deleted while this commit runs gets no content resource
+            // left behind it. A commit under a lease that is gone fails, as containerd's
+            // does, and the ingest stays for a retry.
+            let _lease = self
+                .lease
+                .as_ref()
+                .map(|l| store.record_lock(&super::keys::lease_key(&scope, l)));
+            if let Some(l) = &self.lease
+                && store.lease(&scope, l)?.is_none()
+            {
+                return Err(Error::not_found(format!(
+                    "lease {l:?}: not found; nothing was committed"
+                )));
+            }
             let _gate = store.gc_gate.read();
             store.barrier([collect::node(&scope, &actual)]);
             // A new link counts against the scope's usage: reserved (and checked against its

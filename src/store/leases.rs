@@ -53,7 +53,7 @@ fn validate_resource(kind: &str, rid: &str) -> Result<()> {
 }
 
 impl Store {
-    fn lease(&self, scope: &Scope, id: &str) -> Result<Option<LeaseRecord>> {
+    pub(super) fn lease(&self, scope: &Scope, id: &str) -> Result<Option<LeaseRecord>> {
         self.kv
             .get(Cf::Leases, &lease_key(scope, id))?
             .map(|v| decode("lease", &v))
@@ -91,12 +91,18 @@ impl Store {
             created_ns: now_ns(),
             labels,
         };
+        let key = lease_key(scope, &id);
+        let _record = self.record_lock(&key);
         let _gate = self.gc_gate.read();
         if self.lease(scope, &id)?.is_some() {
             return Err(Error::exists(format!("lease {id:?}: already exists")));
         }
         let mut b = Batch::new();
-        b.put(Cf::Leases, lease_key(scope, &id), rec.encode_to_vec());
+        // A new lease starts empty, whatever a lease of the same id once held (an ingest's
+        // resource queued while that lease was being deleted, say).
+        let p = resource_prefix(scope, &id);
+        b.delete_range(Cf::LeaseResources, p.clone(), prefix_end(&p));
+        b.put(Cf::Leases, key, rec.encode_to_vec());
         self.kv.write(b, true)?;
         if rec.expires_ns().is_some() {
             // The collector re-plans its wake-up around the new expiry.
@@ -106,6 +112,7 @@ impl Store {
     }
 
     pub fn delete_lease(&self, scope: &Scope, id: &str) -> Result<()> {
+        let _record = self.record_lock(&lease_key(scope, id));
         if self.lease(scope, id)?.is_none() {
             return Err(Error::not_found(format!("lease {id:?}: not found")));
         }
@@ -140,6 +147,9 @@ impl Store {
     /// Adds a resource to a lease (queued into `b` when given, else written now).
     pub fn add_lease_resource(&self, scope: &Scope, id: &str, kind: &str, rid: &str) -> Result<()> {
         validate_resource(kind, rid)?;
+        // Held until the resource is written: a delete of the lease cannot slip in between
+        // the check and the write and leave the resource behind it.
+        let _record = self.record_lock(&lease_key(scope, id));
         let _gate = self.gc_gate.read();
         self.require_lease(scope, id)?;
         if kind == "content" {
@@ -191,6 +201,7 @@ impl Store {
         rid: &str,
     ) -> Result<()> {
         validate_resource(kind, rid)?;
+        let _record = self.record_lock(&lease_key(scope, id));
         self.require_lease(scope, id)?;
         let mut b = Batch::new();
         b.delete(Cf::LeaseResources, resource_key(scope, id, kind, rid));

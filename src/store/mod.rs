@@ -260,10 +260,12 @@ pub struct Store {
     kv: Arc<dyn Kv>,
     slots: Mutex<HashMap<Vec<u8>, (Slot, LockedSince)>>,
     digest_locks: Vec<Mutex<()>>,
-    /// Striped by image key: an image's read-modify-write (create's existence check,
-    /// update's merge) and its delete serialise, so a delete is never undone by an update
-    /// that read the record just before it.
-    image_locks: Vec<Mutex<()>>,
+    /// Striped by record key (images, leases): a record's read-modify-write (create's
+    /// existence check, update's merge, adding a lease resource) and its delete serialise,
+    /// so a delete is never undone by a write that read the record just before it.
+    /// Lock order: digest stripe, then record stripe, then the collector's gate; never two
+    /// record stripes at once.
+    record_locks: Vec<Mutex<()>>,
     extents: Mutex<Extents>,
     /// The collector's write barrier; see `collect.rs` for the invariant.
     gc_gate: parking_lot::RwLock<()>,
@@ -362,7 +364,7 @@ impl Store {
             kv,
             slots: Mutex::new(HashMap::new()),
             digest_locks: (0..64).map(|_| Mutex::new(())).collect(),
-            image_locks: (0..64).map(|_| Mutex::new(())).collect(),
+            record_locks: (0..64).map(|_| Mutex::new(())).collect(),
             extents: Mutex::new(Extents {
                 next: reserved,
                 reserved,
@@ -551,11 +553,11 @@ impl Store {
         ))
     }
 
-    fn image_lock(&self, key: &[u8]) -> parking_lot::MutexGuard<'_, ()> {
+    fn record_lock(&self, key: &[u8]) -> parking_lot::MutexGuard<'_, ()> {
         let i = key
             .iter()
             .fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(*b as usize));
-        self.image_locks[i % self.image_locks.len()].lock()
+        self.record_locks[i % self.record_locks.len()].lock()
     }
 
     fn digest_lock(&self, d: &Digest) -> parking_lot::MutexGuard<'_, ()> {
