@@ -658,7 +658,14 @@ impl Store {
                 )));
             }
         }
-        let (blob, mut link) = self.resolve(scope, d)?.ok_or_else(|| Self::not_found(d))?;
+        // A tenant's first touch of a blob holds it (outside the stripe: `hold` takes it).
+        if self.resolve(scope, d)?.is_none() {
+            return Err(Self::not_found(d));
+        }
+        // The merge reads the link under the digest's stripe: two updates of different
+        // labels (a gc.ref from one client, a source label from another) both land.
+        let _g = self.digest_lock(d);
+        let (blob, mut link) = self.linked(scope, d)?.ok_or_else(|| Self::not_found(d))?;
         if paths.is_empty() || paths.iter().any(|p| p == "labels") {
             link.labels = labels;
         } else {
@@ -678,11 +685,7 @@ impl Store {
             validate_labels(&link.labels)?;
         }
         link.updated_ns = now_ns();
-        let _g = self.digest_lock(d);
         let _gate = self.gc_gate.read();
-        if self.link(scope, d)?.is_none() {
-            return Err(Self::not_found(d));
-        }
         // New gc.ref labels may reach blobs a running collection has not marked.
         self.barrier([collect::node(scope, d)]);
         let mut b = Batch::new();

@@ -348,6 +348,35 @@ async fn conformance(store: Arc<Store>) {
         );
     }
 
+    // label updates of different keys racing on one blob all land (none is lost to a
+    // read-modify-write that started before another's write)
+    let labelled = put(&store, &a, "labelled", b"labelled")
+        .await
+        .unwrap()
+        .digest;
+    let writers: Vec<_> = ["x", "y"]
+        .into_iter()
+        .map(|key| {
+            let (s2, a2, d2) = (store.clone(), a.clone(), labelled.clone());
+            std::thread::spawn(move || {
+                for i in 0..200 {
+                    let labels = HashMap::from([(key.to_string(), i.to_string())]);
+                    s2.update(&a2, &d2, labels, &[format!("labels.{key}")])
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let labels = store.info(&a, &labelled).unwrap().labels;
+    assert_eq!(
+        (labels.get("x"), labels.get("y")),
+        (Some(&"199".to_string()), Some(&"199".to_string())),
+        "a label update was lost"
+    );
+
     // a lease delete racing resource adds leaves no resource behind it, and a lease created
     // again with that id starts empty
     for round in 0..30 {
