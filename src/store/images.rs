@@ -94,7 +94,7 @@ impl Store {
     pub fn create_image(&self, scope: &Scope, mut img: ImageRecord) -> Result<ImageRecord> {
         validate(&img)?;
         let key = image_key(scope, &img.name);
-        let _name = self.record_lock(&key);
+        let _record = self.record_lock(&key);
         let _gate = self.gc_gate.read();
         if self.kv.get(Cf::Images, &key)?.is_some() {
             return Err(Error::exists(format!(
@@ -152,7 +152,7 @@ impl Store {
         paths: &[String],
     ) -> Result<ImageRecord> {
         let key = image_key(scope, &update.name);
-        let _name = self.record_lock(&key);
+        let _record = self.record_lock(&key);
         let _gate = self.gc_gate.read();
         let mut img = self.image(scope, &update.name)?;
         if paths.is_empty() {
@@ -214,7 +214,7 @@ impl Store {
 
     pub fn delete_image(&self, scope: &Scope, name: &str) -> Result<()> {
         let key = image_key(scope, name);
-        let _name = self.record_lock(&key);
+        let _record = self.record_lock(&key);
         if self.kv.get(Cf::Images, &key)?.is_none() {
             return Err(Error::not_found(format!("image {name:?}: not found")));
         }
