@@ -845,7 +845,8 @@ impl Store {
         Ok(report)
     }
 
-    /// Drops ingests that no lease holds and nobody has written to for `ingest_expiry`.
+    /// Drops ingests that no lease holds and nobody has written to for `ingest_expiry`, and
+    /// lease resources whose lease is gone.
     fn expire_ingests(&self, now: i64, dry_run: bool) -> Result<i64> {
         let mut leases: HashSet<Vec<u8>> = HashSet::new();
         self.kv.scan(Cf::Leases, &[], &[], &mut |k, _| {
@@ -853,19 +854,35 @@ impl Store {
             true
         })?;
         let mut leased: HashSet<Vec<u8>> = HashSet::new();
+        let mut orphans = Vec::new();
         self.kv.scan(Cf::LeaseResources, &[], &[], &mut |k, _| {
             // scope ‖ 0 ‖ lease ‖ 0 ‖ "ingests" ‖ 0 ‖ ref  →  scope ‖ 0 ‖ ref. Only a lease
-            // that exists holds an ingest (an ingest opened under a lease as it was deleted
-            // leaves its resource behind it).
+            // that exists holds an ingest (an ingest opened under a lease as it was deleted,
+            // or a resource added as an expired lease was dropped, leaves one behind).
             let parts: Vec<&[u8]> = k.splitn(4, |b| *b == 0).collect();
-            if parts.len() == 4
-                && parts[2] == b"ingests"
-                && leases.contains(&[parts[0], &[0], parts[1]].concat())
-            {
+            if parts.len() != 4 {
+                return true;
+            }
+            let lease = [parts[0], &[0], parts[1]].concat();
+            if !leases.contains(&lease) {
+                orphans.push((lease, k.to_vec()));
+            } else if parts[2] == b"ingests" {
                 leased.insert([parts[0], &[0], parts[3]].concat());
             }
             true
         })?;
+        if !dry_run {
+            for (lease, key) in orphans {
+                // The lease may have been created since the scan: look again under its stripe
+                // (which adding a resource holds), and drop only what is still orphaned.
+                let _record = self.record_lock(&lease);
+                if self.kv.get(Cf::Leases, &lease)?.is_none() {
+                    let mut b = Batch::new();
+                    b.delete(Cf::LeaseResources, key);
+                    self.kv.write(b, false)?;
+                }
+            }
+        }
         let mut stale = Vec::new();
         self.kv.scan(Cf::Ingests, &[], &[], &mut |k, v| {
             if let Ok(rec) = IngestRecord::decode(v)

@@ -438,7 +438,8 @@ async fn conformance(store: Arc<Store>) {
     w.commit(body.len() as i64, Some(sha(&body)), None).unwrap();
     assert_eq!(read_all(&store, &a, &sha(&body)), body);
     // (the ingest's own resource, queued at open, may outlive the lease: it holds nothing,
-    // see `expire_ingests`, and a new lease of that id does not inherit it)
+    // the next collection drops it, see `expire_ingests`, and a new lease of that id does
+    // not inherit it)
     let p = keys::resource_prefix(&a, "short");
     let mut content = 0;
     store
@@ -582,6 +583,19 @@ async fn unleased_ingests_expire_and_leased_ones_stay() {
     assert!(store.status(&a, "loose").unwrap_err().is(Kind::NotFound));
     assert!(store.status(&a, "orphan").unwrap_err().is(Kind::NotFound));
     assert_eq!(store.status(&a, "held").unwrap().offset, 6);
+    // The orphaned resource itself is gone; the kept lease's is not.
+    let mut resources = Vec::new();
+    store
+        .kv
+        .scan(Cf::LeaseResources, &[], &[], &mut |k, _| {
+            resources.push(k.to_vec());
+            true
+        })
+        .unwrap();
+    assert_eq!(
+        resources,
+        vec![keys::resource_key(&a, "keep", "ingests", "held")]
+    );
     live.write(4, b"!").unwrap();
     live.commit(0, None, None).unwrap();
 }
