@@ -6,6 +6,8 @@
 # Starts a registry (shared/images/registry.sh) with the fixtures and a synthetic image with
 # a 1 GiB layer, a contentd with --gc-grace-secs 0 (the bench collects between runs), runs
 # the bench, and stops both. Needs docker-registry, skopeo, umoci, jq, curl.
+# CONTENTD_BIN=path runs that binary instead of this checkout's release build (for A/B
+# runs: alternate two binaries, one run each, and compare within one sitting).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-5}

@@ -6,6 +6,8 @@
 # Starts a registry (shared/images/registry.sh) holding the fixtures, a contentd serving the
 # distribution API with that registry as its upstream and --gc-grace-secs 0 (the bench
 # collects between miss runs), runs the bench on the 50 MiB fixture layer, and stops both.
+# CONTENTD_BIN=path runs that binary instead of this checkout's release build (for A/B
+# runs: alternate two binaries, one run each, and compare within one sitting).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-5}
