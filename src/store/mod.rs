@@ -659,7 +659,7 @@ impl Store {
             }
         }
         // A tenant's first touch of a blob holds it (outside the stripe: `hold` takes it).
-        if self.resolve(scope, d)?.is_none() {
+        if scope.is_tenant() && self.resolve(scope, d)?.is_none() {
             return Err(Self::not_found(d));
         }
         // The merge reads the link under the digest's stripe: two updates of different

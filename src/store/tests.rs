@@ -37,6 +37,50 @@ fn read_all(store: &Store, scope: &Scope, d: &Digest) -> Vec<u8> {
     out
 }
 
+/// Runs `write(0)`, `write(1)`, ... on a thread while `delete` runs here, and returns once
+/// the thread has stopped: at its first NotFound (the delete won) or, the update under way
+/// when the delete returned being allowed to finish, right after it.
+fn race_with_delete(
+    mut write: impl FnMut(u32) -> Result<()> + Send + 'static,
+    delete: impl FnOnce(),
+) {
+    let deleted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = deleted.clone();
+    let writer = std::thread::spawn(move || {
+        for i in 0u32.. {
+            if seen.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            if let Err(e) = write(i) {
+                assert!(e.is(Kind::NotFound), "{e}");
+                return;
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_micros(200));
+    delete();
+    deleted.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+}
+
+/// Every lease resource key starting with `prefix`, read straight from the store.
+fn resource_keys(store: &Store, prefix: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    store
+        .kv
+        .scan(
+            Cf::LeaseResources,
+            prefix,
+            &prefix_end(prefix),
+            &mut |k, _| {
+                out.push(k.to_vec());
+                true
+            },
+        )
+        .unwrap();
+    out
+}
+
 async fn conformance(store: Arc<Store>) {
     let a = ns("a");
     let b = ns("b");
@@ -319,29 +363,18 @@ async fn conformance(store: Arc<Store>) {
         };
         store.create_image(&a, img).unwrap();
         let (s2, a2, n2) = (store.clone(), a.clone(), name.clone());
-        let deleted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let seen = deleted.clone();
-        let updater = std::thread::spawn(move || {
-            for i in 0.. {
-                // The update under way when the delete returned may still finish.
-                if seen.load(std::sync::atomic::Ordering::SeqCst) {
-                    return;
-                }
+        race_with_delete(
+            move |i| {
                 let update = ImageRecord {
                     name: n2.clone(),
                     labels: HashMap::from([("used".to_string(), i.to_string())]),
                     ..Default::default()
                 };
-                if let Err(e) = s2.update_image(&a2, update, &["labels.used".to_string()]) {
-                    assert!(e.is(Kind::NotFound), "{e}");
-                    return;
-                }
-            }
-        });
-        std::thread::sleep(std::time::Duration::from_micros(200));
-        store.delete_image(&a, &name).unwrap();
-        deleted.store(true, std::sync::atomic::Ordering::SeqCst);
-        updater.join().unwrap();
+                s2.update_image(&a2, update, &["labels.used".to_string()])
+                    .map(|_| ())
+            },
+            || store.delete_image(&a, &name).unwrap(),
+        );
         assert!(
             store.image(&a, &name).unwrap_err().is(Kind::NotFound),
             "round {round}: the deleted image came back"
@@ -383,33 +416,14 @@ async fn conformance(store: Arc<Store>) {
         let id = format!("raced-lease-{round}");
         store.create_lease(&a, &id, HashMap::new()).unwrap();
         let (s2, a2, id2) = (store.clone(), a.clone(), id.clone());
-        let deleted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let seen = deleted.clone();
-        let adder = std::thread::spawn(move || {
-            for i in 0u32.. {
-                if seen.load(std::sync::atomic::Ordering::SeqCst) {
-                    return;
-                }
+        race_with_delete(
+            move |i| {
                 let d = sha(&i.to_be_bytes()).to_string();
-                if let Err(e) = s2.add_lease_resource(&a2, &id2, "content", &d) {
-                    assert!(e.is(Kind::NotFound), "{e}");
-                    return;
-                }
-            }
-        });
-        std::thread::sleep(std::time::Duration::from_micros(200));
-        store.delete_lease(&a, &id).unwrap();
-        deleted.store(true, std::sync::atomic::Ordering::SeqCst);
-        adder.join().unwrap();
-        let p = keys::resource_prefix(&a, &id);
-        let mut left = 0;
-        store
-            .kv
-            .scan(Cf::LeaseResources, &p, &prefix_end(&p), &mut |_, _| {
-                left += 1;
-                true
-            })
-            .unwrap();
+                s2.add_lease_resource(&a2, &id2, "content", &d)
+            },
+            || store.delete_lease(&a, &id).unwrap(),
+        );
+        let left = resource_keys(&store, &keys::resource_prefix(&a, &id)).len();
         assert_eq!(left, 0, "round {round}: resources outlived their lease");
     }
     // a commit under a lease deleted meanwhile fails (as containerd's does), leaves no
@@ -441,14 +455,10 @@ async fn conformance(store: Arc<Store>) {
     // the next collection drops it, see `expire_ingests`, and a new lease of that id does
     // not inherit it)
     let p = keys::resource_prefix(&a, "short");
-    let mut content = 0;
-    store
-        .kv
-        .scan(Cf::LeaseResources, &p, &prefix_end(&p), &mut |k, _| {
-            content += usize::from(k[p.len()..].starts_with(b"content\0"));
-            true
-        })
-        .unwrap();
+    let content = resource_keys(&store, &p)
+        .iter()
+        .filter(|k| k[p.len()..].starts_with(b"content\0"))
+        .count();
     assert_eq!(
         content, 0,
         "the commit left a resource under a deleted lease"
@@ -584,14 +594,7 @@ async fn unleased_ingests_expire_and_leased_ones_stay() {
     assert!(store.status(&a, "orphan").unwrap_err().is(Kind::NotFound));
     assert_eq!(store.status(&a, "held").unwrap().offset, 6);
     // The orphaned resource itself is gone; the kept lease's is not.
-    let mut resources = Vec::new();
-    store
-        .kv
-        .scan(Cf::LeaseResources, &[], &[], &mut |k, _| {
-            resources.push(k.to_vec());
-            true
-        })
-        .unwrap();
+    let resources = resource_keys(&store, b"");
     assert_eq!(
         resources,
         vec![keys::resource_key(&a, "keep", "ingests", "held")]

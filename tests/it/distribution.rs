@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::harness::{Daemon, pattern, sha};
-use crate::registry::{Registry, free_port};
+use crate::registry::free_port;
 
 /// What a client that takes any manifest type sends.
 const ACCEPT_ANY: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -696,14 +696,9 @@ async fn htpasswd_and_read_only() {
 /// and every digest still serves.
 #[tokio::test(flavor = "multi_thread")]
 async fn mirror_fetches_once_and_serves_when_the_upstream_is_down() {
-    let Some((dir, _keep)) = crate::graph::fixtures() else {
+    let Some((_dir, _keep, up, s)) = crate::upstream::registry_with_fixtures() else {
         return;
     };
-    let Some(up) = Registry::start(&dir) else {
-        return;
-    };
-    let s: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
     let (_d, base, _cfg) = start_registry(&format!(
         "[registry]\ntag_ttl_secs = 0\n[upstream]\nread_timeout_secs = 5\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
         a = up.addr
@@ -973,17 +968,12 @@ impl Drop for Containerd {
 /// tag and by digest.
 #[tokio::test(flavor = "multi_thread")]
 async fn containerd_and_skopeo_use_contentd_as_mirror_and_registry() {
-    let Some((dir, _keep)) = crate::graph::fixtures() else {
-        return;
-    };
     let Some(shared) = crate::registry::shared() else {
         return;
     };
-    let Some(up) = Registry::start(&dir) else {
+    let Some((_dir, _keep, up, s)) = crate::upstream::registry_with_fixtures() else {
         return;
     };
-    let s: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
     let (_d, base, _cfg) = start_registry(&format!(
         "[upstream]\nread_timeout_secs = 5\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
         a = up.addr
@@ -1266,14 +1256,9 @@ impl Drop for Dockerd {
 /// pull by tag and by digest.
 #[tokio::test(flavor = "multi_thread")]
 async fn docker_uses_contentd_as_registry_mirror() {
-    let Some((dir, _keep)) = crate::graph::fixtures() else {
+    let Some((_dir, _keep, up, s)) = crate::upstream::registry_with_fixtures() else {
         return;
     };
-    let Some(up) = Registry::start(&dir) else {
-        return;
-    };
-    let s: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
     // docker.io is the upstream docker asks the mirror for; here it is docker-registry.
     let (_d, base, _cfg) = start_registry(&format!(
         "[registry]\ndefault_upstream = \"docker.io\"\n[upstream]\nread_timeout_secs = 5\n[upstream.registries.\"docker.io\"]\nendpoint = \"http://{}\"\n",
@@ -1432,14 +1417,9 @@ async fn a_non_loopback_registry_is_tls_with_client_certificates() {
 /// pushed image shares with an evicted one stays.
 #[tokio::test(flavor = "multi_thread")]
 async fn mirrored_images_are_evicted_least_recently_used_first() {
-    let Some((dir, _keep)) = crate::graph::fixtures() else {
+    let Some((_dir, _keep, up, s)) = crate::upstream::registry_with_fixtures() else {
         return;
     };
-    let Some(up) = Registry::start(&dir) else {
-        return;
-    };
-    let s: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
     // No limit while the images are fetched: an eviction in the middle of the setup would
     // race it (a manifest fetched again by digest is a new mirrored record). The daemon is
     // restarted with the 1 MiB limit once everything is in place.
@@ -1603,14 +1583,9 @@ async fn mirrored_images_are_evicted_least_recently_used_first() {
 /// `benches/registry.sh` is what caught the race.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_blob_deleted_right_after_its_mirrored_read_stays_deleted() {
-    let Some((dir, _keep)) = crate::graph::fixtures() else {
+    let Some((_dir, _keep, up, s)) = crate::upstream::registry_with_fixtures() else {
         return;
     };
-    let Some(up) = Registry::start(&dir) else {
-        return;
-    };
-    let s: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
     let (_d, base, _cfg) = start_registry(&format!(
         "gc_grace_secs = 0\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
         a = up.addr

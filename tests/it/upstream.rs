@@ -147,7 +147,7 @@ fn big_layer(fx: &Value) -> (String, i64) {
 }
 
 /// The fixtures, a registry holding them, and summary.json; None when tools are missing.
-fn registry_with_fixtures() -> Option<(
+pub(crate) fn registry_with_fixtures() -> Option<(
     std::path::PathBuf,
     Option<tempfile::TempDir>,
     Registry,
