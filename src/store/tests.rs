@@ -25,6 +25,21 @@ async fn put(store: &Arc<Store>, scope: &Scope, r: &str, data: &[u8]) -> Result<
     w.commit(data.len() as i64, Some(sha(data)), None)
 }
 
+/// Opens an ingest, writes `data` and lets the writer go: an upload left unfinished.
+async fn leave_ingest(
+    store: &Arc<Store>,
+    scope: &Scope,
+    r: &str,
+    lease: Option<&str>,
+    data: &[u8],
+) {
+    let mut w = store
+        .open_writer(scope.clone(), r, 0, None, lease.map(String::from))
+        .await
+        .unwrap();
+    w.write(0, data).unwrap();
+}
+
 fn read_all(store: &Store, scope: &Scope, d: &Digest) -> Vec<u8> {
     let loc = store.locate(scope, d).unwrap();
     let mut out = Vec::new();
@@ -316,12 +331,7 @@ async fn conformance(store: Arc<Store>) {
     let f = Filter::parse_all(&[format!("digest=={}", sha(&[4; 10]))]).unwrap();
     assert_eq!(store.list(&ns("l"), &f, None, 100).unwrap().len(), 1);
     let f = Filter::parse_all(&["ref~=^l[0-2]$"]).unwrap();
-    let mut w = store
-        .open_writer(ns("l"), "l9", 0, None, None)
-        .await
-        .unwrap();
-    w.write(0, b"pending").unwrap();
-    drop(w);
+    leave_ingest(&store, &ns("l"), "l9", None, b"pending").await;
     assert_eq!(
         store
             .list_statuses(&ns("l"), &Filter::default())
@@ -550,26 +560,11 @@ async fn unleased_ingests_expire_and_leased_ones_stay() {
     .unwrap();
     let a = ns("a");
     store.create_lease(&a, "keep", HashMap::new()).unwrap();
-    let mut w = store
-        .open_writer(a.clone(), "loose", 0, None, None)
-        .await
-        .unwrap();
-    w.write(0, b"abandoned").unwrap();
-    drop(w);
-    let mut w = store
-        .open_writer(a.clone(), "held", 0, None, Some("keep".into()))
-        .await
-        .unwrap();
-    w.write(0, b"leased").unwrap();
-    drop(w);
+    leave_ingest(&store, &a, "loose", None, b"abandoned").await;
+    leave_ingest(&store, &a, "held", Some("keep"), b"leased").await;
     // A resource whose lease is gone (an ingest opened as its lease was deleted) holds
     // nothing.
-    let mut w = store
-        .open_writer(a.clone(), "orphan", 0, None, None)
-        .await
-        .unwrap();
-    w.write(0, b"orphaned").unwrap();
-    drop(w);
+    leave_ingest(&store, &a, "orphan", None, b"orphaned").await;
     let mut b = Batch::new();
     b.put(
         Cf::LeaseResources,
