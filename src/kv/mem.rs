@@ -263,6 +263,11 @@ impl Kv for MemKv {
         Ok(())
     }
 
+    /// Deleted keys hold no memory here once the batch that deleted them applied.
+    fn reclaim(&self, _cf: Cf, _ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        Ok(())
+    }
+
     fn write(&self, batch: Batch, sync: bool) -> Result<()> {
         let Some(power) = &self.power else {
             apply(&mut self.maps.write(), &batch);

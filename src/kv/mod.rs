@@ -195,6 +195,9 @@ pub trait Kv: Send + Sync + 'static {
     fn write_unlogged(&self, batch: Batch) -> Result<()>;
     /// Makes everything written to `cf`, logged or not, durable.
     fn flush(&self, cf: Cf) -> Result<()>;
+    /// Gives back now the disk space of keys deleted in the `[from, to)` ranges of `cf`,
+    /// rather than whenever later writes get round to it. Reads are unchanged.
+    fn reclaim(&self, cf: Cf, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<()>;
     /// Approximate bytes on disk, for reporting only.
     fn disk_usage(&self) -> u64 {
         0
@@ -271,6 +274,27 @@ pub(crate) mod tests {
         kv.write(b, true).unwrap();
         assert_eq!(seen[0].as_deref(), Some(&big[..]));
         assert_eq!(kv.get(Cf::Chunks, &[5, 0]).unwrap(), None);
+
+        // reclaiming deleted ranges changes no read, inside or beside them
+        let mut b = Batch::new();
+        b.put(Cf::Chunks, vec![6, 0], big.clone());
+        b.put(Cf::Chunks, vec![6, 9], b"beside".to_vec());
+        kv.write(b, true).unwrap();
+        kv.reclaim(Cf::Chunks, &[(vec![5], vec![6]), (vec![6, 1], vec![6, 9])])
+            .unwrap();
+        kv.reclaim(Cf::Chunks, &[]).unwrap();
+        assert_eq!(kv.get(Cf::Chunks, &[5, 0]).unwrap(), None);
+        assert_eq!(
+            kv.get(Cf::Chunks, &[6, 0]).unwrap().as_deref(),
+            Some(&big[..])
+        );
+        assert_eq!(
+            kv.get(Cf::Chunks, &[6, 9]).unwrap().as_deref(),
+            Some(&b"beside"[..])
+        );
+        let mut b = Batch::new();
+        b.delete_range(Cf::Chunks, vec![6], vec![7]);
+        kv.write(b, true).unwrap();
 
         // ordered scan with bounds and early stop
         let mut b = Batch::new();

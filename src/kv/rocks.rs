@@ -11,13 +11,17 @@
 //!   batch makes it and every earlier WAL record durable against power loss too), and from a
 //!   memtable flush for bulk bytes written with `write_unlogged`, which land on disk once
 //!   instead of twice (WAL + blob file).
+//! * Deleted blobs give their space back when a compaction drops the keys that reference
+//!   their blob files. Nothing but new writes triggers one, so after deleting, the store asks
+//!   for it ([`Kv::reclaim`]) over just the deleted ranges.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
-    FlushOptions, Options, ReadOptions, WriteBatch, WriteOptions,
+    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor,
+    CompactOptions, DBCompressionType, FlushOptions, Options, ReadOptions, WriteBatch,
+    WriteOptions,
 };
 
 use super::{Batch, Cf, Kv, Op, Visit};
@@ -478,6 +482,25 @@ impl Kv for RocksKv {
         Ok(())
     }
 
+    fn reclaim(&self, cf: Cf, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        // The range tombstones may still sit in the memtable, which no compaction reads.
+        self.flush(cf)?;
+        let mut o = CompactOptions::default();
+        // Writes and background compactions go on meanwhile.
+        o.set_exclusive_manual_compaction(false);
+        // Deleted keys and their tombstone can both sit in the last level; only a compaction
+        // of that level drops the keys, and with them the last references to blob files.
+        o.set_bottommost_level_compaction(BottommostLevelCompaction::ForceOptimized);
+        for (from, to) in ranges {
+            self.db
+                .compact_range_cf_opt(self.cf(cf), Some(from), Some(to), &o);
+        }
+        Ok(())
+    }
+
     fn write(&self, batch: Batch, sync: bool) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
@@ -520,6 +543,47 @@ fn wal_files(dir: &Path) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reclaim_gives_deleted_blob_files_back_to_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = RocksKv::open(dir.path(), &Tuning::default()).unwrap();
+        let chunk = vec![3u8; 256 << 10];
+        // Two extents of 32 MiB each (the first byte of the key), in blob files.
+        for extent in [1u8, 2] {
+            for i in 0..128u32 {
+                let mut b = Batch::new();
+                b.put(
+                    Cf::Chunks,
+                    [&[extent][..], &i.to_be_bytes()].concat(),
+                    chunk.clone(),
+                );
+                kv.write_unlogged(b).unwrap();
+            }
+        }
+        kv.flush(Cf::Chunks).unwrap();
+        let before = kv.disk_usage();
+        assert!(before >= 64 << 20, "{before} bytes on disk");
+        let mut b = Batch::new();
+        b.delete_range(Cf::Chunks, vec![1], vec![2]);
+        kv.write(b, true).unwrap();
+        // Deleting alone frees nothing: the files wait for a compaction.
+        assert!(kv.disk_usage() >= before);
+        kv.reclaim(Cf::Chunks, &[(vec![1], vec![2])]).unwrap();
+        let after = kv.disk_usage();
+        assert!(
+            after < before - (30 << 20) && after >= 32 << 20,
+            "{before} bytes before, {after} after"
+        );
+        // The other extent reads back whole.
+        for i in 0..128u32 {
+            let k = [&[2u8][..], &i.to_be_bytes()].concat();
+            assert_eq!(
+                kv.get_bytes(Cf::Chunks, &k).unwrap().as_deref(),
+                Some(&chunk[..])
+            );
+        }
+    }
 
     #[test]
     fn wal_files_do_not_pile_up_behind_a_quiet_family() {

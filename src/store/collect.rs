@@ -128,6 +128,49 @@ fn split(n: &[u8]) -> Option<(Scope, Digest)> {
     split_link(n)
 }
 
+/// Most compactions one collection asks for to give back the space of swept extents; more
+/// runs of them are merged into one range over all (it also rewrites the index entries of
+/// the kept blobs between them, which are small: their bytes stay in their blob files).
+const RECLAIM_RANGES_MAX: usize = 16;
+
+/// Discarded ingests remembered for the next collection to reclaim.
+const FREED_MAX: usize = 4096;
+
+impl Store {
+    /// Notes that `extent`'s chunks were deleted outside a collection (a discarded ingest of
+    /// `bytes`), so the next collection gives their disk space back with its own.
+    pub(super) fn freed_extent(&self, extent: u64, bytes: i64) {
+        let mut f = self.freed.lock();
+        if bytes > POINT_DELETE_MAX && f.len() < FREED_MAX {
+            f.push(extent);
+        }
+    }
+}
+
+/// The chunk-key ranges covering `extents`, contiguous ids merged.
+fn reclaim_ranges(mut extents: Vec<u64>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    extents.sort_unstable();
+    extents.dedup();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for e in extents {
+        match runs.last_mut() {
+            Some((_, last)) if last.checked_add(1) == Some(e) => *last = e,
+            _ => runs.push((e, e)),
+        }
+    }
+    if runs.len() > RECLAIM_RANGES_MAX {
+        runs = vec![(runs[0].0, runs[runs.len() - 1].1)];
+    }
+    runs.into_iter()
+        .map(|(first, last)| {
+            (
+                extent_range(first).0.to_vec(),
+                extent_range(last).1.to_vec(),
+            )
+        })
+        .collect()
+}
+
 /// The keys of a page that `marked` does not hold: a sweep's candidates.
 fn unmarked(page: crate::kv::Page, marked: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
     page.into_iter()
@@ -722,7 +765,13 @@ impl Store {
             Ok(true)
         })?;
 
-        // Sweep 2: blobs no scope marks, a page of the blobs at a time.
+        // Sweep 2: blobs no scope marks, a page of the blobs at a time. The extents of the
+        // large ones (the bytes in blob files) are given back to the disk at the end.
+        let mut freed: Vec<u64> = if dry_run {
+            Vec::new()
+        } else {
+            std::mem::take(&mut *self.freed.lock())
+        };
         crate::kv::for_each_page(&*self.kv, Cf::Blobs, PAGE, &mut |page| {
             let candidates = unmarked(page, |dk| m.live.contains(&m.fp.of(dk)));
             for batch in candidates.chunks(SWEEP_BATCH) {
@@ -786,6 +835,7 @@ impl Store {
                             None => {
                                 let (from, to) = extent_range(blob.extent);
                                 b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
+                                freed.push(blob.extent);
                             }
                         }
                         for ek in edge_keys {
@@ -842,6 +892,10 @@ impl Store {
         })?;
         report.marked = m.nodes.len() as i64;
         report.swept.sort();
+        if !dry_run && let Err(e) = self.kv.reclaim(Cf::Chunks, &reclaim_ranges(freed)) {
+            // The blobs are gone either way; their files go with a later compaction.
+            tracing::warn!(error = %e, "could not reclaim the disk space of swept blobs now");
+        }
         Ok(report)
     }
 
@@ -889,12 +943,12 @@ impl Store {
                 && now - rec.updated_ns > self.ingest_expiry_ns
                 && !leased.contains(k)
             {
-                stale.push((k.to_vec(), rec.extent, rec.shared.is_empty()));
+                stale.push((k.to_vec(), rec.extent, rec.shared.is_empty(), rec.offset));
             }
             true
         })?;
         let mut n = 0;
-        for (key, extent, owns_extent) in stale {
+        for (key, extent, owns_extent, bytes) in stale {
             // A live writer holds the slot: leave it. The slots map lock keeps a new writer
             // from opening the ingest while it is dropped.
             let mut slots = self.slots.lock();
@@ -916,6 +970,9 @@ impl Store {
                 b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
             }
             self.kv.write(b, false)?;
+            if owns_extent {
+                self.freed_extent(extent, bytes);
+            }
             if let Some(mut g) = guard {
                 *g = None;
             }
@@ -931,5 +988,32 @@ impl Store {
             self.gc_last.lock().clone(),
             self.gc_runs.load(Ordering::Relaxed),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reclaim_ranges_merge_neighbours_and_stay_few() {
+        assert!(reclaim_ranges(vec![]).is_empty());
+        let r = reclaim_ranges(vec![7, 5, 6, 9, 7]);
+        assert_eq!(
+            r,
+            vec![
+                (extent_range(5).0.to_vec(), extent_range(7).1.to_vec()),
+                (extent_range(9).0.to_vec(), extent_range(9).1.to_vec()),
+            ]
+        );
+        // Too many runs: one range over all of them.
+        let spread: Vec<u64> = (0..RECLAIM_RANGES_MAX as u64 + 1).map(|i| i * 10).collect();
+        let last = *spread.last().unwrap();
+        assert_eq!(
+            reclaim_ranges(spread),
+            vec![(extent_range(0).0.to_vec(), extent_range(last).1.to_vec())]
+        );
+        // The largest id has a range end too.
+        assert_eq!(reclaim_ranges(vec![u64::MAX]).len(), 1);
     }
 }

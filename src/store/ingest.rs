@@ -97,6 +97,9 @@ impl Store {
             let (from, to) = extent_range(rec.extent);
             b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
             store.kv.write(b, true)?;
+            if rec.shared.is_empty() {
+                store.freed_extent(rec.extent, rec.offset);
+            }
             *guard = None;
             store.release_slot(&key);
             Ok(true)
@@ -837,11 +840,19 @@ impl Writer {
         self.chunks = Batch::new();
         self.chunk_bytes = 0;
         b.delete(Cf::Ingests, self.key.clone());
-        if st.rec.shared.is_empty() {
-            let (from, to) = extent_range(st.rec.extent);
+        let owned = st
+            .rec
+            .shared
+            .is_empty()
+            .then_some((st.rec.extent, st.rec.offset));
+        if let Some((extent, _)) = owned {
+            let (from, to) = extent_range(extent);
             b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
         }
         self.store.kv.write(b, true)?;
+        if let Some((extent, bytes)) = owned {
+            self.store.freed_extent(extent, bytes);
+        }
         *self.guard = None;
         self.store.release_slot(&self.key);
         self.end_live(Err(Error::aborted("the upload of this blob was aborted")));

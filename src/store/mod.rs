@@ -274,6 +274,9 @@ pub struct Store {
     /// Set while an eviction runs (under `gc_running`): the grace period does not apply.
     evicting: std::sync::atomic::AtomicBool,
     gc_last: Mutex<Option<GcReport>>,
+    /// Extents of discarded ingests whose disk space the next collection gives back (see
+    /// `Kv::reclaim`); at most FREED_MAX, the rest go with RocksDB's own compactions.
+    freed: Mutex<Vec<u64>>,
     gc_runs: std::sync::atomic::AtomicU64,
     deletions: std::sync::atomic::AtomicU64,
     mutations: std::sync::atomic::AtomicU64,
@@ -374,6 +377,7 @@ impl Store {
             gc_running: Mutex::new(()),
             evicting: Default::default(),
             gc_last: Mutex::new(None),
+            freed: Mutex::new(Vec::new()),
             gc_runs: Default::default(),
             deletions: Default::default(),
             mutations: Default::default(),

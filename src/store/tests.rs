@@ -597,3 +597,64 @@ async fn unleased_ingests_expire_and_leased_ones_stay() {
     live.write(4, b"!").unwrap();
     live.commit(0, None, None).unwrap();
 }
+
+#[cfg(feature = "rocksdb")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_gives_the_disk_space_of_swept_blobs_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = Arc::new(RocksKv::open(dir.path(), &Tuning::default()).unwrap());
+    let store = Store::open_with(
+        kv.clone(),
+        StoreConfig {
+            gc_grace: std::time::Duration::ZERO,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let a = ns("a");
+    let blob = |seed: u32| -> Vec<u8> {
+        (0..24u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
+            .collect()
+    };
+    let (gone, kept) = (blob(1), blob(2));
+    put(&store, &a, "gone", &gone).await.unwrap();
+    put(&store, &a, "kept", &kept).await.unwrap();
+    let root = HashMap::from([("containerd.io/gc.root".to_string(), "now".to_string())]);
+    store.update(&a, &sha(&kept), root, &[]).unwrap();
+    assert!(store.delete(&a, &sha(&gone)).unwrap());
+    // Both blobs in blob files (a commit may leave some of its bytes in the memtable).
+    kv.flush(Cf::Chunks).unwrap();
+    let before = kv.disk_usage();
+    assert!(before >= 48 << 20, "{before} bytes on disk");
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let r = store.collect(false).unwrap();
+    assert_eq!(r.blobs_swept, 1, "{r:?}");
+    // No later write is needed for the swept blob's files to go.
+    let after = kv.disk_usage();
+    assert!(
+        after + (20 << 20) <= before,
+        "{before} bytes on disk before the collection, {after} after"
+    );
+    assert_eq!(read_all(&store, &a, &sha(&kept)), kept);
+    store.verify(&sha(&kept)).unwrap();
+
+    // An aborted upload's bytes go with the next collection too.
+    let mut w = store
+        .open_writer(a.clone(), "aborted", 0, None, None)
+        .await
+        .unwrap();
+    w.write(0, &gone).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    kv.flush(Cf::Chunks).unwrap();
+    let before = kv.disk_usage();
+    assert!(store.abort(&a, "aborted").await.unwrap());
+    store.collect(false).unwrap();
+    let after = kv.disk_usage();
+    assert!(
+        after + (20 << 20) <= before,
+        "{before} bytes on disk before the abort and collection, {after} after"
+    );
+    assert_eq!(read_all(&store, &a, &sha(&kept)), kept);
+}
