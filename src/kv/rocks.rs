@@ -27,6 +27,9 @@ use rocksdb::{
 use super::{Batch, Cf, Kv, Op, Visit};
 use crate::error::{Error, Result};
 
+/// Largest RocksDB info LOG file; with the four old ones kept, at most 40 MiB of it.
+const LOG_FILE_BYTES: usize = 8 << 20;
+
 // Column families are fixed at open, so the single-threaded-CF flavour (plain `&ColumnFamily`
 // handles, no per-call Arc) is enough; the DB itself is still shared across threads.
 type Db = rocksdb::DB;
@@ -163,6 +166,9 @@ impl RocksKv {
         db_opts.create_missing_column_families(true);
         db_opts.set_db_write_buffer_size(tuning.write_buffer_bytes);
         db_opts.set_max_background_jobs(2);
+        // RocksDB's info LOG rolls only at open unless capped, and one benchmark run wrote
+        // 8 MB of it: a daemon that runs for months would fill its disk with it.
+        db_opts.set_max_log_file_size(LOG_FILE_BYTES);
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(256 << 20);
         db_opts.set_bytes_per_sync(1 << 20);
@@ -543,6 +549,24 @@ fn wal_files(dir: &Path) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_info_log_is_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(RocksKv::open(dir.path(), &Tuning::default()).unwrap());
+        // RocksDB records the options it runs with; the cap must be among them.
+        let options = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .unwrap();
+        assert!(
+            options.contains(&format!("max_log_file_size={LOG_FILE_BYTES}")),
+            "no log cap in the OPTIONS file"
+        );
+        assert!(options.contains("keep_log_file_num=4"));
+    }
 
     #[test]
     fn reclaim_gives_deleted_blob_files_back_to_the_disk() {
