@@ -144,6 +144,10 @@ pub struct Config {
     pub scrub_interval_secs: u64,
     /// Read rate of the background scrub, MiB/s (it competes with clients for the disk).
     pub scrub_rate_mib_s: u64,
+    /// Free disk space (MiB) new bytes may not use, at most a quarter of the filesystem:
+    /// writes are refused (ResourceExhausted) before RocksDB meets a full disk, which would
+    /// stop it taking deletes too.
+    pub disk_reserve_mib: u64,
     /// When the filesystem holding `root` is fuller than this (percent), unreachable content
     /// is evicted at once, grace period or not (never reachable, leased or held content).
     /// 0 disables.
@@ -216,6 +220,7 @@ impl Default for Config {
             max_message_bytes: 16 << 20,
             max_concurrent_streams: 1024,
             max_manifest_bytes: 4 << 20,
+            disk_reserve_mib: crate::store::DISK_RESERVE_DEFAULT >> 20,
             eviction_high_watermark_percent: 90,
             eviction_check_secs: 30,
             quotas: Quotas::default(),
@@ -315,6 +320,11 @@ max_manifest_bytes = {mf}
 # content is evicted at once, grace period or not; checked every eviction_check_secs.
 eviction_high_watermark_percent = {ew}
 eviction_check_secs = {ec}
+# Free disk space (MiB, at most a quarter of the filesystem) that new bytes may not use: a
+# write that would is refused with ResourceExhausted. RocksDB stops taking any write, deletes
+# included, once it meets a full disk, until the daemon restarts; the reserve keeps room for
+# deletes, collections and the flush of bytes already written.
+disk_reserve_mib = {dr}
 
 # Background re-verification of every stored blob (0 disables), and its read rate.
 scrub_interval_secs = {si}
@@ -383,6 +393,7 @@ allowed_registries = []
         ie = c.ingest_expiry_secs,
         si = c.scrub_interval_secs,
         ew = c.eviction_high_watermark_percent,
+        dr = c.disk_reserve_mib,
         mm = c.max_message_bytes,
         ms = c.max_concurrent_streams,
         mf = c.max_manifest_bytes,

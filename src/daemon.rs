@@ -470,6 +470,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             quotas: config.quotas.namespaces.clone(),
             default_quota: config.quotas.default_bytes,
             max_document: config.max_manifest_bytes,
+            disk_reserve: config.disk_reserve_mib.saturating_mul(1 << 20),
         },
     )?;
     tracing::info!(root = %config.root.display(), workers = config.workers(), "store open");

@@ -104,6 +104,7 @@ pub struct Metrics {
     pub scrub_bytes: CounterVec,
     /// (namespace)
     pub quota_rejections: CounterVec,
+    pub disk_reserve_rejections: CounterVec,
     /// (task: collector|evictor|scrubber): background loops restarted after a panic.
     pub task_restarts: CounterVec,
     /// (route, method, status, cache: hit|miss|stale|-): registry HTTP requests.
@@ -139,6 +140,7 @@ impl Metrics {
         let scrub_blobs = CounterVec::new(&["result"]);
         let scrub_bytes = CounterVec::new(&[]);
         let quota_rejections = CounterVec::new(&["namespace"]);
+        let disk_reserve_rejections = CounterVec::new(&[]);
         let task_restarts = CounterVec::new(&["task"]);
         let registry_requests = CounterVec::new(&["route", "method", "status", "cache"]);
         let registry_seconds = HistogramVec::new(&["route"]);
@@ -223,6 +225,11 @@ impl Metrics {
             quota_rejections.family.clone(),
         );
         r.register(
+            "contentd_disk_reserve_rejections",
+            "Writes refused because the disk was down to its reserve (disk_reserve_mib)",
+            disk_reserve_rejections.family.clone(),
+        );
+        r.register(
             "contentd_task_restarts",
             "Background loops (collector, evictor, scrubber) restarted after a panic",
             task_restarts.family.clone(),
@@ -253,6 +260,7 @@ impl Metrics {
             scrub_blobs,
             scrub_bytes,
             quota_rejections,
+            disk_reserve_rejections,
             task_restarts,
             gauges,
             registry,

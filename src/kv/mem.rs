@@ -29,6 +29,8 @@ type Maps = BTreeMap<Cf, Family>;
 pub struct MemKv {
     maps: RwLock<Maps>,
     power: Option<Mutex<PowerModel>>,
+    /// What [`Kv::disk_space`] reports (None: not on a disk), set by tests.
+    space: Mutex<Option<(u64, u64)>>,
 }
 
 /// What is on "disk" and what is still in flight (see the module doc).
@@ -121,9 +123,14 @@ impl MemKv {
     /// A MemKv that models power loss (see the module doc); [`MemKv::power_loss`] applies one.
     pub fn with_power_loss() -> MemKv {
         MemKv {
-            maps: RwLock::new(Maps::new()),
             power: Some(Mutex::new(PowerModel::default())),
+            ..Default::default()
         }
+    }
+
+    /// Makes the store look like it sits on a disk of `size` bytes with `free` left.
+    pub fn set_disk_space(&self, space: Option<(u64, u64)>) {
+        *self.space.lock() = space;
     }
 
     /// Simulates a power loss and the restart after it: what `loss` spares of the writes in
@@ -261,6 +268,10 @@ impl Kv for MemKv {
             p.settle();
         }
         Ok(())
+    }
+
+    fn disk_space(&self) -> Option<(u64, u64)> {
+        *self.space.lock()
     }
 
     /// Deleted keys hold no memory here once the batch that deleted them applied.

@@ -198,6 +198,11 @@ pub trait Kv: Send + Sync + 'static {
     /// Gives back now the disk space of keys deleted in the `[from, to)` ranges of `cf`,
     /// rather than whenever later writes get round to it. Reads are unchanged.
     fn reclaim(&self, cf: Cf, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<()>;
+    /// Bytes free for the store on the filesystem that holds it, and that filesystem's size
+    /// (None: not on a disk).
+    fn disk_space(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// Approximate bytes on disk, for reporting only.
     fn disk_usage(&self) -> u64 {
         0

@@ -742,6 +742,9 @@ impl Writer {
                 return Err(self.store.over_quota(&self.scope, limit, used, after));
             }
         }
+        if !data.is_empty() {
+            self.store.check_disk_reserve(data.len())?;
+        }
         if offset == 0 && current > 0 {
             self.truncate()?;
         }

@@ -73,6 +73,8 @@ use crate::kv::{Batch, Cf, Kv, prefix_end};
 /// offset reads little beyond what it returns (RocksDB has no partial-value get), large
 /// enough that per-key overhead stays negligible for layers.
 pub const CHUNK_SIZE: usize = 256 << 10;
+/// The default `disk_reserve_mib`, in bytes.
+pub const DISK_RESERVE_DEFAULT: u64 = 128 << 20;
 /// Requests carrying at least this much data write their chunks without the WAL (bytes hit
 /// the disk once); the commit then flushes the chunk memtable before its synced batch.
 /// Smaller writes stay in the WAL so small multi-message uploads commit without a flush.
@@ -290,6 +292,7 @@ pub struct Store {
     /// read it in O(1).
     usage: Mutex<HashMap<Scope, i64>>,
     max_document: usize,
+    disk_reserve: u64,
     /// Committed blobs and their bytes (counted at open, kept by commit and sweep).
     blob_count: std::sync::atomic::AtomicI64,
     blob_bytes: std::sync::atomic::AtomicI64,
@@ -321,6 +324,9 @@ pub struct StoreConfig {
     pub default_quota: u64,
     /// Largest document the descriptor-graph parser reads (larger ones are opaque).
     pub max_document: usize,
+    /// Free disk space new bytes may not use (capped at a quarter of the filesystem): see
+    /// `Writer::write_bytes`.
+    pub disk_reserve: u64,
 }
 
 impl Default for StoreConfig {
@@ -333,6 +339,7 @@ impl Default for StoreConfig {
             quotas: HashMap::new(),
             default_quota: 0,
             max_document: graph::MAX_DOCUMENT,
+            disk_reserve: DISK_RESERVE_DEFAULT,
         }
     }
 }
@@ -391,6 +398,7 @@ impl Store {
             default_quota: config.default_quota,
             usage: Mutex::new(HashMap::new()),
             max_document: config.max_document,
+            disk_reserve: config.disk_reserve,
             gc_grace_ns: config.gc_grace.as_nanos().min(i64::MAX as u128) as i64,
             ingest_expiry_ns: config.ingest_expiry.as_nanos().min(i64::MAX as u128) as i64,
             #[cfg(test)]
@@ -524,6 +532,26 @@ impl Store {
             bytes,
             kept: false,
         })
+    }
+
+    /// Refuses `more` new bytes when they would eat into the disk reserve. RocksDB stops
+    /// taking writes after it meets a full disk (until a restart), deletes and collections
+    /// included, so new bytes stop short of that while the space the reserve keeps lets
+    /// deletes, collections and the flush of what is already written go on.
+    pub(super) fn check_disk_reserve(&self, more: usize) -> Result<()> {
+        let Some((free, size)) = self.kv.disk_space() else {
+            return Ok(());
+        };
+        let reserve = self.disk_reserve.min(size / 4);
+        if free.saturating_sub(reserve) >= more as u64 {
+            return Ok(());
+        }
+        crate::metrics::get().disk_reserve_rejections.add(&[], 1);
+        Err(Error::exhausted(format!(
+            "the disk holding the store is full: {free} bytes free, {reserve} of them kept in \
+             reserve (disk_reserve_mib) so deletes and collections can still run; delete \
+             content or free disk space"
+        )))
     }
 
     fn over_quota(&self, scope: &Scope, limit: u64, used: i64, more: i64) -> Error {

@@ -658,3 +658,44 @@ async fn a_collection_gives_the_disk_space_of_swept_blobs_back() {
     );
     assert_eq!(read_all(&store, &a, &sha(&kept)), kept);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_bytes_stop_short_of_the_disk_reserve_and_deletes_go_on() {
+    let kv = Arc::new(MemKv::default());
+    let store = Store::open_with(
+        kv.clone(),
+        StoreConfig {
+            gc_grace: std::time::Duration::ZERO,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let a = ns("a");
+    let mib = 1u64 << 20;
+    put(&store, &a, "before", b"stored while there was room")
+        .await
+        .unwrap();
+    // A 10 GiB disk with the default reserve (128 MiB) and 10 bytes more free.
+    kv.set_disk_space(Some((128 * mib + 10, 10 << 30)));
+    let e = put(&store, &a, "big", &[1u8; 11]).await.unwrap_err();
+    assert!(e.is(Kind::ResourceExhausted), "{e}");
+    assert!(e.to_string().contains("disk_reserve_mib"), "{e}");
+    put(&store, &a, "fits", &[2u8; 10]).await.unwrap();
+    // Nothing of the refused write was stored, and deleting and collecting still work.
+    assert_eq!(store.status(&a, "big").unwrap().offset, 0);
+    assert!(
+        store
+            .delete(&a, &sha(b"stored while there was room"))
+            .unwrap()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert!(store.collect(false).unwrap().blobs_swept >= 1);
+    // On a small filesystem the reserve is a quarter of it: 25 MiB of 100.
+    kv.set_disk_space(Some((26 * mib, 100 * mib)));
+    put(&store, &a, "small-disk", &[3u8; 4096]).await.unwrap();
+    kv.set_disk_space(Some((24 * mib, 100 * mib)));
+    let e = put(&store, &a, "small-disk-full", &[4u8; 4096])
+        .await
+        .unwrap_err();
+    assert!(e.is(Kind::ResourceExhausted), "{e}");
+}
