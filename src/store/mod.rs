@@ -325,7 +325,7 @@ pub struct StoreConfig {
     /// Largest document the descriptor-graph parser reads (larger ones are opaque).
     pub max_document: usize,
     /// Free disk space new bytes may not use (capped at a quarter of the filesystem): see
-    /// `Writer::write_bytes`.
+    /// `Store::check_disk_reserve`.
     pub disk_reserve: u64,
 }
 
