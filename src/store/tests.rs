@@ -25,6 +25,18 @@ async fn put(store: &Arc<Store>, scope: &Scope, r: &str, data: &[u8]) -> Result<
     w.commit(data.len() as i64, Some(sha(data)), None)
 }
 
+/// A store over `kv` that collects unrooted content at once (no grace period).
+fn without_grace(kv: Arc<dyn crate::kv::Kv>) -> Arc<Store> {
+    Store::open_with(
+        kv,
+        StoreConfig {
+            gc_grace: std::time::Duration::ZERO,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// Opens an ingest, writes `data` and lets the writer go: an upload left unfinished.
 async fn leave_ingest(
     store: &Arc<Store>,
@@ -603,14 +615,7 @@ async fn unleased_ingests_expire_and_leased_ones_stay() {
 async fn a_collection_gives_the_disk_space_of_swept_blobs_back() {
     let dir = tempfile::tempdir().unwrap();
     let kv = Arc::new(RocksKv::open(dir.path(), &Tuning::default()).unwrap());
-    let store = Store::open_with(
-        kv.clone(),
-        StoreConfig {
-            gc_grace: std::time::Duration::ZERO,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let store = without_grace(kv.clone());
     let a = ns("a");
     let blob = |seed: u32| -> Vec<u8> {
         (0..24u32 << 20)
@@ -662,14 +667,7 @@ async fn a_collection_gives_the_disk_space_of_swept_blobs_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_bytes_stop_short_of_the_disk_reserve_and_deletes_go_on() {
     let kv = Arc::new(MemKv::default());
-    let store = Store::open_with(
-        kv.clone(),
-        StoreConfig {
-            gc_grace: std::time::Duration::ZERO,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let store = without_grace(kv.clone());
     let a = ns("a");
     let mib = 1u64 << 20;
     put(&store, &a, "before", b"stored while there was room")
