@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 
+use contentd::api::pb::containerd::services::content::v1 as cpb;
 use contentd::api::pb::containerd::services::images::v1 as ipb;
 use contentd::api::pb::containerd::types::Descriptor;
 use contentd::api::pb::contentd::v1 as gpb;
@@ -225,17 +226,32 @@ async fn collection_never_races_writers() {
             use contentd::api::pb::containerd::services::leases::v1 as lpb;
             let ns = format!("w{w}");
             let ch = connect_unix(&sock).await.unwrap();
-            let mut images = ipb::images_client::ImagesClient::with_interceptor(ch.clone(), Namespace::new(Some(&ns)).unwrap());
-            let mut leases = lpb::leases_client::LeasesClient::with_interceptor(ch.clone(), Namespace::new(Some(&ns)).unwrap());
+            let mut images = ipb::images_client::ImagesClient::with_interceptor(
+                ch.clone(),
+                Namespace::new(Some(&ns)).unwrap(),
+            );
+            let mut leases = lpb::leases_client::LeasesClient::with_interceptor(
+                ch.clone(),
+                Namespace::new(Some(&ns)).unwrap(),
+            );
             let mut round = 0usize;
             let mut live: Vec<(String, Value)> = Vec::new();
             while std::time::Instant::now() < deadline {
                 let fx = &fixtures[(w + round) % fixtures.len()];
                 let lease = format!("push-{w}-{round}");
-                leases.create(lpb::CreateRequest { id: lease.clone(), labels: Default::default() }).await.unwrap();
-                let mut c = contentd::api::pb::containerd::services::content::v1::content_client::ContentClient::with_interceptor(
+                leases
+                    .create(lpb::CreateRequest {
+                        id: lease.clone(),
+                        labels: Default::default(),
+                    })
+                    .await
+                    .unwrap();
+                let mut c = cpb::content_client::ContentClient::with_interceptor(
                     ch.clone(),
-                    Namespace::new(Some(&ns)).unwrap().with_lease(&lease).unwrap(),
+                    Namespace::new(Some(&ns))
+                        .unwrap()
+                        .with_lease(&lease)
+                        .unwrap(),
                 );
                 // Layers first, then configs and manifests (children before parents).
                 let mut order: Vec<(usize, String)> = Vec::new();
@@ -270,7 +286,13 @@ async fn collection_never_races_writers() {
                 .unwrap();
                 let name = format!("img-{w}-{round}");
                 images.create(image_of(&name, fx)).await.unwrap();
-                leases.delete(lpb::DeleteRequest { id: lease, sync: false }).await.unwrap();
+                leases
+                    .delete(lpb::DeleteRequest {
+                        id: lease,
+                        sync: false,
+                    })
+                    .await
+                    .unwrap();
                 live.push((name, fx.clone()));
                 if live.len() > 3 {
                     let (old, _) = live.remove(0);
@@ -452,9 +474,12 @@ async fn leases_hold_content_until_they_expire() {
 
 async fn pb_client(d: &Daemon, lease: &str) -> Client {
     let ch = connect_unix(&d.client_sock).await.unwrap();
-    contentd::api::pb::containerd::services::content::v1::content_client::ContentClient::with_interceptor(
+    cpb::content_client::ContentClient::with_interceptor(
         ch,
-        Namespace::new(Some("lz")).unwrap().with_lease(lease).unwrap(),
+        Namespace::new(Some("lz"))
+            .unwrap()
+            .with_lease(lease)
+            .unwrap(),
     )
 }
 
@@ -503,4 +528,55 @@ async fn mutation_count_triggers_a_collection() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// Bytes of the files in a daemon's data directory.
+fn bytes_on_disk(d: &Daemon) -> u64 {
+    std::fs::read_dir(d.dir.join("root"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_and_collecting_frees_the_disk_at_once() {
+    let d = Daemon::start_with(&["--gc-grace-secs", "0", "--gc-interval-secs", "0"]);
+    let mut c = d.client(Some("disk")).await;
+    let (gone, kept) = (pattern(64 << 20, 1), pattern(8 << 20, 2));
+    let (gone_d, kept_d) = (sha(&gone).to_string(), sha(&kept).to_string());
+    put_blob(&mut c, &gone_d, &gone).await;
+    put_blob(&mut c, &kept_d, &kept).await;
+    let root = std::collections::HashMap::from([(
+        "containerd.io/gc.root".to_string(),
+        "2026-01-01T00:00:00Z".to_string(),
+    )]);
+    c.update(cpb::UpdateRequest {
+        info: Some(cpb::Info {
+            digest: kept_d.clone(),
+            labels: root,
+            ..Default::default()
+        }),
+        update_mask: None,
+    })
+    .await
+    .unwrap();
+    let before = bytes_on_disk(&d);
+    assert!(before >= 72 << 20, "{before} bytes on disk");
+    c.delete(cpb::DeleteContentRequest {
+        digest: gone_d.clone(),
+    })
+    .await
+    .unwrap();
+    let report = gc(&d.client_sock, false).await;
+    assert_eq!(report.blobs_swept, 1);
+    // No later write is needed: the swept blob's files are gone when the collection ends.
+    let after = bytes_on_disk(&d);
+    assert!(
+        after + (56 << 20) <= before,
+        "{before} bytes on disk before the collection, {after} after"
+    );
+    let (got, _) = read(&mut c, &kept_d, 0, 0).await.unwrap();
+    assert!(got == kept, "the kept blob reads back whole");
 }
