@@ -285,16 +285,9 @@ async fn collector(store: Arc<Store>, config: Config, stop: CancellationToken) {
 
 /// Percent of the filesystem holding `path` in use.
 fn disk_used_percent(path: &Path) -> Option<f64> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statvfs fills the zeroed struct we own from a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
-        return None;
-    }
     // As df reports it: used / (used + available to unprivileged users).
-    let used = st.f_blocks.saturating_sub(st.f_bfree) as f64;
-    let avail = st.f_bavail as f64;
-    Some(100.0 * used / (used + avail).max(1.0))
+    let fs = crate::kv::FsSpace::of(path)?;
+    Some(100.0 * fs.used as f64 / (fs.used as f64 + fs.avail as f64).max(1.0))
 }
 
 /// Evicts whenever the disk is past its high watermark: unreachable content first, then, if

@@ -210,6 +210,31 @@ pub trait Kv: Send + Sync + 'static {
 }
 
 /// The smallest key greater than every key starting with `prefix` (empty if none exists).
+/// Space on the filesystem holding `path`, as df reports it: bytes an unprivileged writer may
+/// still use, bytes in use, and the filesystem's size.
+pub struct FsSpace {
+    pub avail: u64,
+    pub used: u64,
+    pub size: u64,
+}
+
+impl FsSpace {
+    pub fn of(path: &std::path::Path) -> Option<FsSpace> {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: statvfs fills the zeroed struct we own from a valid C string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
+            return None;
+        }
+        let frsize = st.f_frsize as u64;
+        Some(FsSpace {
+            avail: (st.f_bavail as u64).saturating_mul(frsize),
+            used: (st.f_blocks.saturating_sub(st.f_bfree) as u64).saturating_mul(frsize),
+            size: (st.f_blocks as u64).saturating_mul(frsize),
+        })
+    }
+}
+
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {

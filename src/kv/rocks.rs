@@ -514,27 +514,15 @@ impl Kv for RocksKv {
     }
 
     fn disk_space(&self) -> Option<(u64, u64)> {
-        let c = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()).ok()?;
-        // SAFETY: statvfs fills the zeroed struct we own from a valid C string.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            return None;
-        }
-        // What an unprivileged writer may still use, as df reports it, less what the
-        // memtables hold: those bytes are written out when they flush.
-        let frsize = st.f_frsize as u64;
+        let fs = super::FsSpace::of(&self.dir)?;
+        // Less what the memtables hold: those bytes are written out when they flush.
         let unflushed = self
             .db
             .property_int_value_cf(self.cf(Cf::Chunks), "rocksdb.size-all-mem-tables")
             .ok()
             .flatten()
             .unwrap_or(0);
-        Some((
-            (st.f_bavail as u64)
-                .saturating_mul(frsize)
-                .saturating_sub(unflushed),
-            (st.f_blocks as u64).saturating_mul(frsize),
-        ))
+        Some((fs.avail.saturating_sub(unflushed), fs.size))
     }
 
     fn disk_usage(&self) -> u64 {
