@@ -123,12 +123,10 @@ macro_rules! router {
             .add_service($health)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(
-                ContentService::new($store.clone(), $reads.clone(), mode.clone())
-                    .into_server()
-                    .max_decoding_message_size($limits.0)
-                    .max_encoding_message_size($limits.0),
-            )
+            .add_service(crate::api::read_frames::ContentRoutes::new(
+                ContentService::new($store.clone(), $reads.clone(), mode.clone()),
+                $limits.0,
+            ))
             .add_service(RegistryService::new($puller.clone(), mode.clone()).into_server())
             .add_service(
                 crate::api::scrub::ScrubService::new($store.clone(), $puller.clone(), mode.clone())

@@ -34,10 +34,6 @@ impl ContentService {
     pub fn new(store: Arc<Store>, reads: Arc<Reads>, mode: Mode) -> Self {
         ContentService { store, reads, mode }
     }
-
-    pub fn into_server(self) -> pb::content_server::ContentServer<Self> {
-        pb::content_server::ContentServer::new(self)
-    }
 }
 
 fn parse_digest(s: &str) -> Result<Digest, Status> {

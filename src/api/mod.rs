@@ -12,6 +12,7 @@ pub mod graph;
 pub mod images;
 pub mod leases;
 pub mod observe;
+pub mod read_frames;
 pub mod registry;
 pub mod scrub;
 

@@ -328,6 +328,16 @@ async fn error_code_table() {
     };
     assert_eq!(code(c.update(upd).await), Code::InvalidArgument);
 
+    // A Read request far larger than any real one is refused before it is decoded; one sent
+    // compressed is refused as the service accepts no compression.
+    let (code_, m) = msg(read(&mut c, &"a".repeat(20 << 10), 0, 0).await);
+    assert_eq!(code_, Code::ResourceExhausted);
+    assert!(m.contains("Read request larger than"), "{m}");
+    let mut gz = c
+        .clone()
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    assert_eq!(code_of_read(&mut gz, &kd).await, Code::Unimplemented);
+
     // Nothing stored was harmed by any of it.
     let (got, _) = read(&mut c, &kd, 0, 0).await.unwrap();
     assert_eq!(got, keep);
