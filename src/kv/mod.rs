@@ -209,7 +209,6 @@ pub trait Kv: Send + Sync + 'static {
     }
 }
 
-/// The smallest key greater than every key starting with `prefix` (empty if none exists).
 /// Space on the filesystem holding `path`, as df reports it: bytes an unprivileged writer may
 /// still use, bytes in use, and the filesystem's size.
 pub struct FsSpace {
@@ -235,6 +234,7 @@ impl FsSpace {
     }
 }
 
+/// The smallest key greater than every key starting with `prefix` (empty if none exists).
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
