@@ -137,13 +137,30 @@ const RECLAIM_RANGES_MAX: usize = 16;
 const FREED_MAX: usize = 4096;
 
 impl Store {
-    /// Notes that `extent`'s chunks were deleted outside a collection (a discarded ingest of
-    /// `bytes`), so the next collection gives their disk space back with its own.
-    pub(super) fn freed_extent(&self, extent: u64, bytes: i64) {
-        let mut f = self.freed.lock();
-        if bytes > POINT_DELETE_MAX && f.len() < FREED_MAX {
-            f.push(extent);
+    /// Deletes an ingest's record and, unless it only shadows a stored blob (a shared
+    /// ingest's extent holds no bytes), its bytes, in one write on top of `b`. The next
+    /// collection gives the disk space of those bytes back with its own.
+    pub(super) fn drop_ingest(
+        &self,
+        mut b: Batch,
+        key: &[u8],
+        rec: &IngestRecord,
+        sync: bool,
+    ) -> Result<()> {
+        b.delete(Cf::Ingests, key.to_vec());
+        let owned = rec.shared.is_empty();
+        if owned {
+            let (from, to) = extent_range(rec.extent);
+            b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
         }
+        self.kv.write(b, sync)?;
+        if owned && rec.offset > POINT_DELETE_MAX {
+            let mut f = self.freed.lock();
+            if f.len() < FREED_MAX {
+                f.push(rec.extent);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -943,12 +960,12 @@ impl Store {
                 && now - rec.updated_ns > self.ingest_expiry_ns
                 && !leased.contains(k)
             {
-                stale.push((k.to_vec(), rec.extent, rec.shared.is_empty(), rec.offset));
+                stale.push((k.to_vec(), rec));
             }
             true
         })?;
         let mut n = 0;
-        for (key, extent, owns_extent, bytes) in stale {
+        for (key, rec) in stale {
             // A live writer holds the slot: leave it. The slots map lock keeps a new writer
             // from opening the ingest while it is dropped.
             let mut slots = self.slots.lock();
@@ -963,16 +980,7 @@ impl Store {
             if dry_run {
                 continue;
             }
-            let mut b = Batch::new();
-            b.delete(Cf::Ingests, key.clone());
-            if owns_extent {
-                let (from, to) = extent_range(extent);
-                b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
-            }
-            self.kv.write(b, false)?;
-            if owns_extent {
-                self.freed_extent(extent, bytes);
-            }
+            self.drop_ingest(Batch::new(), &key, &rec, false)?;
             if let Some(mut g) = guard {
                 *g = None;
             }

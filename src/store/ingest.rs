@@ -92,14 +92,7 @@ impl Store {
                 None => store.ingest_record(&scope, &r)?,
             };
             let Some(rec) = rec else { return Ok(false) };
-            let mut b = Batch::new();
-            b.delete(Cf::Ingests, key.clone());
-            let (from, to) = extent_range(rec.extent);
-            b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
-            store.kv.write(b, true)?;
-            if rec.shared.is_empty() {
-                store.freed_extent(rec.extent, rec.offset);
-            }
+            store.drop_ingest(Batch::new(), &key, &rec, true)?;
             *guard = None;
             store.release_slot(&key);
             Ok(true)
@@ -839,23 +832,10 @@ impl Writer {
         let Some(st) = self.guard.as_ref() else {
             return Ok(());
         };
-        let mut b = std::mem::take(&mut self.pending);
+        let b = std::mem::take(&mut self.pending);
         self.chunks = Batch::new();
         self.chunk_bytes = 0;
-        b.delete(Cf::Ingests, self.key.clone());
-        let owned = st
-            .rec
-            .shared
-            .is_empty()
-            .then_some((st.rec.extent, st.rec.offset));
-        if let Some((extent, _)) = owned {
-            let (from, to) = extent_range(extent);
-            b.delete_range(Cf::Chunks, from.to_vec(), to.to_vec());
-        }
-        self.store.kv.write(b, true)?;
-        if let Some((extent, bytes)) = owned {
-            self.store.freed_extent(extent, bytes);
-        }
+        self.store.drop_ingest(b, &self.key, &st.rec, true)?;
         *self.guard = None;
         self.store.release_slot(&self.key);
         self.end_live(Err(Error::aborted("the upload of this blob was aborted")));
