@@ -108,8 +108,11 @@ pub struct Puller {
 const PULL_LEASE_SECS: i64 = 3600;
 /// Upstream body pieces are gathered up to this size before each store write.
 const GATHER: usize = 1 << 20;
-/// Body frames (hyper's, at most tens of KiB each) read ahead of the store writes.
-const PIPELINE: usize = 64;
+/// Bytes read off the network ahead of the store writes: a few gathers, so the network never
+/// waits on a write in progress. Bounded in bytes, not frames: hyper's frames of a loopback
+/// registry's body average 340 KiB (measured), so the 64 frames this once allowed came to
+/// about 21 MiB per fetch.
+const AHEAD: usize = 4 << 20;
 
 impl Event {
     fn blob(state: BlobState, digest: Digest, media_type: impl Into<String>, size: i64) -> Event {
@@ -714,17 +717,22 @@ impl Puller {
         let generation = tee.as_ref().map(|t| t.start(offset));
         let tee_net = tee.clone().zip(generation);
         // The network is read by its own task, so bytes keep arriving while a store write
-        // runs (the fetch takes the longer of the two, not their sum); the channel bounds
-        // what waits to PIPELINE body frames.
-        let (tx, rx) = mpsc::channel(PIPELINE);
+        // runs (the fetch takes the longer of the two, not their sum), at most AHEAD bytes
+        // ahead of what the store loop has landed (`ReadAhead`).
+        let ahead = Arc::new(ReadAhead::new(AHEAD));
+        let (tx, rx) = mpsc::unbounded_channel::<Result<Bytes>>();
         let mut stream = body.stream;
+        let ahead_net = ahead.clone();
         let net = tokio::spawn(async move {
             while let Some(item) = stream.next().await {
                 let fail = item.is_err();
-                if let (Some((t, g)), Ok(b)) = (&tee_net, &item) {
-                    t.push(*g, b.clone());
+                if let Ok(b) = &item {
+                    ahead_net.take(b.len()).await;
+                    if let Some((t, g)) = &tee_net {
+                        t.push(*g, b.clone());
+                    }
                 }
-                if tx.send(item).await.is_err() || fail {
+                if tx.send(item).is_err() || fail {
                     return;
                 }
             }
@@ -737,7 +745,7 @@ impl Puller {
         // landed, so holding bytes back from the store delays no one; readers of an eager
         // pull (no tee) follow the ingest a write behind. What is gathered when the body
         // fails is still written, for a retry to resume after (the commit verifies it all).
-        let mut frames = tokio_stream::wrappers::ReceiverStream::new(rx).ready_chunks(64);
+        let mut frames = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).ready_chunks(64);
         let mut gather = Gather::new(offset.max(0) as u64, GATHER);
         let mut pos = offset;
         let mut reported = pos;
@@ -752,7 +760,9 @@ impl Puller {
                     }
                 };
                 if let Some(p) = piece {
+                    let before = pos;
                     pos = land(w, tee.as_ref(), p).await?;
+                    ahead.landed(usize::try_from(pos - before).unwrap_or(0));
                 }
                 if failed.is_some() {
                     break;
@@ -855,6 +865,48 @@ impl Puller {
     }
 }
 
+/// How many bytes a fetch's network task may hold beyond what its store loop has landed.
+///
+/// Deadlock-free with a gathering store loop: what is taken and not given back sits in the
+/// channel between them or in the loop's gather (under one GATHER), and no frame takes more
+/// than the limit less two GATHERs, so a loop waiting for frames always leaves room for the
+/// next one. A frame larger than that takes only the cap; what the loop gives back is capped
+/// by what is out, so the allowance never grows past its limit.
+struct ReadAhead {
+    room: tokio::sync::Semaphore,
+    limit: usize,
+}
+
+impl ReadAhead {
+    fn new(limit: usize) -> ReadAhead {
+        assert!(limit > 2 * GATHER, "read-ahead must exceed two gathers");
+        ReadAhead {
+            room: tokio::sync::Semaphore::new(limit),
+            limit,
+        }
+    }
+
+    /// Waits until a frame of `len` bytes fits.
+    async fn take(&self, len: usize) {
+        let n = len.min(self.limit - 2 * GATHER);
+        // The semaphore is never closed, so this only waits.
+        if let Ok(p) = self.room.acquire_many(n as u32).await {
+            p.forget();
+        }
+    }
+
+    /// The store loop landed `n` more bytes.
+    fn landed(&self, n: usize) {
+        let out = self.limit - self.room.available_permits();
+        self.room.add_permits(n.min(out));
+    }
+
+    #[cfg(test)]
+    fn out(&self) -> usize {
+        self.limit - self.room.available_permits()
+    }
+}
+
 /// Stores a fetch's next bytes and tells its tee they have landed. Returns the new offset.
 async fn land(w: &mut AsyncWriter, tee: Option<&Arc<Tee>>, bytes: Bytes) -> Result<i64> {
     let pos = w.append(bytes).await?;
@@ -884,6 +936,40 @@ pub use crate::dates::rfc3339;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn read_ahead_bounds_bytes_not_frames() {
+        let a = Arc::new(ReadAhead::new(AHEAD));
+        // Frames up to the limit go at once; the next waits for the store.
+        for _ in 0..4 {
+            a.take(1 << 20).await;
+        }
+        assert_eq!(a.out(), AHEAD);
+        let a2 = a.clone();
+        let next = tokio::spawn(async move { a2.take(300 << 10).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!next.is_finished(), "a frame past the limit must wait");
+        a.landed(1 << 20);
+        next.await.unwrap();
+        assert_eq!(a.out(), AHEAD - (1 << 20) + (300 << 10));
+        // Giving back more than is out never grows the allowance.
+        a.landed(usize::MAX);
+        assert_eq!(a.out(), 0);
+    }
+
+    #[tokio::test]
+    async fn read_ahead_never_stalls_a_store_loop_waiting_for_frames() {
+        // The loop holds just under a gather it cannot land yet; whatever the frame's size
+        // (even one larger than the whole allowance), it must be let through.
+        for frame in [1usize, 340 << 10, AHEAD - 2 * GATHER, AHEAD, 64 << 20] {
+            let a = ReadAhead::new(AHEAD);
+            a.take(GATHER - 1).await;
+            tokio::time::timeout(Duration::from_secs(1), a.take(frame))
+                .await
+                .unwrap_or_else(|_| panic!("a {frame}-byte frame stalled the fetch"));
+            assert!(a.out() <= AHEAD);
+        }
+    }
 
     #[test]
     fn platforms() {

@@ -5,8 +5,8 @@
 //!
 //! Invariant (kept by [`Tee::landed`]): the window's first byte is never past what the store
 //! has landed for the fetch, so a reader is always served either from the window or, behind
-//! it, from stored bytes. Memory: the frames not yet stored (bounded by the fetch's pipeline)
-//! plus at most [`KEEP`] bytes already stored, for readers just behind.
+//! it, from stored bytes. Memory: the frames not yet stored (bounded by the fetch's read-ahead,
+//! `AHEAD` in `pull`) plus at most [`KEEP`] bytes already stored, for readers just behind.
 //!
 //! Each body attempt has a generation ([`Tee::start`]): a frame from an attempt that has
 //! since been replaced is ignored, so a network task that outlives its attempt can never put
