@@ -17,6 +17,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
 
 use rocksdb::{
     BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor,
@@ -74,9 +78,19 @@ impl Default for Tuning {
 
 pub struct RocksKv {
     // Shared so a value handed out without a copy (`get_bytes`) can keep the DB open.
-    db: Arc<Db>,
+    // Replaced at most once: when a store opened read-only reopens for writing.
+    db: RwLock<Arc<Db>>,
     dir: PathBuf,
+    tuning: Tuning,
+    /// Open read-only because the disk was full at start (see [`RocksKv::open`]).
+    read_only: AtomicBool,
+    /// When the last reopen for writing was tried; held while one runs.
+    reopen: Mutex<Option<Instant>>,
 }
+
+/// How often a store open read-only tries to reopen for writing, at most. A try replays the
+/// WAL, so it is not free.
+const REOPEN_EVERY: Duration = Duration::from_secs(5);
 
 /// Live WAL files beyond which every family with unflushed records is flushed.
 ///
@@ -130,30 +144,36 @@ fn is_no_space(text: &str) -> bool {
     text.contains("No space left on device") || text.contains("NoSpace")
 }
 
-impl RocksKv {
-    fn batch(&self, batch: &Batch) -> WriteBatch {
-        // Sized up front: a batch of bulk chunks would otherwise be copied again each time
-        // RocksDB's buffer grows. (A record's header is a few bytes beyond key and value.)
-        let bytes: usize = batch
-            .ops
-            .iter()
-            .map(|op| match op {
-                Op::Put(_, k, v) => k.len() + v.len() + 16,
-                Op::DeleteRange(_, from, to) => from.len() + to.len() + 16,
-                Op::Delete(_, k) => k.len() + 16,
-            })
-            .sum();
-        let mut wb = WriteBatch::with_capacity_bytes(bytes + 12);
-        for op in &batch.ops {
-            match op {
-                Op::Put(cf, k, v) => wb.put_cf(self.cf(*cf), k, v),
-                Op::Delete(cf, k) => wb.delete_cf(self.cf(*cf), k),
-                Op::DeleteRange(cf, from, to) => wb.delete_range_cf(self.cf(*cf), from, to),
-            }
+fn batch_of(db: &Db, batch: &Batch) -> WriteBatch {
+    // Sized up front: a batch of bulk chunks would otherwise be copied again each time
+    // RocksDB's buffer grows. (A record's header is a few bytes beyond key and value.)
+    let bytes: usize = batch
+        .ops
+        .iter()
+        .map(|op| match op {
+            Op::Put(_, k, v) => k.len() + v.len() + 16,
+            Op::DeleteRange(_, from, to) => from.len() + to.len() + 16,
+            Op::Delete(_, k) => k.len() + 16,
+        })
+        .sum();
+    let mut wb = WriteBatch::with_capacity_bytes(bytes + 12);
+    for op in &batch.ops {
+        match op {
+            Op::Put(cf, k, v) => wb.put_cf(handle(db, *cf), k, v),
+            Op::Delete(cf, k) => wb.delete_cf(handle(db, *cf), k),
+            Op::DeleteRange(cf, from, to) => wb.delete_range_cf(handle(db, *cf), from, to),
         }
-        wb
     }
+    wb
+}
 
+impl RocksKv {
+    /// Opens (or creates) the store at `path`.
+    ///
+    /// A full disk does not keep the daemon down: opening for writing replays the WAL into
+    /// new table files, which a full disk refuses, so the store then opens read-only (the
+    /// WAL replayed in memory, nothing written). Reads are served; writes are refused with
+    /// ResourceExhausted until one finds room to reopen for writing ([`RocksKv::writable`]).
     pub fn open(path: &Path, tuning: &Tuning) -> Result<RocksKv> {
         std::fs::create_dir_all(path).map_err(|e| {
             Error::internal(format!(
@@ -161,81 +181,152 @@ impl RocksKv {
                 path.display()
             ))
         })?;
-        let mut db_opts = Options::default();
-        db_opts.create_if_missing(true);
-        db_opts.create_missing_column_families(true);
-        db_opts.set_db_write_buffer_size(tuning.write_buffer_bytes);
-        db_opts.set_max_background_jobs(2);
-        // RocksDB's info LOG rolls only at open unless capped, and one benchmark run wrote
-        // 8 MB of it: a daemon that runs for months would fill its disk with it.
-        db_opts.set_max_log_file_size(LOG_FILE_BYTES);
-        db_opts.set_keep_log_file_num(4);
-        db_opts.set_max_total_wal_size(256 << 20);
-        db_opts.set_bytes_per_sync(1 << 20);
-        let cache = Cache::new_lru_cache(tuning.block_cache_bytes);
-
-        let meta_opts = || {
-            let mut o = Options::default();
-            let mut t = BlockBasedOptions::default();
-            t.set_block_cache(&cache);
-            t.set_bloom_filter(10.0, false);
-            o.set_block_based_table_factory(&t);
-            o.set_compression_type(DBCompressionType::Lz4);
-            o.set_write_buffer_size(tuning.cf_write_buffer_bytes);
-            o
-        };
-        let descriptors = Cf::ALL.iter().map(|cf| {
-            let mut o = meta_opts();
-            if *cf == Cf::Chunks {
-                o.set_compression_type(DBCompressionType::None);
-                o.set_write_buffer_size(tuning.cf_write_buffer_bytes);
-                o.set_max_write_buffer_number(4);
-                o.set_enable_blob_files(true);
-                o.set_min_blob_size(tuning.min_blob_size);
-                o.set_blob_file_size(256 << 20);
-                o.set_blob_compression_type(DBCompressionType::None);
-                o.set_enable_blob_gc(true);
-                o.set_blob_gc_age_cutoff(0.25);
-                o.set_blob_gc_force_threshold(0.5);
-                // No readahead for blob GC: a compaction keeps one prefetch buffer per blob
-                // file it relocates from, so with readahead its memory grew with the number
-                // of blob files (heaptrack: 263 MiB held by one compaction's buffers, the
-                // daemon at 290 MiB RSS). Values here are 32 KiB to 1 MiB, read whole by one
-                // pread each, which is what readahead would have bought.
-                o.set_blob_compaction_readahead_size(0);
-            }
-            let name = if *cf == Cf::Meta {
-                rocksdb::DEFAULT_COLUMN_FAMILY_NAME
-            } else {
-                cf.name()
-            };
-            ColumnFamilyDescriptor::new(name, o)
-        });
-        let db = Db::open_cf_descriptors(&db_opts, path, descriptors).map_err(|e| {
-            if e.kind() == rocksdb::ErrorKind::Corruption {
-                // Damaged metadata (an SST, the MANIFEST, the WAL): say what to do, not only
-                // what RocksDB found.
-                Error::data_loss(format!(
-                    "the data directory {dir} is damaged and cannot be opened ({e}). Stop \
-                     anything using it, copy it aside as a backup, then run `contentd repair \
-                     --root {dir}`: it salvages what can be read, re-verifies every blob it \
-                     keeps and reports what was lost",
-                    dir = path.display()
-                ))
-            } else {
-                let e = io(e);
-                Error::new(
-                    e.kind(),
-                    format!("cannot open RocksDB at {}: {e}", path.display()),
+        let (db, read_only) = match open_db(path, tuning, false) {
+            Ok(db) => (db, false),
+            Err(e) if e.kind() == rocksdb::ErrorKind::IOError && is_no_space(e.as_ref()) => {
+                tracing::warn!(
+                    dir = %path.display(),
+                    error = %e,
+                    "the disk is full: the store is open read-only until there is room to write"
+                );
+                (
+                    open_db(path, tuning, true).map_err(|e| open_error(path, e))?,
+                    true,
                 )
             }
-        })?;
+            Err(e) => return Err(open_error(path, e)),
+        };
         Ok(RocksKv {
-            db: Arc::new(db),
+            db: RwLock::new(Arc::new(db)),
             dir: path.to_path_buf(),
+            tuning: tuning.clone(),
+            read_only: AtomicBool::new(read_only),
+            reopen: Mutex::new(None),
         })
     }
 
+    fn db(&self) -> Arc<Db> {
+        self.db.read().clone()
+    }
+
+    /// The database, open for writing: a store open read-only tries to reopen (at most
+    /// every REOPEN_EVERY), and refuses while the disk is still too full.
+    fn writable(&self) -> Result<Arc<Db>> {
+        if !self.read_only.load(Ordering::Acquire) {
+            return Ok(self.db());
+        }
+        let mut last = self.reopen.lock();
+        if !self.read_only.load(Ordering::Acquire) {
+            return Ok(self.db());
+        }
+        let refuse = |why: &str| {
+            Error::exhausted(format!(
+                "the store is open read-only: its disk ({}) was full when the daemon started \
+                 ({why}); writes resume by themselves once there is room",
+                self.dir.display()
+            ))
+        };
+        if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+            return Err(refuse("still full at the last try"));
+        }
+        *last = Some(Instant::now());
+        // A read-only instance takes no lock on the directory, so this one can open beside
+        // it; readers still holding the old instance finish on it.
+        match open_db(&self.dir, &self.tuning, false) {
+            Ok(db) => {
+                *self.db.write() = Arc::new(db);
+                self.read_only.store(false, Ordering::Release);
+                tracing::warn!(dir = %self.dir.display(), "the store has room again: open for writing");
+                Ok(self.db())
+            }
+            Err(e) => Err(refuse(e.as_ref())),
+        }
+    }
+}
+
+fn open_error(path: &Path, e: rocksdb::Error) -> Error {
+    if e.kind() == rocksdb::ErrorKind::Corruption {
+        // Damaged metadata (an SST, the MANIFEST, the WAL): say what to do, not only
+        // what RocksDB found.
+        Error::data_loss(format!(
+            "the data directory {dir} is damaged and cannot be opened ({e}). Stop \
+             anything using it, copy it aside as a backup, then run `contentd repair \
+             --root {dir}`: it salvages what can be read, re-verifies every blob it \
+             keeps and reports what was lost",
+            dir = path.display()
+        ))
+    } else {
+        let e = io(e);
+        Error::new(
+            e.kind(),
+            format!("cannot open RocksDB at {}: {e}", path.display()),
+        )
+    }
+}
+
+fn open_db(
+    path: &Path,
+    tuning: &Tuning,
+    read_only: bool,
+) -> std::result::Result<Db, rocksdb::Error> {
+    let mut db_opts = Options::default();
+    db_opts.create_if_missing(true);
+    db_opts.create_missing_column_families(true);
+    db_opts.set_db_write_buffer_size(tuning.write_buffer_bytes);
+    db_opts.set_max_background_jobs(2);
+    // RocksDB's info LOG rolls only at open unless capped, and one benchmark run wrote
+    // 8 MB of it: a daemon that runs for months would fill its disk with it.
+    db_opts.set_max_log_file_size(LOG_FILE_BYTES);
+    db_opts.set_keep_log_file_num(4);
+    db_opts.set_max_total_wal_size(256 << 20);
+    db_opts.set_bytes_per_sync(1 << 20);
+    let cache = Cache::new_lru_cache(tuning.block_cache_bytes);
+
+    let meta_opts = || {
+        let mut o = Options::default();
+        let mut t = BlockBasedOptions::default();
+        t.set_block_cache(&cache);
+        t.set_bloom_filter(10.0, false);
+        o.set_block_based_table_factory(&t);
+        o.set_compression_type(DBCompressionType::Lz4);
+        o.set_write_buffer_size(tuning.cf_write_buffer_bytes);
+        o
+    };
+    let descriptors = Cf::ALL.iter().map(|cf| {
+        let mut o = meta_opts();
+        if *cf == Cf::Chunks {
+            o.set_compression_type(DBCompressionType::None);
+            o.set_write_buffer_size(tuning.cf_write_buffer_bytes);
+            o.set_max_write_buffer_number(4);
+            o.set_enable_blob_files(true);
+            o.set_min_blob_size(tuning.min_blob_size);
+            o.set_blob_file_size(256 << 20);
+            o.set_blob_compression_type(DBCompressionType::None);
+            o.set_enable_blob_gc(true);
+            o.set_blob_gc_age_cutoff(0.25);
+            o.set_blob_gc_force_threshold(0.5);
+            // No readahead for blob GC: a compaction keeps one prefetch buffer per blob
+            // file it relocates from, so with readahead its memory grew with the number
+            // of blob files (heaptrack: 263 MiB held by one compaction's buffers, the
+            // daemon at 290 MiB RSS). Values here are 32 KiB to 1 MiB, read whole by one
+            // pread each, which is what readahead would have bought.
+            o.set_blob_compaction_readahead_size(0);
+        }
+        let name = if *cf == Cf::Meta {
+            rocksdb::DEFAULT_COLUMN_FAMILY_NAME
+        } else {
+            cf.name()
+        };
+        ColumnFamilyDescriptor::new(name, o)
+    });
+    if read_only {
+        Db::open_cf_descriptors_read_only(&db_opts, path, descriptors, false)
+    } else {
+        Db::open_cf_descriptors(&db_opts, path, descriptors)
+    }
+}
+
+impl RocksKv {
     /// Runs RocksDB's repair on a data directory that no longer opens: it rebuilds the
     /// MANIFEST from the table and blob files it can read and drops what it cannot. What
     /// survived must then be re-verified (`contentd repair` does).
@@ -310,6 +401,7 @@ impl RocksKv {
     /// memtable holds anything, which lets RocksDB delete them. Housekeeping: it never fails
     /// the write that triggered it, and it does not wait for the flushes.
     fn release_wals(&self) {
+        let db = self.db();
         let wals = wal_files(&self.dir);
         if wals <= WAL_FILES_MAX {
             return;
@@ -317,10 +409,9 @@ impl RocksKv {
         let mut fo = FlushOptions::default();
         fo.set_wait(false);
         for cf in Cf::ALL {
-            let h = self.cf(cf);
+            let h = handle(&db, cf);
             // Counts every record, deletes included.
-            let entries = self
-                .db
+            let entries = db
                 .property_int_value_cf(h, "rocksdb.num-entries-active-mem-table")
                 .ok()
                 .flatten()
@@ -328,7 +419,7 @@ impl RocksKv {
             if entries == 0 {
                 continue;
             }
-            if let Err(e) = self.db.flush_cf_opt(h, &fo) {
+            if let Err(e) = db.flush_cf_opt(h, &fo) {
                 tracing::warn!(
                     family = cf.name(),
                     wals,
@@ -337,34 +428,24 @@ impl RocksKv {
             }
         }
     }
-
-    fn cf(&self, cf: Cf) -> &ColumnFamily {
-        let name = if cf == Cf::Meta {
-            rocksdb::DEFAULT_COLUMN_FAMILY_NAME
-        } else {
-            cf.name()
-        };
-        self.db
-            .cf_handle(name)
-            .expect("column family opened at start")
-    }
 }
 
 impl Kv for RocksKv {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(cf), key)
+        let db = self.db();
+        Ok(db
+            .get_pinned_cf(handle(&db, cf), key)
             .map_err(io)?
             .map(|v| v.to_vec()))
     }
 
     fn get_bytes(&self, cf: Cf, key: &[u8]) -> Result<Option<bytes::Bytes>> {
+        let db = self.db();
         // A point read with no snapshot. Releasing a snapshot makes RocksDB re-compact every
         // bottommost file written before it (to zero sequence numbers), and blob GC then
         // rewrites their blobs: reading a freshly written 512 MiB blob under one cost 61
         // compactions that rewrote 488 MB. So a streamed blob is read key by key.
-        let Some(slice) = self.db.get_pinned_cf(self.cf(cf), key).map_err(io)? else {
+        let Some(slice) = db.get_pinned_cf(handle(&db, cf), key).map_err(io)? else {
             return Ok(None);
         };
         if slice.len() < PIN_MIN {
@@ -377,16 +458,14 @@ impl Kv for RocksKv {
                 slice,
             )
         };
-        Ok(Some(bytes::Bytes::from_owner(Pinned {
-            slice,
-            _db: self.db.clone(),
-        })))
+        Ok(Some(bytes::Bytes::from_owner(Pinned { slice, _db: db })))
     }
 
     fn floor(&self, cf: Cf, key: &[u8], lower: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let db = self.db();
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(lower.to_vec());
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
+        let mut it = db.raw_iterator_cf_opt(handle(&db, cf), ro);
         it.seek_for_prev(key);
         if it.valid() {
             let (k, v) = (it.key().expect("valid"), it.value().expect("valid"));
@@ -397,12 +476,13 @@ impl Kv for RocksKv {
     }
 
     fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: Visit<'_>) -> Result<()> {
+        let db = self.db();
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(start.to_vec());
         if !end.is_empty() {
             ro.set_iterate_upper_bound(end.to_vec());
         }
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
+        let mut it = db.raw_iterator_cf_opt(handle(&db, cf), ro);
         it.seek(start);
         while it.valid() {
             if !visit(it.key().expect("valid"), it.value().expect("valid")) {
@@ -424,13 +504,14 @@ impl Kv for RocksKv {
         let (Some(first), Some(last)) = (prefixes.first(), prefixes.last()) else {
             return Ok(());
         };
+        let db = self.db();
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(first.to_vec());
         let end = crate::kv::prefix_end(last);
         if !end.is_empty() {
             ro.set_iterate_upper_bound(end);
         }
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
+        let mut it = db.raw_iterator_cf_opt(handle(&db, cf), ro);
         for (i, p) in prefixes.iter().enumerate() {
             it.seek(p);
             while it.valid() {
@@ -456,12 +537,13 @@ impl Kv for RocksKv {
         end: &[u8],
         visit: Visit<'_>,
     ) -> Result<()> {
+        let db = self.db();
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(lower.to_vec());
         if !end.is_empty() {
             ro.set_iterate_upper_bound(end.to_vec());
         }
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
+        let mut it = db.raw_iterator_cf_opt(handle(&db, cf), ro);
         it.seek_for_prev(key);
         if !it.valid() {
             it.status().map_err(io)?;
@@ -477,13 +559,15 @@ impl Kv for RocksKv {
     }
 
     fn write_unlogged(&self, batch: Batch) -> Result<()> {
+        let db = self.writable()?;
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
-        self.db.write_opt(self.batch(&batch), &wo).map_err(io)
+        db.write_opt(batch_of(&db, &batch), &wo).map_err(io)
     }
 
     fn flush(&self, cf: Cf) -> Result<()> {
-        self.db.flush_cf(self.cf(cf)).map_err(io)?;
+        let db = self.writable()?;
+        db.flush_cf(handle(&db, cf)).map_err(io)?;
         self.release_wals();
         Ok(())
     }
@@ -494,6 +578,7 @@ impl Kv for RocksKv {
         }
         // The range tombstones may still sit in the memtable, which no compaction reads.
         self.flush(cf)?;
+        let db = self.db();
         let mut o = CompactOptions::default();
         // Writes and background compactions go on meanwhile.
         o.set_exclusive_manual_compaction(false);
@@ -501,24 +586,24 @@ impl Kv for RocksKv {
         // of that level drops the keys, and with them the last references to blob files.
         o.set_bottommost_level_compaction(BottommostLevelCompaction::ForceOptimized);
         for (from, to) in ranges {
-            self.db
-                .compact_range_cf_opt(self.cf(cf), Some(from), Some(to), &o);
+            db.compact_range_cf_opt(handle(&db, cf), Some(from), Some(to), &o);
         }
         Ok(())
     }
 
     fn write(&self, batch: Batch, sync: bool) -> Result<()> {
+        let db = self.writable()?;
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.db.write_opt(self.batch(&batch), &wo).map_err(io)
+        db.write_opt(batch_of(&db, &batch), &wo).map_err(io)
     }
 
     fn disk_space(&self) -> Option<(u64, u64)> {
+        let db = self.db();
         let fs = super::FsSpace::of(&self.dir)?;
         // Less what the memtables hold: those bytes are written out when they flush.
-        let unflushed = self
-            .db
-            .property_int_value_cf(self.cf(Cf::Chunks), "rocksdb.size-all-mem-tables")
+        let unflushed = db
+            .property_int_value_cf(handle(&db, Cf::Chunks), "rocksdb.size-all-mem-tables")
             .ok()
             .flatten()
             .unwrap_or(0);
@@ -526,18 +611,17 @@ impl Kv for RocksKv {
     }
 
     fn disk_usage(&self) -> u64 {
+        let db = self.db();
         Cf::ALL
             .iter()
             .map(|cf| {
-                let h = self.cf(*cf);
-                let sst = self
-                    .db
+                let h = handle(&db, *cf);
+                let sst = db
                     .property_int_value_cf(h, "rocksdb.total-sst-files-size")
                     .ok()
                     .flatten()
                     .unwrap_or(0);
-                let blob = self
-                    .db
+                let blob = db
                     .property_int_value_cf(h, "rocksdb.total-blob-file-size")
                     .ok()
                     .flatten()
@@ -546,6 +630,15 @@ impl Kv for RocksKv {
             })
             .sum()
     }
+}
+
+fn handle(db: &Db, cf: Cf) -> &ColumnFamily {
+    let name = if cf == Cf::Meta {
+        rocksdb::DEFAULT_COLUMN_FAMILY_NAME
+    } else {
+        cf.name()
+    };
+    db.cf_handle(name).expect("column family opened at start")
 }
 
 /// WAL files in a data directory (0 when it cannot be listed).

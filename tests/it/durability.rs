@@ -342,3 +342,199 @@ async fn crash_trims_ingest_to_stored_bytes() {
         data
     );
 }
+
+/// A filesystem of its own, mounted for one test (tmpfs: needs root, as CI has).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> Option<SmallDisk> {
+        let dir = tempfile::Builder::new()
+            .prefix("contentd-full")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Takes every free byte with a file of another program's, as a full disk would.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let p = self.path().join("someone-else");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let block = vec![0x5au8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let mut small = [0u8; 512];
+        small.fill(1);
+        while f.write_all(&small).is_ok() {}
+        p
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Writes `data` in 1 MiB messages and commits it; the first error, if any.
+async fn try_put(c: &mut Client, r: &str, data: &[u8]) -> Result<(), tonic::Status> {
+    let mut msgs = vec![pb::WriteContentRequest {
+        r#ref: r.into(),
+        total: data.len() as i64,
+        ..Default::default()
+    }];
+    for (j, piece) in data.chunks(1 << 20).enumerate() {
+        msgs.push(pb::WriteContentRequest {
+            action: 1,
+            offset: (j << 20) as i64,
+            data: piece.to_vec().into(),
+            ..Default::default()
+        });
+    }
+    msgs.push(pb::WriteContentRequest {
+        action: 2,
+        offset: data.len() as i64,
+        total: data.len() as i64,
+        expected: sha(data).to_string(),
+        labels: [("containerd.io/gc.root".into(), "test".into())].into(),
+        ..Default::default()
+    });
+    match write_msgs(c, msgs).await.pop().unwrap() {
+        Ok(r) => {
+            assert_eq!(r.digest, sha(data).to_string());
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn reads_back(c: &mut Client, blobs: &[Vec<u8>]) {
+    for b in blobs {
+        let (got, _) = read(c, &sha(b).to_string(), 0, 0).await.unwrap();
+        assert!(got == *b, "blob {} reads back whole", sha(b));
+    }
+}
+
+/// A real full disk (a 128 MiB filesystem of its own). New bytes are refused with
+/// ResourceExhausted before RocksDB meets the end of the disk. When another program takes
+/// every byte left, reads go on, deletes and collections still run, and nothing committed is
+/// lost. A daemon killed then comes back on the full disk read-only (opening for writing
+/// would replay its WAL into new files): it serves every blob, refuses writes with a message
+/// that says why, and takes writes again by itself once there is room. A kill -9 after that
+/// loses nothing either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_new_bytes_and_loses_nothing() {
+    let Some(disk) = SmallDisk::mount(128 << 20) else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let flags = ["--gc-grace-secs", "0", "--gc-interval-secs", "0"];
+    let mut d = Daemon::start_in_with(disk.path(), &flags);
+    let mut c = d.client(Some("full")).await;
+    // Writes go on until the reserve (a quarter of this disk) is reached.
+    let mut stored = Vec::new();
+    let mut refused = None;
+    for i in 0..64u64 {
+        let b = pattern(4 << 20, 1000 + i);
+        match try_put(&mut c, &format!("fill-{i}"), &b).await {
+            Ok(()) => stored.push(b),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("a 128 MiB disk cannot take 256 MiB");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("disk_reserve_mib"), "{e}");
+    assert!(stored.len() >= 8, "only {} blobs fit", stored.len());
+    reads_back(&mut c, &stored).await;
+
+    // Another program takes every byte left.
+    let hog = disk.fill();
+    reads_back(&mut c, &stored).await;
+    let small = pattern(1000, 7);
+    let e = try_put(&mut c, "while-full", &small).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    let gone = stored.remove(0);
+    c.delete(pb::DeleteContentRequest {
+        digest: sha(&gone).to_string(),
+    })
+    .await
+    .expect("a delete fits in the WAL RocksDB set aside");
+    let report = gc(&d.client_sock, false).await;
+    assert_eq!(report.blobs_swept, 1);
+    reads_back(&mut c, &stored).await;
+
+    // Killed on the full disk, the daemon comes back read-only and serves everything.
+    d.kill9();
+    let d = Daemon::start_in_with(disk.path(), &flags);
+    let mut c = d.client(Some("full")).await;
+    reads_back(&mut c, &stored).await;
+    let e = try_put(&mut c, "read-only", &small).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("read-only"), "{e}");
+
+    // Room comes back: writes resume without a restart (a reopen is tried every 5 s), the
+    // first of them deletes that make room under the reserve again.
+    std::fs::remove_file(&hog).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let more_gone: Vec<Vec<u8>> = stored.drain(..4).collect();
+    loop {
+        let r = c
+            .delete(pb::DeleteContentRequest {
+                digest: sha(&more_gone[0]).to_string(),
+            })
+            .await;
+        match r {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+                assert!(std::time::Instant::now() < deadline, "still refused: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+    for b in &more_gone[1..] {
+        c.delete(pb::DeleteContentRequest {
+            digest: sha(b).to_string(),
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(gc(&d.client_sock, false).await.blobs_swept, 4);
+    try_put(&mut c, "after-full", &small).await.unwrap();
+    stored.push(small);
+    reads_back(&mut c, &stored).await;
+
+    // A kill -9 now loses nothing committed, before or after the full disk.
+    let mut d = d;
+    d.kill9();
+    let d = Daemon::start_in_with(disk.path(), &flags);
+    let mut c = d.client(Some("full")).await;
+    reads_back(&mut c, &stored).await;
+    let e = c
+        .info(pb::InfoRequest {
+            digest: sha(&gone).to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::NotFound,
+        "the deleted blob stays deleted: {e}"
+    );
+}

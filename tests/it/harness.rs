@@ -49,13 +49,18 @@ impl Daemon {
 
     /// Starts (or restarts) a daemon whose data and sockets live under `dir`.
     pub fn start_in(dir: &Path) -> Daemon {
+        Daemon::start_in_with(dir, &[])
+    }
+
+    /// [`Daemon::start_in`] with extra `serve` flags.
+    pub fn start_in_with(dir: &Path, args: &[&str]) -> Daemon {
         let d = Daemon {
             child: None,
             dir: dir.to_path_buf(),
             client_sock: dir.join("c.sock"),
             backend_sock: dir.join("b.sock"),
             other_sock: dir.join("o.sock"),
-            extra: Vec::new(),
+            extra: args.iter().map(|a| a.to_string()).collect(),
             _tmp: None,
         };
         d.spawn()
