@@ -15,6 +15,7 @@
 //!   their blob files. Nothing but new writes triggers one, so after deleting, the store asks
 //!   for it ([`Kv::reclaim`]) over just the deleted ranges.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,15 +78,24 @@ impl Default for Tuning {
 }
 
 pub struct RocksKv {
-    // Shared so a value handed out without a copy (`get_bytes`) can keep the DB open.
-    // Replaced at most once: when a store opened read-only reopens for writing.
-    db: RwLock<Arc<Db>>,
+    db: Handle,
+    /// Still read-only (a `Handle::Swappable` store not yet reopened for writing).
+    read_only: AtomicBool,
+    /// When the last reopen was tried; held while one runs.
+    reopen: Mutex<Option<Instant>>,
     dir: PathBuf,
     tuning: Tuning,
-    /// Open read-only because the disk was full at start (see [`RocksKv::open`]).
-    read_only: AtomicBool,
-    /// When the last reopen for writing was tried; held while one runs.
-    reopen: Mutex<Option<Instant>>,
+}
+
+/// The open database, shared so a value handed out without a copy (`get_bytes`) can keep
+/// it open.
+enum Handle {
+    /// Opened for writing: every call borrows it, no lock or count.
+    Fixed(Arc<Db>),
+    /// Opened read-only on a full disk, replaced once it reopens for writing. Calls take a
+    /// counted clone, so the read-only instance closes (and lets go of files the writing one
+    /// deletes) once the last call on it ends.
+    Swappable(RwLock<Arc<Db>>),
 }
 
 /// How often a store open read-only tries to reopen for writing, at most. A try replays the
@@ -197,21 +207,31 @@ impl RocksKv {
             Err(e) => return Err(open_error(path, e)),
         };
         Ok(RocksKv {
-            db: RwLock::new(Arc::new(db)),
-            dir: path.to_path_buf(),
-            tuning: tuning.clone(),
+            db: if read_only {
+                Handle::Swappable(RwLock::new(Arc::new(db)))
+            } else {
+                Handle::Fixed(Arc::new(db))
+            },
             read_only: AtomicBool::new(read_only),
             reopen: Mutex::new(None),
+            dir: path.to_path_buf(),
+            tuning: tuning.clone(),
         })
     }
 
-    fn db(&self) -> Arc<Db> {
-        self.db.read().clone()
+    fn db(&self) -> Cow<'_, Arc<Db>> {
+        match &self.db {
+            Handle::Fixed(db) => Cow::Borrowed(db),
+            Handle::Swappable(db) => Cow::Owned(db.read().clone()),
+        }
     }
 
     /// The database, open for writing: a store open read-only tries to reopen (at most
     /// every REOPEN_EVERY), and refuses while the disk is still too full.
-    fn writable(&self) -> Result<Arc<Db>> {
+    fn writable(&self) -> Result<Cow<'_, Arc<Db>>> {
+        let Handle::Swappable(swap) = &self.db else {
+            return Ok(self.db());
+        };
         if !self.read_only.load(Ordering::Acquire) {
             return Ok(self.db());
         }
@@ -231,10 +251,10 @@ impl RocksKv {
         }
         *last = Some(Instant::now());
         // A read-only instance takes no lock on the directory, so this one can open beside
-        // it; readers still holding the old instance finish on it.
+        // it.
         match open_db(&self.dir, &self.tuning, false) {
             Ok(db) => {
-                *self.db.write() = Arc::new(db);
+                *swap.write() = Arc::new(db);
                 self.read_only.store(false, Ordering::Release);
                 tracing::warn!(dir = %self.dir.display(), "the store has room again: open for writing");
                 Ok(self.db())
@@ -458,7 +478,10 @@ impl Kv for RocksKv {
                 slice,
             )
         };
-        Ok(Some(bytes::Bytes::from_owner(Pinned { slice, _db: db })))
+        Ok(Some(bytes::Bytes::from_owner(Pinned {
+            slice,
+            _db: db.into_owned(),
+        })))
     }
 
     fn floor(&self, cf: Cf, key: &[u8], lower: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
