@@ -108,11 +108,13 @@ pub struct Puller {
 const PULL_LEASE_SECS: i64 = 3600;
 /// Upstream body pieces are gathered up to this size before each store write.
 const GATHER: usize = 1 << 20;
-/// Bytes read off the network ahead of the store writes: a few gathers, so the network never
-/// waits on a write in progress. Bounded in bytes, not frames: hyper's frames of a loopback
-/// registry's body average 340 KiB (measured), so the 64 frames this once allowed came to
-/// about 21 MiB per fetch.
-const AHEAD: usize = 4 << 20;
+/// Bytes read off the network ahead of the store writes, so the network keeps going while a
+/// write (or a flush beside it) holds the store up. Bounded in bytes, not frames: an
+/// upstream's frames vary (a loopback registry's average 340 KiB, measured), and the 64
+/// frames this once allowed, plus as many taken into the store loop, let about 43 MiB wait.
+/// Measured on loopback, where the network outruns the store: a 50 MiB miss through the
+/// registry API took 89 ms at 4 MiB, 81 at 16, 56 at 32, 62-66 with the frame bound.
+const AHEAD: usize = 32 << 20;
 
 impl Event {
     fn blob(state: BlobState, digest: Digest, media_type: impl Into<String>, size: i64) -> Event {
@@ -939,19 +941,20 @@ mod tests {
 
     #[tokio::test]
     async fn read_ahead_bounds_bytes_not_frames() {
-        let a = Arc::new(ReadAhead::new(AHEAD));
+        let limit = 4 << 20;
+        let a = Arc::new(ReadAhead::new(limit));
         // Frames up to the limit go at once; the next waits for the store.
         for _ in 0..4 {
             a.take(1 << 20).await;
         }
-        assert_eq!(a.out(), AHEAD);
+        assert_eq!(a.out(), limit);
         let a2 = a.clone();
         let next = tokio::spawn(async move { a2.take(300 << 10).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!next.is_finished(), "a frame past the limit must wait");
         a.landed(1 << 20);
         next.await.unwrap();
-        assert_eq!(a.out(), AHEAD - (1 << 20) + (300 << 10));
+        assert_eq!(a.out(), limit - (1 << 20) + (300 << 10));
         // Giving back more than is out never grows the allowance.
         a.landed(usize::MAX);
         assert_eq!(a.out(), 0);
