@@ -1036,6 +1036,7 @@ impl Registry {
                     None => None,
                     Some(Ok((a, _))) => Some(a),
                     Some(Err(v)) => {
+                        discard(req.into_body()).await;
                         return error(
                             StatusCode::RANGE_NOT_SATISFIABLE,
                             "BLOB_UPLOAD_INVALID",
@@ -1045,7 +1046,10 @@ impl Registry {
                 };
                 let mut w = match self.open_upload(&id, false).await {
                     Ok(w) => w,
-                    Err(e) => return from_store(&e, "BLOB_UPLOAD_UNKNOWN"),
+                    Err(e) => {
+                        discard(req.into_body()).await;
+                        return from_store(&e, "BLOB_UPLOAD_UNKNOWN");
+                    }
                 };
                 match self.append(&mut w, start, req.into_body()).await {
                     Ok(offset) => upload_status(name, &id, offset, StatusCode::ACCEPTED),
@@ -1144,6 +1148,7 @@ impl Registry {
             if at > 0 {
                 set(&mut r, "Range", format!("0-{}", at - 1));
             }
+            discard(body).await;
             return Err(r);
         }
         let mut offset = at;
@@ -1195,13 +1200,20 @@ impl Registry {
         let (store, scope, d2) = (self.store.clone(), self.scope.clone(), d.clone());
         if let Ok(true) = blocking(move || store.visible(&scope, &d2)).await {
             let _ = self.store.abort(&self.scope, &upload_ref(id)).await;
+            discard(req.into_body()).await;
             return created_blob(name, &d);
         }
         let monolithic = start.is_none() && req.method() == Method::POST;
         let mut w = match self.open_upload(id, monolithic).await {
             Ok(w) => w,
-            Err(e) if is_exists(&e) => return created_blob(name, &d),
-            Err(e) => return from_store(&e, "BLOB_UPLOAD_UNKNOWN"),
+            Err(e) => {
+                discard(req.into_body()).await;
+                return if is_exists(&e) {
+                    created_blob(name, &d)
+                } else {
+                    from_store(&e, "BLOB_UPLOAD_UNKNOWN")
+                };
+            }
         };
         if let Err(r) = self.append(&mut w, start, req.into_body()).await {
             return r;
@@ -1476,6 +1488,27 @@ fn accepts<'a>(values: impl Iterator<Item = &'a HeaderValue>, mt: &str) -> bool 
         }
     }
     !any
+}
+
+/// The most of a refused request's body read (and dropped) before answering.
+const DISCARD_MAX: usize = 8 << 20;
+
+/// Reads and drops what is left of a body whose request is refused (or needs none of it),
+/// up to DISCARD_MAX bytes within two seconds. An HTTP/1.1 server that answers without
+/// reading the body closes the connection on the unread bytes, and a client still sending
+/// them then sees a reset, not the answer (a 416 for a chunk with a gap was lost this way).
+/// A larger or slower body still gets the answer, on a connection then closed.
+async fn discard(mut body: Incoming) {
+    let drain = async {
+        let mut n = 0usize;
+        while let Some(Ok(f)) = body.frame().await {
+            n = n.saturating_add(f.data_ref().map_or(0, |d| d.len()));
+            if n > DISCARD_MAX {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
 }
 
 #[cfg(test)]
