@@ -150,8 +150,12 @@ fn io(e: rocksdb::Error) -> Error {
     }
 }
 
+/// ENOSPC, or EDQUOT: a filesystem quota (XFS project quotas, as ephemeral-storage limits
+/// use) is as full as a full disk.
 fn is_no_space(text: &str) -> bool {
-    text.contains("No space left on device") || text.contains("NoSpace")
+    text.contains("No space left on device")
+        || text.contains("NoSpace")
+        || text.contains("Disk quota exceeded")
 }
 
 fn batch_of(db: &Db, batch: &Batch) -> WriteBatch {
@@ -677,6 +681,19 @@ fn wal_files(dir: &Path) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_or_a_full_quota_is_no_space() {
+        assert!(is_no_space(
+            "IO error: No space left on device: While appending to file: r/000013.sst: No space left on device"
+        ));
+        assert!(is_no_space(
+            "IO error: While appending to file: r/000009.log: Disk quota exceeded"
+        ));
+        assert!(!is_no_space(
+            "IO error: While pread offset 0 len 4096: Input/output error"
+        ));
+    }
 
     #[test]
     fn the_info_log_is_capped() {
