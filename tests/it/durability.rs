@@ -131,26 +131,7 @@ async fn kill9_during_concurrent_large_writes() {
             for k in 0..3 {
                 let i = w * 3 + k;
                 let data = &blobs[i];
-                let mut msgs = vec![pb::WriteContentRequest {
-                    r#ref: format!("crash-{i}"),
-                    total: SIZE as i64,
-                    ..Default::default()
-                }];
-                for (j, piece) in data.chunks(1 << 20).enumerate() {
-                    msgs.push(pb::WriteContentRequest {
-                        action: 1,
-                        offset: (j << 20) as i64,
-                        data: piece.to_vec().into(),
-                        ..Default::default()
-                    });
-                }
-                msgs.push(pb::WriteContentRequest {
-                    action: 2,
-                    offset: SIZE as i64,
-                    total: SIZE as i64,
-                    expected: sha(data).to_string(),
-                    ..Default::default()
-                });
+                let msgs = upload_msgs(&format!("crash-{i}"), data, &[]);
                 let n = msgs.len();
                 let r = write_msgs(&mut c, msgs).await;
                 if r.len() == n && r[n - 1].is_ok() {
@@ -391,27 +372,7 @@ impl Drop for SmallDisk {
 
 /// Writes `data` in 1 MiB messages and commits it; the first error, if any.
 async fn try_put(c: &mut Client, r: &str, data: &[u8]) -> Result<(), tonic::Status> {
-    let mut msgs = vec![pb::WriteContentRequest {
-        r#ref: r.into(),
-        total: data.len() as i64,
-        ..Default::default()
-    }];
-    for (j, piece) in data.chunks(1 << 20).enumerate() {
-        msgs.push(pb::WriteContentRequest {
-            action: 1,
-            offset: (j << 20) as i64,
-            data: piece.to_vec().into(),
-            ..Default::default()
-        });
-    }
-    msgs.push(pb::WriteContentRequest {
-        action: 2,
-        offset: data.len() as i64,
-        total: data.len() as i64,
-        expected: sha(data).to_string(),
-        labels: [("containerd.io/gc.root".into(), "test".into())].into(),
-        ..Default::default()
-    });
+    let msgs = upload_msgs(r, data, &[("containerd.io/gc.root", "test")]);
     match write_msgs(c, msgs).await.pop().unwrap() {
         Ok(r) => {
             assert_eq!(r.digest, sha(data).to_string());

@@ -309,29 +309,40 @@ pub async fn gc(sock: &Path, dry_run: bool) -> contentd::api::pb::contentd::v1::
         .into_inner()
 }
 
-/// Writes `bytes` as blob `dg` in 1 MiB WRITE messages; an existing blob is fine.
-pub async fn put_blob(c: &mut Client, dg: &str, bytes: &[u8]) {
-    use contentd::api::pb::containerd::services::content::v1 as cpb;
-    let mut msgs = vec![cpb::WriteContentRequest {
-        r#ref: format!("w-{dg}"),
-        total: bytes.len() as i64,
+/// The messages of one upload of `data` as ref `r`: 1 MiB WRITEs, then a COMMIT expecting
+/// its digest, with `labels`.
+pub fn upload_msgs(r: &str, data: &[u8], labels: &[(&str, &str)]) -> Vec<pb::WriteContentRequest> {
+    let mut msgs = vec![pb::WriteContentRequest {
+        r#ref: r.into(),
+        total: data.len() as i64,
         ..Default::default()
     }];
-    for (j, piece) in bytes.chunks(1 << 20).enumerate() {
-        msgs.push(cpb::WriteContentRequest {
+    for (j, piece) in data.chunks(1 << 20).enumerate() {
+        msgs.push(pb::WriteContentRequest {
             action: 1,
             offset: (j << 20) as i64,
             data: piece.to_vec().into(),
             ..Default::default()
         });
     }
-    msgs.push(cpb::WriteContentRequest {
+    msgs.push(pb::WriteContentRequest {
         action: 2,
-        offset: bytes.len() as i64,
-        total: bytes.len() as i64,
-        expected: dg.to_string(),
+        offset: data.len() as i64,
+        total: data.len() as i64,
+        expected: sha(data).to_string(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..Default::default()
     });
+    msgs
+}
+
+/// Writes `bytes` as blob `dg` in 1 MiB WRITE messages; an existing blob is fine.
+pub async fn put_blob(c: &mut Client, dg: &str, bytes: &[u8]) {
+    let mut msgs = upload_msgs(&format!("w-{dg}"), bytes, &[]);
+    msgs.last_mut().unwrap().expected = dg.to_string();
     match write_msgs(c, msgs).await.pop().unwrap() {
         Ok(r) => assert_eq!(r.digest, dg),
         Err(e) => assert_eq!(e.code(), tonic::Code::AlreadyExists, "{dg}: {e}"),
