@@ -123,7 +123,7 @@ macro_rules! router {
             .add_service($health)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(crate::api::read_frames::ContentRoutes::new(
+            .add_service(crate::api::frames::ContentRoutes::new(
                 ContentService::new($store.clone(), $reads.clone(), mode.clone()),
                 $limits.0,
             ))

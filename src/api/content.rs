@@ -216,17 +216,7 @@ impl pb::content_server::Content for ContentService {
         &self,
         req: Request<Streaming<pb::WriteContentRequest>>,
     ) -> Result<Response<Self::WriteStream>, Status> {
-        let scope = self.mode.scope(&req)?;
-        let lease = self.mode.lease(&req)?;
-        let inbound = req.into_inner();
-        let store = self.store.clone();
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            if let Err(e) = write_session(store, scope, lease, inbound, &tx).await {
-                let _ = tx.send(Err(e)).await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.write_stream(req).await.map(Response::new)
     }
 
     async fn abort(&self, req: Request<pb::AbortRequest>) -> Result<Response<()>, Status> {
@@ -240,16 +230,39 @@ impl pb::content_server::Content for ContentService {
     }
 }
 
+impl ContentService {
+    /// Write, its request messages from any decoder: tonic's, or [`super::frames`]'s.
+    pub(crate) async fn write_stream<S>(
+        &self,
+        req: Request<S>,
+    ) -> Result<BoxStream<pb::WriteContentResponse>, Status>
+    where
+        S: Stream<Item = Result<pb::WriteContentRequest, Status>> + Send + Unpin + 'static,
+    {
+        let scope = self.mode.scope(&req)?;
+        let lease = self.mode.lease(&req)?;
+        let inbound = req.into_inner();
+        let store = self.store.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            if let Err(e) = write_session(store, scope, lease, inbound, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
 /// One Write stream: bound to the ref of its first message, one response per message. The
 /// state machine is the store's [`WriteSession`]; this only translates messages.
 async fn write_session(
     store: Arc<Store>,
     scope: Scope,
     lease: Option<String>,
-    mut inbound: Streaming<pb::WriteContentRequest>,
+    mut inbound: impl Stream<Item = Result<pb::WriteContentRequest, Status>> + Unpin,
     tx: &mpsc::Sender<Result<pb::WriteContentResponse, Status>>,
 ) -> Result<(), Status> {
-    let Some(first) = inbound.message().await? else {
+    let Some(first) = inbound.next().await.transpose()? else {
         return Ok(());
     };
     tracing::Span::current().record("ref", first.r#ref.as_str());
@@ -272,7 +285,7 @@ async fn write_session(
         if tx.send(Ok(resp)).await.is_err() || session.is_done() {
             return Ok(());
         }
-        let req = match inbound.message().await? {
+        let req = match inbound.next().await.transpose()? {
             Some(m) => request(m).map_err(status)?,
             // Client EOF: the ingest stays for a later resume.
             None => return Ok(()),

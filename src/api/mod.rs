@@ -7,12 +7,12 @@
 pub mod access;
 pub mod blobs;
 pub mod content;
+pub mod frames;
 pub mod gc;
 pub mod graph;
 pub mod images;
 pub mod leases;
 pub mod observe;
-pub mod read_frames;
 pub mod registry;
 pub mod scrub;
 
