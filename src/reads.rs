@@ -161,47 +161,47 @@ impl Reads {
         }
         // One blocking task streams the extent (`Store::stream_extent`: the store's own chunk
         // buffers, no copy) while the client keeps up; the bounded channel is the
-        // backpressure. A client that stops reading for STALL gets its
-        // thread taken back (the piece in hand is carried over, and a fresh task resumes
-        // once there is room), so slow readers cannot exhaust the blocking pool.
+        // backpressure. A piece's slot in the channel is taken before its chunk is read, so a
+        // reader waiting for its client holds no chunk (a stream holds what is queued and
+        // what the transport has). A client that stops reading for STALL gets its thread
+        // taken back: the task ends, and a fresh one resumes once there is room.
         let (tx, rx) = mpsc::channel(DEPTH);
         let store = self.store.clone();
         let handle = tokio::runtime::Handle::current();
         let d = d.clone();
         tokio::spawn(async move {
             let (mut pos, end) = (offset as u64, end as u64);
-            let mut carry: Option<Bytes> = None;
-            loop {
-                if let Some(b) = carry.take()
-                    && tx.send(Ok(b)).await.is_err()
-                {
+            while pos < end {
+                let Ok(slot) = tx.clone().reserve_owned().await else {
                     return;
-                }
-                if pos >= end || tx.is_closed() {
-                    return;
-                }
-                let (s, tx2, h, from) = (store.clone(), tx.clone(), handle.clone(), pos);
+                };
+                let (s, h, from) = (store.clone(), handle.clone(), pos);
                 let ran = tokio::task::spawn_blocking(move || {
-                    let (mut at, mut carry) = (from, None);
+                    let (mut at, mut slot) = (from, Some(slot));
                     let r = s.stream_extent(extent, from, end, piece, &mut |b| {
-                        let n = b.len() as u64;
-                        match h.block_on(tokio::time::timeout(STALL, tx2.reserve())) {
-                            Ok(Ok(permit)) => permit.send(Ok(b)),
-                            Ok(Err(_)) => return false,
-                            Err(_) => carry = Some(b),
+                        let Some(permit) = slot.take() else {
+                            return false;
+                        };
+                        at += b.len() as u64;
+                        let tx = permit.send(Ok(b));
+                        if at >= end {
+                            return true;
                         }
-                        at += n;
-                        carry.is_none()
+                        match h.block_on(tokio::time::timeout(STALL, tx.reserve_owned())) {
+                            Ok(Ok(p)) => {
+                                slot = Some(p);
+                                true
+                            }
+                            // Closed, or stalled: either way this thread goes back.
+                            _ => false,
+                        }
                     });
-                    (at, carry, r)
+                    (at, r)
                 })
                 .await;
                 match ran {
-                    Ok((at, c, Ok(()))) => (pos, carry) = (at, c),
-                    Ok((_, c, Err(e))) => {
-                        if let Some(b) = c {
-                            let _ = tx.send(Ok(b)).await;
-                        }
+                    Ok((at, Ok(()))) => pos = at,
+                    Ok((_, Err(e))) => {
                         // Chunks are read as they are due, so a collection can remove the
                         // rest of a blob under a slow reader: that is not lost data.
                         let e = match e.is(Kind::DataLoss) && !store.stored_in(&d, extent) {
