@@ -392,7 +392,7 @@ async fn reads_back(c: &mut Client, blobs: &[Vec<u8>]) {
 /// A real full disk (a 128 MiB filesystem of its own). New bytes are refused with
 /// ResourceExhausted before RocksDB meets the end of the disk. When another program takes
 /// every byte left, reads go on, deletes and collections still run, and nothing committed is
-/// lost. A daemon killed then comes back on the full disk read-only (opening for writing
+/// lost; a collection gives back what it collects even then. A daemon killed then comes back on the full disk read-only (opening for writing
 /// would replay its WAL into new files): it serves every blob, refuses writes with a message
 /// that says why, and takes writes again by itself once there is room. A kill -9 after that
 /// loses nothing either.
@@ -438,7 +438,12 @@ async fn a_full_disk_refuses_new_bytes_and_loses_nothing() {
     .expect("a delete fits in the WAL RocksDB set aside");
     let report = gc(&d.client_sock, false).await;
     assert_eq!(report.blobs_swept, 1);
+    // The collection gave the blob's bytes back to the disk, with none free to work in.
+    let free = contentd::kv::FsSpace::of(disk.path()).unwrap().avail;
+    assert!(free >= 4 << 20, "{free} bytes free after collecting 4 MiB");
     reads_back(&mut c, &stored).await;
+    // The other program takes that too.
+    disk.fill();
 
     // Killed on the full disk, the daemon comes back read-only and serves everything.
     d.kill9();
