@@ -381,6 +381,7 @@ fn kv_labels(pairs: &[String]) -> R<HashMap<String, String>> {
 
 /// Runs a client verb and turns the outcome into an exit code (printing the error).
 pub fn main(conn: Conn, verb: Verb) -> ExitCode {
+    quiet_on_closed_stdout();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -587,6 +588,25 @@ async fn cat(cx: &Ctx, digest: &str, offset: i64, length: i64) -> R<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// A reader that goes away (`contentd ls | head`) ends the output quietly, as `cat` does
+/// above. Rust leaves SIGPIPE ignored, so `println!` to the closed pipe panics, with a
+/// backtrace; SIGPIPE stays ignored (a closed daemon socket must stay an error the verb
+/// reports) and only that panic becomes a quiet exit.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or_default();
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info)
+    }));
 }
 
 /// Hashes a file (sha256) with a progress bar.

@@ -88,6 +88,22 @@ fn verbs_round_trip() {
     let i = json(&cli(s, &["info", &dg, "--json"]));
     assert_eq!(i["labels"]["tier"], "gold");
 
+    // A reader that goes away (`contentd info … | head -0`) ends the output quietly.
+    for args in [&["info", dg.as_str()][..], &["cat", dg.as_str()]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_contentd"))
+            .args(args)
+            .env("CONTENTD_SOCKET", s)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+
     // stdin
     let mut child = Command::new(env!("CARGO_BIN_EXE_contentd"))
         .args(["push", "-", "--json"])
