@@ -535,9 +535,9 @@ impl Store {
     }
 
     /// Refuses `more` new bytes when they would eat into the disk reserve. RocksDB stops
-    /// taking writes after it meets a full disk (until a restart), deletes and collections
-    /// included, so new bytes stop short of that while the space the reserve keeps lets
-    /// deletes, collections and the flush of what is already written go on.
+    /// taking writes after it meets a full disk (until there is room again), deletes and
+    /// collections included, so new bytes stop short of that while the space the reserve
+    /// keeps lets deletes, collections and the flush of what is already written go on.
     pub(super) fn check_disk_reserve(&self, more: usize) -> Result<()> {
         let Some((free, size)) = self.kv.disk_space() else {
             return Ok(());

@@ -504,3 +504,77 @@ async fn a_full_disk_refuses_new_bytes_and_loses_nothing() {
         "the deleted blob stays deleted: {e}"
     );
 }
+
+/// A full disk met at run time, inside RocksDB itself (no reserve, as `disk_reserve_mib = 0`
+/// configures): the write that meets it, and every write after it, get ResourceExhausted
+/// naming the full disk; reads go on; once there is room again writes resume without a
+/// restart, and a kill -9 then loses nothing acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_filling_up_at_run_time_stops_writes_until_there_is_room() {
+    let Some(disk) = SmallDisk::mount(48 << 20) else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let cfg = disk.path().join("c.toml");
+    std::fs::write(&cfg, "disk_reserve_mib = 0\n").unwrap();
+    let flags = ["--config", cfg.to_str().unwrap()];
+    let mut d = Daemon::start_in_with(disk.path(), &flags);
+    let mut c = d.client(Some("runtime")).await;
+    let blob = pattern(300 << 10, 3);
+    try_put(&mut c, "before", &blob).await.unwrap();
+    let label = |i: usize| {
+        let labels = std::collections::HashMap::from([(format!("n{}", i % 40), "x".repeat(3000))]);
+        pb::UpdateRequest {
+            info: Some(pb::Info {
+                digest: sha(&blob).to_string(),
+                labels,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec![format!("labels.n{}", i % 40)],
+            }),
+        }
+    };
+
+    // Another program takes the disk; label updates (WAL records) run until one meets it.
+    let hog = disk.fill();
+    let mut refused = None;
+    for i in 0..20_000 {
+        if let Err(e) = c.update(label(i)).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = refused.expect("a full disk refuses a write at last");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("disk is full"), "{e}");
+    let e = c.update(label(0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    reads_back(&mut c, std::slice::from_ref(&blob)).await;
+
+    // Room again: writes resume by themselves.
+    std::fs::remove_file(&hog).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Err(e) = c.update(label(1)).await {
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+        assert!(std::time::Instant::now() < deadline, "still refused: {e}");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let after = pattern(200 << 10, 4);
+    try_put(&mut c, "after", &after).await.unwrap();
+
+    d.kill9();
+    let d = Daemon::start_in_with(disk.path(), &flags);
+    let mut c = d.client(Some("runtime")).await;
+    reads_back(&mut c, &[blob.clone(), after]).await;
+    let info = c
+        .info(pb::InfoRequest {
+            digest: sha(&blob).to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(info.labels["n1"], "x".repeat(3000));
+}
