@@ -322,9 +322,9 @@ eviction_high_watermark_percent = {ew}
 eviction_check_secs = {ec}
 # Free disk space (MiB, at most a quarter of the filesystem) that new bytes may not use: a
 # write that would is refused with ResourceExhausted. RocksDB stops taking any write, deletes
-# included, once it meets a full disk, until the daemon restarts; the reserve keeps room for
+# included, once it meets a full disk, until there is room again; the reserve keeps room for
 # deletes, collections and the flush of bytes already written. (A daemon started on a full
-# disk serves reads and takes writes again by itself once there is room.)
+# disk serves reads, takes deletes when it can, and new bytes again once there is room.)
 disk_reserve_mib = {dr}
 
 # Background re-verification of every stored blob (0 disables), and its read rate.

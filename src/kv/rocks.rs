@@ -184,10 +184,14 @@ fn batch_of(db: &Db, batch: &Batch) -> WriteBatch {
 impl RocksKv {
     /// Opens (or creates) the store at `path`.
     ///
-    /// A full disk does not keep the daemon down: opening for writing replays the WAL into
-    /// new table files, which a full disk refuses, so the store then opens read-only (the
-    /// WAL replayed in memory, nothing written). Reads are served; writes are refused with
-    /// ResourceExhausted until one finds room to reopen for writing ([`RocksKv::writable`]).
+    /// A full disk does not keep the daemon down. Opening for writing replays the WAL into
+    /// new table files, which a full disk refuses; the store then opens for writing with the
+    /// replayed records kept in memory and in their WAL (RocksDB's
+    /// `avoid_flush_during_recovery`), which needs only a few KiB for a new MANIFEST and WAL,
+    /// so deletes and collections can make room. With not even that, it opens read-only
+    /// (the WAL replayed in memory, nothing written): reads are served, and writes are
+    /// refused with ResourceExhausted until one finds room to reopen for writing
+    /// ([`RocksKv::writable`]).
     pub fn open(path: &Path, tuning: &Tuning) -> Result<RocksKv> {
         std::fs::create_dir_all(path).map_err(|e| {
             Error::internal(format!(
@@ -195,19 +199,34 @@ impl RocksKv {
                 path.display()
             ))
         })?;
-        let (db, read_only) = match open_db(path, tuning, false) {
+        let no_space =
+            |e: &rocksdb::Error| e.kind() == rocksdb::ErrorKind::IOError && is_no_space(e.as_ref());
+        let (db, read_only) = match open_db(path, tuning, OpenAs::Write) {
             Ok(db) => (db, false),
-            Err(e) if e.kind() == rocksdb::ErrorKind::IOError && is_no_space(e.as_ref()) => {
-                tracing::warn!(
-                    dir = %path.display(),
-                    error = %e,
-                    "the disk is full: the store is open read-only until there is room to write"
-                );
-                (
-                    open_db(path, tuning, true).map_err(|e| open_error(path, e))?,
-                    true,
-                )
-            }
+            Err(e) if no_space(&e) => match open_db(path, tuning, OpenAs::WriteKeepingWal) {
+                Ok(db) => {
+                    tracing::warn!(
+                        dir = %path.display(),
+                        error = %e,
+                        "the disk is full: the store is open with its WAL unflushed; \
+                         delete content to make room"
+                    );
+                    (db, false)
+                }
+                Err(e) if no_space(&e) => {
+                    tracing::warn!(
+                        dir = %path.display(),
+                        error = %e,
+                        "the disk is full: the store is open read-only until there is room \
+                         to write"
+                    );
+                    (
+                        open_db(path, tuning, OpenAs::ReadOnly).map_err(|e| open_error(path, e))?,
+                        true,
+                    )
+                }
+                Err(e) => return Err(open_error(path, e)),
+            },
             Err(e) => return Err(open_error(path, e)),
         };
         Ok(RocksKv {
@@ -256,7 +275,9 @@ impl RocksKv {
         *last = Some(Instant::now());
         // A read-only instance takes no lock on the directory, so this one can open beside
         // it.
-        match open_db(&self.dir, &self.tuning, false) {
+        match open_db(&self.dir, &self.tuning, OpenAs::Write)
+            .or_else(|_| open_db(&self.dir, &self.tuning, OpenAs::WriteKeepingWal))
+        {
             Ok(db) => {
                 *swap.write() = Arc::new(db);
                 self.read_only.store(false, Ordering::Release);
@@ -288,12 +309,24 @@ fn open_error(path: &Path, e: rocksdb::Error) -> Error {
     }
 }
 
-fn open_db(
-    path: &Path,
-    tuning: &Tuning,
-    read_only: bool,
-) -> std::result::Result<Db, rocksdb::Error> {
-    let mut db_opts = Options::default();
+/// How [`open_db`] opens the store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpenAs {
+    Write,
+    /// For writing, without flushing what the WAL replays (it stays in the memtables and in
+    /// its WAL files until a later flush): the open writes only a new MANIFEST and WAL.
+    WriteKeepingWal,
+    ReadOnly,
+}
+
+fn open_db(path: &Path, tuning: &Tuning, how: OpenAs) -> std::result::Result<Db, rocksdb::Error> {
+    let mut db_opts = match how {
+        // The binding has no setter for it; set first, on options holding nothing else.
+        OpenAs::WriteKeepingWal => {
+            Options::default().get_options_from_string("avoid_flush_during_recovery=true")?
+        }
+        OpenAs::Write | OpenAs::ReadOnly => Options::default(),
+    };
     db_opts.create_if_missing(true);
     db_opts.create_missing_column_families(true);
     db_opts.set_db_write_buffer_size(tuning.write_buffer_bytes);
@@ -343,7 +376,7 @@ fn open_db(
         };
         ColumnFamilyDescriptor::new(name, o)
     });
-    if read_only {
+    if how == OpenAs::ReadOnly {
         Db::open_cf_descriptors_read_only(&db_opts, path, descriptors, false)
     } else {
         Db::open_cf_descriptors(&db_opts, path, descriptors)

@@ -392,10 +392,10 @@ async fn reads_back(c: &mut Client, blobs: &[Vec<u8>]) {
 /// A real full disk (a 128 MiB filesystem of its own). New bytes are refused with
 /// ResourceExhausted before RocksDB meets the end of the disk. When another program takes
 /// every byte left, reads go on, deletes and collections still run, and nothing committed is
-/// lost; a collection gives back what it collects even then. A daemon killed then comes back on the full disk read-only (opening for writing
-/// would replay its WAL into new files): it serves every blob, refuses writes with a message
-/// that says why, and takes writes again by itself once there is room. A kill -9 after that
-/// loses nothing either.
+/// lost; a collection gives back what it collects even then. A daemon killed then comes back
+/// on the full disk (for writing with its WAL unflushed, or read-only when not even that
+/// fits): it serves every blob, refuses new bytes with a message that says why, and takes
+/// writes again by itself once there is room. A kill -9 after that loses nothing either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_new_bytes_and_loses_nothing() {
     let Some(disk) = SmallDisk::mount(128 << 20) else {
@@ -445,14 +445,19 @@ async fn a_full_disk_refuses_new_bytes_and_loses_nothing() {
     // The other program takes that too.
     disk.fill();
 
-    // Killed on the full disk, the daemon comes back read-only and serves everything.
+    // Killed on the full disk, the daemon comes back and serves everything. Which open it
+    // got depends on the few KiB the kill gave back (the WAL's preallocated tail): for
+    // writing with the WAL unflushed (new bytes then stop at the reserve), or read-only.
     d.kill9();
     let d = Daemon::start_in_with(disk.path(), &flags);
     let mut c = d.client(Some("full")).await;
     reads_back(&mut c, &stored).await;
-    let e = try_put(&mut c, "read-only", &small).await.unwrap_err();
+    let e = try_put(&mut c, "while-full", &small).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
-    assert!(e.message().contains("read-only"), "{e}");
+    assert!(
+        e.message().contains("read-only") || e.message().contains("disk_reserve_mib"),
+        "{e}"
+    );
 
     // Room comes back: writes resume without a restart (a reopen is tried every 5 s), the
     // first of them deletes that make room under the reserve again.
@@ -577,4 +582,65 @@ async fn a_disk_filling_up_at_run_time_stops_writes_until_there_is_room() {
         .info
         .unwrap();
     assert_eq!(info.labels["n1"], "x".repeat(3000));
+}
+
+/// A daemon killed on a full disk whose WAL holds more than the room left (small blobs not
+/// yet flushed) comes back open for writing all the same, its WAL kept unflushed: deletes
+/// work, and they make the room that lets it flush. Nothing committed is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_a_full_disk_still_takes_the_deletes_that_make_room() {
+    let Some(disk) = SmallDisk::mount(64 << 20) else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // Room the other program will give back: less than the WAL's blobs take to flush.
+    let placeholder = disk.path().join("placeholder");
+    std::fs::write(&placeholder, vec![0u8; 1 << 20]).unwrap();
+    let flags = ["--gc-grace-secs", "0", "--gc-interval-secs", "0"];
+    let mut d = Daemon::start_in_with(disk.path(), &flags);
+    let mut c = d.client(Some("wal")).await;
+    let blobs: Vec<Vec<u8>> = (0..300).map(|i| pattern(16 << 10, 5000 + i)).collect();
+    for (i, b) in blobs.iter().enumerate() {
+        try_put(&mut c, &format!("small-{i}"), b).await.unwrap();
+    }
+    disk.fill();
+    d.kill9();
+    std::fs::remove_file(&placeholder).unwrap();
+
+    let d = Daemon::start_in_with(disk.path(), &flags);
+    let mut c = d.client(Some("wal")).await;
+    assert!(
+        d.log().contains("open with its WAL unflushed"),
+        "the restart needed the open that keeps the WAL: {}",
+        d.log()
+    );
+    let (gone, kept) = blobs.split_at(200);
+    for b in gone {
+        c.delete(pb::DeleteContentRequest {
+            digest: sha(b).to_string(),
+        })
+        .await
+        .expect("a delete is taken after a restart on a full disk");
+    }
+    gc(&d.client_sock, false).await;
+    reads_back(&mut c, kept).await;
+
+    let mut d = d;
+    d.kill9();
+    let d = Daemon::start_in_with(disk.path(), &flags);
+    let mut c = d.client(Some("wal")).await;
+    reads_back(&mut c, kept).await;
+    for b in gone {
+        let e = c
+            .info(pb::InfoRequest {
+                digest: sha(b).to_string(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::NotFound,
+            "a deleted blob stays deleted: {e}"
+        );
+    }
 }
