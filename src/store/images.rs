@@ -104,6 +104,7 @@ impl Store {
         }
         let now = now_ns();
         (img.created_ns, img.updated_ns) = (now, now);
+        self.check_record_growth(0, img.encoded_len())?;
         self.barrier_image(scope, &img);
         let mut b = Batch::new();
         b.put(Cf::Images, key, img.encode_to_vec());
@@ -155,6 +156,7 @@ impl Store {
         let _record = self.record_lock(&key);
         let _gate = self.gc_gate.read();
         let mut img = self.image(scope, &update.name)?;
+        let before = img.encoded_len();
         if paths.is_empty() {
             img.labels = update.labels.clone();
             img.annotations = update.annotations.clone();
@@ -203,6 +205,7 @@ impl Store {
             }
         }
         validate(&img)?;
+        self.check_record_growth(before, img.encoded_len())?;
         img.updated_ns = now_ns();
         self.barrier_image(scope, &img);
         let mut b = Batch::new();

@@ -97,6 +97,7 @@ impl Store {
         if self.lease(scope, &id)?.is_some() {
             return Err(Error::exists(format!("lease {id:?}: already exists")));
         }
+        self.check_record_growth(0, rec.encoded_len())?;
         let mut b = Batch::new();
         // A new lease starts empty, whatever a lease of the same id once held (an ingest's
         // resource queued while that lease was being deleted, say).

@@ -679,6 +679,32 @@ async fn new_bytes_stop_short_of_the_disk_reserve_and_deletes_go_on() {
     assert!(e.is(Kind::ResourceExhausted), "{e}");
     assert!(e.to_string().contains("disk_reserve_mib"), "{e}");
     put(&store, &a, "fits", &[2u8; 10]).await.unwrap();
+    // Metadata is new bytes too: a label, an image or a lease that would grow into the
+    // reserve is refused; one that shrinks a record goes through.
+    let fits = sha(&[2u8; 10]);
+    let label = |v: &str| HashMap::from([("k".to_string(), v.to_string())]);
+    kv.set_disk_space(Some((128 * mib + 100, 10 << 30)));
+    store
+        .update(&a, &fits, label(&"x".repeat(50)), &[])
+        .unwrap();
+    kv.set_disk_space(Some((128 * mib, 10 << 30)));
+    let e = store
+        .update(&a, &fits, label(&"x".repeat(51)), &[])
+        .unwrap_err();
+    assert!(e.is(Kind::ResourceExhausted), "{e}");
+    store.update(&a, &fits, label("short"), &[]).unwrap();
+    let img = ImageRecord {
+        name: "full".into(),
+        digest: fits.to_string(),
+        size: 10,
+        media_type: "application/octet-stream".into(),
+        ..Default::default()
+    };
+    let e = store.create_image(&a, img.clone()).unwrap_err();
+    assert!(e.is(Kind::ResourceExhausted), "{e}");
+    let e = store.create_lease(&a, "full", HashMap::new()).unwrap_err();
+    assert!(e.is(Kind::ResourceExhausted), "{e}");
+    kv.set_disk_space(Some((128 * mib + 10, 10 << 30)));
     // Nothing of the refused write was stored, and deleting and collecting still work.
     assert_eq!(store.status(&a, "big").unwrap().offset, 0);
     assert!(
