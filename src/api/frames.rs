@@ -125,12 +125,7 @@ where
         Ok(m) => m,
         Err(s) => return s.into_http(),
     };
-    let req = tonic::Request::from_parts(
-        MetadataMap::from_headers(parts.headers),
-        parts.extensions,
-        msg,
-    );
-    match svc.read(req).await {
+    match svc.read(grpc_request(parts, msg)).await {
         Err(s) => s.into_http(),
         Ok(resp) => {
             let (meta, stream, _) = resp.into_parts();
@@ -150,15 +145,19 @@ where
 {
     let (parts, body) = req.into_parts();
     let inbound = Requests::<B, pb::WriteContentRequest>::new(body, limit, "Write");
-    let req = tonic::Request::from_parts(
-        MetadataMap::from_headers(parts.headers),
-        parts.extensions,
-        inbound,
-    );
-    match svc.write_stream(req).await {
+    match svc.write_stream(grpc_request(parts, inbound)).await {
         Err(s) => s.into_http(),
         Ok(stream) => respond(MetadataMap::new(), stream),
     }
+}
+
+/// The service's request: the call's metadata and extensions around `message`.
+fn grpc_request<T>(parts: http::request::Parts, message: T) -> tonic::Request<T> {
+    tonic::Request::from_parts(
+        MetadataMap::from_headers(parts.headers),
+        parts.extensions,
+        message,
+    )
 }
 
 /// A streamed response: headers now, then the messages, then the status as trailers.

@@ -343,6 +343,15 @@ impl SmallDisk {
         ok.then_some(SmallDisk { dir })
     }
 
+    /// [`SmallDisk::mount`], saying the test is skipped when it cannot be.
+    fn mount_or_skip(bytes: u64) -> Option<SmallDisk> {
+        let disk = SmallDisk::mount(bytes);
+        if disk.is_none() {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        }
+        disk
+    }
+
     fn path(&self) -> &std::path::Path {
         self.dir.path()
     }
@@ -398,8 +407,7 @@ async fn reads_back(c: &mut Client, blobs: &[Vec<u8>]) {
 /// writes again by itself once there is room. A kill -9 after that loses nothing either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_new_bytes_and_loses_nothing() {
-    let Some(disk) = SmallDisk::mount(128 << 20) else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+    let Some(disk) = SmallDisk::mount_or_skip(128 << 20) else {
         return;
     };
     let flags = ["--gc-grace-secs", "0", "--gc-interval-secs", "0"];
@@ -516,8 +524,7 @@ async fn a_full_disk_refuses_new_bytes_and_loses_nothing() {
 /// restart, and a kill -9 then loses nothing acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_filling_up_at_run_time_stops_writes_until_there_is_room() {
-    let Some(disk) = SmallDisk::mount(48 << 20) else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+    let Some(disk) = SmallDisk::mount_or_skip(48 << 20) else {
         return;
     };
     let cfg = disk.path().join("c.toml");
@@ -594,8 +601,7 @@ async fn a_disk_filling_up_at_run_time_stops_writes_until_there_is_room() {
 /// work, and they make the room that lets it flush. Nothing committed is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_on_a_full_disk_still_takes_the_deletes_that_make_room() {
-    let Some(disk) = SmallDisk::mount(64 << 20) else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+    let Some(disk) = SmallDisk::mount_or_skip(64 << 20) else {
         return;
     };
     // Room the other program will give back: less than the WAL's blobs take to flush.
