@@ -970,7 +970,7 @@ impl Store {
             // from opening the ingest while it is dropped.
             let mut slots = self.slots.lock();
             let guard = match slots.get(&key) {
-                Some((slot, _)) => match slot.clone().try_lock_owned() {
+                Some(e) => match e.slot.clone().try_lock_owned() {
                     Ok(g) => Some(g),
                     Err(_) => continue,
                 },

@@ -49,7 +49,7 @@ pub use crate::dates::parse_rfc3339;
 pub use chunks::Gather;
 pub use collect::{Explanation, GcReport};
 pub use ingest::{AsyncWriter, Writer, WriterStatus};
-use ingest::{LockedSince, Reservation, Slot};
+use ingest::{Reservation, SlotEntry};
 use keys::{
     chunk_key, edge_key, extent_range, ingest_key, link_key, owner_key, parent_key, split_scope,
 };
@@ -260,7 +260,7 @@ struct Extents {
 
 pub struct Store {
     kv: Arc<dyn Kv>,
-    slots: Mutex<HashMap<Vec<u8>, (Slot, LockedSince)>>,
+    slots: Mutex<HashMap<Vec<u8>, SlotEntry>>,
     digest_locks: Vec<Mutex<()>>,
     /// Striped by record key (images, leases): a record's read-modify-write (create's
     /// existence check, update's merge, adding a lease resource) and its delete serialise,

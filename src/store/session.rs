@@ -55,7 +55,8 @@ struct Steps {
 }
 
 impl WriteSession {
-    /// Opens the session and answers its first request, in one blocking-pool task.
+    /// Opens the session and answers its first request, in one blocking-pool task (or none,
+    /// for a STAT opening a new ingest).
     pub async fn start(
         store: &Arc<Store>,
         scope: Scope,
@@ -68,8 +69,9 @@ impl WriteSession {
         if reference.is_empty() {
             return Err(Error::invalid("first message must have a reference"));
         }
+        let stores = !(first.action == Some(WriteAction::Stat) && first.data.is_empty());
         let (writer, (r, steps)) = store
-            .open_writer_with(scope, reference, total, expected, lease, move |w| {
+            .open_writer_with(scope, reference, total, expected, lease, stores, move |w| {
                 let mut steps = Steps {
                     first: true,
                     done: false,

@@ -559,6 +559,88 @@ async fn ingest_resumes_after_reopen() {
     assert_eq!(read_all(&store, &a, &sha(&data)), data);
 }
 
+/// A new ingest is stored with its first bytes, not at open: opening one writes nothing, yet
+/// Status and ListStatuses show it; its first write stores the record and the bytes together;
+/// a restart forgets an ingest that never got a byte and resumes one that did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_ingest_is_stored_with_its_first_bytes() {
+    let kv = Arc::new(MemKv::default());
+    let store = Store::open(kv.clone()).unwrap();
+    let (a, b) = (ns("a"), ns("b"));
+    let names = |store: &Store| -> Vec<(String, i64, i64)> {
+        let mut v: Vec<_> = store
+            .list_statuses(&a, &Filter::default())
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.reference, s.offset, s.total))
+            .collect();
+        v.sort();
+        v
+    };
+    let mut w = store
+        .open_writer(a.clone(), "r1", 10, None, None)
+        .await
+        .unwrap();
+    w.flush().unwrap();
+    assert!(!w.has_queued());
+    assert!(
+        kv.get(Cf::Ingests, &ingest_key(&a, "r1"))
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(store.status(&a, "r1").unwrap().total, 10);
+    assert_eq!(names(&store), [("r1".to_string(), 0, 10)]);
+    assert!(store.status(&b, "r1").unwrap_err().is(Kind::NotFound));
+    assert!(
+        store
+            .list_statuses(&b, &Filter::default())
+            .unwrap()
+            .is_empty()
+    );
+    // Let go and taken again: the same ingest, still shown while it waits.
+    drop(w);
+    assert_eq!(names(&store), [("r1".to_string(), 0, 10)]);
+    let mut w = store
+        .open_writer(a.clone(), "r1", 10, None, None)
+        .await
+        .unwrap();
+    w.write(0, b"hello").unwrap();
+    w.flush().unwrap();
+    let stored = kv.get(Cf::Ingests, &ingest_key(&a, "r1")).unwrap().unwrap();
+    assert_eq!(IngestRecord::decode(&stored[..]).unwrap().offset, 5);
+    assert_eq!(names(&store), [("r1".to_string(), 5, 10)]);
+    drop(w);
+    let w2 = store
+        .open_writer(a.clone(), "r2", 0, None, None)
+        .await
+        .unwrap();
+    drop(w2);
+    assert_eq!(names(&store).len(), 2);
+
+    let store = Store::open(kv.clone()).unwrap();
+    assert_eq!(names(&store), [("r1".to_string(), 5, 10)]);
+    assert!(store.status(&a, "r2").unwrap_err().is(Kind::NotFound));
+    let mut w = store
+        .open_writer(a.clone(), "r1", 10, None, None)
+        .await
+        .unwrap();
+    w.write(5, b"world").unwrap();
+    let info = w.commit(10, Some(sha(b"helloworld")), None).unwrap();
+    assert_eq!(info.size, 10);
+    // An ingest committed with no bytes of its own (the empty blob) leaves nothing behind.
+    let mut w = store
+        .open_writer(a.clone(), "empty", 0, None, None)
+        .await
+        .unwrap();
+    w.commit(0, Some(sha(b"")), None).unwrap();
+    assert!(names(&store).is_empty());
+    assert!(
+        kv.get(Cf::Ingests, &ingest_key(&a, "empty"))
+            .unwrap()
+            .is_none()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unleased_ingests_expire_and_leased_ones_stay() {
     let store = Store::open_with(
