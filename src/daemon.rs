@@ -179,6 +179,25 @@ fn step_failed(task: &'static str, e: tokio::task::JoinError) {
     tracing::error!(task, error = %e, "background step failed");
 }
 
+/// Lifts the soft limit on open files to the hard one, as Go's runtime does for containerd
+/// and every Go program: the soft limit is a compatibility default for `select(2)` users
+/// (1024 from a shell), and a store of many blob files plus many client connections passes
+/// it long before the hard limit an operator chose. RocksDB sizes its table cache from the
+/// result (`kv::rocks`).
+pub fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Hands memory the allocator holds but nobody uses back to the kernel, once a second.
 ///
 /// glibc keeps freed memory in its arenas for reuse and returns only the top of a heap: after

@@ -199,6 +199,7 @@ fn main() -> std::process::ExitCode {
     // working set.
     // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    contentd::daemon::raise_open_files_limit();
     let cli = Cli::parse();
     match cli.command {
         Command::Client(verb) => contentd::cli::main(cli.conn, verb),

@@ -309,6 +309,28 @@ fn open_error(path: &Path, e: rocksdb::Error) -> Error {
     }
 }
 
+/// Files RocksDB keeps open at once (table files and blob files, in its table cache): half
+/// the process's descriptor limit, the rest left for client connections, listeners, WAL,
+/// MANIFEST and the files a flush or compaction is writing. RocksDB's default keeps every
+/// file open for good, and every large blob committed on its own is a blob file and a table
+/// file of its own: under a 256-descriptor limit the 199th push of a 600 KiB blob failed
+/// with "Too many open files" (a 1024 limit, a shell's usual, is reached the same way by a
+/// few hundred layers). Bounded, RocksDB closes the least recently used file instead.
+fn open_files_budget() -> i32 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        1024
+    };
+    // RocksDB takes no fewer than 20.
+    (soft / 2).clamp(20, 1 << 16) as i32
+}
+
 /// How [`open_db`] opens the store.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum OpenAs {
@@ -336,6 +358,7 @@ fn open_db(path: &Path, tuning: &Tuning, how: OpenAs) -> std::result::Result<Db,
     db_opts.set_max_log_file_size(LOG_FILE_BYTES);
     db_opts.set_keep_log_file_num(4);
     db_opts.set_max_total_wal_size(256 << 20);
+    db_opts.set_max_open_files(open_files_budget());
     db_opts.set_bytes_per_sync(1 << 20);
     let cache = Cache::new_lru_cache(tuning.block_cache_bytes);
 

@@ -655,3 +655,32 @@ async fn a_restart_on_a_full_disk_still_takes_the_deletes_that_make_room() {
         );
     }
 }
+
+/// Under a low limit on open files (128, soft and hard, as a container or a shell may
+/// impose) the daemon keeps working however many files the store has: 300 large blobs
+/// committed one by one are a blob file and a table file each, more than the limit, and all
+/// of them are written, read back (twice, so files closed meanwhile open again) and served
+/// again after a restart under the same limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_more_files_than_the_descriptor_limit_keeps_working() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = Daemon::unspawned_in(tmp.path());
+    d.nofile = Some(128);
+    let mut d = d.started();
+    let mut c = d.client(Some("default")).await;
+    // Larger than what a commit writes through the WAL: each commit flushes its own files.
+    let blobs: Vec<Vec<u8>> = (0..300).map(|i| pattern(600 << 10, i)).collect();
+    for (i, b) in blobs.iter().enumerate() {
+        if let Err(e) = try_put(&mut c, &format!("f{i}"), b).await {
+            panic!("blob {i} of {}: {e}", blobs.len());
+        }
+    }
+    reads_back(&mut c, &blobs).await;
+    reads_back(&mut c, &blobs).await;
+    let files = std::fs::read_dir(d.dir.join("root")).unwrap().count();
+    assert!(files > 256, "the store has only {files} files");
+    drop(c);
+    d = d.restart();
+    let mut c = d.client(Some("default")).await;
+    reads_back(&mut c, &blobs).await;
+}

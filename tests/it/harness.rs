@@ -19,6 +19,8 @@ pub struct Daemon {
     pub backend_sock: PathBuf,
     pub other_sock: PathBuf,
     extra: Vec<String>,
+    /// A limit on open files (soft and hard) the daemon runs under.
+    pub nofile: Option<u64>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -40,6 +42,7 @@ impl Daemon {
             backend_sock: tmp.path().join("b.sock"),
             other_sock: tmp.path().join("o.sock"),
             extra: args.iter().map(|a| a.to_string()).collect(),
+            nofile: None,
             _tmp: None,
         }
         .spawn();
@@ -54,16 +57,28 @@ impl Daemon {
 
     /// [`Daemon::start_in`] with extra `serve` flags.
     pub fn start_in_with(dir: &Path, args: &[&str]) -> Daemon {
-        let d = Daemon {
+        let mut d = Daemon::unspawned_in(dir);
+        d.extra = args.iter().map(|a| a.to_string()).collect();
+        d.spawn()
+    }
+
+    /// A daemon under `dir` not started yet: set fields, then [`Daemon::started`].
+    pub fn unspawned_in(dir: &Path) -> Daemon {
+        Daemon {
             child: None,
             dir: dir.to_path_buf(),
             client_sock: dir.join("c.sock"),
             backend_sock: dir.join("b.sock"),
             other_sock: dir.join("o.sock"),
-            extra: args.iter().map(|a| a.to_string()).collect(),
+            extra: Vec::new(),
+            nofile: None,
             _tmp: None,
-        };
-        d.spawn()
+        }
+    }
+
+    /// Starts a daemon made by [`Daemon::unspawned_in`].
+    pub fn started(self) -> Daemon {
+        self.spawn()
     }
 
     fn spawn(mut self) -> Daemon {
@@ -72,7 +87,25 @@ impl Daemon {
             .append(true)
             .open(self.dir.join("daemon.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_contentd"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_contentd"));
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt as _;
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = cmd
             .arg("serve")
             .arg("--root")
             .arg(self.dir.join("root"))
