@@ -1119,9 +1119,8 @@ impl Registry {
             .open_writer(self.scope.clone(), &r, 0, None, None)
             .await?;
         let mut w = crate::store::AsyncWriter::new(w);
-        // Make the ingest exist on disk at once, so the upload survives a restart and its
-        // status answers before any byte.
-        w.step(|w| w.status().map(|_| ())).await?;
+        // Store the ingest at once, so the upload survives a restart before any byte.
+        w.step(|w| w.save()).await?;
         Ok(w)
     }
 

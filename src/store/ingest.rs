@@ -718,12 +718,7 @@ impl Writer {
         if !b.is_empty() {
             self.store.kv.write(b, false)?;
         }
-        if let Some(st) = self.guard.as_mut()
-            && !st.saved
-        {
-            st.saved = true;
-            *self.unsaved.lock() = None;
-        }
+        self.mark_saved();
         if !chunks.is_empty() {
             // Crash ordering: the record just written may outlive these chunks (they are not
             // in the WAL); resume re-reads what is actually stored and trims the offset to it.
@@ -735,6 +730,28 @@ impl Writer {
             l.publish(st.rec.extent, st.rec.offset, self.total);
         }
         Ok(())
+    }
+
+    /// Stores the ingest now, bytes or not: for an upload that must outlive a restart before
+    /// its first byte (the registry's, which a client resumes by its URL).
+    pub fn save(&mut self) -> Result<()> {
+        if self.guard.as_ref().is_some_and(|st| !st.saved) {
+            self.persist(Batch::new())?;
+            self.store
+                .kv
+                .write(std::mem::take(&mut self.pending), false)?;
+            self.mark_saved();
+        }
+        Ok(())
+    }
+
+    fn mark_saved(&mut self) {
+        if let Some(st) = self.guard.as_mut()
+            && !st.saved
+        {
+            st.saved = true;
+            *self.unsaved.lock() = None;
+        }
     }
 
     /// Whether anything is queued for the next [`Writer::flush`] to write.

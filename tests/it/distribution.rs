@@ -292,9 +292,20 @@ async fn distribution_api_routes_and_statuses() {
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(r.headers()["Range"], format!("0-{}", (1 << 20) - 1));
 
+    // An upload that has no byte yet is stored as well.
+    let r = c
+        .post(format!("{base}/v2/team/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let empty = r.headers()["Location"].to_str().unwrap().to_string();
+
     // The upload is an ingest: it survives a restart of the daemon.
     let daemon = daemon.restart();
     wait_http(&base);
+    let r = c.get(format!("{base}{empty}")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT, "{:?}", r.text().await);
     // A streamed PATCH (no Content-Range), then the closing PUT with the last bytes.
     let r = c
         .patch(format!("{base}{loc}"))
