@@ -266,3 +266,62 @@ async fn admin_calls_are_limited_to_the_admin_socket_and_namespaces() {
     let mut c = d.client(Some("team")).await;
     put(&mut c, "r", b"ordinary work").await.unwrap();
 }
+
+/// CPU time a process has used, in clock ticks (user + system).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A daemon out of descriptors (a limit of 64, and more clients queued than it can take)
+/// neither spins nor stops: it uses next to no CPU while it cannot accept, keeps serving the
+/// connections it has, and accepts again once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_out_of_descriptors_waits_instead_of_spinning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = Daemon::unspawned_in(tmp.path());
+    d.nofile = Some(64);
+    let d = d.started();
+    let mut c = d.client(Some("default")).await;
+    let data = b"still served".to_vec();
+    put(&mut c, "kept", &data).await.unwrap();
+    let queued: Vec<_> = (0..80)
+        .map(|_| std::os::unix::net::UnixStream::connect(&d.client_sock).unwrap())
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !d.log().contains("cannot accept connections") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let before = cpu_ticks(d.pid());
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let used = cpu_ticks(d.pid()) - before;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    assert!(
+        used * 10 < 2 * hz * 2,
+        "the daemon used {used} ticks of CPU in 2 s ({hz}/s) while it could not accept"
+    );
+    let (got, _) = read(&mut c, &sha(&data).to_string(), 0, 0).await.unwrap();
+    assert_eq!(got, data);
+    drop(queued);
+    // Accepted again within the longest pause.
+    let mut fresh = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let mut f = d.client(Some("default")).await;
+            match read(&mut f, &sha(&data).to_string(), 0, 0).await {
+                Ok(_) => return f,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .expect("a new client is served once descriptors are free");
+    let (got, _) = read(&mut fresh, &sha(&data).to_string(), 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(got, data);
+}
