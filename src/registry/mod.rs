@@ -343,17 +343,19 @@ pub async fn serve(
     };
     tracing::info!(addr = %local, tls = acceptor.is_some(), read_only = registry.config.read_only, "registry listening");
     tokio::spawn(async move {
+        let incoming = crate::daemon::accepting(tokio_stream::wrappers::TcpListenerStream::new(l));
+        let mut incoming = std::pin::pin!(incoming);
         loop {
-            let (conn, peer) = tokio::select! {
+            let conn = tokio::select! {
                 _ = stop.cancelled() => return,
-                r = l.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "registry accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
+                c = futures::StreamExt::next(&mut incoming) => match c {
+                    Some(Ok(c)) => c,
+                    // `accepting` retries failed accepts itself; this is the listener's end.
+                    _ => return,
                 },
+            };
+            let Ok(peer) = conn.peer_addr() else {
+                continue;
             };
             let _ = conn.set_nodelay(true);
             let (reg, acceptor, stop) = (registry.clone(), acceptor.clone(), stop.clone());
