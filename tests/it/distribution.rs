@@ -62,6 +62,17 @@ async fn code_of(r: reqwest::Response) -> (StatusCode, String) {
     )
 }
 
+/// Starts an upload by POST (202) and gives its Location.
+async fn start_upload(c: &reqwest::Client, base: &str, repo: &str) -> String {
+    let r = c
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    r.headers()["Location"].to_str().unwrap().to_string()
+}
+
 /// Pushes a blob monolithically.
 async fn push_blob(c: &reqwest::Client, base: &str, repo: &str, data: &[u8]) -> String {
     let d = sha(data).to_string();
@@ -264,13 +275,7 @@ async fn distribution_api_routes_and_statuses() {
     // Chunked upload: POST, PATCH with Content-Range, a gap (416), status, PUT.
     let big = pattern(3 << 20, 2);
     let bd = sha(&big).to_string();
-    let r = c
-        .post(format!("{base}/v2/team/app/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let loc = r.headers()["Location"].to_str().unwrap().to_string();
+    let loc = start_upload(&c, &base, "team/app").await;
     let r = c
         .patch(format!("{base}{loc}"))
         .header("Content-Range", format!("0-{}", (1 << 20) - 1))
@@ -293,13 +298,7 @@ async fn distribution_api_routes_and_statuses() {
     assert_eq!(r.headers()["Range"], format!("0-{}", (1 << 20) - 1));
 
     // An upload that has no byte yet is stored as well.
-    let r = c
-        .post(format!("{base}/v2/team/app/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let empty = r.headers()["Location"].to_str().unwrap().to_string();
+    let empty = start_upload(&c, &base, "team/app").await;
 
     // The upload is an ingest: it survives a restart of the daemon.
     let daemon = daemon.restart();
@@ -334,12 +333,7 @@ async fn distribution_api_routes_and_statuses() {
 
     // A wrong digest is DIGEST_INVALID and stores nothing; an unknown upload is unknown;
     // DELETE cancels.
-    let r = c
-        .post(format!("{base}/v2/team/app/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
-    let loc = r.headers()["Location"].to_str().unwrap().to_string();
+    let loc = start_upload(&c, &base, "team/app").await;
     let r = c
         .put(format!("{base}{loc}?digest={unknown}"))
         .body(b"other bytes".to_vec())
@@ -366,12 +360,7 @@ async fn distribution_api_routes_and_statuses() {
         code_of(r).await,
         (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN".into())
     );
-    let r = c
-        .post(format!("{base}/v2/team/app/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
-    let loc = r.headers()["Location"].to_str().unwrap().to_string();
+    let loc = start_upload(&c, &base, "team/app").await;
     assert_eq!(
         c.delete(format!("{base}{loc}"))
             .send()
