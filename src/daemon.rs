@@ -431,16 +431,14 @@ async fn scrubber(
 
 /// The Prometheus endpoint: a minimal HTTP/1.1 responder for `GET /metrics`.
 async fn serve_metrics(l: tokio::net::TcpListener, store: Arc<Store>, stop: CancellationToken) {
+    let mut incoming = std::pin::pin!(accepting(TcpListenerStream::new(l)));
     loop {
-        let (mut conn, _) = tokio::select! {
+        let mut conn = tokio::select! {
             _ = stop.cancelled() => return,
-            r = l.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(ACCEPT_PAUSE.1).await;
-                    continue;
-                }
+            c = incoming.next() => match c {
+                Some(Ok(c)) => c,
+                // `accepting` retries failed accepts itself; this is the listener's end.
+                _ => return,
             },
         };
         let store = store.clone();

@@ -343,8 +343,9 @@ pub async fn serve(
     };
     tracing::info!(addr = %local, tls = acceptor.is_some(), read_only = registry.config.read_only, "registry listening");
     tokio::spawn(async move {
-        let incoming = crate::daemon::accepting(tokio_stream::wrappers::TcpListenerStream::new(l));
-        let mut incoming = std::pin::pin!(incoming);
+        let mut incoming = std::pin::pin!(crate::daemon::accepting(
+            tokio_stream::wrappers::TcpListenerStream::new(l)
+        ));
         loop {
             let conn = tokio::select! {
                 _ = stop.cancelled() => return,

@@ -66,8 +66,6 @@ impl Gather {
 }
 
 impl Store {
-    /// A fresh extent id. Ids are reserved in blocks with a synced write before use, so an id
-    /// seen in any durable record can never be handed out again after a restart.
     /// [`Store::new_extent`] when it needs no write: None once the reserved block is used up.
     pub(super) fn new_extent_reserved(&self) -> Option<u64> {
         let mut e = self.extents.lock();
@@ -77,6 +75,8 @@ impl Store {
         })
     }
 
+    /// A fresh extent id. Ids are reserved in blocks with a synced write before use, so an id
+    /// seen in any durable record can never be handed out again after a restart.
     pub(super) fn new_extent(&self) -> Result<u64> {
         let mut e = self.extents.lock();
         if e.next >= e.reserved {

@@ -113,12 +113,17 @@ impl Store {
             .filter(|(k, _)| k.starts_with(&prefix))
             .map(|(k, e)| (k.clone(), e.unsaved.clone()))
             .collect();
+        if unsaved.is_empty() {
+            return Ok(out);
+        }
+        // One saved since the scan above is listed already.
+        let listed: std::collections::HashSet<String> =
+            out.iter().map(|s| s.reference.clone()).collect();
         for (k, cell) in unsaved {
             let rec = cell.lock().clone();
             if let (Some(rec), Ok(r)) = (rec, std::str::from_utf8(&k[prefix.len()..])) {
                 let st = Self::status_of(r.to_string(), &rec);
-                // Saved since the scan above: it is listed already.
-                if filter.matches(&st) && !out.iter().any(|o| o.reference == st.reference) {
+                if filter.matches(&st) && !listed.contains(&st.reference) {
                     out.push(st);
                 }
             }
@@ -282,17 +287,23 @@ impl Store {
         }
         let key = ingest_key(&scope, r);
         let (guard, unsaved) = self.lock_slot(&key, r).await?;
-        // A new ingest with a reserved extent at hand needs one point lookup (that there is
-        // no record) and memory: answered on this worker. A resumed one re-reads its bytes.
+        // Looked up under the slot lock, so no other writer changes it meanwhile; a point
+        // lookup, on this worker.
+        let stored = if guard.is_none() {
+            self.ingest_record(&scope, r)?
+        } else {
+            None
+        };
+        // A new ingest with a reserved extent at hand needs nothing more than memory:
+        // answered on this worker. A resumed one re-reads its bytes.
         if !first_stores
             && guard.is_none()
-            && self.ingest_record(&scope, r)?.is_none()
+            && stored.is_none()
             && let Some(extent) = self.new_extent_reserved()
         {
-            let at = Start::New(extent);
             let mut w = self.clone().load_writer(
                 (guard, unsaved),
-                at,
+                Start::New(extent),
                 (scope, key, r.to_string()),
                 total,
                 expected,
@@ -306,7 +317,7 @@ impl Store {
         blocking(move || {
             let mut w = store.load_writer(
                 (guard, unsaved),
-                Start::Load,
+                Start::Stored(stored),
                 (scope, key, r),
                 total,
                 expected,
@@ -321,18 +332,14 @@ impl Store {
     pub(super) fn load_writer(
         self: Arc<Self>,
         (mut guard, unsaved): Held,
-        at: Start,
+        mut at: Start,
         (scope, key, r): (Scope, Vec<u8>, String),
         total: i64,
         expected: Option<Digest>,
         lease: Option<String>,
     ) -> Result<Writer> {
-        let stored = match at {
-            Start::Load if guard.is_none() => self.ingest_record(&scope, &r)?,
-            Start::Load | Start::New(_) => None,
-        };
         if guard.is_none() {
-            *guard = match stored {
+            *guard = match at.stored() {
                 Some(rec) => {
                     // Resume after a restart: the running hash is rebuilt from the bytes that
                     // are actually stored, and the offset trimmed to them.
@@ -402,7 +409,7 @@ impl Store {
                     .unwrap_or(Algorithm::Sha256);
                 let extent = match at {
                     Start::New(extent) => extent,
-                    Start::Load => self.new_extent()?,
+                    Start::Stored(_) => self.new_extent()?,
                 };
                 let mut rec = IngestRecord {
                     extent,
@@ -564,10 +571,19 @@ pub struct Writer {
 
 /// How [`Store::load_writer`] finds its ingest when the slot holds no state.
 pub(super) enum Start {
-    /// Look for a stored record; without one, start a new ingest.
-    Load,
+    /// The stored record the caller found under the slot lock; without one, a new ingest.
+    Stored(Option<IngestRecord>),
     /// The caller found no record: a new ingest, in this reserved extent.
     New(u64),
+}
+
+impl Start {
+    fn stored(&mut self) -> Option<IngestRecord> {
+        match self {
+            Start::Stored(rec) => rec.take(),
+            Start::New(_) => None,
+        }
+    }
 }
 
 impl Drop for Writer {
