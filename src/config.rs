@@ -113,6 +113,9 @@ pub struct Config {
     /// A collection also starts once this many mutations (new blobs, image creates and
     /// updates, lease resources added) accumulate; 0 disables this trigger.
     pub gc_mutation_threshold: u64,
+    /// Collections started by those counts take at most this percent of wall time: after
+    /// one that took T, the next waits T·100/percent (at most the interval). 0: no spacing.
+    pub gc_pause_percent: u64,
     /// An ingest no lease holds is dropped after this many seconds without a write.
     pub ingest_expiry_secs: u64,
     /// Permission bits of every unix socket contentd creates (octal, e.g. "0660").
@@ -204,6 +207,7 @@ impl Default for Config {
             gc_grace_secs: 3600,
             gc_deletion_threshold: 100,
             gc_mutation_threshold: 1000,
+            gc_pause_percent: 2,
             ingest_expiry_secs: 24 * 3600,
             socket_mode: "0660".into(),
             socket_owner: None,
@@ -287,6 +291,9 @@ log_format = "{log}"
 gc_interval_secs = {gi}
 gc_deletion_threshold = {gd}
 gc_mutation_threshold = {gm}
+# Collections started by those counts take at most this percent of the time (after one that
+# took T, the next waits T*100/percent, at most gc_interval_secs); 0: no spacing.
+gc_pause_percent = {gp}
 # Content linked more recently than this is kept even without a root (a client may still
 # be assembling an image without a lease).
 gc_grace_secs = {gg}
@@ -390,6 +397,7 @@ allowed_registries = []
         gi = c.gc_interval_secs,
         gd = c.gc_deletion_threshold,
         gm = c.gc_mutation_threshold,
+        gp = c.gc_pause_percent,
         gg = c.gc_grace_secs,
         ie = c.ingest_expiry_secs,
         si = c.scrub_interval_secs,
@@ -538,6 +546,9 @@ impl Config {
             return Err(Error::invalid(
                 "max_message_bytes must be at least 65536 and max_concurrent_streams at least 1",
             ));
+        }
+        if self.gc_pause_percent > 100 {
+            return Err(Error::invalid("gc_pause_percent is a percentage (0-100)"));
         }
         if self.eviction_high_watermark_percent > 100 {
             return Err(Error::invalid(
