@@ -276,12 +276,32 @@ async fn write_session(
     };
     let (reference, total) = (first.r#ref.clone(), first.total);
     let first = request(first).map_err(status)?;
-    let (mut session, resp) =
+    let (session, resp) =
         WriteSession::start(&store, scope, &reference, total, expected, lease, first)
             .await
             .map_err(status)?;
-    let mut resp = response(resp);
+    let mut held = Some(session);
+    let r = drive(&mut held, response(resp), inbound, tx).await;
+    // A session that ends holding what it has not stored (a WRITE held for a COMMIT that
+    // never came) stores it as it drops: a write, so on the blocking pool.
+    if let Some(s) = held.take().filter(WriteSession::has_queued) {
+        let _ = tokio::task::spawn_blocking(move || drop(s)).await;
+    }
+    r
+}
+
+/// The requests after the first, each answered before the next is read. `held` is empty
+/// only after a blocking-pool task lost the session (it panicked).
+async fn drive(
+    held: &mut Option<WriteSession>,
+    mut resp: pb::WriteContentResponse,
+    mut inbound: impl Stream<Item = Result<pb::WriteContentRequest, Status>> + Unpin,
+    tx: &mpsc::Sender<Result<pb::WriteContentResponse, Status>>,
+) -> Result<(), Status> {
     loop {
+        let Some(session) = held.as_mut() else {
+            return Ok(());
+        };
         if tx.send(Ok(resp)).await.is_err() || session.is_done() {
             return Ok(());
         }
@@ -290,18 +310,20 @@ async fn write_session(
             // Client EOF: the ingest stays for a later resume.
             None => return Ok(()),
         };
-        // A STAT between writes (containerd's client sends one before each copy) is answered
-        // here; anything that touches storage runs on the blocking pool.
+        // What needs no storage (a STAT between writes, which containerd's client sends
+        // before each copy; a small new blob's WRITE, held for its COMMIT) is answered here;
+        // anything that touches storage runs on the blocking pool.
         let result = if session.in_memory(&req) {
-            session.step(req)
+            session.step_in_memory(req)
         } else {
+            let mut session = held.take().expect("checked above");
             let (s, r) = tokio::task::spawn_blocking(move || {
                 let r = session.step(req);
                 (session, r)
             })
             .await
             .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
-            session = s;
+            *held = Some(s);
             r
         };
         resp = response(result.map_err(status)?);

@@ -13,6 +13,12 @@ use super::*;
 
 pub(super) type Slot = Arc<tokio::sync::Mutex<Option<IngestState>>>;
 
+/// Most bytes a new ingest holds in memory until its commit ([`Writer::can_hold`]): a
+/// blob of this size uploaded the way containerd's client does it (STAT, WRITE, COMMIT, each
+/// awaiting its answer) is stored by one synced batch, with no write and no blocking-pool
+/// hand-off for its WRITE. Configs, manifests and small layers fit.
+pub(super) const HOLD: usize = 64 << 10;
+
 /// When the current holder took a slot (ns), for the Unavailable message.
 pub(super) type LockedSince = Arc<std::sync::atomic::AtomicI64>;
 
@@ -42,7 +48,10 @@ pub(super) struct IngestState {
     /// blocking-pool hand-off, which is a third of the work of a small blob uploaded the way
     /// containerd's client does it (STAT, WRITE, COMMIT). Until then the ingest lives only in
     /// its slot: Status and ListStatuses show it from the slot entry, and a restart or an
-    /// eviction of the idle slot forgets it, which loses nothing, as it has no bytes.
+    /// eviction of the idle slot forgets it, which loses nothing, as it has no bytes. Its
+    /// writer may hold a small upload's first bytes too (`Writer::can_hold`); those are
+    /// stored before the writer lets go of the slot (commit, or the flush on drop), so an
+    /// idle slot never has held bytes to forget: only a crash does.
     pub(super) saved: bool,
 }
 
@@ -767,6 +776,30 @@ impl Writer {
         {
             st.saved = true;
             *self.unsaved.lock() = None;
+        }
+    }
+
+    /// Whether `len` more bytes at `offset` can wait in memory for this ingest's commit
+    /// (see [`super::WriteSession::step_in_memory`]): a new ingest (nothing of it stored,
+    /// so nothing stored can disagree with what is held), appended to, with at most HOLD
+    /// bytes held in all, bounded by the requests that brought them. Writing them then
+    /// needs no storage: no extent, no copy from a shared blob, no truncation.
+    pub fn can_hold(&self, offset: i64, len: usize) -> bool {
+        self.guard.as_ref().is_some_and(|st| {
+            !st.saved
+                && !st.unlogged
+                && st.rec.shared.is_empty()
+                && st.rec.offset == offset
+                && self.chunk_bytes.saturating_add(len) <= HOLD
+        })
+    }
+
+    /// Shows held progress of an ingest not stored yet to Status and ListStatuses.
+    pub(super) fn show_unsaved(&mut self) {
+        if let Some(st) = self.guard.as_ref()
+            && !st.saved
+        {
+            *self.unsaved.lock() = Some(st.rec.clone());
         }
     }
 

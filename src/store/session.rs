@@ -82,14 +82,43 @@ impl WriteSession {
         Ok((WriteSession { writer, steps }, r?))
     }
 
-    /// Whether `req` can be answered from this stream's state alone (a STAT that changes
-    /// nothing stored, with nothing queued): then it needs no blocking-pool hand-off.
+    /// Whether `req` can be answered from this stream's state alone, with no storage and so
+    /// no blocking-pool hand-off ([`WriteSession::step_in_memory`]): a STAT that changes
+    /// nothing stored, with nothing queued; or a WRITE a new ingest holds until its commit
+    /// ([`Writer::can_hold`]).
     pub fn in_memory(&self, req: &WriteRequest) -> bool {
-        req.action == Some(WriteAction::Stat)
-            && req.data.is_empty()
-            && (self.steps.first || req.expected.is_none())
-            && !self.steps.done
-            && !self.writer.has_queued()
+        if self.steps.done || !(self.steps.first || req.expected.is_none()) {
+            return false;
+        }
+        match req.action {
+            Some(WriteAction::Stat) => req.data.is_empty() && !self.writer.has_queued(),
+            Some(WriteAction::Write) => self.writer.can_hold(req.offset, req.data.len()),
+            _ => false,
+        }
+    }
+
+    /// Applies a request [`WriteSession::in_memory`] accepted, on the caller's thread.
+    ///
+    /// A held WRITE is acknowledged before its bytes are stored; the ingest, which has
+    /// nothing stored yet, is then stored whole by the COMMIT's one synced batch, or by any
+    /// other request, or when the stream ends (dropping the session flushes it: do that on
+    /// the blocking pool, see [`WriteSession::has_queued`]). So a daemon killed between
+    /// the two loses the ingest, as it loses unlogged bulk chunks (resume trims to what is
+    /// stored): the client's resume finds no ingest and writes from zero. Nothing committed
+    /// is ever at stake.
+    pub fn step_in_memory(&mut self, req: WriteRequest) -> Result<WriteResponse> {
+        if self.steps.done {
+            return Err(Error::precondition("the stream already committed its blob"));
+        }
+        let r = self.steps.apply(&mut self.writer, req);
+        self.steps.first = false;
+        self.writer.show_unsaved();
+        r
+    }
+
+    /// Whether dropping this session would write (bytes held or changes queued).
+    pub fn has_queued(&self) -> bool {
+        self.writer.has_queued()
     }
 
     /// Whether a commit ended the stream.
@@ -274,7 +303,14 @@ pub fn fuzz_one(data: &[u8]) {
                     session = Some(s);
                     resp
                 }),
-            None => session.as_mut().unwrap().step(req),
+            None => {
+                // The gRPC service's split: what needs no storage is answered in memory.
+                let s = session.as_mut().unwrap();
+                match s.in_memory(&req) {
+                    true => s.step_in_memory(req),
+                    false => s.step(req),
+                }
+            }
         };
         match result {
             Ok(resp) => {

@@ -559,6 +559,87 @@ async fn ingest_resumes_after_reopen() {
     assert_eq!(read_all(&store, &a, &sha(&data)), data);
 }
 
+/// containerd's client uploads a small blob as STAT, WRITE, COMMIT on one stream. The WRITE
+/// of a new ingest is answered from memory: Status shows it, nothing is stored until the
+/// COMMIT's one batch, and a stream that ends without committing stores what it held, so
+/// the ingest resumes where the client was told it stood.
+#[tokio::test]
+async fn a_small_new_upload_is_held_until_its_commit() {
+    let kv = Arc::new(MemKv::default());
+    let store = Store::open(kv.clone()).unwrap();
+    let a = ns("a");
+    let req = |action, offset: i64, data: &[u8]| WriteRequest {
+        action: Some(action),
+        offset,
+        total: 10,
+        expected: None,
+        data: bytes::Bytes::copy_from_slice(data),
+        labels: None,
+    };
+    let stored = |r: &str| kv.get(Cf::Ingests, &ingest_key(&a, r)).unwrap();
+    let open = |r: &'static str, expected: &[u8]| {
+        WriteSession::start(
+            &store,
+            a.clone(),
+            r,
+            10,
+            Some(sha(expected)),
+            None,
+            req(WriteAction::Stat, 0, b""),
+        )
+    };
+
+    let (mut s, _) = open("r1", b"helloworld").await.unwrap();
+    let write = req(WriteAction::Write, 0, b"hello");
+    assert!(s.in_memory(&write));
+    assert_eq!(s.step_in_memory(write).unwrap().offset, 5);
+    assert!(stored("r1").is_none(), "a held WRITE stores nothing");
+    assert!(s.has_queued());
+    assert_eq!(store.status(&a, "r1").unwrap().offset, 5);
+    // Held bytes are part of the commit's batch, and verified with it.
+    let write = req(WriteAction::Write, 5, b"world");
+    assert!(s.in_memory(&write));
+    s.step_in_memory(write).unwrap();
+    let commit = req(WriteAction::Commit, 10, b"");
+    assert!(!s.in_memory(&commit));
+    let r = s.step(commit).unwrap();
+    assert_eq!(r.digest, sha(b"helloworld"));
+    assert!(stored("r1").is_none());
+    store.verify(&sha(b"helloworld")).unwrap();
+
+    // A stream that ends between WRITE and COMMIT stores what it held.
+    let (mut s, _) = open("r2", b"hello, you").await.unwrap();
+    s.step_in_memory(req(WriteAction::Write, 0, b"hello"))
+        .unwrap();
+    drop(s);
+    let rec = IngestRecord::decode(&stored("r2").unwrap()[..]).unwrap();
+    assert_eq!(rec.offset, 5);
+    let store = Store::open(kv.clone()).unwrap();
+    assert_eq!(store.status(&a, "r2").unwrap().offset, 5);
+
+    // Only a new ingest's first HOLD bytes are held, and only appends.
+    let (s, _) = WriteSession::start(
+        &store,
+        a.clone(),
+        "r2",
+        10,
+        None,
+        None,
+        req(WriteAction::Stat, 0, b""),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !s.in_memory(&req(WriteAction::Write, 5, b"world")),
+        "r2 is stored"
+    );
+    drop(s);
+    let (s, _) = open("r3", b"").await.unwrap();
+    assert!(!s.in_memory(&req(WriteAction::Write, 1, b"x")));
+    assert!(!s.in_memory(&req(WriteAction::Write, 0, &vec![0; ingest::HOLD + 1])));
+    assert!(s.in_memory(&req(WriteAction::Write, 0, &vec![0; ingest::HOLD])));
+}
+
 /// A new ingest is stored with its first bytes, not at open: opening one writes nothing, yet
 /// Status and ListStatuses show it; its first write stores the record and the bytes together;
 /// a restart forgets an ingest that never got a byte and resumes one that did.
