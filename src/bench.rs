@@ -42,6 +42,10 @@ pub struct Options {
 pub struct Report {
     pub target: String,
     pub large_write_mib_s: f64,
+    /// The same write in lockstep: each 1 MiB WRITE sent once the previous one is answered,
+    /// as containerd's client (`content.Copy`) writes.
+    #[serde(default)]
+    pub large_write_lockstep_mib_s: f64,
     pub large_read_mib_s: f64,
     pub small_writes_c1_per_s: f64,
     pub small_writes_c1_p50_ms: f64,
@@ -224,12 +228,27 @@ async fn write_small(client: &mut Client, r: String, data: Vec<u8>) -> anyhow::R
     Ok(d)
 }
 
-/// Streams a large blob in 1 MiB WRITE messages, then commits.
+/// A blob's WRITE messages, one per buffer.
+fn write_messages(chunks: &[Vec<u8>]) -> impl Iterator<Item = pb::WriteContentRequest> + '_ {
+    chunks.iter().scan(0i64, |off, c| {
+        let m = pb::WriteContentRequest {
+            action: pb::WriteAction::Write as i32,
+            offset: *off,
+            data: c.clone().into(),
+            ..Default::default()
+        };
+        *off += c.len() as i64;
+        Some(m)
+    })
+}
+
+/// Streams a large blob in 1 MiB WRITE messages, then commits: pipelined, or in lockstep.
 async fn write_large(
     client: &mut Client,
     r: String,
     chunks: Arc<Vec<Vec<u8>>>,
     d: Digest,
+    lockstep: bool,
 ) -> anyhow::Result<()> {
     let total: i64 = chunks.iter().map(|c| c.len() as i64).sum();
     let (tx, rx) = mpsc::channel(4);
@@ -247,38 +266,37 @@ async fn write_large(
         .await?
         .into_inner();
     resp.message().await?.context("no STAT response")?;
-    // Pipelined: keep a few messages in flight, as a streaming client does.
-    let producer = tokio::spawn(async move {
-        let mut off = 0i64;
-        for c in chunks.iter() {
-            let m = pb::WriteContentRequest {
-                action: pb::WriteAction::Write as i32,
-                offset: off,
-                data: c.clone().into(),
-                ..Default::default()
-            };
-            off += c.len() as i64;
-            if tx.send(m).await.is_err() {
-                return;
-            }
+    let commit = pb::WriteContentRequest {
+        action: pb::WriteAction::Commit as i32,
+        offset: total,
+        total,
+        expected: d.to_string(),
+        labels: [(GC_ROOT.to_string(), "bench".to_string())].into(),
+        ..Default::default()
+    };
+    let last = if lockstep {
+        for m in write_messages(&chunks) {
+            tx.send(m).await?;
+            resp.message().await?.context("no WRITE response")?;
         }
-        let _ = tx
-            .send(pb::WriteContentRequest {
-                action: pb::WriteAction::Commit as i32,
-                offset: off,
-                total: off,
-                expected: d.to_string(),
-                labels: [(GC_ROOT.to_string(), "bench".to_string())].into(),
-                ..Default::default()
-            })
-            .await;
-    });
-    let mut last = None;
-    while let Some(m) = resp.message().await? {
-        last = Some(m);
-    }
-    producer.await?;
-    let last = last.context("no response")?;
+        tx.send(commit).await?;
+        resp.message().await?.context("no COMMIT response")?
+    } else {
+        // Pipelined: keep a few messages in flight, as a streaming client does.
+        let producer = tokio::spawn(async move {
+            for m in write_messages(&chunks).chain([commit]) {
+                if tx.send(m).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut last = None;
+        while let Some(m) = resp.message().await? {
+            last = Some(m);
+        }
+        producer.await?;
+        last.context("no response")?
+    };
     if last.action != pb::WriteAction::Commit as i32 || last.offset != total {
         bail!("large write did not commit: {last:?}");
     }
@@ -378,7 +396,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         })
         .collect();
     let bytes = opts.large_mib as f64;
-    let (mut writes, mut reads) = (Vec::new(), Vec::new());
+    let (mut writes, mut reads, mut lockstep) = (Vec::new(), Vec::new(), Vec::new());
     let mut big = Digest::of(Algorithm::Sha256, b"");
     for run in 0..opts.runs.max(1) {
         for c in chunks.iter_mut() {
@@ -396,6 +414,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             format!("bench-large-{run_id}-{run}"),
             shared.clone(),
             big.clone(),
+            false,
         )
         .await?;
         writes.push(bytes / t.elapsed().as_secs_f64());
@@ -403,6 +422,27 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         written.push(big.clone());
         chunks =
             Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("chunk buffers still shared"))?;
+
+        // The same size in lockstep, as other bytes (a blob of its own).
+        chunks[0][16] = 1;
+        let mut h = Algorithm::Sha256.hasher();
+        chunks.iter().for_each(|c| h.update(c));
+        let other = h.digest();
+        let shared = Arc::new(std::mem::take(&mut chunks));
+        let t = Instant::now();
+        write_large(
+            &mut client.clone(),
+            format!("bench-lockstep-{run_id}-{run}"),
+            shared.clone(),
+            other.clone(),
+            true,
+        )
+        .await?;
+        lockstep.push(bytes / t.elapsed().as_secs_f64());
+        written.push(other);
+        chunks =
+            Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("chunk buffers still shared"))?;
+        chunks[0][16] = 0;
 
         let s = RssSampler::start(pid);
         let t = Instant::now();
@@ -413,11 +453,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             bail!("large read returned {n} bytes");
         }
         eprintln!(
-            "  large write {:.0} MiB/s, read {:.0} MiB/s",
-            writes[run], reads[run]
+            "  large write {:.0} MiB/s ({:.0} in lockstep), read {:.0} MiB/s",
+            writes[run], lockstep[run], reads[run]
         );
     }
     report.large_write_mib_s = median(&mut writes);
+    report.large_write_lockstep_mib_s = median(&mut lockstep);
     report.large_read_mib_s = median(&mut reads);
 
     // 4 KiB blobs.
@@ -552,7 +593,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let writer = {
         let (mut c, shared, d) = (client.clone(), shared.clone(), in_out.clone());
         let r = format!("bench-in-out-{run_id}");
-        tokio::spawn(async move { write_large(&mut c, r, shared, d).await })
+        tokio::spawn(async move { write_large(&mut c, r, shared, d, false).await })
     };
     let n = read_all(&mut client.clone(), &big, 0, 0).await?;
     writer.await??;
@@ -588,7 +629,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         let (mut c, d, parts) = (client.clone(), d.clone(), parts.clone());
         let r = format!("bench-64-{run_id}-{w}");
         set.spawn(async move {
-            write_large(&mut c, r, parts, d).await?;
+            write_large(&mut c, r, parts, d, false).await?;
             Ok::<u64, anyhow::Error>(4 << 20)
         });
     }
@@ -622,7 +663,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let writer = {
         let (mut c, shared, d) = (client.clone(), shared.clone(), loaded.clone());
         let r = format!("bench-load-{run_id}");
-        tokio::spawn(async move { write_large(&mut c, r, shared, d).await })
+        tokio::spawn(async move { write_large(&mut c, r, shared, d, false).await })
     };
     let collector = {
         let ch = connect_unix(&opts.socket).await?;
@@ -796,6 +837,10 @@ pub fn print_table(reports: &[Report]) {
         (
             "large write MiB/s",
             Box::new(|r| format!("{:.0}", r.large_write_mib_s)),
+        ),
+        (
+            "  lockstep MiB/s",
+            Box::new(|r| format!("{:.0}", r.large_write_lockstep_mib_s)),
         ),
         (
             "large read MiB/s",
