@@ -19,6 +19,10 @@ pub(super) type Slot = Arc<tokio::sync::Mutex<Option<IngestState>>>;
 /// hand-off for its WRITE. Configs, manifests and small layers fit.
 pub(super) const HOLD: usize = 64 << 10;
 
+/// Most bytes all writers together hold that way: the bound for clients that open many
+/// uploads and never commit them (past it, WRITEs are stored at once, as before).
+pub(super) const HOLD_TOTAL: usize = 64 << 20;
+
 /// When the current holder took a slot (ns), for the Unavailable message.
 pub(super) type LockedSince = Arc<std::sync::atomic::AtomicI64>;
 
@@ -374,6 +378,7 @@ impl Store {
             pending: Batch::new(),
             chunks: Batch::new(),
             chunk_bytes: 0,
+            held: 0,
             guard,
             unsaved,
         };
@@ -573,6 +578,8 @@ pub struct Writer {
     /// Chunk puts of the current request, written with or without the WAL by `flush`.
     pub(super) chunks: Batch,
     pub(super) chunk_bytes: usize,
+    /// Of those, bytes held for the commit and counted in the store's `held_bytes`.
+    pub(super) held: usize,
     pub(super) guard: OwnedMutexGuard<Option<IngestState>>,
     /// The slot entry's copy of the record while it is not stored.
     pub(super) unsaved: Unsaved,
@@ -602,6 +609,7 @@ impl Drop for Writer {
         if let Err(e) = self.flush() {
             tracing::warn!(reference = %self.reference, error = %e, "could not persist ingest progress");
         }
+        self.release_held();
         if let Some(l) = self.live.take() {
             let offset = self.guard.as_ref().map(|st| st.rec.offset).unwrap_or(0);
             self.store.live_end(
@@ -735,6 +743,7 @@ impl Writer {
         }
         let mut chunks = std::mem::take(&mut self.chunks);
         let bytes = std::mem::take(&mut self.chunk_bytes);
+        self.release_held();
         // Queued metadata (which may trim or drop chunks) goes before the new chunks.
         let mut b = std::mem::take(&mut self.pending);
         if bytes < UNLOGGED_MIN {
@@ -791,15 +800,40 @@ impl Writer {
                 && st.rec.shared.is_empty()
                 && st.rec.offset == offset
                 && self.chunk_bytes.saturating_add(len) <= HOLD
+                && self
+                    .store
+                    .held_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .saturating_add(len)
+                    <= HOLD_TOTAL
         })
     }
 
-    /// Shows held progress of an ingest not stored yet to Status and ListStatuses.
-    pub(super) fn show_unsaved(&mut self) {
+    /// After a step that stored nothing: counts what is queued as held, and shows the
+    /// progress of an ingest not stored yet to Status and ListStatuses.
+    pub(super) fn hold_queued(&mut self) {
+        if let Some(more) = self.chunk_bytes.checked_sub(self.held)
+            && more > 0
+        {
+            self.store
+                .held_bytes
+                .fetch_add(more, std::sync::atomic::Ordering::Relaxed);
+            self.held = self.chunk_bytes;
+        }
         if let Some(st) = self.guard.as_ref()
             && !st.saved
         {
             *self.unsaved.lock() = Some(st.rec.clone());
+        }
+    }
+
+    /// Gives back the held count once the queued chunks are written or dropped.
+    fn release_held(&mut self) {
+        if self.held > 0 {
+            self.store.held_bytes.fetch_sub(
+                std::mem::take(&mut self.held),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
     }
 
@@ -823,6 +857,11 @@ impl Writer {
                 self.live = self.store.live_register(&self.scope, &d, 0, 0, self.total);
             }
         }
+        // Chunks still queued (a small upload's held WRITE) belong to the old extent: put
+        // after its range delete, they would outlive it, referenced by nothing.
+        self.chunks = Batch::new();
+        self.chunk_bytes = 0;
+        self.release_held();
         let extent = self.store.new_extent()?;
         let st = self.state()?;
         let mut b = Batch::new();
@@ -1008,12 +1047,13 @@ impl Writer {
 
     /// Drops the ingest and its bytes.
     pub(super) fn discard(&mut self) -> Result<()> {
-        let Some(st) = self.guard.as_ref() else {
-            return Ok(());
-        };
         let b = std::mem::take(&mut self.pending);
         self.chunks = Batch::new();
         self.chunk_bytes = 0;
+        self.release_held();
+        let Some(st) = self.guard.as_ref() else {
+            return Ok(());
+        };
         self.store.drop_ingest(b, &self.key, &st.rec, true)?;
         *self.guard = None;
         self.store.release_slot(&self.key);
@@ -1130,6 +1170,7 @@ impl Writer {
             let mut b = std::mem::take(&mut self.pending);
             b.ops.append(&mut self.chunks.ops);
             self.chunk_bytes = 0;
+            self.release_held();
             b.delete(Cf::Ingests, self.key.clone());
             if let Some(l) = &self.lease {
                 // The lease moves from the ingest to the blob, in the commit itself.

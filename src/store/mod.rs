@@ -269,6 +269,8 @@ pub struct Store {
     /// record stripes at once.
     record_locks: Vec<Mutex<()>>,
     extents: Mutex<Extents>,
+    /// Bytes all writers hold in memory for their commits (`Writer::can_hold`).
+    held_bytes: std::sync::atomic::AtomicUsize,
     /// The collector's write barrier; see `collect.rs` for the invariant.
     gc_gate: parking_lot::RwLock<()>,
     barrier: Mutex<Option<Vec<collect::Node>>>,
@@ -388,6 +390,7 @@ impl Store {
             gc_runs: Default::default(),
             deletions: Default::default(),
             mutations: Default::default(),
+            held_bytes: Default::default(),
             gc_deletion_threshold: config.gc_deletion_threshold.max(1),
             gc_mutation_threshold: config.gc_mutation_threshold,
             gc_wake: tokio::sync::Notify::new(),

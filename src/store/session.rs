@@ -112,7 +112,7 @@ impl WriteSession {
         }
         let r = self.steps.apply(&mut self.writer, req);
         self.steps.first = false;
-        self.writer.show_unsaved();
+        self.writer.hold_queued();
         r
     }
 

@@ -614,12 +614,12 @@ async fn a_small_new_upload_is_held_until_its_commit() {
     drop(s);
     let rec = IngestRecord::decode(&stored("r2").unwrap()[..]).unwrap();
     assert_eq!(rec.offset, 5);
-    let store = Store::open(kv.clone()).unwrap();
-    assert_eq!(store.status(&a, "r2").unwrap().offset, 5);
+    let reopened = Store::open(kv.clone()).unwrap();
+    assert_eq!(reopened.status(&a, "r2").unwrap().offset, 5);
 
     // Only a new ingest's first HOLD bytes are held, and only appends.
     let (s, _) = WriteSession::start(
-        &store,
+        &reopened,
         a.clone(),
         "r2",
         10,
@@ -638,6 +638,49 @@ async fn a_small_new_upload_is_held_until_its_commit() {
     assert!(!s.in_memory(&req(WriteAction::Write, 1, b"x")));
     assert!(!s.in_memory(&req(WriteAction::Write, 0, &vec![0; ingest::HOLD + 1])));
     assert!(s.in_memory(&req(WriteAction::Write, 0, &vec![0; ingest::HOLD])));
+    drop(s);
+
+    // A restart at offset 0 drops what was held: none of it outlives the ingest.
+    let chunks = || {
+        let mut n = 0;
+        kv.scan(Cf::Chunks, &[], &[], &mut |_, _| {
+            n += 1;
+            true
+        })
+        .unwrap();
+        n
+    };
+    let held = || store.held_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let before = chunks();
+    let (mut s, _) = open("r4", b"xyz").await.unwrap();
+    s.step_in_memory(req(WriteAction::Write, 0, b"hello"))
+        .unwrap();
+    assert_eq!(held(), 5);
+    let unknown_total = |action, offset, data: &[u8]| WriteRequest {
+        total: 0,
+        ..req(action, offset, data)
+    };
+    let restart = unknown_total(WriteAction::Write, 0, b"xy");
+    assert!(!s.in_memory(&restart));
+    s.step(restart).unwrap();
+    assert_eq!(held(), 0);
+    s.step(WriteRequest {
+        total: 3,
+        ..req(WriteAction::Commit, 2, b"z")
+    })
+    .unwrap();
+    assert_eq!(
+        chunks(),
+        before + 2,
+        "the committed blob's two chunks, nothing else"
+    );
+    assert_eq!(read_all(&store, &a, &sha(b"xyz")), b"xyz");
+    // Held bytes are counted until stored, whichever way that happens.
+    let (mut s, _) = open("r5", b"abc").await.unwrap();
+    s.step_in_memory(req(WriteAction::Write, 0, b"ab")).unwrap();
+    assert_eq!(held(), 2);
+    drop(s);
+    assert_eq!(held(), 0);
 }
 
 /// A new ingest is stored with its first bytes, not at open: opening one writes nothing, yet
