@@ -77,19 +77,35 @@ impl pb::blobs_server::Blobs for BlobsService {
         let mut w = AsyncWriter::new(writer);
         let media_type = (!first.media_type.is_empty()).then_some(first.media_type);
         let (offset, data) = (first.offset, first.data);
-        w.step(move |w| {
-            w.set_media_type(media_type);
-            w.write_bytes(offset, data)
-        })
-        .await
-        .map_err(status)?;
-        while let Some(m) = inbound.message().await? {
-            w.append(m.data).await.map_err(status)?;
-        }
         let (size, labels) = (first.size, first.labels);
         let labels = (!labels.is_empty()).then_some(labels);
         let d = digest.clone();
-        match w.step(move |w| w.commit(size, Some(d), labels)).await {
+        // A blob sent in one message (a manifest, a config: most of an import) is written
+        // and committed in one step, one synced batch; a longer one is written as it comes.
+        let committed = match inbound.message().await? {
+            None => {
+                w.step(move |w| {
+                    w.set_media_type(media_type);
+                    w.write_bytes(offset, data)?;
+                    w.commit(size, Some(d), labels)
+                })
+                .await
+            }
+            Some(second) => {
+                w.step(move |w| {
+                    w.set_media_type(media_type);
+                    w.write_bytes(offset, data)
+                })
+                .await
+                .map_err(status)?;
+                w.append(second.data).await.map_err(status)?;
+                while let Some(m) = inbound.message().await? {
+                    w.append(m.data).await.map_err(status)?;
+                }
+                w.step(move |w| w.commit(size, Some(d), labels)).await
+            }
+        };
+        match committed {
             Ok(info) => Ok(Response::new(pb::PutResponse {
                 digest: info.digest.to_string(),
                 size: info.size,
