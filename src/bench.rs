@@ -242,6 +242,25 @@ fn write_messages(chunks: &[Vec<u8>]) -> impl Iterator<Item = pb::WriteContentRe
     })
 }
 
+/// Writes `chunks` as one blob under `r` (pipelined or in lockstep): its digest and MiB/s.
+async fn timed_write(
+    client: &Client,
+    chunks: &mut Vec<Vec<u8>>,
+    r: String,
+    lockstep: bool,
+) -> anyhow::Result<(Digest, f64)> {
+    let mut h = Algorithm::Sha256.hasher();
+    chunks.iter().for_each(|c| h.update(c));
+    let d = h.digest();
+    let mib = chunks.iter().map(|c| c.len()).sum::<usize>() as f64 / (1u64 << 20) as f64;
+    let shared = Arc::new(std::mem::take(chunks));
+    let t = Instant::now();
+    write_large(&mut client.clone(), r, shared.clone(), d.clone(), lockstep).await?;
+    let rate = mib / t.elapsed().as_secs_f64();
+    *chunks = Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("chunk buffers still shared"))?;
+    Ok((d, rate))
+}
+
 /// Streams a large blob in 1 MiB WRITE messages, then commits: pipelined, or in lockstep.
 async fn write_large(
     client: &mut Client,
@@ -402,46 +421,30 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         for c in chunks.iter_mut() {
             c[8..16].copy_from_slice(&(run as u64).to_le_bytes());
         }
-        let mut h = Algorithm::Sha256.hasher();
-        chunks.iter().for_each(|c| h.update(c));
-        big = h.digest();
-        let shared = Arc::new(std::mem::take(&mut chunks));
-
         let s = RssSampler::start(pid);
-        let t = Instant::now();
-        write_large(
-            &mut client.clone(),
+        let (d, rate) = timed_write(
+            &client,
+            &mut chunks,
             format!("bench-large-{run_id}-{run}"),
-            shared.clone(),
-            big.clone(),
             false,
         )
         .await?;
-        writes.push(bytes / t.elapsed().as_secs_f64());
+        big = d;
+        writes.push(rate);
         report.rss_large_write_mib = max_opt(report.rss_large_write_mib, finish(s).await);
         written.push(big.clone());
-        chunks =
-            Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("chunk buffers still shared"))?;
 
         // The same size in lockstep, as other bytes (a blob of its own).
         chunks[0][16] = 1;
-        let mut h = Algorithm::Sha256.hasher();
-        chunks.iter().for_each(|c| h.update(c));
-        let other = h.digest();
-        let shared = Arc::new(std::mem::take(&mut chunks));
-        let t = Instant::now();
-        write_large(
-            &mut client.clone(),
+        let (other, rate) = timed_write(
+            &client,
+            &mut chunks,
             format!("bench-lockstep-{run_id}-{run}"),
-            shared.clone(),
-            other.clone(),
             true,
         )
         .await?;
-        lockstep.push(bytes / t.elapsed().as_secs_f64());
+        lockstep.push(rate);
         written.push(other);
-        chunks =
-            Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("chunk buffers still shared"))?;
         chunks[0][16] = 0;
 
         let s = RssSampler::start(pid);

@@ -514,24 +514,8 @@ async fn mutation_count_triggers_a_collection() {
         .into_inner();
     assert_eq!(st.runs, 0, "four mutations are below the threshold");
     put(&mut c, "m4", &pattern(100, 4)).await.unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let st = gcc
-            .status(gpb::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if st.runs >= 1 && !st.running {
-            // Nothing roots the loose blobs (grace 0): the triggered run swept them.
-            assert_eq!(st.last.unwrap().blobs_swept, 5);
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no collection started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    // Nothing roots the loose blobs (grace 0): the triggered run swept them.
+    assert_eq!(swept_by_run(&mut gcc, 1).await, 5);
     // The next trigger comes at once, inside the spacing that keeps collections to 1% of
     // the time: it is deferred, never dropped.
     for i in 5..10 {
@@ -539,19 +523,27 @@ async fn mutation_count_triggers_a_collection() {
             .await
             .unwrap();
     }
+    assert_eq!(swept_by_run(&mut gcc, 2).await, 5);
+}
+
+/// Waits (at most 30 s) for the daemon's `n`th collection to end; what it swept.
+async fn swept_by_run(
+    gcc: &mut gpb::gc_client::GcClient<tonic::transport::Channel>,
+    n: i64,
+) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let st = gcc
             .status(gpb::StatusRequest {})
             .await
             .unwrap()
             .into_inner();
-        if st.runs >= 2 && !st.running {
-            assert_eq!(st.last.unwrap().blobs_swept, 5);
-            break;
+        if st.runs >= n && !st.running {
+            return st.last.unwrap().blobs_swept;
         }
         assert!(
-            std::time::Instant::now() < deadline + std::time::Duration::from_secs(20),
-            "the second trigger never started a collection"
+            std::time::Instant::now() < deadline,
+            "collection {n} never started"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
