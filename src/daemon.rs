@@ -355,13 +355,9 @@ async fn collector(store: Arc<Store>, config: Config, stop: CancellationToken) {
 /// flushing and compacting what it swept, took half a core from the writes that triggered
 /// them (measured: 30 ms collections every 65 ms during a 4 KiB write benchmark). At most
 /// `cap` (the interval), so a slow collection never postpones the next beyond the timer.
-pub fn count_trigger_spacing(
-    took: std::time::Duration,
-    pause_percent: u64,
-    cap: std::time::Duration,
-) -> std::time::Duration {
+pub fn count_trigger_spacing(took: Duration, pause_percent: u64, cap: Duration) -> Duration {
     if pause_percent == 0 {
-        return std::time::Duration::ZERO;
+        return Duration::ZERO;
     }
     let percent = pause_percent.min(100) as u32;
     took.checked_mul(100).map_or(cap, |t| t / percent).min(cap)

@@ -609,7 +609,6 @@ impl Drop for Writer {
         if let Err(e) = self.flush() {
             tracing::warn!(reference = %self.reference, error = %e, "could not persist ingest progress");
         }
-        self.release_held();
         if let Some(l) = self.live.take() {
             let offset = self.guard.as_ref().map(|st| st.rec.offset).unwrap_or(0);
             self.store.live_end(
@@ -741,9 +740,7 @@ impl Writer {
             // then land in one batch with its record (see `IngestState::saved`).
             return Ok(());
         }
-        let mut chunks = std::mem::take(&mut self.chunks);
-        let bytes = std::mem::take(&mut self.chunk_bytes);
-        self.release_held();
+        let (mut chunks, bytes) = self.take_chunks();
         // Queued metadata (which may trim or drop chunks) goes before the new chunks.
         let mut b = std::mem::take(&mut self.pending);
         if bytes < UNLOGGED_MIN {
@@ -827,14 +824,19 @@ impl Writer {
         }
     }
 
-    /// Gives back the held count once the queued chunks are written or dropped.
-    fn release_held(&mut self) {
+    /// The queued chunk puts and their byte count, leaving none queued: the one way chunks
+    /// leave the queue (written, committed or dropped), so it also gives back what was held.
+    fn take_chunks(&mut self) -> (Batch, usize) {
         if self.held > 0 {
             self.store.held_bytes.fetch_sub(
                 std::mem::take(&mut self.held),
                 std::sync::atomic::Ordering::Relaxed,
             );
         }
+        (
+            std::mem::take(&mut self.chunks),
+            std::mem::take(&mut self.chunk_bytes),
+        )
     }
 
     /// Whether anything is queued for the next [`Writer::flush`] to write.
@@ -859,9 +861,7 @@ impl Writer {
         }
         // Chunks still queued (a small upload's held WRITE) belong to the old extent: put
         // after its range delete, they would outlive it, referenced by nothing.
-        self.chunks = Batch::new();
-        self.chunk_bytes = 0;
-        self.release_held();
+        self.take_chunks();
         let extent = self.store.new_extent()?;
         let st = self.state()?;
         let mut b = Batch::new();
@@ -1048,9 +1048,7 @@ impl Writer {
     /// Drops the ingest and its bytes.
     pub(super) fn discard(&mut self) -> Result<()> {
         let b = std::mem::take(&mut self.pending);
-        self.chunks = Batch::new();
-        self.chunk_bytes = 0;
-        self.release_held();
+        self.take_chunks();
         let Some(st) = self.guard.as_ref() else {
             return Ok(());
         };
@@ -1168,9 +1166,7 @@ impl Writer {
             };
             // Queued chunk writes go in the same synced batch as the commit itself.
             let mut b = std::mem::take(&mut self.pending);
-            b.ops.append(&mut self.chunks.ops);
-            self.chunk_bytes = 0;
-            self.release_held();
+            b.ops.append(&mut self.take_chunks().0.ops);
             b.delete(Cf::Ingests, self.key.clone());
             if let Some(l) = &self.lease {
                 // The lease moves from the ingest to the blob, in the commit itself.
