@@ -132,7 +132,8 @@ pub struct Config {
     /// The OCI distribution API (HTTP registry and pull-through mirror), e.g.
     /// "127.0.0.1:5000". Plain HTTP on loopback, TLS (`[tls]`) on any other address.
     pub registry_addr: Option<String>,
-    /// RocksDB's memory (memtables and block cache), MiB: see `kv::rocks::Tuning`.
+    /// RocksDB's memory (memtables and block cache), MiB: see `kv::rocks::Tuning`; a quarter
+    /// of it again is the read-ahead all stored reads share (`reads::Flight`).
     pub memory_budget_mib: u64,
     /// Threads running the async side of every request (HTTP/2, protobuf, point lookups);
     /// hashing and storage I/O run on the blocking pool whatever this is. 0: see
@@ -302,10 +303,10 @@ ingest_expiry_secs = {ie}
 
 # Memory RocksDB may use, MiB: two thirds for write buffers (memtables of all column
 # families together), a sixth for the metadata block cache. Blob bytes are read through
-# the page cache, not cached here. Beyond it (measured with heaptrack): ~22 MiB resident
-# when idle, most of it the binary's code; about 1.5 MiB per stream being read (pieces queued
-# for the client, and HTTP/2's send buffer), and about 3 MiB per stream writing 1 MiB
-# messages (the message being decoded, and its write batch). Memory freed after a burst goes
+# the page cache, not cached here. A quarter of it again is the read-ahead all streams
+# being read share: each stream has one 256 KiB piece on its way to the client, and more
+# only from that pool. Beyond these (measured with heaptrack): ~22 MiB resident when idle,
+# most of it the binary's code; about 3 MiB per stream writing 1 MiB messages (the message being decoded, and its write batch). Memory freed after a burst goes
 # back to the kernel within a second.
 memory_budget_mib = {mb}
 

@@ -552,7 +552,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.max_manifest_bytes,
     )?);
     let puller = Some(crate::upstream::pull::Puller::new(store.clone(), upstream));
-    let reads = crate::reads::Reads::new(store.clone(), puller.clone());
+    // Read-ahead for all streams together: a quarter of the memory budget again.
+    let read_ahead = usize::try_from(config.memory_budget_mib << 20).unwrap_or(usize::MAX) / 4;
+    let reads = crate::reads::Reads::new(store.clone(), puller.clone(), read_ahead);
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter

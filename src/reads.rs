@@ -11,9 +11,11 @@
 
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::digest::Digest;
 use crate::error::{Error, Kind, Result};
@@ -38,17 +40,95 @@ const SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 pub struct Reads {
     store: Arc<Store>,
     puller: Option<Arc<Puller>>,
+    /// Read-ahead shared by every stored read, in pieces (see [`Flight`]).
+    ahead: Arc<Semaphore>,
+}
+
+/// The pieces of one stored read that are still alive: queued for the client, or in the
+/// transport until it has written them (a piece is the chunk buffer RocksDB read, sent
+/// without a copy, so it lives until the socket took it).
+///
+/// Memory bound: a stream may always have one piece alive, so every stream makes progress
+/// whatever the others do; every further piece (the read-ahead that keeps one fast stream
+/// busy) takes a permit from one pool all stored reads share. Without the pool each stream
+/// held up to five 256 KiB chunks (channel, framing, HTTP/2's send queue; heaptrack under
+/// 64 streams: 58 MiB of chunk buffers at the peak), so memory followed the number of
+/// streams. With it, n streams hold at most n pieces plus the pool, and a client that stops
+/// reading pins one piece, or permits only until its stream is dropped.
+struct Flight {
+    alive: AtomicUsize,
+    freed: Notify,
+}
+
+/// A piece handed to the client, with what it holds until it is dropped.
+struct Tracked {
+    bytes: Bytes,
+    flight: Arc<Flight>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for Tracked {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.flight.alive.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.flight.freed.notify_one();
+        }
+    }
+}
+
+impl Flight {
+    /// Waits until this stream may read one more piece: at once when it has none alive,
+    /// else once a read-ahead permit is free or its pieces are gone. Only the stream's one
+    /// reading task calls this, so nothing else can make a piece alive in between.
+    async fn credit(&self, pool: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let freed = self.freed.notified();
+            if self.alive.load(Ordering::Acquire) == 0 {
+                return None;
+            }
+            tokio::select! {
+                p = pool.clone().acquire_owned() => return p.ok(),
+                _ = freed => {}
+            }
+        }
+    }
+
+    fn track(self: &Arc<Self>, bytes: Bytes, permit: Option<OwnedSemaphorePermit>) -> Bytes {
+        self.alive.fetch_add(1, Ordering::AcqRel);
+        Bytes::from_owner(Tracked {
+            bytes,
+            flight: self.clone(),
+            _permit: permit,
+        })
+    }
 }
 
 /// An open read: the blob's size when known, and its bytes from the requested offset.
+///
+/// Pieces are meant to be sent on and dropped (a transport): a stored read counts the pieces
+/// it handed out that are still alive, and reads ahead beyond one only with permits from a
+/// pool every stored read shares (see [`Flight`]). A consumer that keeps pieces while it
+/// waits for the next would, once that pool is spent, wait for ever; copy out instead.
 pub struct Opened {
     pub size: Option<i64>,
     pub rx: mpsc::Receiver<Result<Bytes>>,
 }
 
 impl Reads {
-    pub fn new(store: Arc<Store>, puller: Option<Arc<Puller>>) -> Arc<Reads> {
-        Arc::new(Reads { store, puller })
+    /// `read_ahead`: bytes of pieces all stored reads together may read ahead of their
+    /// clients (see [`Flight`]; at least two chunks).
+    pub fn new(store: Arc<Store>, puller: Option<Arc<Puller>>, read_ahead: usize) -> Arc<Reads> {
+        let pieces = (read_ahead / crate::store::CHUNK_SIZE).max(2);
+        Arc::new(Reads {
+            store,
+            puller,
+            ahead: Arc::new(Semaphore::new(pieces)),
+        })
     }
 
     /// Waits (at most SETTLE) for an on-demand fetch of `d` under way in `scope` to end. A
@@ -163,33 +243,48 @@ impl Reads {
         // buffers, no copy) while the client keeps up; the bounded channel is the
         // backpressure. A piece's slot in the channel is taken before its chunk is read, so a
         // reader waiting for its client holds no chunk (a stream holds what is queued and
-        // what the transport has). A client that stops reading for STALL gets its thread
+        // what the transport has, and beyond its first piece only what the shared
+        // read-ahead lets it: see `Flight`). A client that stops reading for STALL gets its thread
         // taken back: the task ends, and a fresh one resumes once there is room.
         let (tx, rx) = mpsc::channel(DEPTH);
         let store = self.store.clone();
         let handle = tokio::runtime::Handle::current();
         let d = d.clone();
+        let (pool, flight) = (
+            self.ahead.clone(),
+            Arc::new(Flight {
+                alive: AtomicUsize::new(0),
+                freed: Notify::new(),
+            }),
+        );
         tokio::spawn(async move {
             let (mut pos, end) = (offset as u64, end as u64);
             while pos < end {
+                // A channel slot and this stream's credit, both before the chunk is read.
                 let Ok(slot) = tx.clone().reserve_owned().await else {
                     return;
                 };
+                let credit = flight.credit(&pool).await;
                 let (s, h, from) = (store.clone(), handle.clone(), pos);
+                let (pool, flight) = (pool.clone(), flight.clone());
                 let ran = tokio::task::spawn_blocking(move || {
-                    let (mut at, mut slot) = (from, Some(slot));
+                    let (mut at, mut next) = (from, Some((slot, credit)));
                     let r = s.stream_extent(extent, from, end, piece, &mut |b| {
-                        let Some(permit) = slot.take() else {
+                        let Some((permit, credit)) = next.take() else {
                             return false;
                         };
                         at += b.len() as u64;
-                        let tx = permit.send(Ok(b));
+                        let tx = permit.send(Ok(flight.track(b, credit)));
                         if at >= end {
                             return true;
                         }
-                        match h.block_on(tokio::time::timeout(STALL, tx.reserve_owned())) {
-                            Ok(Ok(p)) => {
-                                slot = Some(p);
+                        let due = async {
+                            let p = tx.reserve_owned().await.ok()?;
+                            Some((p, flight.credit(&pool).await))
+                        };
+                        match h.block_on(tokio::time::timeout(STALL, due)) {
+                            Ok(Some(n)) => {
+                                next = Some(n);
                                 true
                             }
                             // Closed, or stalled: either way this thread goes back.
@@ -569,11 +664,12 @@ mod tests {
         off: i64,
         size: i64,
         piece: usize,
-    ) -> Vec<Bytes> {
+    ) -> Vec<Vec<u8>> {
         let mut o = reads.open(scope, d, off, size, piece).await.unwrap();
         let mut got = Vec::new();
+        // Copied, so each piece is let go of as a transport would (see `Opened`).
         while let Some(b) = o.rx.recv().await {
-            got.push(b.unwrap());
+            got.push(b.unwrap().to_vec());
         }
         got
     }
@@ -581,7 +677,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_shape_of_blob_and_range_reads_back_exactly() {
         let store = Store::open(Arc::new(MemKv::default())).unwrap();
-        let reads = Reads::new(store.clone(), None);
+        let reads = Reads::new(store.clone(), None, 4 * CHUNK);
         let scope = Scope::namespace("n").unwrap();
         let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         // One chunk (the point-lookup path) and the same bytes in many chunks (streamed).
@@ -653,7 +749,7 @@ mod tests {
             ..Default::default()
         };
         let store = Store::open_with(Arc::new(MemKv::default()), config).unwrap();
-        let reads = Reads::new(store.clone(), None);
+        let reads = Reads::new(store.clone(), None, 4 * CHUNK);
         let scope = Scope::namespace("n").unwrap();
         let big: Vec<u8> = (0..(16 * CHUNK)).map(|i| (i % 249) as u8).collect();
         let d = put_in_pieces(&store, &scope, &big, 1 << 20).await;
@@ -682,6 +778,41 @@ mod tests {
             err.to_string().contains("deleted while it was being read"),
             "{err}"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clients_that_stop_reading_hold_one_piece_each_and_the_pool() {
+        let store = Store::open(Arc::new(MemKv::default())).unwrap();
+        let reads = Reads::new(store.clone(), None, 2 * CHUNK);
+        let scope = Scope::namespace("n").unwrap();
+        let big: Vec<u8> = (0..(12 * CHUNK)).map(|i| (i % 241) as u8).collect();
+        let d = put_in_pieces(&store, &scope, &big, 1 << 20).await;
+        // Six clients open a read and take nothing: each gets its own first piece, and the
+        // pool's two pieces go to whichever asks first; nothing more is read for them.
+        let mut idle = Vec::new();
+        for _ in 0..6 {
+            idle.push(reads.open(&scope, &d, 0, 0, CHUNK).await.unwrap());
+        }
+        tokio::time::sleep(STALL * 3).await;
+        let queued: usize = idle.iter().map(|o| o.rx.len()).sum();
+        assert_eq!(
+            queued,
+            6 + 2,
+            "pieces read ahead for clients that take nothing"
+        );
+        assert_eq!(reads.ahead.available_permits(), 0);
+        // With the pool used up, another client still reads its whole blob, in order.
+        let got = read(&reads, &scope, &d, 0, 0, CHUNK).await.concat();
+        assert_eq!(got, big);
+        // The idle ones resume and finish; every permit comes back.
+        for mut o in idle {
+            let mut all = Vec::new();
+            while let Some(b) = o.rx.recv().await {
+                all.extend_from_slice(&b.unwrap());
+            }
+            assert_eq!(all, big);
+        }
+        assert_eq!(reads.ahead.available_permits(), 2);
     }
 
     const CHUNK: usize = crate::store::CHUNK_SIZE;
