@@ -10,7 +10,6 @@
 //! request while the whole blob fills in behind it.
 
 use std::sync::Arc;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
@@ -55,6 +54,7 @@ pub struct Reads {
 /// 64 streams: 58 MiB of chunk buffers at the peak), so memory followed the number of
 /// streams. With it, n streams hold at most n pieces plus the pool, and a client that stops
 /// reading pins one piece, or permits only until its stream is dropped.
+#[derive(Default)]
 struct Flight {
     alive: AtomicUsize,
     freed: Notify,
@@ -243,20 +243,14 @@ impl Reads {
         // buffers, no copy) while the client keeps up; the bounded channel is the
         // backpressure. A piece's slot in the channel is taken before its chunk is read, so a
         // reader waiting for its client holds no chunk (a stream holds what is queued and
-        // what the transport has, and beyond its first piece only what the shared
-        // read-ahead lets it: see `Flight`). A client that stops reading for STALL gets its thread
-        // taken back: the task ends, and a fresh one resumes once there is room.
+        // what the transport has, and beyond its first piece only what the shared read-ahead
+        // lets it: see `Flight`). A client that stops reading for STALL gets its thread taken
+        // back: the task ends, and a fresh one resumes once there is room.
         let (tx, rx) = mpsc::channel(DEPTH);
         let store = self.store.clone();
         let handle = tokio::runtime::Handle::current();
         let d = d.clone();
-        let (pool, flight) = (
-            self.ahead.clone(),
-            Arc::new(Flight {
-                alive: AtomicUsize::new(0),
-                freed: Notify::new(),
-            }),
-        );
+        let (pool, flight) = (self.ahead.clone(), Arc::new(Flight::default()));
         tokio::spawn(async move {
             let (mut pos, end) = (offset as u64, end as u64);
             while pos < end {
