@@ -184,13 +184,6 @@ fn step_failed(task: &'static str, e: tokio::task::JoinError) {
 /// The first and the longest pause before accepting again after an accept failed.
 const ACCEPT_PAUSE: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
 
-/// Connections from a listener, retrying failed accepts after a pause that doubles from 5 ms
-/// to a second (Go's net/http does the same). An accept fails when the process is out of
-/// descriptors (EMFILE) or the system is (ENFILE), and the connection it could not take stays
-/// queued, so the listener is ready again at once: retried at once, as tonic's server loop
-/// does, a daemon out of descriptors spins a core until one is freed (measured under a
-/// 64-descriptor limit with 80 clients queued: 199 of 200 clock ticks in 2 s; 0 with the
-/// pause). One warning per run of failures.
 /// Send buffer asked for on every accepted unix connection (Linux doubles it for its own
 /// bookkeeping, so a connection may hold up to 1 MiB of sent bytes the client has not read,
 /// against 208 KiB by default).
@@ -220,13 +213,24 @@ fn widen_send_buffer(s: tokio::net::UnixStream) -> tokio::net::UnixStream {
             ) == 0
         }
     };
-    if !set(libc::SO_SNDBUFFORCE) && !set(libc::SO_SNDBUF) {
+    #[cfg(target_os = "linux")]
+    let forced = set(libc::SO_SNDBUFFORCE);
+    #[cfg(not(target_os = "linux"))]
+    let forced = false;
+    if !forced && !set(libc::SO_SNDBUF) {
         // Only a speed loss: the connection works with the default buffer.
         tracing::debug!(error = %std::io::Error::last_os_error(), "cannot widen a connection's send buffer");
     }
     s
 }
 
+/// Connections from a listener, retrying failed accepts after a pause that doubles from 5 ms
+/// to a second (Go's net/http does the same). An accept fails when the process is out of
+/// descriptors (EMFILE) or the system is (ENFILE), and the connection it could not take stays
+/// queued, so the listener is ready again at once: retried at once, as tonic's server loop
+/// does, a daemon out of descriptors spins a core until one is freed (measured under a
+/// 64-descriptor limit with 80 clients queued: 199 of 200 clock ticks in 2 s; 0 with the
+/// pause). One warning per run of failures.
 pub fn accepting<S, T>(incoming: S) -> impl Stream<Item = std::io::Result<T>> + Send
 where
     S: Stream<Item = std::io::Result<T>> + Send + Unpin,
