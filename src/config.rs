@@ -306,8 +306,10 @@ ingest_expiry_secs = {ie}
 # the page cache, not cached here. A quarter of it again is the read-ahead all streams
 # being read share: each stream has one 256 KiB piece on its way to the client, and more
 # only from that pool. Beyond these (measured with heaptrack): ~22 MiB resident when idle,
-# most of it the binary's code; about 3 MiB per stream writing 1 MiB messages (the message being decoded, and its write batch). Memory freed after a burst goes
-# back to the kernel within a second.
+# most of it the binary's code; about 3 MiB per stream writing 1 MiB messages (the message
+# being decoded, and its write batch). Memory freed after a burst goes back to the kernel
+# within a second. Outside the daemon's RSS, the kernel holds up to 1 MiB per unix-socket
+# client connection of bytes sent and not yet read (its send buffer).
 memory_budget_mib = {mb}
 
 # Threads that run the protocol side of every request (HTTP/2, protobuf, point lookups).

@@ -98,6 +98,20 @@ impl Flight {
         }
     }
 
+    /// What the next piece needs, both taken before its chunk is read: a slot in the
+    /// stream's channel, then this stream's credit. None when the client went away.
+    async fn due(
+        &self,
+        tx: mpsc::Sender<Result<Bytes>>,
+        pool: &Arc<Semaphore>,
+    ) -> Option<(
+        mpsc::OwnedPermit<Result<Bytes>>,
+        Option<OwnedSemaphorePermit>,
+    )> {
+        let slot = tx.reserve_owned().await.ok()?;
+        Some((slot, self.credit(pool).await))
+    }
+
     fn track(self: &Arc<Self>, bytes: Bytes, permit: Option<OwnedSemaphorePermit>) -> Bytes {
         self.alive.fetch_add(1, Ordering::AcqRel);
         Bytes::from_owner(Tracked {
@@ -254,11 +268,9 @@ impl Reads {
         tokio::spawn(async move {
             let (mut pos, end) = (offset as u64, end as u64);
             while pos < end {
-                // A channel slot and this stream's credit, both before the chunk is read.
-                let Ok(slot) = tx.clone().reserve_owned().await else {
+                let Some((slot, credit)) = flight.due(tx.clone(), &pool).await else {
                     return;
                 };
-                let credit = flight.credit(&pool).await;
                 let (s, h, from) = (store.clone(), handle.clone(), pos);
                 let (pool, flight) = (pool.clone(), flight.clone());
                 let ran = tokio::task::spawn_blocking(move || {
@@ -272,11 +284,7 @@ impl Reads {
                         if at >= end {
                             return true;
                         }
-                        let due = async {
-                            let p = tx.reserve_owned().await.ok()?;
-                            Some((p, flight.credit(&pool).await))
-                        };
-                        match h.block_on(tokio::time::timeout(STALL, due)) {
+                        match h.block_on(tokio::time::timeout(STALL, flight.due(tx, &pool))) {
                             Ok(Some(n)) => {
                                 next = Some(n);
                                 true
