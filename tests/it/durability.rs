@@ -684,3 +684,52 @@ async fn a_store_of_more_files_than_the_descriptor_limit_keeps_working() {
     let mut c = d.client(Some("default")).await;
     reads_back(&mut c, &blobs).await;
 }
+
+/// A disk with not one byte free when the daemon starts: neither open for writing fits (each
+/// writes a new MANIFEST), so the store opens read-only. Every blob is served, a write is
+/// refused with ResourceExhausted saying the store is read-only and why, and once another
+/// program frees its file a later write reopens the store for writing, with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_started_on_a_full_disk_serves_read_only_until_there_is_room() {
+    let Some(disk) = SmallDisk::mount_or_skip(64 << 20) else {
+        return;
+    };
+    let flags = ["--gc-interval-secs", "0"];
+    let mut d = Daemon::start_in_with(disk.path(), &flags);
+    let mut c = d.client(Some("ro")).await;
+    let stored: Vec<Vec<u8>> = (0..4)
+        .map(|i| pattern((1 << 20) + i * 4099, 50 + i as u64))
+        .collect();
+    for (i, b) in stored.iter().enumerate() {
+        try_put(&mut c, &format!("ro-{i}"), b).await.unwrap();
+    }
+    d.stop();
+    let hog = disk.fill();
+
+    let d = Daemon::start_in_with(disk.path(), &flags);
+    let mut c = d.client(Some("ro")).await;
+    reads_back(&mut c, &stored).await;
+    let small = pattern(1000, 9);
+    let e = try_put(&mut c, "while-full", &small).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("read-only"), "{e}");
+    assert!(e.message().contains("full"), "{e}");
+
+    // Room again: the first write after it reopens the store for writing (a try at most
+    // every 5 s, and the refused write above was one).
+    std::fs::remove_file(&hog).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match try_put(&mut c, "after-full", &small).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+                assert!(std::time::Instant::now() < deadline, "still refused: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+    let mut all = stored;
+    all.push(small);
+    reads_back(&mut c, &all).await;
+}
