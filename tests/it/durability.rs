@@ -715,8 +715,8 @@ async fn a_daemon_started_on_a_full_disk_serves_read_only_until_there_is_room() 
     assert!(e.message().contains("read-only"), "{e}");
     assert!(e.message().contains("full"), "{e}");
 
-    // Room again: the first write after it reopens the store for writing (a try at most
-    // every 5 s, and the refused write above was one).
+    // Room again: a write reopens the store for writing. Reopens are tried at most every
+    // 5 s, and the refused write above was one, so the first writes may still be refused.
     std::fs::remove_file(&hog).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
