@@ -224,6 +224,14 @@ fn widen_send_buffer(s: tokio::net::UnixStream) -> tokio::net::UnixStream {
     s
 }
 
+/// [`accepting`] on a unix listener (client and backend sockets), each connection with the
+/// wider send buffer.
+fn accepting_unix(
+    l: tokio::net::UnixListener,
+) -> impl Stream<Item = std::io::Result<tokio::net::UnixStream>> + Send {
+    accepting(UnixListenerStream::new(l).map(|r| r.map(widen_send_buffer)))
+}
+
 /// Connections from a listener, retrying failed accepts after a pause that doubles from 5 ms
 /// to a second (Go's net/http does the same). An accept fails when the process is out of
 /// descriptors (EMFILE) or the system is (ENFILE), and the connection it could not take stays
@@ -670,11 +678,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
         let s = stop.clone();
         tasks.spawn(async move {
-            r.serve_with_incoming_shutdown(
-                accepting(UnixListenerStream::new(l).map(|r| r.map(widen_send_buffer))),
-                s.cancelled_owned(),
-            )
-            .await
+            r.serve_with_incoming_shutdown(accepting_unix(l), s.cancelled_owned())
+                .await
         });
     }
     for b in &config.backend {
@@ -693,11 +698,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
         let s = stop.clone();
         tasks.spawn(async move {
-            r.serve_with_incoming_shutdown(
-                accepting(UnixListenerStream::new(l).map(|r| r.map(widen_send_buffer))),
-                s.cancelled_owned(),
-            )
-            .await
+            r.serve_with_incoming_shutdown(accepting_unix(l), s.cancelled_owned())
+                .await
         });
     }
     if let Some(addr) = &config.tcp {
