@@ -611,17 +611,23 @@ impl Registry {
             .or(content_type)
             .unwrap_or_else(|| OCI_MANIFEST.to_string());
         // Everything the manifest names (but its subject) must be here first.
-        let children: Vec<Digest> = doc
+        // A descriptor whose size is not its blob's would make every pull of this manifest
+        // fail its size check; refuse it here, where the pusher can still fix it.
+        let children: Vec<(Digest, i64)> = doc
             .edges
             .iter()
             .filter(|e| e.role != Role::Subject && e.urls.is_empty())
-            .map(|e| e.digest.clone())
+            .map(|e| (e.digest.clone(), e.size))
             .collect();
         let (store, scope) = (self.store.clone(), self.scope.clone());
         let missing = blocking(move || {
-            for c in children {
+            for (c, size) in children {
                 if !store.visible(&scope, &c)? {
-                    return Ok(Some(c));
+                    return Ok(Some((c, size, None)));
+                }
+                let stored = store.info_size(&c)?;
+                if stored != size {
+                    return Ok(Some((c, size, Some(stored))));
                 }
             }
             Ok(None)
@@ -629,11 +635,20 @@ impl Registry {
         .await;
         match missing {
             Ok(None) => {}
-            Ok(Some(c)) => {
+            Ok(Some((c, _, None))) => {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "MANIFEST_BLOB_UNKNOWN",
                     format!("manifest refers to {c}, which this repository does not have"),
+                );
+            }
+            Ok(Some((c, size, Some(stored)))) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "MANIFEST_INVALID",
+                    format!(
+                        "manifest gives {c} a size of {size} bytes, but that blob has {stored}"
+                    ),
                 );
             }
             Err(e) => return from_store(&e, "MANIFEST_BLOB_UNKNOWN"),

@@ -418,6 +418,18 @@ async fn distribution_api_routes_and_statuses() {
         (StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN".into())
     );
     push_blob(&c, &base, "team/app", &cfg).await;
+    let wrong_size = manifest(
+        &(sha(&cfg).to_string(), cfg.len() + 1),
+        &[(ld.clone(), layer.len())],
+        None,
+    );
+    let r = put_manifest(&c, &base, "team/app", "v1", &wrong_size).await;
+    let (status, body) = (r.status(), r.text().await.unwrap());
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body.contains("MANIFEST_INVALID") && body.contains(&format!("size of {}", cfg.len() + 1)),
+        "a descriptor whose size is not its blob's is refused: {body}"
+    );
     let md = sha(&m).to_string();
     let r = put_manifest(&c, &base, "team/app", "v1", &m).await;
     assert_eq!(r.status(), StatusCode::CREATED);
