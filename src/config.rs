@@ -302,7 +302,8 @@ gc_grace_secs = {gg}
 ingest_expiry_secs = {ie}
 
 # Memory RocksDB may use, MiB: two thirds for write buffers (memtables of all column
-# families together), a sixth for the metadata block cache. Blob bytes are read through
+# families together), a sixth for the metadata block cache (which holds the tables' index and
+# filter blocks too, so a store of millions of blobs stays inside it). Blob bytes are read through
 # the page cache, not cached here. A quarter of it again is the read-ahead all streams
 # being read share: each stream has one 256 KiB piece on its way to the client, and more
 # only from that pool. Beyond these (measured with heaptrack): ~22 MiB resident when idle,
