@@ -370,9 +370,9 @@ fn open_db(path: &Path, tuning: &Tuning, how: OpenAs) -> std::result::Result<Db,
         t.set_bloom_filter(10.0, false);
         // Index and filter blocks live in the block cache, so they count against the memory
         // budget. Left to RocksDB they are held per open table, outside any cap: a daemon
-        // idling on a store of 5.85M blobs was at 89.5 MiB RSS, 36.7 MiB with them cached.
-        // Partitioned, so a lookup in a large table loads a few KiB of its filter and
-        // index, never the whole (MiBs in a large store, more than the cache holds).
+        // idling on a store of 5.85M blobs was at 69-90 MiB RSS (two starts), 36.7 MiB with
+        // them cached. Partitioned, so a lookup in a large table loads a few KiB of its
+        // filter and index, never the whole (MiBs in a large store, more than the cache holds).
         t.set_cache_index_and_filter_blocks(true);
         t.set_pin_l0_filter_and_index_blocks_in_cache(true);
         t.set_partition_filters(true);
