@@ -625,8 +625,10 @@ impl Registry {
                 if !store.visible(&scope, &c)? {
                     return Ok(Some((c, size, None)));
                 }
-                let stored = store.info_size(&c)?;
-                if stored != size {
+                // (A blob known only from an upstream, not yet fetched, has no size here.)
+                if let Some((_, stored)) = store.blob_media_type(&c)?
+                    && stored != size
+                {
                     return Ok(Some((c, size, Some(stored))));
                 }
             }
