@@ -145,6 +145,13 @@ impl<K: Eq + Hash> Default for Reach<K> {
 }
 
 impl<K: Eq + Hash> Reach<K> {
+    /// An empty set with room for `n` keys without growing.
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            seen: HashSet::with_capacity(n),
+        }
+    }
+
     pub fn contains(&self, k: &K) -> bool {
         self.seen.contains(k)
     }

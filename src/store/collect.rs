@@ -565,10 +565,14 @@ impl Store {
     fn mark_reach(&self, now: i64) -> Result<(Marks, Vec<(Scope, String)>)> {
         let fp = Fingerprints::new();
         let labelled = self.labelled_links(&fp)?;
+        // The sets start at the size the last collection's reached: grown from empty, each
+        // holds its old table beside the new one at every doubling. A dry run over 5.85M
+        // live blobs peaked at 381 MiB RSS from empty sets, 316 MiB from presized ones.
+        let (nodes, live) = *self.gc_sizes.lock();
         let mut m = Marks {
             fp,
-            nodes: gc::Reach::default(),
-            live: HashSet::new(),
+            nodes: gc::Reach::with_capacity(nodes),
+            live: HashSet::with_capacity(live),
             labelled,
         };
         let (flat, expired) = self.for_each_root(now, false, &mut |roots| {
@@ -908,6 +912,7 @@ impl Store {
             Ok(true)
         })?;
         report.marked = m.nodes.len() as i64;
+        *self.gc_sizes.lock() = (m.nodes.len(), m.live.len());
         report.swept.sort();
         if !dry_run && let Err(e) = self.kv.reclaim(Cf::Chunks, &reclaim_ranges(freed)) {
             // The blobs are gone either way; their files go with a later compaction.

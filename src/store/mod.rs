@@ -278,6 +278,9 @@ pub struct Store {
     /// Set while an eviction runs (under `gc_running`): the grace period does not apply.
     evicting: std::sync::atomic::AtomicBool,
     gc_last: Mutex<Option<GcReport>>,
+    /// The last collection's marked set sizes (nodes, digests): the next one starts its sets
+    /// at that size (see `Store::mark_reach`).
+    gc_sizes: Mutex<(usize, usize)>,
     /// Extents of discarded ingests whose disk space the next collection gives back (see
     /// `Kv::reclaim`); at most FREED_MAX, the rest go with RocksDB's own compactions.
     freed: Mutex<Vec<u64>>,
@@ -386,6 +389,7 @@ impl Store {
             gc_running: Mutex::new(()),
             evicting: Default::default(),
             gc_last: Mutex::new(None),
+            gc_sizes: Mutex::new((0, 0)),
             freed: Mutex::new(Vec::new()),
             gc_runs: Default::default(),
             deletions: Default::default(),
