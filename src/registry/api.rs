@@ -622,14 +622,10 @@ impl Registry {
         let (store, scope) = (self.store.clone(), self.scope.clone());
         let missing = blocking(move || {
             for (c, size) in children {
-                if !store.visible(&scope, &c)? {
-                    return Ok(Some((c, size, None)));
-                }
-                // (A blob known only from an upstream, not yet fetched, has no size here.)
-                if let Some((_, stored)) = store.blob_media_type(&c)?
-                    && stored != size
-                {
-                    return Ok(Some((c, size, Some(stored))));
+                match store.visible_size(&scope, &c)? {
+                    None => return Ok(Some((c, size, None))),
+                    Some(stored) if stored != size => return Ok(Some((c, size, Some(stored)))),
+                    Some(_) => {}
                 }
             }
             Ok(None)

@@ -8,10 +8,18 @@ use super::*;
 impl Store {
     /// Whether `scope` can see `d`, without creating a hold.
     pub fn visible(&self, scope: &Scope, d: &Digest) -> Result<bool> {
-        if self.link(scope, d)?.is_some() {
-            return Ok(true);
+        Ok(self.visible_size(scope, d)?.is_some())
+    }
+
+    /// The size of `d` if `scope` can see it, without creating a hold.
+    pub fn visible_size(&self, scope: &Scope, d: &Digest) -> Result<Option<i64>> {
+        if let Some(link) = self.link(scope, d)? {
+            return Ok(Some(link.size));
         }
-        Ok(scope.is_tenant() && self.blob(d)?.is_some())
+        if !scope.is_tenant() {
+            return Ok(None);
+        }
+        Ok(self.blob(d)?.map(|b| b.size))
     }
 
     /// A committed blob's own media type as classified at commit ("" for opaque blobs), and
