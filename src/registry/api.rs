@@ -1116,16 +1116,7 @@ impl Registry {
     ) -> crate::error::Result<crate::store::AsyncWriter> {
         let r = upload_ref(id);
         if !create {
-            let (store, scope, r2) = (self.store.clone(), self.scope.clone(), r.clone());
-            blocking(move || store.status(&scope, &r2).map(|_| ()))
-                .await
-                .map_err(|e| {
-                    if e.is(Kind::NotFound) {
-                        Error::not_found(format!("upload {id} is unknown"))
-                    } else {
-                        e
-                    }
-                })?;
+            self.upload_known(id).await?;
         }
         let w = self
             .store
@@ -1135,6 +1126,20 @@ impl Registry {
         // Store the ingest at once, so the upload survives a restart before any byte.
         w.step(|w| w.save()).await?;
         Ok(w)
+    }
+
+    /// NotFound unless upload `id` is open.
+    async fn upload_known(&self, id: &str) -> crate::error::Result<()> {
+        let (store, scope, r) = (self.store.clone(), self.scope.clone(), upload_ref(id));
+        blocking(move || store.status(&scope, &r).map(|_| ()))
+            .await
+            .map_err(|e| {
+                if e.is(Kind::NotFound) {
+                    Error::not_found(format!("upload {id} is unknown"))
+                } else {
+                    e
+                }
+            })
     }
 
     /// Streams a request body onto the end of an upload (checking a client's `start`), in
@@ -1208,6 +1213,14 @@ impl Registry {
         let Some(d) = d else {
             return error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "no digest given");
         };
+        let monolithic = start.is_none() && req.method() == Method::POST;
+        // An id the client made up is unknown even when its digest is stored here (as in
+        // distribution): answering 201 would tell a client its upload landed when it never
+        // had one.
+        if !monolithic && let Err(e) = self.upload_known(id).await {
+            discard(req.into_body()).await;
+            return from_store(&e, "BLOB_UPLOAD_UNKNOWN");
+        }
         // A blob already here needs no bytes (a client may still send them).
         let (store, scope, d2) = (self.store.clone(), self.scope.clone(), d.clone());
         if let Ok(true) = blocking(move || store.visible(&scope, &d2)).await {
@@ -1215,7 +1228,6 @@ impl Registry {
             discard(req.into_body()).await;
             return created_blob(name, &d);
         }
-        let monolithic = start.is_none() && req.method() == Method::POST;
         let mut w = match self.open_upload(id, monolithic).await {
             Ok(w) => w,
             Err(e) => {

@@ -360,6 +360,19 @@ async fn distribution_api_routes_and_statuses() {
         code_of(r).await,
         (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN".into())
     );
+    // Unknown even when the digest it names is stored here.
+    let r = c
+        .put(format!(
+            "{base}/v2/team/app/blobs/uploads/0123abcd?digest={ld}"
+        ))
+        .body(Vec::new())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN".into())
+    );
     let loc = start_upload(&c, &base, "team/app").await;
     assert_eq!(
         c.delete(format!("{base}{loc}"))
