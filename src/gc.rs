@@ -11,9 +11,11 @@
 //! marked node (no predecessor, no reason) and asks for children a batch at a time, so a
 //! store can answer from sorted lookups instead of holding its whole edge map in memory.
 //! Its memory is the marked keys plus the walk's frontier, whatever the store's size.
+//! `Grouped` is the set it keeps them in: (blob, scope) pairs, answering "marked in any scope"
+//! too, in about 20 bytes per marked blob.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, Hasher};
 
 /// Why a root is a root (an image name, a lease id, a label, a hold...).
 pub type Reason = String;
@@ -130,29 +132,48 @@ pub fn mark<N: Clone + Eq + Hash>(
     Marked { via }
 }
 
+/// A set of marks: what [`Reach`] records a marked node's key in.
+pub trait MarkSet {
+    type Key;
+    /// Adds `k`; true when it was not there before.
+    fn insert(&mut self, k: Self::Key) -> bool;
+    fn contains(&self, k: &Self::Key) -> bool;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<K: Eq + Hash, S: BuildHasher> MarkSet for HashSet<K, S> {
+    type Key = K;
+    fn insert(&mut self, k: K) -> bool {
+        HashSet::insert(self, k)
+    }
+    fn contains(&self, k: &K) -> bool {
+        HashSet::contains(self, k)
+    }
+    fn len(&self) -> usize {
+        HashSet::len(self)
+    }
+}
+
 /// Reachability without paths: the marked set of a collection, as compact keys.
-#[derive(Debug)]
-pub struct Reach<K: Eq + Hash> {
-    seen: HashSet<K>,
+#[derive(Debug, Default)]
+pub struct Reach<S> {
+    seen: S,
 }
 
-impl<K: Eq + Hash> Default for Reach<K> {
-    fn default() -> Self {
-        Self {
-            seen: HashSet::new(),
-        }
-    }
-}
-
-impl<K: Eq + Hash> Reach<K> {
-    /// An empty set with room for `n` keys without growing.
-    pub fn with_capacity(n: usize) -> Self {
-        Self {
-            seen: HashSet::with_capacity(n),
-        }
+impl<S: MarkSet> Reach<S> {
+    pub fn new(seen: S) -> Self {
+        Self { seen }
     }
 
-    pub fn contains(&self, k: &K) -> bool {
+    /// The marks.
+    pub fn set(&self) -> &S {
+        &self.seen
+    }
+
+    pub fn contains(&self, k: &S::Key) -> bool {
         self.seen.contains(k)
     }
 
@@ -165,7 +186,7 @@ impl<K: Eq + Hash> Reach<K> {
     }
 
     /// Marks `n` alone, without following its edges; true when it was not marked before.
-    pub fn mark_flat(&mut self, k: K) -> bool {
+    pub fn mark_flat(&mut self, k: S::Key) -> bool {
         self.seen.insert(k)
     }
 
@@ -177,7 +198,7 @@ impl<K: Eq + Hash> Reach<K> {
     pub fn mark<N, E>(
         &mut self,
         start: impl IntoIterator<Item = N>,
-        key: impl Fn(&N) -> K,
+        mut key: impl FnMut(&N) -> S::Key,
         batch: usize,
         mut children: impl FnMut(&[N]) -> Result<Vec<Vec<N>>, E>,
         mut on_new: impl FnMut(&N),
@@ -202,6 +223,159 @@ impl<K: Eq + Hash> Reach<K> {
             }
         }
         Ok(())
+    }
+}
+
+/// Marks of (item, group) pairs, e.g. (blob, scope), where items are 128-bit fingerprints
+/// (uniformly distributed already, so they are hashed by taking their bits) and groups are
+/// small indices, and "is this item marked in any group" must be answered too.
+///
+/// Memory: one 20-byte entry per marked item, holding its first two groups inline; an item
+/// marked in a third group spills all but its first into a second set (20 bytes per pair).
+/// A set of pairs plus a set of items (what this replaces) took 32 bytes per item in the
+/// common case of one group, and more than twice that with two.
+#[derive(Debug, Default)]
+pub struct Grouped {
+    items: HashMap<Fp, [u16; 2], FpHash>,
+    spilled: HashSet<(Fp, u32), FpHash>,
+    pairs: usize,
+}
+
+/// Empty inline slot.
+const NO_GROUP: u16 = 0;
+/// In the second inline slot: the item's other groups are in `spilled`.
+const SPILLED: u16 = u16::MAX;
+
+/// A group's inline code, if it has one (group + 1, below SPILLED).
+fn inline_code(g: u32) -> Option<u16> {
+    u16::try_from(g)
+        .ok()
+        .filter(|g| *g < SPILLED - 1)
+        .map(|g| g + 1)
+}
+
+impl Grouped {
+    /// Room for `items` items and `spilled` spilled pairs without growing.
+    pub fn with_capacity(items: usize, spilled: usize) -> Self {
+        Grouped {
+            items: HashMap::with_capacity_and_hasher(items, FpHash),
+            spilled: HashSet::with_capacity_and_hasher(spilled, FpHash),
+            pairs: 0,
+        }
+    }
+
+    /// Whether `item` is marked in any group.
+    pub fn contains_item(&self, item: u128) -> bool {
+        self.items.contains_key(&Fp::from(item))
+    }
+
+    /// Distinct items marked.
+    pub fn items(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Pairs held outside the inline slots.
+    pub fn spilled(&self) -> usize {
+        self.spilled.len()
+    }
+}
+
+impl MarkSet for Grouped {
+    type Key = (u128, u32);
+
+    fn insert(&mut self, (item, g): (u128, u32)) -> bool {
+        if self.contains(&(item, g)) {
+            return false;
+        }
+        let fp = Fp::from(item);
+        let slots = self.items.entry(fp).or_insert([NO_GROUP; 2]);
+        match inline_code(g) {
+            Some(c) if slots[0] == NO_GROUP => slots[0] = c,
+            Some(c) if slots[1] == NO_GROUP => slots[1] = c,
+            _ => {
+                // The second slot becomes the spill marker; a group it held moves out first.
+                if slots[1] != SPILLED {
+                    if slots[1] != NO_GROUP {
+                        self.spilled.insert((fp, u32::from(slots[1] - 1)));
+                    }
+                    slots[1] = SPILLED;
+                }
+                self.spilled.insert((fp, g));
+            }
+        }
+        self.pairs += 1;
+        true
+    }
+
+    fn contains(&self, &(item, g): &(u128, u32)) -> bool {
+        let fp = Fp::from(item);
+        let Some(slots) = self.items.get(&fp) else {
+            return false;
+        };
+        if let Some(c) = inline_code(g)
+            && slots.contains(&c)
+        {
+            return true;
+        }
+        slots[1] == SPILLED && self.spilled.contains(&(fp, g))
+    }
+
+    fn len(&self) -> usize {
+        self.pairs
+    }
+}
+
+/// A 128-bit fingerprint stored at 4-byte alignment, so a map entry holding one and a u32 is
+/// 20 bytes, not the 32 a `u128` (16-byte aligned) makes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fp([u32; 4]);
+
+impl From<u128> for Fp {
+    fn from(v: u128) -> Self {
+        Fp([
+            v as u32,
+            (v >> 32) as u32,
+            (v >> 64) as u32,
+            (v >> 96) as u32,
+        ])
+    }
+}
+
+impl Hash for Fp {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(u64::from(self.0[0]) | (u64::from(self.0[1]) << 32));
+    }
+}
+
+/// Hashes fingerprints by their own bits (mixed by one multiply, so the table's index and
+/// tag bits both vary): they are keyed hashes already, so hashing them again buys nothing.
+#[derive(Debug, Default, Clone, Copy)]
+struct FpHash;
+
+impl BuildHasher for FpHash {
+    type Hasher = FpHasher;
+    fn build_hasher(&self) -> FpHasher {
+        FpHasher(0)
+    }
+}
+
+#[derive(Debug)]
+struct FpHasher(u64);
+
+impl Hasher for FpHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(23) ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -278,7 +452,7 @@ mod tests {
     #[test]
     fn reach_walks_long_chains_in_batches_and_stops_on_error() {
         let n = 100_000u32;
-        let mut r: Reach<u32> = Reach::default();
+        let mut r: Reach<HashSet<u32>> = Reach::default();
         let mut calls = 0;
         let mut new = 0;
         r.mark(
@@ -299,10 +473,45 @@ mod tests {
         .unwrap();
         assert_eq!((r.len() as u32, new as u32), (n + 1, n + 1));
         assert!(calls > 0);
-        let mut r: Reach<u32> = Reach::default();
+        let mut r: Reach<HashSet<u32>> = Reach::default();
         let e = r.mark([1u32, 2], |x| *x, 1, |_: &[u32]| Err("boom"), |_| {});
         assert_eq!(e, Err("boom"));
         assert!(r.mark_flat(7) && !r.mark_flat(7));
+    }
+
+    #[test]
+    fn grouped_entries_are_20_bytes() {
+        assert_eq!(std::mem::size_of::<(Fp, [u16; 2])>(), 20);
+        assert_eq!(std::mem::size_of::<(Fp, u32)>(), 20);
+    }
+
+    proptest! {
+        /// `Grouped` answers exactly as a set of pairs and a set of items would, whatever
+        /// the groups (inline, spilled, too large to inline) and the order of inserts.
+        #[test]
+        fn grouped_is_a_set_of_pairs(
+            ops in proptest::collection::vec(
+                (0u128..12, prop_oneof![0u32..5, Just(65533u32), Just(65534), Just(65535), Just(u32::MAX)]),
+                0..120,
+            ),
+        ) {
+            let mut g = Grouped::with_capacity(4, 0);
+            let mut pairs: HashSet<(u128, u32)> = HashSet::new();
+            for (item, group) in &ops {
+                // Spread the items over the whole fingerprint, as real ones are.
+                let item = item.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+                prop_assert_eq!(MarkSet::insert(&mut g, (item, *group)), pairs.insert((item, *group)));
+                prop_assert_eq!(MarkSet::len(&g), pairs.len());
+            }
+            for i in 0u128..13 {
+                let item = i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+                prop_assert_eq!(g.contains_item(item), pairs.iter().any(|(x, _)| *x == item));
+                for group in [0u32, 1, 2, 3, 4, 5, 65533, 65534, 65535, u32::MAX] {
+                    prop_assert_eq!(MarkSet::contains(&g, &(item, group)), pairs.contains(&(item, group)));
+                }
+            }
+            prop_assert_eq!(g.items(), pairs.iter().map(|(x, _)| *x).collect::<HashSet<_>>().len());
+        }
     }
 
     proptest! {
@@ -316,7 +525,7 @@ mod tests {
             let g = graph(&edges);
             let kids = |xs: &[u32]| Ok::<_, ()>(xs.iter().map(|n| g.get(n).cloned().unwrap_or_default()).collect());
             let mut m = mark(roots.iter().map(|r| (*r, String::new())), |n| g.get(n).cloned().unwrap_or_default());
-            let mut r: Reach<u32> = Reach::default();
+            let mut r: Reach<HashSet<u32>> = Reach::default();
             let mut first = Vec::new();
             r.mark(roots.iter().copied(), |x| *x, batch, kids, |x| first.push(*x)).unwrap();
             for l in &later {

@@ -19,10 +19,11 @@
 //!
 //! Memory: the collector never holds a column family. Roots and sweep candidates are read a
 //! page at a time, children are looked up a batch at a time (sorted seeks through one
-//! iterator), and marks are 128-bit fingerprints, so a collection holds ~40 bytes per live
-//! (scope, blob) pair plus constant buffers, whatever the store's size.
+//! iterator), and marks are 128-bit fingerprints of blob keys with a scope number
+//! (`gc::Grouped`), so a collection holds ~21 bytes per live blob (marked in one or two
+//! scopes; ~21 more per further scope) plus constant buffers, whatever the store's size.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -70,9 +71,9 @@ const WALK_BATCH: usize = 512;
 /// Swept digests a report lists (in digest order); the counts are always exact.
 pub const SWEPT_LISTED: usize = 10_000;
 
-/// 128-bit fingerprints of node and digest keys, from two differently and randomly keyed
+/// 128-bit fingerprints of blob and link keys, from two differently and randomly keyed
 /// SipHashes (fresh keys for every collection). The collector's marked sets hold these
-/// instead of the keys, so its memory is ~20 bytes per live node whatever the key length.
+/// instead of the keys, so its memory is ~21 bytes per live blob whatever the key length.
 /// Two keys sharing a fingerprint would make the walk take the second for walked already, so
 /// the odds matter: about n²/2¹²⁹ for n marked keys (10⁻²⁵ at ten million), and with secret
 /// keys no client can aim for one.
@@ -87,13 +88,65 @@ impl Fingerprints {
     }
 }
 
-/// A collection's marks: (scope, blob) nodes reached, digests reached in any scope (a blob
-/// goes when no scope reaches it), and the links whose labels name more content.
+/// A collection's marks: (scope, blob) nodes reached, each as (fingerprint of the blob's
+/// key, index of its scope), which also answers whether any scope reached a blob (a blob goes
+/// when none did); and the links whose labels name more content.
 struct Marks {
     fp: Fingerprints,
-    nodes: gc::Reach<u128>,
-    live: HashSet<u128>,
+    nodes: gc::Reach<gc::Grouped>,
+    scopes: Scopes,
     labelled: HashSet<u128>,
+}
+
+/// The scope prefixes of marked nodes, numbered as they are first seen.
+#[derive(Default)]
+struct Scopes(HashMap<Vec<u8>, u32>);
+
+impl Scopes {
+    fn index(&mut self, prefix: &[u8]) -> u32 {
+        if let Some(i) = self.0.get(prefix) {
+            return *i;
+        }
+        // More scopes than u32 holds cannot exist: each is a key in the store.
+        let i = self.0.len() as u32;
+        self.0.insert(prefix.to_vec(), i);
+        i
+    }
+
+    fn find(&self, prefix: &[u8]) -> Option<u32> {
+        self.0.get(prefix).copied()
+    }
+}
+
+/// A node's scope prefix (through its NUL) and blob key. Splitting at the first NUL is
+/// one-to-one (a scope tag holds no NUL), and a key without one is its own blob key under the
+/// empty prefix, which no scope has.
+fn split_node(n: &[u8]) -> (&[u8], &[u8]) {
+    match n.iter().position(|b| *b == 0) {
+        Some(p) => n.split_at(p + 1),
+        None => (&[], n),
+    }
+}
+
+impl Marks {
+    /// The node's mark key, numbering its scope if it is new.
+    fn key(fp: &Fingerprints, scopes: &mut Scopes, n: &[u8]) -> (u128, u32) {
+        let (scope, blob) = split_node(n);
+        (fp.of(blob), scopes.index(scope))
+    }
+
+    /// Whether node `n` (a link or source key) was marked.
+    fn marked(&self, n: &[u8]) -> bool {
+        let (scope, blob) = split_node(n);
+        self.scopes
+            .find(scope)
+            .is_some_and(|s| self.nodes.contains(&(self.fp.of(blob), s)))
+    }
+
+    /// Whether any scope's node of blob key `dk` was marked.
+    fn live(&self, dk: &[u8]) -> bool {
+        self.nodes.set().contains_item(self.fp.of(dk))
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -399,21 +452,17 @@ impl Store {
         let Marks {
             fp,
             nodes,
-            live,
+            scopes,
             labelled,
         } = m;
         let fp = &*fp;
         let labelled = (!fresh).then_some((fp, &*labelled));
         nodes.mark(
             start,
-            |n| fp.of(n),
+            |n| Marks::key(fp, scopes, n),
             WALK_BATCH,
             |ns| self.children_batch(ns, labelled),
-            |n| {
-                if let Some(p) = n.iter().position(|b| *b == 0) {
-                    live.insert(fp.of(&n[p + 1..]));
-                }
-            },
+            |_| {},
         )
     }
 
@@ -565,25 +614,22 @@ impl Store {
     fn mark_reach(&self, now: i64) -> Result<(Marks, Vec<(Scope, String)>)> {
         let fp = Fingerprints::new();
         let labelled = self.labelled_links(&fp)?;
-        // The sets start at the size the last collection's reached: grown from empty, each
-        // holds its old table beside the new one at every doubling. A dry run over 5.85M
+        // The marks start at the size the last collection's reached: grown from empty, a
+        // table holds its old self beside the new one at every doubling. A dry run over 5.85M
         // live blobs peaked at 381 MiB RSS from empty sets, 316 MiB from presized ones.
-        let (nodes, live) = *self.gc_sizes.lock();
+        let (items, spilled) = *self.gc_sizes.lock();
         let mut m = Marks {
             fp,
-            nodes: gc::Reach::with_capacity(nodes),
-            live: HashSet::with_capacity(live),
+            nodes: gc::Reach::new(gc::Grouped::with_capacity(items, spilled)),
+            scopes: Scopes::default(),
             labelled,
         };
         let (flat, expired) = self.for_each_root(now, false, &mut |roots| {
             self.mark_from(&mut m, roots.into_iter().map(|(n, _)| n).collect(), false)
         })?;
         for (n, _) in flat {
-            if m.nodes.mark_flat(m.fp.of(&n))
-                && let Some(p) = n.iter().position(|b| *b == 0)
-            {
-                m.live.insert(m.fp.of(&n[p + 1..]));
-            }
+            let k = Marks::key(&m.fp, &mut m.scopes, &n);
+            m.nodes.mark_flat(k);
         }
         Ok((m, expired))
     }
@@ -750,7 +796,7 @@ impl Store {
 
         // Sweep 1: links nothing reaches, a page of the links at a time.
         crate::kv::for_each_page(&*self.kv, Cf::Links, PAGE, &mut |page| {
-            let candidates = unmarked(page, |k| m.nodes.contains(&m.fp.of(k)));
+            let candidates = unmarked(page, |k| m.marked(k));
             for batch in candidates.chunks(SWEEP_BATCH) {
                 let mut uncount: Vec<(Scope, i64)> = Vec::new();
                 let written =
@@ -759,7 +805,7 @@ impl Store {
                             let Some((scope, d)) = split(k) else { continue };
                             // Rescued by the barrier? (One created or replaced meanwhile is in the
                             // barrier, so marked.)
-                            if m.nodes.contains(&m.fp.of(k)) {
+                            if m.marked(k) {
                                 continue;
                             }
                             // Deleted meanwhile? Then it was uncounted already. Deletes take the gate
@@ -794,7 +840,7 @@ impl Store {
             std::mem::take(&mut *self.freed.lock())
         };
         crate::kv::for_each_page(&*self.kv, Cf::Blobs, PAGE, &mut |page| {
-            let candidates = unmarked(page, |dk| m.live.contains(&m.fp.of(dk)));
+            let candidates = unmarked(page, |dk| m.live(dk));
             for batch in candidates.chunks(SWEEP_BATCH) {
                 // Records and edges are read before the gate is taken: only the collector
                 // removes a blob (one collection at a time), and a commit that adds edges to
@@ -847,7 +893,7 @@ impl Store {
                     for ((dk, d, blob, edge_keys), chunks) in records.into_iter().zip(chunk_keys) {
                         // Unmarked in every scope means every link it had was swept above, and any
                         // link made since is in the barrier, hence marked.
-                        if m.live.contains(&m.fp.of(dk)) {
+                        if m.live(dk) {
                             continue;
                         }
                         b.delete(Cf::Blobs, dk.clone());
@@ -888,11 +934,11 @@ impl Store {
         // them recorded already. The re-read under the gate sees such a refresh.
         let min_age = self.gc_grace_ns.max(SOURCE_MIN_AGE_NS);
         crate::kv::for_each_page(&*self.kv, Cf::Sources, PAGE, &mut |page| {
-            let candidates = unmarked(page, |k| m.nodes.contains(&m.fp.of(k)));
+            let candidates = unmarked(page, |k| m.marked(k));
             for batch in candidates.chunks(SWEEP_BATCH) {
                 self.sweep_batch(&mut m, &drain, dry_run, &mut report, |m, b, report| {
                     for k in batch {
-                        if m.nodes.contains(&m.fp.of(k)) {
+                        if m.marked(k) {
                             continue;
                         }
                         let Some(v) = self.kv.get(Cf::Sources, k)? else {
@@ -912,7 +958,7 @@ impl Store {
             Ok(true)
         })?;
         report.marked = m.nodes.len() as i64;
-        *self.gc_sizes.lock() = (m.nodes.len(), m.live.len());
+        *self.gc_sizes.lock() = (m.nodes.set().items(), m.nodes.set().spilled());
         report.swept.sort();
         if !dry_run && let Err(e) = self.kv.reclaim(Cf::Chunks, &reclaim_ranges(freed)) {
             // The blobs are gone either way; their files go with a later compaction.

@@ -254,6 +254,83 @@ async fn a_collection_spanning_many_pages_keeps_exactly_the_reachable() {
     assert_eq!(chunks, kept.len() + 1);
 }
 
+/// Each scope keeps only what its own roots reach, and a blob stays while any scope reaches
+/// it, with one blob linked in many scopes (more than the collector's marks hold inline) and
+/// reached from some of them: directly, through another scope's manifest, or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_shared_by_many_scopes_is_kept_for_the_ones_that_reach_it() {
+    let store = graceless(Arc::new(MemKv::default()));
+    let scopes: Vec<Scope> = (0..6).map(|i| ns(&format!("n{i}"))).collect();
+    let layer = b"a layer every scope links".to_vec();
+    let manifest = |config: &Digest, size: usize| {
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":{size}}},"layers":[]}}"#
+        )
+    };
+    let image = |name: &str, m: &Info| ImageRecord {
+        name: name.into(),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        digest: m.digest.to_string(),
+        size: m.size,
+        ..Default::default()
+    };
+    let l = sha(&layer);
+    let shared = manifest(&l, layer.len());
+    let mut own = Vec::new();
+    let mut m = None;
+    for (i, s) in scopes.iter().enumerate() {
+        put(&store, s, "l", &layer).await;
+        m = Some(put(&store, s, "m", shared.as_bytes()).await);
+        own.push(
+            put(&store, s, "own", format!("only n{i} has this").as_bytes())
+                .await
+                .digest,
+        );
+    }
+    let m = m.unwrap();
+    // n0, n2 and n5 name the shared manifest; n3 names a manifest of its own that reaches
+    // the layer; n1 and n4 name nothing.
+    for i in [0, 2, 5] {
+        store.create_image(&scopes[i], image("img", &m)).unwrap();
+    }
+    let extra = manifest(&l, layer.len()).replace(
+        "\"layers\":[]",
+        "\"layers\":[],\"annotations\":{\"n\":\"3\"}",
+    );
+    let m3 = put(&store, &scopes[3], "m3", extra.as_bytes()).await;
+    store.create_image(&scopes[3], image("img", &m3)).unwrap();
+
+    let r = tokio::task::spawn_blocking({
+        let s = store.clone();
+        move || s.collect(false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    own.sort();
+    assert_eq!(r.swept, own, "only the blobs no scope reaches go");
+    let has = |s: &Scope, d: &Digest| store.info(s, d).is_ok();
+    for (i, s) in scopes.iter().enumerate() {
+        let (keeps_m, keeps_l) = match i {
+            0 | 2 | 5 => (true, true),
+            3 => (false, true),
+            _ => (false, false),
+        };
+        assert_eq!(
+            has(s, &m.digest),
+            keeps_m,
+            "n{i}'s link to the shared manifest"
+        );
+        assert_eq!(has(s, &l), keeps_l, "n{i}'s link to the layer");
+    }
+    assert!(has(&scopes[3], &m3.digest));
+    store.verify(&l).unwrap();
+    store.verify(&m.digest).unwrap();
+    // Nodes marked: the layer in four scopes (n0, n2, n5 through m, n3 through m3), the
+    // manifest in three, m3 in one.
+    assert_eq!(r.marked, 4 + 3 + 1);
+}
+
 /// Upstream source records are collected like the content they describe: one that an image
 /// reaches stays (its blob is lazy, so the source is how it is read), one nothing reaches
 /// goes once it is ten minutes old, and a young one stays (a pull in flight records sources
