@@ -8,7 +8,7 @@
 //!
 //! | cf        | key                              | value                               |
 //! |-----------|----------------------------------|-------------------------------------|
-//! | `meta`    | ASCII name                       | schema version, extent reservation  |
+//! | `meta`    | ASCII name                       | schema version, extent reservation, last collection's table sizes |
 //! | `chunks`  | extent u64 BE ‖ offset u64 BE    | blob/ingest bytes, ≤ 1 MiB per key  |
 //! | `blobs`   | dk                               | `BlobRecord` (extent, size, created)|
 //! | `links`   | scope ‖ 0x00 ‖ dk                | `LinkRecord` (times, labels)        |

@@ -95,6 +95,9 @@ const MAX_SLOTS: usize = 16_384;
 const EXTENT_RESERVATION: u64 = 1 << 16;
 const META_EXTENTS: &[u8] = b"extent_reserved";
 const META_SCHEMA: &[u8] = b"schema_version";
+/// The last collection's mark counts (distinct blobs, spilled pairs; u64 BE each): a hint
+/// that sizes the next one's tables, kept across restarts.
+pub(super) const META_GC_SIZES: &[u8] = b"gc_sizes";
 const SCHEMA_VERSION: &[u8] = b"1";
 
 pub fn now_ns() -> i64 {
@@ -413,6 +416,7 @@ impl Store {
         });
         store.count_blobs()?;
         *store.usage.lock() = store.recount_usage()?;
+        *store.gc_sizes.lock() = store.saved_gc_sizes()?;
         Ok(store)
     }
 

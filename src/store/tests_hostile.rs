@@ -259,7 +259,8 @@ async fn a_collection_spanning_many_pages_keeps_exactly_the_reachable() {
 /// reached from some of them: directly, through another scope's manifest, or not at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_shared_by_many_scopes_is_kept_for_the_ones_that_reach_it() {
-    let store = graceless(Arc::new(MemKv::default()));
+    let kv: Arc<dyn Kv> = Arc::new(MemKv::default());
+    let store = graceless(kv.clone());
     let scopes: Vec<Scope> = (0..6).map(|i| ns(&format!("n{i}"))).collect();
     let layer = b"a layer every scope links".to_vec();
     let manifest = |config: &Digest, size: usize| {
@@ -329,6 +330,20 @@ async fn a_blob_shared_by_many_scopes_is_kept_for_the_ones_that_reach_it() {
     // Nodes marked: the layer in four scopes (n0, n2, n5 through m, n3 through m3), the
     // manifest in three, m3 in one.
     assert_eq!(r.marked, 4 + 3 + 1);
+    // Three blobs; beyond each one's first scope, the layer's three and the manifest's two
+    // are held apart. The sizes outlive a restart, and a damaged record is bounded by the
+    // store's blob count.
+    assert_eq!(*store.gc_sizes.lock(), (3, 5));
+    drop(store);
+    assert_eq!(*graceless(kv.clone()).gc_sizes.lock(), (3, 5));
+    damage(&kv, Cf::Meta, super::META_GC_SIZES.to_vec(), &[0xff; 16]);
+    let blobs = 3;
+    assert_eq!(
+        *graceless(kv.clone()).gc_sizes.lock(),
+        (blobs + blobs / 8 + 1024, blobs + blobs / 8 + 1024)
+    );
+    damage(&kv, Cf::Meta, super::META_GC_SIZES.to_vec(), b"short");
+    assert_eq!(*graceless(kv).gc_sizes.lock(), (0, 0));
 }
 
 /// Upstream source records are collected like the content they describe: one that an image
