@@ -56,6 +56,15 @@ async fn rooted_and_garbage(store: &Arc<Store>) -> (Digest, Digest) {
     (kept, garbage)
 }
 
+/// One collection, run as the daemon runs it: on the blocking pool.
+async fn collect_now(store: &Arc<Store>) -> GcReport {
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.collect(false))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 fn damage(kv: &Arc<dyn Kv>, cf: Cf, key: Vec<u8>, value: &[u8]) {
     let mut b = Batch::new();
     b.put(cf, key, value.to_vec());
@@ -231,13 +240,7 @@ async fn a_collection_spanning_many_pages_keeps_exactly_the_reachable() {
             t.spawn(|| rt.block_on(put(&s, &sc, "late", &l)));
         });
     }));
-    let r = tokio::task::spawn_blocking({
-        let s = store.clone();
-        move || s.collect(false)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let r = collect_now(&store).await;
     garbage.sort();
     assert_eq!(r.swept, garbage);
     assert_eq!(r.blobs_swept as usize, garbage.len());
@@ -301,13 +304,7 @@ async fn a_blob_shared_by_many_scopes_is_kept_for_the_ones_that_reach_it() {
     let m3 = put(&store, &scopes[3], "m3", extra.as_bytes()).await;
     store.create_image(&scopes[3], image("img", &m3)).unwrap();
 
-    let r = tokio::task::spawn_blocking({
-        let s = store.clone();
-        move || s.collect(false)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let r = collect_now(&store).await;
     own.sort();
     assert_eq!(r.swept, own, "only the blobs no scope reaches go");
     let has = |s: &Scope, d: &Digest| store.info(s, d).is_ok();
@@ -387,13 +384,7 @@ async fn unreachable_upstream_sources_are_collected_once_old() {
     let b = ns("b");
     store.put_source(&b, &lazy_layer, &rec(hour_ago)).unwrap();
 
-    let r = tokio::task::spawn_blocking({
-        let s = store.clone();
-        move || s.collect(false)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let r = collect_now(&store).await;
     assert_eq!(r.sources_swept, 2, "{r:?}");
     assert!(store.source(&a, &lazy_layer).unwrap().is_some());
     assert!(store.source(&a, &old_orphan).unwrap().is_none());
