@@ -1107,15 +1107,16 @@ impl Registry {
         }
     }
 
-    /// Opens an upload's ingest; `create` only for a new upload, so an id a client made up is
-    /// BLOB_UPLOAD_UNKNOWN rather than a new upload.
+    /// Opens an upload's ingest. `known`: the id is a new upload's or was just checked;
+    /// otherwise it is checked here, so an id a client made up is BLOB_UPLOAD_UNKNOWN rather
+    /// than a new upload.
     async fn open_upload(
         &self,
         id: &str,
-        create: bool,
+        known: bool,
     ) -> crate::error::Result<crate::store::AsyncWriter> {
         let r = upload_ref(id);
-        if !create {
+        if !known {
             self.upload_known(id).await?;
         }
         let w = self
@@ -1228,7 +1229,8 @@ impl Registry {
             discard(req.into_body()).await;
             return created_blob(name, &d);
         }
-        let mut w = match self.open_upload(id, monolithic).await {
+        // Known: new (monolithic) or checked above.
+        let mut w = match self.open_upload(id, true).await {
             Ok(w) => w,
             Err(e) => {
                 discard(req.into_body()).await;

@@ -281,8 +281,8 @@ pub struct Store {
     /// Set while an eviction runs (under `gc_running`): the grace period does not apply.
     evicting: std::sync::atomic::AtomicBool,
     gc_last: Mutex<Option<GcReport>>,
-    /// The last collection's marked set sizes (nodes, digests): the next one starts its sets
-    /// at that size (see `Store::mark_reach`).
+    /// The last collection's mark table sizes (distinct blobs, spilled pairs), also saved in
+    /// `meta`: the next one starts its tables at that size (see `Store::mark_reach`).
     gc_sizes: Mutex<(usize, usize)>,
     /// Extents of discarded ingests whose disk space the next collection gives back (see
     /// `Kv::reclaim`); at most FREED_MAX, the rest go with RocksDB's own compactions.

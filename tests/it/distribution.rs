@@ -350,29 +350,18 @@ async fn distribution_api_routes_and_statuses() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = c
-        .patch(format!("{base}/v2/team/app/blobs/uploads/0123abcd"))
-        .body(b"x".to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        code_of(r).await,
-        (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN".into())
-    );
-    // Unknown even when the digest it names is stored here.
-    let r = c
-        .put(format!(
-            "{base}/v2/team/app/blobs/uploads/0123abcd?digest={ld}"
-        ))
-        .body(Vec::new())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        code_of(r).await,
-        (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN".into())
-    );
+    // A PUT naming a digest stored here is still to an unknown upload.
+    let unknown_upload = format!("{base}/v2/team/app/blobs/uploads/0123abcd");
+    for req in [
+        c.patch(&unknown_upload).body(b"x".to_vec()),
+        c.put(format!("{unknown_upload}?digest={ld}"))
+            .body(Vec::new()),
+    ] {
+        assert_eq!(
+            code_of(req.send().await.unwrap()).await,
+            (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN".into())
+        );
+    }
     let loc = start_upload(&c, &base, "team/app").await;
     assert_eq!(
         c.delete(format!("{base}{loc}"))
