@@ -1088,7 +1088,8 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
     eprintln!("bench-gc: {} blobs written in {setup_s:.1} s", images * 10);
 
     // A writer commits small blobs back to back: first with no collection (the baseline:
-    // fsync and compaction jitter alone), then while the collection runs.
+    // fsync and compaction jitter alone), then while the collection runs. Each write's
+    // latency is kept with when it started.
     let writer = |tag: &'static str, stop: Arc<std::sync::atomic::AtomicBool>| {
         let (ws, wsc) = (store.clone(), scope.clone());
         tokio::spawn(async move {
@@ -1098,7 +1099,7 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
                 let data = format!("write {tag} {i}").into_bytes();
                 let t = Instant::now();
                 put_in(&ws, &wsc, format!("{tag}-{i}"), data).await?;
-                lat.push(t.elapsed());
+                lat.push((t.elapsed(), t));
                 i += 1;
             }
             anyhow::Ok(lat)
@@ -1108,7 +1109,7 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
     let baseline = writer("baseline", stop.clone());
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut base = baseline.await??;
+    let mut base: Vec<Duration> = baseline.await??.into_iter().map(|(l, _)| l).collect();
     base.sort();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = writer("during", stop.clone());
@@ -1117,6 +1118,9 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
     let rss_before_gc_mib = status_kib(me, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
     let sampler = RssSampler::start(Some(me));
     let t = Instant::now();
+    let started_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
     let st = store.clone();
     let report = tokio::task::spawn_blocking(move || st.collect(false)).await??;
     let gc_s = t.elapsed().as_secs_f64();
@@ -1126,7 +1130,24 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut lat = writer.await??;
+    let timed = writer.await??;
+    // The slowest writes, and when they started relative to the collection's start: to
+    // line a tail up with the collector's phases (its debug log lines) and RocksDB's LOG
+    // (whose EVENT_LOG times are µs after the epoch).
+    let mut slowest = timed.clone();
+    slowest.sort_by_key(|w| std::cmp::Reverse(w.0));
+    eprintln!("bench-gc: the collection started at {started_us} µs after the epoch");
+    for (l, at) in slowest.iter().take(8) {
+        let at = match at.checked_duration_since(t) {
+            Some(after) => after.as_secs_f64(),
+            None => -(t - *at).as_secs_f64(),
+        };
+        eprintln!(
+            "bench-gc: write of {:.1} ms at {at:+.3} s",
+            l.as_secs_f64() * 1e3
+        );
+    }
+    let mut lat: Vec<Duration> = timed.into_iter().map(|(l, _)| l).collect();
     lat.sort();
     Ok(GcBench {
         blobs: images * 10,

@@ -427,6 +427,8 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             if root.exists() {
                 anyhow::bail!("{} exists; bench-gc builds a fresh store", root.display());
             }
+            // The store's own log lines (RUST_LOG), to line its phases up with the writes.
+            let _log = contentd::telemetry::init("text", None)?;
             let r = runtime(0)?.block_on(contentd::bench::gc_bench(&root, blobs))?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())

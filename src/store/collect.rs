@@ -768,7 +768,12 @@ impl Store {
     }
 
     fn collect_inner(&self, dry_run: bool, started_ns: i64) -> Result<GcReport> {
+        let began = std::time::Instant::now();
         let (mut m, expired) = self.mark_reach(started_ns)?;
+        tracing::debug!(
+            ms = began.elapsed().as_millis() as u64,
+            "collection: marked"
+        );
         #[cfg(test)]
         if let Some(hook) = self.after_mark.lock().take() {
             hook();
@@ -991,10 +996,15 @@ impl Store {
             }
         }
         report.swept.sort();
+        tracing::debug!(ms = began.elapsed().as_millis() as u64, "collection: swept");
         if !dry_run && let Err(e) = self.kv.reclaim(Cf::Chunks, &reclaim_ranges(freed)) {
             // The blobs are gone either way; their files go with a later compaction.
             tracing::warn!(error = %e, "could not reclaim the disk space of swept blobs now");
         }
+        tracing::debug!(
+            ms = began.elapsed().as_millis() as u64,
+            "collection: reclaimed"
+        );
         Ok(report)
     }
 
