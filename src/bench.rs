@@ -1130,14 +1130,13 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let timed = writer.await??;
+    let mut timed = writer.await??;
+    timed.sort_by_key(|w| w.0);
     // The slowest writes, and when they started relative to the collection's start: to
     // line a tail up with the collector's phases (its debug log lines) and RocksDB's LOG
     // (whose EVENT_LOG times are µs after the epoch).
-    let mut slowest = timed.clone();
-    slowest.sort_by_key(|w| std::cmp::Reverse(w.0));
     eprintln!("bench-gc: the collection started at {started_us} µs after the epoch");
-    for (l, at) in slowest.iter().take(8) {
+    for (l, at) in timed.iter().rev().take(8) {
         let at = match at.checked_duration_since(t) {
             Some(after) => after.as_secs_f64(),
             None => -(t - *at).as_secs_f64(),
@@ -1147,8 +1146,7 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
             l.as_secs_f64() * 1e3
         );
     }
-    let mut lat: Vec<Duration> = timed.into_iter().map(|(l, _)| l).collect();
-    lat.sort();
+    let lat: Vec<Duration> = timed.into_iter().map(|(l, _)| l).collect();
     Ok(GcBench {
         blobs: images * 10,
         images_rooted: images.div_ceil(2),

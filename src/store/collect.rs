@@ -1001,10 +1001,6 @@ impl Store {
             // The blobs are gone either way; their files go with a later compaction.
             tracing::warn!(error = %e, "could not reclaim the disk space of swept blobs now");
         }
-        tracing::debug!(
-            ms = began.elapsed().as_millis() as u64,
-            "collection: reclaimed"
-        );
         Ok(report)
     }
 
