@@ -89,7 +89,16 @@ fn bind_unix(path: &Path, perms: SocketPerms) -> anyhow::Result<tokio::net::Unix
 /// A macro because the health service's type is unnameable.
 macro_rules! router {
     ($limits:expr, $store:expr, $reads:expr, $puller:expr, $mode:expr, $policy:expr, $health:expr) => {
-        router!(Server::builder(), $limits, $store, $reads, $puller, $mode, $policy, $health)
+        router!(
+            Server::builder(),
+            $limits,
+            $store,
+            $reads,
+            $puller,
+            $mode,
+            $policy,
+            $health
+        )
     };
     ($builder:expr, $limits:expr, $store:expr, $reads:expr, $puller:expr, $mode:expr, $policy:expr, $health:expr) => {{
         let mode: Mode = $mode;
@@ -106,19 +115,28 @@ macro_rules! router {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .trace_fn(|req| {
-                let ns = req
-                    .headers()
-                    .get(crate::api::NAMESPACE_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                tracing::info_span!(
-                    "rpc",
-                    path = %req.uri().path(),
-                    namespace = %ns,
-                    digest = tracing::field::Empty,
-                    r#ref = tracing::field::Empty,
-                )
+                // Info level only while exported (see `telemetry`); a disabled span's fields
+                // are never evaluated.
+                macro_rules! rpc_span {
+                        ($span:ident) => {
+                            tracing::$span!(
+                                "rpc",
+                                path = %req.uri().path(),
+                                namespace = %req
+                                    .headers()
+                                    .get(crate::api::NAMESPACE_HEADER)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or(""),
+                                digest = tracing::field::Empty,
+                                r#ref = tracing::field::Empty,
+                            )
+                        };
+                    }
+                if crate::telemetry::exporting_spans() {
+                    rpc_span!(info_span)
+                } else {
+                    rpc_span!(debug_span)
+                }
             })
             .layer(crate::api::observe::ObserveLayer)
             .layer($policy)

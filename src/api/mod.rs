@@ -122,9 +122,8 @@ pub fn status(e: Error) -> Status {
         Kind::Aborted => Code::Aborted,
         Kind::PermissionDenied => Code::PermissionDenied,
     };
-    if code == Code::Internal {
-        tracing::error!(error = %e, "internal error");
-    }
+    // Not logged here: `observe` logs every INTERNAL and DATA_LOSS call once, with its
+    // method and namespace.
     Status::new(code, e.message().to_string())
 }
 

@@ -2,6 +2,11 @@
 //! method and status code and times it to the end of its response stream. The status of a
 //! streaming call is only known from its trailers, so the response body is wrapped and the
 //! call is recorded when the trailers (or the end) pass through.
+//!
+//! A call that fails with INTERNAL, DATA_LOSS or UNKNOWN (the server's fault or the disk's,
+//! never the client's) is logged here, once, with its method, namespace and message: the
+//! per-call span that would give a log line inside the call that context is off by default
+//! (`telemetry`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -27,20 +32,50 @@ pub struct Observe<S> {
 
 /// What is recorded when the call ends.
 struct Call {
-    method: String,
+    method: &'static str,
+    /// The namespace header as received (a reference-counted slice, not a copy).
+    namespace: Option<http::HeaderValue>,
     start: Instant,
     done: bool,
 }
 
 impl Call {
+    /// Records the call's end from the headers or trailers that carry its status.
+    fn finish_with(&mut self, status: &http::HeaderMap) {
+        let code = status
+            .get("grpc-status")
+            .map_or("OK", |v| code_name(v.as_bytes()));
+        self.end(code, || {
+            tonic::Status::from_header_map(status)
+                .map(|s| s.message().to_owned())
+                .unwrap_or_default()
+        });
+    }
+
+    /// Records the call's end, and logs it when it failed by the server's (or the disk's)
+    /// fault. `message` is only built then.
+    fn end(&mut self, code: &'static str, message: impl FnOnce() -> String) {
+        if matches!(code, "INTERNAL" | "DATA_LOSS" | "UNKNOWN") && !self.done {
+            let namespace = self.namespace.as_ref().and_then(|v| v.to_str().ok());
+            tracing::error!(
+                method = self.method,
+                namespace = namespace.unwrap_or(""),
+                code,
+                message = message(),
+                "call failed"
+            );
+        }
+        self.finish(code);
+    }
+
     fn finish(&mut self, code: &str) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
         let m = crate::metrics::get();
-        m.rpc_requests.add(&[&self.method, code], 1);
+        m.rpc_requests.add(&[self.method, code], 1);
         m.rpc_seconds
-            .observe(&[&self.method], self.start.elapsed().as_secs_f64());
+            .observe(&[self.method], self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -110,13 +145,10 @@ fn known_methods() -> &'static std::collections::HashSet<String> {
 
 /// The metrics label of a request path: the method when it is one contentd serves, else
 /// "unknown". Paths come from clients; labels must not grow with them.
-pub fn method_label(path: &str) -> &str {
-    let m = path.trim_start_matches('/');
-    if known_methods().contains(m) {
-        m
-    } else {
-        "unknown"
-    }
+pub fn method_label(path: &str) -> &'static str {
+    known_methods()
+        .get(path.trim_start_matches('/'))
+        .map_or("unknown", |m| m.as_str())
 }
 
 pub struct ObservedBody<B> {
@@ -124,7 +156,7 @@ pub struct ObservedBody<B> {
     call: Option<Call>,
 }
 
-impl<B: Body + Unpin> Body for ObservedBody<B> {
+impl<B: Body<Error: std::fmt::Display> + Unpin> Body for ObservedBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -135,16 +167,15 @@ impl<B: Body + Unpin> Body for ObservedBody<B> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {
-                if let Some(t) = f.trailers_ref() {
-                    let code = t.get("grpc-status").map(|v| code_name(v.as_bytes()));
-                    if let Some(c) = self.call.as_mut() {
-                        c.finish(code.unwrap_or("OK"));
-                    }
+                if let Some(t) = f.trailers_ref()
+                    && let Some(c) = self.call.as_mut()
+                {
+                    c.finish_with(t);
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(e))) => {
                 if let Some(c) = self.call.as_mut() {
-                    c.finish("INTERNAL");
+                    c.end("INTERNAL", || e.to_string());
                 }
             }
             Poll::Ready(None) => {
@@ -170,7 +201,7 @@ impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Observe<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Send,
     S::Future: Send + 'static,
-    ResBody: Body + Unpin,
+    ResBody: Body<Error: std::fmt::Display> + Unpin,
 {
     type Response = http::Response<ObservedBody<ResBody>>;
     type Error = S::Error;
@@ -182,19 +213,21 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let method = method_label(req.uri().path()).to_string();
+        let method = method_label(req.uri().path());
+        let namespace = req.headers().get(super::NAMESPACE_HEADER).cloned();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let mut call = Call {
                 method,
+                namespace,
                 start: Instant::now(),
                 done: false,
             };
             let resp = fut.await?;
             // A "trailers-only" response (an error before any message) carries the status
             // in its headers.
-            if let Some(v) = resp.headers().get("grpc-status") {
-                call.finish(code_name(v.as_bytes()));
+            if resp.headers().contains_key("grpc-status") {
+                call.finish_with(resp.headers());
             }
             Ok(resp.map(|inner| ObservedBody {
                 inner,

@@ -76,6 +76,22 @@ async fn flipped_bytes_in_blob_files_are_data_loss_and_contained() {
     let bad = sha(&blobs[1]).to_string();
     let e = read(&mut c, &bad, 0, 0).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::DataLoss, "{e}");
+    // The operator hears of it once, with the call's method and namespace and the message.
+    let failed: Vec<String> = d
+        .log()
+        .lines()
+        .filter(|l| l.contains("call failed"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    for want in [
+        "containerd.services.content.v1.Content/Read",
+        "namespace=\"rot\"",
+        "DATA_LOSS",
+        "damaged data on disk",
+    ] {
+        assert!(failed[0].contains(want), "{want} not in {}", failed[0]);
+    }
     for i in [0, 2] {
         let (got, _) = read(&mut c, &sha(&blobs[i]).to_string(), 0, 0)
             .await
