@@ -118,20 +118,20 @@ macro_rules! router {
                 // Info level only while exported (see `telemetry`); a disabled span's fields
                 // are never evaluated.
                 macro_rules! rpc_span {
-                        ($span:ident) => {
-                            tracing::$span!(
-                                "rpc",
-                                path = %req.uri().path(),
-                                namespace = %req
-                                    .headers()
-                                    .get(crate::api::NAMESPACE_HEADER)
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or(""),
-                                digest = tracing::field::Empty,
-                                r#ref = tracing::field::Empty,
-                            )
-                        };
-                    }
+                            ($span:ident) => {
+                                tracing::$span!(
+                                    "rpc",
+                                    path = %req.uri().path(),
+                                    namespace = %req
+                                        .headers()
+                                        .get(crate::api::NAMESPACE_HEADER)
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or(""),
+                                    digest = tracing::field::Empty,
+                                    r#ref = tracing::field::Empty,
+                                )
+                            };
+                        }
                 if crate::telemetry::exporting_spans() {
                     rpc_span!(info_span)
                 } else {
