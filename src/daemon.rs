@@ -85,6 +85,24 @@ fn bind_unix(path: &Path, perms: SocketPerms) -> anyhow::Result<tokio::net::Unix
     Ok(l)
 }
 
+/// The span every RPC runs in, at the level `$span` names; a disabled span's fields are never
+/// evaluated.
+macro_rules! rpc_span {
+    ($span:ident, $req:expr) => {
+        tracing::$span!(
+            "rpc",
+            path = %$req.uri().path(),
+            namespace = %$req
+                .headers()
+                .get(crate::api::NAMESPACE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+            digest = tracing::field::Empty,
+            r#ref = tracing::field::Empty,
+        )
+    };
+}
+
 /// One listener's services: content (in the listener's mode), health, reflection v1 and v1alpha.
 /// A macro because the health service's type is unnameable.
 macro_rules! router {
@@ -115,27 +133,11 @@ macro_rules! router {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .trace_fn(|req| {
-                // Info level only while exported (see `telemetry`); a disabled span's fields
-                // are never evaluated.
-                macro_rules! rpc_span {
-                            ($span:ident) => {
-                                tracing::$span!(
-                                    "rpc",
-                                    path = %req.uri().path(),
-                                    namespace = %req
-                                        .headers()
-                                        .get(crate::api::NAMESPACE_HEADER)
-                                        .and_then(|v| v.to_str().ok())
-                                        .unwrap_or(""),
-                                    digest = tracing::field::Empty,
-                                    r#ref = tracing::field::Empty,
-                                )
-                            };
-                        }
+                // Info level only while exported (see `telemetry`).
                 if crate::telemetry::exporting_spans() {
-                    rpc_span!(info_span)
+                    rpc_span!(info_span, req)
                 } else {
-                    rpc_span!(debug_span)
+                    rpc_span!(debug_span, req)
                 }
             })
             .layer(crate::api::observe::ObserveLayer)

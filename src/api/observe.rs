@@ -4,9 +4,9 @@
 //! call is recorded when the trailers (or the end) pass through.
 //!
 //! A call that fails with INTERNAL, DATA_LOSS or UNKNOWN (the server's fault or the disk's,
-//! never the client's) is logged here, once, with its method, namespace and message: the
-//! per-call span that would give a log line inside the call that context is off by default
-//! (`telemetry`).
+//! never the client's) is logged here, once, with its method, namespace and message. By
+//! default the per-call span, which would give every log line inside a call that context,
+//! is off (`telemetry`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
