@@ -55,7 +55,10 @@ impl Call {
     /// Records the call's end, and logs it when it failed by the server's (or the disk's)
     /// fault. `message` is only built then.
     fn end(&mut self, code: &'static str, message: impl FnOnce() -> String) {
-        if matches!(code, "INTERNAL" | "DATA_LOSS" | "UNKNOWN") && !self.done {
+        if self.done {
+            return;
+        }
+        if matches!(code, "INTERNAL" | "DATA_LOSS" | "UNKNOWN") {
             let namespace = self.namespace.as_ref().and_then(|v| v.to_str().ok());
             tracing::error!(
                 method = self.method,
