@@ -173,6 +173,10 @@ impl<S: MarkSet> Reach<S> {
         &self.seen
     }
 
+    pub fn set_mut(&mut self) -> &mut S {
+        &mut self.seen
+    }
+
     pub fn contains(&self, k: &S::Key) -> bool {
         self.seen.contains(k)
     }
@@ -278,6 +282,29 @@ impl Grouped {
     pub fn spilled(&self) -> usize {
         self.spilled.len()
     }
+
+    /// Items and spilled pairs the tables hold without growing.
+    pub fn capacity(&self) -> (usize, usize) {
+        (self.items.capacity(), self.spilled.capacity())
+    }
+
+    /// Every marked (item, group) pair, in no particular order.
+    pub fn pairs(&self) -> impl Iterator<Item = (u128, u32)> + '_ {
+        let inline = self.items.iter().flat_map(|(fp, slots)| {
+            slots
+                .iter()
+                .filter(|c| **c != NO_GROUP && **c != SPILLED)
+                .map(move |c| (u128::from(*fp), u32::from(*c - 1)))
+        });
+        inline.chain(self.spilled.iter().map(|(fp, g)| (u128::from(*fp), *g)))
+    }
+
+    /// Forgets every mark, keeping the tables' room.
+    pub fn clear(&mut self) {
+        self.items.clear();
+        self.spilled.clear();
+        self.pairs = 0;
+    }
 }
 
 impl MarkSet for Grouped {
@@ -338,6 +365,15 @@ impl From<u128> for Fp {
             (v >> 64) as u32,
             (v >> 96) as u32,
         ])
+    }
+}
+
+impl From<Fp> for u128 {
+    fn from(f: Fp) -> Self {
+        u128::from(f.0[0])
+            | (u128::from(f.0[1]) << 32)
+            | (u128::from(f.0[2]) << 64)
+            | (u128::from(f.0[3]) << 96)
     }
 }
 
@@ -511,6 +547,13 @@ mod tests {
                 }
             }
             prop_assert_eq!(g.items(), pairs.iter().map(|(x, _)| *x).collect::<HashSet<_>>().len());
+            let listed: Vec<(u128, u32)> = g.pairs().collect();
+            prop_assert_eq!(listed.len(), pairs.len());
+            prop_assert_eq!(listed.into_iter().collect::<HashSet<_>>(), pairs);
+            let room = g.capacity();
+            g.clear();
+            prop_assert_eq!((MarkSet::len(&g), g.items(), g.pairs().count()), (0, 0, 0));
+            prop_assert_eq!(g.capacity(), room);
         }
     }
 
