@@ -999,6 +999,8 @@ pub struct GcBench {
     pub marked: i64,
     pub swept_blobs: i64,
     pub collector_max_pause_ms: f64,
+    /// Times the marks outgrew `--mark-mib` and went to disk.
+    pub mark_spills: i64,
     pub writes_during_gc: usize,
     pub write_p50_ms: f64,
     pub write_p99_ms: f64,
@@ -1016,7 +1018,7 @@ pub struct GcBench {
 /// every other image named, the rest garbage) in `root`, then collects it while a writer
 /// keeps committing small blobs, and reports the collection time and the write latencies.
 #[cfg(feature = "rocksdb")]
-pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
+pub async fn gc_bench(root: &Path, blobs: usize, mark_memory: usize) -> anyhow::Result<GcBench> {
     use crate::kv::rocks::{RocksKv, Tuning};
     use crate::store::{ImageRecord, Scope, Store, StoreConfig};
     let kv = RocksKv::open(root, &Tuning::default())?;
@@ -1024,6 +1026,8 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
         Arc::new(kv),
         StoreConfig {
             gc_grace: Duration::ZERO,
+            gc_mark_memory: mark_memory,
+            scratch_dir: Some(root.to_path_buf()),
             ..Default::default()
         },
     )?;
@@ -1155,6 +1159,7 @@ pub async fn gc_bench(root: &Path, blobs: usize) -> anyhow::Result<GcBench> {
         marked: report.marked,
         swept_blobs: report.blobs_swept,
         collector_max_pause_ms: report.max_pause_us as f64 / 1e3,
+        mark_spills: report.mark_spills,
         writes_during_gc: lat.len(),
         write_p50_ms: percentile(&lat, 0.5),
         write_p99_ms: percentile(&lat, 0.99),

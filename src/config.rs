@@ -133,7 +133,8 @@ pub struct Config {
     /// "127.0.0.1:5000". Plain HTTP on loopback, TLS (`[tls]`) on any other address.
     pub registry_addr: Option<String>,
     /// RocksDB's memory (memtables and block cache), MiB: see `kv::rocks::Tuning`; a quarter
-    /// of it again is the read-ahead all stored reads share (`reads::Flight`).
+    /// of it again is the read-ahead all stored reads share (`reads::Flight`), and a
+    /// collection's mark table may take it again (`store::marks`).
     pub memory_budget_mib: u64,
     /// Threads running the async side of every request (HTTP/2, protobuf, point lookups);
     /// hashing and storage I/O run on the blocking pool whatever this is. 0: see
@@ -310,7 +311,9 @@ ingest_expiry_secs = {ie}
 # most of it the binary's code; about 3 MiB per stream writing 1 MiB messages (the message
 # being decoded, and its write batch). Memory freed after a burst goes back to the kernel
 # within a second. Outside the daemon's RSS, the kernel holds up to 1 MiB per unix-socket
-# client connection of bytes sent and not yet read (its send buffer).
+# client connection of bytes sent and not yet read (its send buffer). A garbage collection
+# may take the budget again for its marks (~21 bytes per live blob, so ~1.8M blobs at 48);
+# marks beyond that go to unnamed scratch files in `root`, read back through the page cache.
 memory_budget_mib = {mb}
 
 # Threads that run the protocol side of every request (HTTP/2, protobuf, point lookups).

@@ -611,6 +611,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             default_quota: config.quotas.default_bytes,
             max_document: config.max_manifest_bytes,
             disk_reserve: config.disk_reserve_mib.saturating_mul(1 << 20),
+            // The collector's marks get the budget again: a collection then runs in memory
+            // up to ~1.8M live blobs at the default, and on disk past that.
+            gc_mark_memory: usize::try_from(config.memory_budget_mib << 20).unwrap_or(usize::MAX),
+            scratch_dir: Some(config.root.clone()),
         },
     )?;
     tracing::info!(root = %config.root.display(), workers = config.workers(), "store open");

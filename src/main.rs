@@ -93,6 +93,10 @@ enum Command {
         /// Blobs to create (images of 10 blobs; every other image is garbage).
         #[arg(long, default_value_t = 100_000)]
         blobs: usize,
+        /// Memory for the collection's marks, MiB (the daemon gives them `memory_budget_mib`);
+        /// past it they go to scratch files in `--root`.
+        #[arg(long, default_value_t = 48)]
+        mark_mib: usize,
     },
     /// Benchmark pull-through against a registry: lazy time to first byte vs a direct GET,
     /// eager pull vs skopeo copy, daemon memory during a large lazy read. The daemon must run
@@ -409,13 +413,14 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
             ) {
                 Ok(r) => {
                     println!(
-                        "{} seeds from {seed} passed: {} steps, {} commits, {} power losses, {} restarts, {} collections in {:.1}s",
+                        "{} seeds from {seed} passed: {} steps, {} commits, {} power losses, {} restarts, {} collections ({} with marks on disk) in {:.1}s",
                         r.seeds,
                         r.steps,
                         r.commits,
                         r.crashes,
                         r.restarts,
                         r.collections,
+                        r.spilled_collections,
                         start.elapsed().as_secs_f64()
                     );
                     Ok(())
@@ -423,13 +428,21 @@ fn run(conn: contentd::cli::Conn, command: Command) -> anyhow::Result<()> {
                 Err(f) => anyhow::bail!("{f}"),
             }
         }
-        Command::BenchGc { root, blobs } => {
+        Command::BenchGc {
+            root,
+            blobs,
+            mark_mib,
+        } => {
             if root.exists() {
                 anyhow::bail!("{} exists; bench-gc builds a fresh store", root.display());
             }
             // The store's own log lines (RUST_LOG), to line its phases up with the writes.
             let _log = contentd::telemetry::init("text", None)?;
-            let r = runtime(0)?.block_on(contentd::bench::gc_bench(&root, blobs))?;
+            let r = runtime(0)?.block_on(contentd::bench::gc_bench(
+                &root,
+                blobs,
+                mark_mib.saturating_mul(1 << 20),
+            ))?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }

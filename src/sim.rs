@@ -40,6 +40,8 @@ pub struct SeedReport {
     pub crashes: usize,
     pub restarts: usize,
     pub collections: usize,
+    /// Collections whose marks went to disk (the sim's mark table holds seven).
+    pub spilled_collections: usize,
 }
 
 /// A broken invariant: the seed replays it.
@@ -191,6 +193,9 @@ fn config() -> StoreConfig {
         gc_grace: Duration::ZERO,
         gc_deletion_threshold: u64::MAX,
         gc_mutation_threshold: 0,
+        // A mark table of seven: every collection with more marks keeps them on disk, so
+        // the sim checks that path against its roots through crashes and restarts.
+        gc_mark_memory: 0,
         ..Default::default()
     }
 }
@@ -529,10 +534,12 @@ impl Sim {
 
     fn op_collect(&mut self) -> Check {
         self.note("collect".into());
-        self.store
+        let r = self
+            .store
             .collect(false)
             .map_err(|e| format!("collection failed: {e}"))?;
         self.report.collections += 1;
+        self.report.spilled_collections += usize::from(r.mark_spills > 0);
         self.oracle.collect();
         self.check_usage()?;
         self.check_linked()
@@ -719,6 +726,7 @@ pub struct RunReport {
     pub crashes: u64,
     pub restarts: u64,
     pub collections: u64,
+    pub spilled_collections: u64,
 }
 
 /// Runs seeds `first..` until `count` seeds ran or `budget` elapsed (whichever comes first),
@@ -742,6 +750,7 @@ pub fn run_many(
         total.crashes += r.crashes as u64;
         total.restarts += r.restarts as u64;
         total.collections += r.collections as u64;
+        total.spilled_collections += r.spilled_collections as u64;
     }
     Ok(total)
 }
@@ -762,16 +771,19 @@ mod tests {
         match run_many(0, seeds, 60, None) {
             Ok(r) => {
                 eprintln!(
-                    "simulated {} seeds ({} steps, {} commits, {} power losses, {} restarts, {} collections) in {:.1}s",
+                    "simulated {} seeds ({} steps, {} commits, {} power losses, {} restarts, {} collections, {} with marks on disk) in {:.1}s",
                     r.seeds,
                     r.steps,
                     r.commits,
                     r.crashes,
                     r.restarts,
                     r.collections,
+                    r.spilled_collections,
                     start.elapsed().as_secs_f64()
                 );
                 assert_eq!(r.seeds, seeds);
+                // The workloads reach the on-disk marks, so the roots are checked against them.
+                assert!(seeds < 100 || r.spilled_collections * 10 >= r.collections);
             }
             Err(f) => panic!("{f}"),
         }

@@ -20,8 +20,10 @@
 //! Memory: the collector never holds a column family. Roots and sweep candidates are read a
 //! page at a time, children are looked up a batch at a time (sorted seeks through one
 //! iterator), and marks are 128-bit fingerprints of blob keys with a scope number
-//! (`gc::Grouped`), so a collection holds ~21 bytes per live blob (marked in one or two
-//! scopes; ~21 more per further scope) plus constant buffers, whatever the store's size.
+//! (`gc::Grouped`), ~21 bytes per live blob (marked in one or two scopes; ~21 more per
+//! further scope), held in memory up to `gc_mark_memory` and on disk past it (`marks.rs`).
+//! So a collection holds that budget plus constant buffers, whatever the store's size; what
+//! still grows with it is the set of links labelled with `gc.ref.content*` (16 bytes each).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
@@ -31,6 +33,7 @@ use std::time::Instant;
 use prost::Message as _;
 
 use super::keys::{extent_range, link_key, owner_key, split_link, split_scope};
+use super::marks::SpillingMarks;
 use super::{ImageRecord, IngestRecord, LinkRecord, Scope, Store, now_ns};
 use crate::digest::Digest;
 use crate::error::Result;
@@ -93,7 +96,7 @@ impl Fingerprints {
 /// when none did); and the links whose labels name more content.
 struct Marks {
     fp: Fingerprints,
-    nodes: gc::Reach<gc::Grouped>,
+    nodes: gc::Reach<SpillingMarks>,
     scopes: Scopes,
     labelled: HashSet<u128>,
 }
@@ -164,6 +167,8 @@ pub struct GcReport {
     pub max_pause_us: i64,
     /// Unleased ingests dropped because nobody wrote to them for the expiry time.
     pub ingests_expired: i64,
+    /// Times the marks outgrew their memory budget and went to disk (`marks.rs`).
+    pub mark_spills: i64,
 }
 
 /// Why a blob is alive, or when it stops being.
@@ -305,9 +310,18 @@ impl Store {
         }
         let _gate = self.sweep_gate(|| drain(m))?;
         let pause = Instant::now();
-        drain(m)?;
+        // Writers wait for this drain: the marks spill now only if they must.
+        m.nodes.set_mut().set_holding(true);
+        let drained = drain(m);
+        m.nodes.set_mut().set_holding(false);
+        drained?;
         let mut b = Batch::new();
         fill(m, &mut b, report)?;
+        // Marks that could not be kept or read answer "marked", so the batch deletes nothing
+        // live; but the collection stops here rather than sweep on half-known marks.
+        if let Some(e) = m.nodes.set().failure() {
+            return Err(e.clone());
+        }
         let write = !dry_run && !b.is_empty();
         if write {
             self.kv.write(b, false)?;
@@ -640,7 +654,12 @@ impl Store {
         let (items, spilled) = *self.gc_sizes.lock();
         let mut m = Marks {
             fp,
-            nodes: gc::Reach::new(gc::Grouped::with_capacity(items, spilled)),
+            nodes: gc::Reach::new(SpillingMarks::new(
+                self.gc_mark_memory,
+                self.scratch_dir.clone(),
+                items,
+                spilled,
+            )),
             scopes: Scopes::default(),
             labelled,
         };
@@ -774,6 +793,9 @@ impl Store {
             ms = began.elapsed().as_millis() as u64,
             "collection: marked"
         );
+        if let Some(e) = m.nodes.set().failure() {
+            return Err(e.clone());
+        }
         #[cfg(test)]
         if let Some(hook) = self.after_mark.lock().take() {
             hook();
@@ -983,6 +1005,15 @@ impl Store {
             Ok(true)
         })?;
         report.marked = m.nodes.len() as i64;
+        report.mark_spills = m.nodes.set().spills() as i64;
+        if report.mark_spills > 0 {
+            tracing::info!(
+                marked = report.marked,
+                spills = m.nodes.set().spills(),
+                budget_mib = self.gc_mark_memory >> 20,
+                "collection: marks past the memory budget were kept on disk"
+            );
+        }
         let sizes = (m.nodes.set().items(), m.nodes.set().spilled());
         *self.gc_sizes.lock() = sizes;
         if !dry_run {

@@ -32,6 +32,7 @@ mod ingest;
 mod keys;
 mod leases;
 mod live;
+mod marks;
 mod records;
 mod scrub;
 mod session;
@@ -75,6 +76,9 @@ use crate::kv::{Batch, Cf, Kv, prefix_end};
 pub const CHUNK_SIZE: usize = 256 << 10;
 /// The default `disk_reserve_mib`, in bytes.
 pub const DISK_RESERVE_DEFAULT: u64 = 128 << 20;
+/// The collector's mark table when nothing sets it: the daemon's default memory budget,
+/// about 1.8M live (blob, namespace) pairs before marks go to disk.
+pub const GC_MARK_MEMORY_DEFAULT: usize = 48 << 20;
 /// Requests carrying at least this much data write their chunks without the WAL (bytes hit
 /// the disk once); the commit then flushes the chunk memtable before its synced batch.
 /// Smaller writes stay in the WAL so small multi-message uploads commit without a flush.
@@ -284,6 +288,8 @@ pub struct Store {
     /// The last collection's mark table sizes (distinct blobs, spilled pairs), also saved in
     /// `meta`: the next one starts its tables at that size (see `Store::mark_reach`).
     gc_sizes: Mutex<(usize, usize)>,
+    gc_mark_memory: usize,
+    scratch_dir: std::path::PathBuf,
     /// Extents of discarded ingests whose disk space the next collection gives back (see
     /// `Kv::reclaim`); at most FREED_MAX, the rest go with RocksDB's own compactions.
     freed: Mutex<Vec<u64>>,
@@ -335,6 +341,12 @@ pub struct StoreConfig {
     /// Free disk space new bytes may not use (capped at a quarter of the filesystem): see
     /// `Store::check_disk_reserve`.
     pub disk_reserve: u64,
+    /// Bytes a collection's mark table may hold; past it, marks go to scratch files (see
+    /// `marks.rs`).
+    pub gc_mark_memory: usize,
+    /// Where those files go (unnamed, so nothing is left behind): the system's temporary
+    /// directory when unset.
+    pub scratch_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -348,6 +360,8 @@ impl Default for StoreConfig {
             default_quota: 0,
             max_document: graph::MAX_DOCUMENT,
             disk_reserve: DISK_RESERVE_DEFAULT,
+            gc_mark_memory: GC_MARK_MEMORY_DEFAULT,
+            scratch_dir: None,
         }
     }
 }
@@ -411,6 +425,11 @@ impl Store {
             disk_reserve: config.disk_reserve,
             gc_grace_ns: config.gc_grace.as_nanos().min(i64::MAX as u128) as i64,
             ingest_expiry_ns: config.ingest_expiry.as_nanos().min(i64::MAX as u128) as i64,
+            gc_mark_memory: config.gc_mark_memory,
+            scratch_dir: config
+                .scratch_dir
+                .clone()
+                .unwrap_or_else(std::env::temp_dir),
             #[cfg(test)]
             after_mark: Mutex::new(None),
         });

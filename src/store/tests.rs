@@ -929,3 +929,117 @@ async fn new_bytes_stop_short_of_the_disk_reserve_and_deletes_go_on() {
         .unwrap_err();
     assert!(e.is(Kind::ResourceExhausted), "{e}");
 }
+
+/// A collection whose marks do not fit its memory budget (a table of seven, so nearly every
+/// walk spills to disk and the runs are merged again and again) sweeps exactly what one
+/// held in memory sweeps, and keeps what writers root while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_past_the_memory_budget_go_to_disk_and_sweep_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |gc_mark_memory: usize| {
+        Store::open_with(
+            Arc::new(MemKv::default()),
+            StoreConfig {
+                gc_grace: std::time::Duration::ZERO,
+                gc_mark_memory,
+                scratch_dir: Some(dir.path().into()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let (small, big) = (open(0), open(64 << 20));
+    let mut kept: Vec<(Scope, Digest)> = Vec::new();
+    for store in [&small, &big] {
+        for s in ["a", "b"] {
+            for i in 0..40 {
+                // Layers shared across namespaces and images, so scopes and runs overlap.
+                let mut layers = Vec::new();
+                for j in 0..3 {
+                    let bytes = format!("layer {} {j}", i % 25);
+                    if let Err(e) = put(store, &ns(s), &format!("l{i}-{j}"), bytes.as_bytes()).await
+                    {
+                        assert!(e.is(Kind::AlreadyExists), "{e}");
+                    }
+                    layers.push(format!(
+                        r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}"#,
+                        sha(bytes.as_bytes()),
+                        bytes.len()
+                    ));
+                }
+                let doc = format!(
+                    r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[{}],"annotations":{{"i":"{i}"}}}}"#,
+                    layers[0],
+                    layers[1..].join(",")
+                );
+                let m = put(store, &ns(s), &format!("m{i}"), doc.as_bytes())
+                    .await
+                    .unwrap();
+                if i % 3 != 0 {
+                    store
+                        .create_image(
+                            &ns(s),
+                            ImageRecord {
+                                name: format!("img{i}"),
+                                digest: m.digest.to_string(),
+                                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                                size: doc.len() as i64,
+                                ..Default::default()
+                            },
+                        )
+                        .unwrap();
+                    if Arc::ptr_eq(store, &small) {
+                        kept.push((ns(s), m.digest.clone()));
+                        for j in 0..3 {
+                            kept.push((ns(s), sha(format!("layer {} {j}", i % 25).as_bytes())));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Writers root new content in the small store while it collects.
+    let collector = {
+        let small = small.clone();
+        tokio::task::spawn_blocking(move || small.collect(false).unwrap())
+    };
+    let mut rooted = Vec::new();
+    while (!collector.is_finished() && rooted.len() < 2000) || rooted.len() < 20 {
+        let data = format!("rooted {}", rooted.len()).into_bytes();
+        let mut w = small
+            .open_writer(
+                ns("a"),
+                &format!("r{}", rooted.len()),
+                data.len() as i64,
+                Some(sha(&data)),
+                None,
+            )
+            .await
+            .unwrap();
+        w.write(0, &data).unwrap();
+        let labels = HashMap::from([("containerd.io/gc.root".to_string(), "t".to_string())]);
+        w.commit(data.len() as i64, Some(sha(&data)), Some(labels))
+            .unwrap();
+        rooted.push(sha(&data));
+        tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+    }
+    let on_disk = collector.await.unwrap();
+    let in_memory = big.collect(false).unwrap();
+    assert!(on_disk.blobs_swept > 0);
+    assert_eq!(
+        (on_disk.blobs_swept, on_disk.links_swept, &on_disk.swept),
+        (
+            in_memory.blobs_swept,
+            in_memory.links_swept,
+            &in_memory.swept
+        )
+    );
+    kept.extend(rooted.into_iter().map(|d| (ns("a"), d)));
+    for (scope, d) in &kept {
+        assert!(small.info(scope, d).is_ok(), "{d} in {scope:?} was swept");
+    }
+    // A second collection (its table now presized from the first) finds nothing more.
+    assert_eq!(small.collect(false).unwrap().blobs_swept, 0);
+    // The scratch files are unnamed: nothing is left in the directory.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
