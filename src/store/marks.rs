@@ -11,12 +11,15 @@
 //! table of t there are at most log2(n/t) + 1 runs to ask (3 at ten million blobs and the
 //! default budget) and each mark is rewritten that many times at most.
 //!
-//! Failure, which must never make the collector delete what is live: a lookup that cannot
-//! read a run answers "marked" to the sweep (the blob is kept) and "not marked yet" to the
-//! walk (the node is walked again, and its children with it; the walk still ends, since
-//! the table then answers for it). A spill that cannot be written leaves its pairs in the
-//! table, which grows past the budget. Either way the first error is kept, and the
-//! collector fails its collection before its next sweep batch ([`SpillingMarks::failure`]).
+//! Failure, which must never make the collector delete what is live. Each block's CRC32 is
+//! kept in memory beside the index, so a run the disk changed under us is detected, not
+//! trusted. A lookup that cannot read a run, or finds it damaged, answers "marked" to the
+//! sweep (the blob is kept) and "not marked yet" to the walk (the node is walked again,
+//! and its children with it; the walk still ends, since the table then answers for it);
+//! the error is kept and the collector fails its collection before its next sweep batch
+//! ([`SpillingMarks::failure`]). A spill that cannot be written (a full disk, when a
+//! collection is needed most) loses nothing: its pairs stay in the table, which from then
+//! on grows past the budget, and the collection goes on.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read as _, Write as _};
@@ -65,6 +68,8 @@ struct Run {
     file: File,
     /// The first entry of each block.
     index: Vec<Entry>,
+    /// Each block's CRC32.
+    sums: Vec<u32>,
     len: usize,
 }
 
@@ -74,6 +79,12 @@ impl Run {
         let n = (self.len - first).min(PER_BLOCK);
         let bytes = &mut buf[..n * ENTRY];
         self.file.read_exact_at(bytes, (first * ENTRY) as u64)?;
+        if crc32fast::hash(bytes) != self.sums[i] {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("block {i} of a scratch run does not match its checksum"),
+            ));
+        }
         Ok(bytes.as_chunks::<ENTRY>().0)
     }
 
@@ -110,6 +121,8 @@ impl Run {
 struct RunWriter {
     out: BufWriter<File>,
     index: Vec<Entry>,
+    sums: Vec<u32>,
+    block: crc32fast::Hasher,
     len: usize,
 }
 
@@ -118,6 +131,8 @@ impl RunWriter {
         Ok(RunWriter {
             out: BufWriter::with_capacity(64 << 10, tempfile::tempfile_in(dir)?),
             index: Vec::new(),
+            sums: Vec::new(),
+            block: crc32fast::Hasher::new(),
             len: 0,
         })
     }
@@ -127,14 +142,23 @@ impl RunWriter {
             self.index.push(*e);
         }
         self.len += 1;
+        self.block.update(e);
+        if self.len.is_multiple_of(PER_BLOCK) {
+            let done = std::mem::take(&mut self.block);
+            self.sums.push(done.finalize());
+        }
         self.out.write_all(e)
     }
 
-    fn finish(self) -> std::io::Result<Run> {
+    fn finish(mut self) -> std::io::Result<Run> {
+        if !self.len.is_multiple_of(PER_BLOCK) {
+            self.sums.push(self.block.finalize());
+        }
         let file = self.out.into_inner().map_err(|e| e.into_error())?;
         Ok(Run {
             file,
             index: self.index,
+            sums: self.sums,
             len: self.len,
         })
     }
@@ -186,6 +210,8 @@ pub struct SpillingMarks {
     pairs: usize,
     spills: usize,
     dir: PathBuf,
+    /// Set once a spill could not be written: the table keeps everything from then on.
+    in_memory: bool,
     failure: std::sync::OnceLock<Error>,
 }
 
@@ -204,6 +230,7 @@ impl SpillingMarks {
             pairs: 0,
             spills: 0,
             dir,
+            in_memory: false,
             failure: std::sync::OnceLock::new(),
         }
     }
@@ -220,7 +247,7 @@ impl SpillingMarks {
                 Ok(false) => {}
                 // Unknown counts as marked: the sweep keeps what it cannot rule out.
                 Err(e) => {
-                    self.fail("read", e);
+                    self.fail(e);
                     return true;
                 }
             }
@@ -263,12 +290,12 @@ impl SpillingMarks {
         Ok(false)
     }
 
-    fn fail(&self, what: &str, e: std::io::Error) {
+    fn fail(&self, e: std::io::Error) {
         if self.failure.get().is_none() {
-            tracing::error!(error = %e, dir = %self.dir.display(), "collector marks: could not {what}");
+            tracing::error!(error = %e, dir = %self.dir.display(), "collector marks: could not read");
         }
-        let _ = self.failure.set(Error::internal(format!(
-            "the collector could not {what} its marks in {}: {e}",
+        let _ = self.failure.set(Error::data_loss(format!(
+            "the collector could not read its marks back from {}: {e}",
             self.dir.display()
         )));
     }
@@ -359,15 +386,21 @@ impl MarkSet for SpillingMarks {
             Ok(true) => return false,
             Ok(false) => {}
             // Unknown counts as new: walking a node twice is harmless, skipping it is not.
-            Err(e) => self.fail("read", e),
+            Err(e) => self.fail(e),
         }
         self.table.insert(k);
         self.pairs += 1;
-        if self.failure.get().is_none()
+        if !self.in_memory
             && self.full()
             && let Err(e) = self.spill()
         {
-            self.fail("write", e);
+            tracing::warn!(
+                error = %e,
+                dir = %self.dir.display(),
+                marks = self.pairs,
+                "collector marks: could not write them out; keeping them all in memory"
+            );
+            self.in_memory = true;
         }
         true
     }
@@ -376,7 +409,7 @@ impl MarkSet for SpillingMarks {
         // Unknown counts as marked: the sweep keeps what it cannot rule out.
         self.table.contains(k)
             || self.in_runs(&encode(*k)).unwrap_or_else(|e| {
-                self.fail("read", e);
+                self.fail(e);
                 true
             })
     }
@@ -441,18 +474,47 @@ mod tests {
     }
 
     #[test]
-    fn an_unwritable_scratch_dir_keeps_every_mark_in_memory_and_fails() {
+    fn an_unwritable_scratch_dir_keeps_every_mark_in_memory_and_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let gone = dir.path().join("gone");
         let mut m = SpillingMarks::new(0, gone, 0, 0);
         for i in 0..1000u128 {
             assert!(m.insert((spread(i), 0)));
         }
-        assert!(m.failure().is_some());
+        assert!(m.failure().is_none());
         assert_eq!(m.spills(), 0);
         for i in 0..1000u128 {
             assert!(m.contains(&(spread(i), 0)) && !m.insert((spread(i), 0)));
         }
+    }
+
+    #[test]
+    fn a_run_the_disk_changed_answers_marked_and_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = SpillingMarks::new(0, dir.path().into(), 0, 0);
+        for i in 0..7u128 {
+            m.insert((spread(i), 0));
+        }
+        assert_eq!((m.spills(), m.runs.len()), (1, 1));
+        // One bit of the run's last pair (the largest) flips on disk.
+        let k = (0..7u128)
+            .map(spread)
+            .max_by_key(|x| encode((*x, 0)))
+            .unwrap();
+        let run = &m.runs[0];
+        let at = ((run.len - 1) * ENTRY + 15) as u64;
+        let mut b = [0u8; 1];
+        run.file.read_exact_at(&mut b, at).unwrap();
+        run.file.write_all_at(&[b[0] ^ 1], at).unwrap();
+        assert!(m.failure().is_none());
+        assert!(
+            m.contains(&(k, 0)) && m.contains_item(k),
+            "a damaged run counts as marked"
+        );
+        assert!(
+            m.failure()
+                .is_some_and(|e| e.to_string().contains("checksum"))
+        );
     }
 
     #[test]
