@@ -36,6 +36,7 @@ fn report_pb(r: GcReport) -> pb::Report {
         max_pause_us: r.max_pause_us,
         ingests_expired: r.ingests_expired,
         sources_swept: r.sources_swept,
+        mark_spills: r.mark_spills,
     }
 }
 

@@ -943,6 +943,7 @@ fn report_json(r: &gpb::Report) -> serde_json::Value {
         "ingestsExpired": r.ingests_expired,
         "sourcesSwept": r.sources_swept,
         "maxPauseUs": r.max_pause_us,
+        "markSpills": r.mark_spills,
         "swept": r.swept,
     })
 }
