@@ -317,7 +317,7 @@ impl Store {
         drained?;
         let mut b = Batch::new();
         fill(m, &mut b, report)?;
-        // Marks that could not be kept or read answer "marked", so the batch deletes nothing
+        // Marks that could not be read back answer "marked", so the batch deletes nothing
         // live; but the collection stops here rather than sweep on half-known marks.
         if let Some(e) = m.nodes.set().failure() {
             return Err(e.clone());
