@@ -271,12 +271,13 @@ impl SpillingMarks {
         self.spills
     }
 
-    /// The first failure to write or read a run: a collection that met one must not sweep.
+    /// The first failure to read a run back: a collection that met one must not sweep.
     pub fn failure(&self) -> Option<&Error> {
         self.failure.get()
     }
 
-    /// See [`SpillingMarks::holding`].
+    /// Set while writers wait on the collector: a full table then spills only at its very
+    /// limit.
     pub fn set_holding(&mut self, on: bool) {
         self.holding = on;
     }
