@@ -68,6 +68,11 @@ const POINT_DELETE_MAX: i64 = 16 << 10;
 /// column family at once.
 const PAGE: usize = 4096;
 
+/// Recorded writes the mark phase lets the barrier hold before it marks them (between two
+/// pages of roots). Each is a node key (~90 bytes with its allocation), and marking a large
+/// store takes minutes: left to the sweep, every write made meanwhile was held at once.
+pub(super) const BARRIER_DRAIN_AT: usize = 4096;
+
 /// Nodes whose children are looked up together (one iterator, sorted seeks).
 const WALK_BATCH: usize = 512;
 
@@ -349,6 +354,46 @@ impl Store {
             nodes.push(node(scope, &d));
         }
         self.barrier(nodes);
+    }
+
+    /// Marks what writers recorded in the barrier since the last drain, with all it reaches;
+    /// returns how many nodes that was. A recorded node may be marked already but have new
+    /// edges or labels (a label update, a dedupe commit repairing edges), so its children
+    /// are read afresh rather than trusting the mark. Draining early is always safe: a node
+    /// that changes again after it was drained is recorded again.
+    fn drain_barrier(&self, m: &mut Marks) -> Result<usize> {
+        let recorded = self
+            .barrier
+            .lock()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        if recorded.is_empty() {
+            return Ok(0);
+        }
+        let n = recorded.len();
+        let kids = self.children_batch(&recorded, None)?;
+        let start: Vec<Node> = recorded
+            .into_iter()
+            .chain(kids.into_iter().flatten())
+            .collect();
+        self.mark_from(m, start, true)?;
+        Ok(n)
+    }
+
+    /// Drains the barrier during the mark phase once it holds BARRIER_DRAIN_AT nodes, so
+    /// what writers record while a large store is marked (minutes at ten million blobs)
+    /// never accumulates in memory until the sweep.
+    fn drain_barrier_if_long(&self, m: &mut Marks) -> Result<()> {
+        let long = self
+            .barrier
+            .lock()
+            .as_ref()
+            .is_some_and(|b| b.len() >= BARRIER_DRAIN_AT);
+        if long {
+            self.drain_barrier(m)?;
+        }
+        Ok(())
     }
 
     /// Counts a deletion (images, links, lease resources): one of the collector's triggers.
@@ -664,7 +709,12 @@ impl Store {
             labelled,
         };
         let (flat, expired) = self.for_each_root(now, false, &mut |roots| {
-            self.mark_from(&mut m, roots.into_iter().map(|(n, _)| n).collect(), false)
+            self.mark_from(&mut m, roots.into_iter().map(|(n, _)| n).collect(), false)?;
+            #[cfg(test)]
+            if let Some(hook) = self.during_mark.lock().take() {
+                hook();
+            }
+            self.drain_barrier_if_long(&mut m)
         })?;
         for (n, _) in flat {
             let k = Marks::key(&m.fp, &mut m.scopes, &n);
@@ -806,29 +856,7 @@ impl Store {
             ..Default::default()
         };
 
-        // Write barrier: whatever was written since the mark began is marked now, with all it
-        // reaches. A recorded node may be marked already but have new edges or labels (a
-        // label update, a dedupe commit repairing edges), so its children are read afresh
-        // rather than trusting the mark.
-        let drain = |m: &mut Marks| -> Result<usize> {
-            let recorded = self
-                .barrier
-                .lock()
-                .as_mut()
-                .map(std::mem::take)
-                .unwrap_or_default();
-            if recorded.is_empty() {
-                return Ok(0);
-            }
-            let n = recorded.len();
-            let kids = self.children_batch(&recorded, None)?;
-            let start: Vec<Node> = recorded
-                .into_iter()
-                .chain(kids.into_iter().flatten())
-                .collect();
-            self.mark_from(m, start, true)?;
-            Ok(n)
-        };
+        let drain = |m: &mut Marks| self.drain_barrier(m);
 
         // Expired leases go by the clock.
         if !dry_run && !expired.is_empty() {

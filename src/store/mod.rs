@@ -318,6 +318,10 @@ pub struct Store {
     /// the write barrier exists for.
     #[cfg(test)]
     pub(crate) after_mark: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Runs once, in the mark phase, after the first page of roots is marked: lets a test
+    /// write while a collection marks.
+    #[cfg(test)]
+    pub(crate) during_mark: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// Store settings.
@@ -432,6 +436,8 @@ impl Store {
                 .unwrap_or_else(std::env::temp_dir),
             #[cfg(test)]
             after_mark: Mutex::new(None),
+            #[cfg(test)]
+            during_mark: Mutex::new(None),
         });
         store.count_blobs()?;
         *store.usage.lock() = store.recount_usage()?;

@@ -257,6 +257,50 @@ async fn a_collection_spanning_many_pages_keeps_exactly_the_reachable() {
     assert_eq!(chunks, kept.len() + 1);
 }
 
+/// What writers record while a collection marks is marked as the mark phase goes, not held
+/// until the sweep (on a large store that is minutes of writes): a burst of commits made
+/// during the mark leaves less than one drain's worth recorded when the mark ends, and every
+/// one of them survives the sweep, while the garbage made before the collection goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_the_mark_are_marked_as_it_goes_and_all_kept() {
+    use super::collect::BARRIER_DRAIN_AT;
+    let kv: Arc<dyn Kv> = Arc::new(MemKv::default());
+    let store = graceless(kv);
+    let (kept, garbage) = rooted_and_garbage(&store).await;
+    let late: Vec<Vec<u8>> = (0..BARRIER_DRAIN_AT + 100)
+        .map(|i| format!("written while the collector marks: {i}").into_bytes())
+        .collect();
+    let (s, l) = (store.clone(), late.clone());
+    *store.during_mark.lock() = Some(Box::new(move || {
+        let rt = tokio::runtime::Handle::current();
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                rt.block_on(async {
+                    for (i, data) in l.iter().enumerate() {
+                        put(&s, &ns("b"), &format!("late-{i}"), data).await;
+                    }
+                })
+            });
+        });
+    }));
+    let held = Arc::new(Mutex::new(None));
+    let (s, h) = (store.clone(), held.clone());
+    *store.after_mark.lock() = Some(Box::new(move || {
+        *h.lock() = s.barrier.lock().as_ref().map(Vec::len);
+    }));
+    let r = collect_now(&store).await;
+    let held = (*held.lock()).expect("the barrier exists while a collection runs");
+    assert!(
+        held < BARRIER_DRAIN_AT,
+        "{held} recorded writes were left for the sweep"
+    );
+    assert_eq!(r.swept, vec![garbage], "{r:?}");
+    store.verify(&kept).unwrap();
+    for data in &late {
+        store.verify(&sha(data)).unwrap();
+    }
+}
+
 /// Each scope keeps only what its own roots reach, and a blob stays while any scope reaches
 /// it, with one blob linked in many scopes (more than the collector's marks hold inline) and
 /// reached from some of them: directly, through another scope's manifest, or not at all.
