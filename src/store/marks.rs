@@ -380,16 +380,23 @@ impl MarkSet for SpillingMarks {
     type Key = (u128, u32);
 
     fn insert(&mut self, k: (u128, u32)) -> bool {
-        if self.table.contains(&k) {
-            return false;
+        if self.runs.is_empty() {
+            // Nothing on disk (every collection below the budget): the table alone answers.
+            if !self.table.insert(k) {
+                return false;
+            }
+        } else {
+            if self.table.contains(&k) {
+                return false;
+            }
+            match self.in_runs(&encode(k)) {
+                Ok(true) => return false,
+                Ok(false) => {}
+                // Unknown counts as new: walking a node twice is harmless, skipping it is not.
+                Err(e) => self.fail(e),
+            }
+            self.table.insert(k);
         }
-        match self.in_runs(&encode(k)) {
-            Ok(true) => return false,
-            Ok(false) => {}
-            // Unknown counts as new: walking a node twice is harmless, skipping it is not.
-            Err(e) => self.fail(e),
-        }
-        self.table.insert(k);
         self.pairs += 1;
         if !self.in_memory
             && self.full()
