@@ -63,6 +63,17 @@ pub fn items_within(budget: usize) -> usize {
     (slots / 8 * 7).max(MIN_ITEMS)
 }
 
+/// Slots behind a hashbrown table that reports room for `cap` entries (it keeps 7/8 of a
+/// power of two, or one less than 4 or 8 below that).
+fn slots(cap: usize) -> usize {
+    match cap {
+        0 => 0,
+        1..=3 => 4,
+        4..=7 => 8,
+        _ => cap / 7 * 8,
+    }
+}
+
 /// One sorted, immutable run of pairs in a scratch file.
 struct Run {
     file: File,
@@ -200,6 +211,7 @@ impl RunReader {
 /// Marks held in memory up to a budget, the rest in sorted runs on disk.
 pub struct SpillingMarks {
     table: Grouped,
+    budget: usize,
     /// Items and spilled pairs the table may hold (its room at the budget).
     max_items: usize,
     max_spilled: usize,
@@ -223,6 +235,7 @@ impl SpillingMarks {
         let max_spilled = (max_items / 8).max(MIN_ITEMS);
         SpillingMarks {
             table: Grouped::with_capacity(items.min(max_items), spilled.min(max_spilled)),
+            budget,
             max_items,
             max_spilled,
             holding: false,
@@ -299,6 +312,35 @@ impl SpillingMarks {
             "the collector could not read its marks back from {}: {e}",
             self.dir.display()
         )));
+    }
+
+    /// Whether the next new item would grow the table past the budget. A hashbrown table
+    /// grows by doubling and holds its old slots beside the new ones while it moves them,
+    /// so a table grown from small to the budget's size would hold half the budget again.
+    fn growth_over_budget(&self) -> bool {
+        let (items, spilled) = self.table.capacity();
+        if self.table.items() < items || items >= self.max_items || self.table.is_empty() {
+            return false;
+        }
+        let now = (slots(items) + slots(spilled)) * SLOT;
+        now + slots(items).max(4) * 2 * SLOT > self.budget
+    }
+
+    /// [`Self::spill`], or, when the disk refuses it, every mark kept in memory from then on.
+    fn spill_or_keep(&mut self) -> bool {
+        match self.spill() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    dir = %self.dir.display(),
+                    marks = self.pairs,
+                    "collector marks: could not write them out; keeping them all in memory"
+                );
+                self.in_memory = true;
+                false
+            }
+        }
     }
 
     fn full(&self) -> bool {
@@ -398,17 +440,18 @@ impl MarkSet for SpillingMarks {
             self.table.insert(k);
         }
         self.pairs += 1;
-        if !self.in_memory
-            && self.full()
-            && let Err(e) = self.spill()
-        {
-            tracing::warn!(
-                error = %e,
-                dir = %self.dir.display(),
-                marks = self.pairs,
-                "collector marks: could not write them out; keeping them all in memory"
-            );
-            self.in_memory = true;
+        if self.in_memory {
+            return true;
+        }
+        if self.full() {
+            self.spill_or_keep();
+        } else if !self.holding && self.growth_over_budget() && self.spill_or_keep() {
+            // Out of room below the budget's size (a first collection's table, grown from
+            // small): its pairs are on disk now, so the old slots go before the new, full
+            // ones are taken. (Writers waiting under the gate let it grow instead.)
+            let spilled = self.table.capacity().1;
+            self.table = Grouped::with_capacity(0, 0);
+            self.table = Grouped::with_capacity(self.max_items, spilled);
         }
         true
     }
@@ -481,6 +524,42 @@ mod tests {
         assert!(m.failure().is_none());
     }
 
+    /// A growing hashbrown table holds its old slots beside the new ones while it moves the
+    /// pairs; a table grown from nothing must stay within the budget through that too, and
+    /// still end with the budget's whole room.
+    #[test]
+    fn a_table_grown_from_empty_never_holds_more_than_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        for budget in [64 << 10, 1 << 20, 3 << 20] {
+            let mut m = SpillingMarks::new(budget, dir.path().into(), 0, 0);
+            let room = items_within(budget);
+            let n = room * 3;
+            for i in 0..n as u128 {
+                let (before, spills) = (m.table.capacity().0, m.spills());
+                assert!(m.insert((spread(i), (i % 2) as u32)));
+                let after = m.table.capacity().0;
+                if after > before {
+                    // Unless a spill freed the old table first, both were held at once.
+                    let held = if m.spills() > spills {
+                        slots(after)
+                    } else {
+                        slots(before) + slots(after)
+                    };
+                    assert!(
+                        held * SLOT <= budget,
+                        "{budget}: growing {before} -> {after} held {held} slots"
+                    );
+                }
+            }
+            assert_eq!(m.table.capacity().0, room, "{budget}: the budget's room");
+            assert_eq!(m.len(), n);
+            for i in 0..n as u128 {
+                assert!(m.contains(&(spread(i), (i % 2) as u32)));
+            }
+            assert!(m.failure().is_none());
+        }
+    }
+
     #[test]
     fn an_unwritable_scratch_dir_keeps_every_mark_in_memory_and_goes_on() {
         let dir = tempfile::tempdir().unwrap();
@@ -507,6 +586,7 @@ mod tests {
         // One bit of the run's last pair (the largest) flips on disk.
         let k = (0..7u128)
             .map(spread)
+            .filter(|x| !m.table.contains(&(*x, 0)))
             .max_by_key(|x| encode((*x, 0)))
             .unwrap();
         let run = &m.runs[0];
