@@ -4,7 +4,9 @@
 //! held in a `gc::Grouped` table no larger than a budget. When it fills, its pairs are
 //! written out as one sorted run to an unnamed scratch file and the table starts again,
 //! empty: memory is the budget plus each run's block index (a tenth of a byte per pair),
-//! however many blobs are live. A lookup asks the table, then each run: a binary search of
+//! however many blobs are live. A table grown from small that could only grow further by
+//! holding more than the budget (old and new slots at once) spills instead, and starts
+//! again at the budget's full size. A lookup asks the table, then each run: a binary search of
 //! the run's index names the one block of the file that can hold the pair, read with one
 //! `pread` (from the page cache, as a rule). A new run is merged with the one before it
 //! while that one is not more than twice its size (a binary counter), so with n marks and a
