@@ -22,8 +22,9 @@
 //! iterator), and marks are 128-bit fingerprints of blob keys with a scope number
 //! (`gc::Grouped`), ~21 bytes per live blob (marked in one or two scopes; ~21 more per
 //! further scope), held in memory up to `gc_mark_memory` and on disk past it (`marks.rs`).
-//! So a collection holds that budget plus constant buffers, whatever the store's size; what
-//! still grows with it is the set of links labelled with `gc.ref.content*` (16 bytes each).
+//! The links labelled with `gc.ref.content*` (whose labels the walk must read) are a Bloom
+//! filter of a byte per blob, at most an eighth of that budget. So a collection holds the
+//! budget and an eighth plus constant buffers, whatever the store's size.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
@@ -73,6 +74,11 @@ const PAGE: usize = 4096;
 /// store takes minutes: left to the sweep, every write made meanwhile was held at once.
 pub(super) const BARRIER_DRAIN_AT: usize = 4096;
 
+/// Bits per stored blob of the filter of labelled links (see `labelled_links`): eight or
+/// more per labelled link while there are no more of them than blobs (a manifest's link in
+/// one or two scopes, as a rule), so a false "maybe" 2% of the time or less.
+const LABELLED_BITS: usize = 8;
+
 /// Nodes whose children are looked up together (one iterator, sorted seeks).
 const WALK_BATCH: usize = 512;
 
@@ -103,7 +109,7 @@ struct Marks {
     fp: Fingerprints,
     nodes: gc::Reach<SpillingMarks>,
     scopes: Scopes,
-    labelled: HashSet<u128>,
+    labelled: gc::Filter,
 }
 
 /// The scope prefixes of marked nodes, numbered as they are first seen.
@@ -443,7 +449,7 @@ impl Store {
     fn children_batch(
         &self,
         nodes: &[Node],
-        labelled: Option<(&Fingerprints, &HashSet<u128>)>,
+        labelled: Option<(&Fingerprints, &gc::Filter)>,
     ) -> Result<Vec<Vec<Node>>> {
         let nul: Vec<Option<usize>> = nodes
             .iter()
@@ -490,7 +496,7 @@ impl Store {
                     .collect(),
                 Err(_) => Vec::new(),
             };
-            let read_labels = labelled.is_none_or(|(fp, set)| set.contains(&fp.of(n)));
+            let read_labels = labelled.is_none_or(|(fp, set)| set.may_contain(fp.of(n)));
             if read_labels && let Some(v) = self.kv.get(Cf::Links, n)? {
                 let link = LinkRecord::decode(&v[..])
                     .map_err(|e| super::corrupt_record("links", n, Some(e)))?;
@@ -644,9 +650,18 @@ impl Store {
         Ok((flat, expired))
     }
 
-    /// The fingerprints of links whose labels name more content (`gc.ref.content*`).
-    fn labelled_links(&self, fp: &Fingerprints) -> Result<HashSet<u128>> {
-        let mut out = HashSet::new();
+    /// The links whose labels name more content (`gc.ref.content*`), by fingerprint, in a
+    /// filter of LABELLED_BITS per blob and at most an eighth of the marks' budget: a false
+    /// "maybe" costs the walk one link read, and a store with more labelled links than its
+    /// filter has room for pays in reads, not memory.
+    fn labelled_links(&self, fp: &Fingerprints) -> Result<gc::Filter> {
+        let blobs = self.blob_count.load(Ordering::Relaxed).max(0) as usize;
+        let mut out = gc::Filter::with_bits(
+            blobs
+                .saturating_mul(LABELLED_BITS)
+                // An eighth of the budget's bytes, in bits.
+                .min(self.gc_mark_memory / 8 * 8),
+        );
         let mut bad = None;
         self.kv.scan(
             Cf::Links,
