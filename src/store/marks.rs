@@ -325,7 +325,7 @@ impl SpillingMarks {
             return false;
         }
         let now = (slots(items) + slots(spilled)) * SLOT;
-        now + slots(items).max(4) * 2 * SLOT > self.budget
+        now + slots(items) * 2 * SLOT > self.budget
     }
 
     /// [`Self::spill`], or, when the disk refuses it, every mark kept in memory from then on.
