@@ -785,62 +785,46 @@ impl Registry {
         };
         let live = !stored && self.store.live(&self.scope, d).is_some();
         out.cache = if stored || live { "hit" } else { "miss" };
-        if !stored && !live && size.is_none() {
-            // Neither here nor recorded by any manifest: only a mirror can try the upstream.
-            let (Some(src), Some(_)) = (&repo.upstream, &self.puller) else {
+        let size = if !stored && !live && size.is_none() {
+            // Neither here nor recorded by any manifest: only a mirror can ask the upstream.
+            let (Some(src), Some(puller)) = (&repo.upstream, &self.puller) else {
                 return error(
                     StatusCode::NOT_FOUND,
                     "BLOB_UNKNOWN",
                     format!("blob {d} is unknown"),
                 );
             };
+            // A HEAD upstream first, so the status is the upstream's before any body is
+            // promised (a 200 whose body then broke off would be a wrong answer to a blob
+            // the upstream does not have), a HEAD fetches no body, and a GET is sized and
+            // served like any recorded blob, ranges included. Only a blob the upstream says
+            // it holds is recorded, so clients cannot fill the store with source records.
+            let n = match puller.upstream().blob_size(src, d).await {
+                Ok(n) => n,
+                Err(e) => return from_store(&e, "BLOB_UNKNOWN"),
+            };
+            let Ok(n) = i64::try_from(n) else {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "UNKNOWN",
+                    format!("the upstream states a size of {n} bytes for {d}"),
+                );
+            };
             let rec = crate::store::SourceRecord {
                 registry: src.registry.clone(),
                 repository: src.repository.clone(),
                 media_type: String::new(),
-                size: 0,
+                size: n,
                 created_ns: now_ns(),
             };
             let (store, scope, d2) = (self.store.clone(), self.scope.clone(), d.clone());
             if let Err(e) = blocking(move || store.put_source(&scope, &d2, &rec)).await {
                 return from_store(&e, "BLOB_UNKNOWN");
             }
-            // The read fetches it once (single flight), verified before it is stored; if the
-            // upstream refuses, the guess is forgotten, so clients cannot fill the store
-            // with source records.
-            // A HEAD must be truthful: it starts the same fetch a GET would (clients GET
-            // next) and answers with the size the upstream gave, once it has.
-            return match self.reads.open(&self.scope, d, 0, 0, PIECE).await {
-                Ok(o) if head => match o.size.filter(|s| *s > 0) {
-                    Some(s) => {
-                        let mut r = status_only(StatusCode::OK);
-                        set(&mut r, "Content-Length", s.to_string());
-                        set(&mut r, "Docker-Content-Digest", d.to_string());
-                        set(&mut r, "Content-Type", "application/octet-stream");
-                        r
-                    }
-                    None => error(
-                        StatusCode::NOT_FOUND,
-                        "BLOB_UNKNOWN",
-                        format!("the upstream did not say how large {d} is"),
-                    ),
-                },
-                Ok(o) => {
-                    let mut r = Response::new(stream_body(o.rx));
-                    if let Some(s) = o.size.filter(|s| *s > 0) {
-                        set(&mut r, "Content-Length", s.to_string());
-                    }
-                    set(&mut r, "Docker-Content-Digest", d.to_string());
-                    set(&mut r, "Content-Type", "application/octet-stream");
-                    r
-                }
-                Err(e) => {
-                    let (store, scope, d2) = (self.store.clone(), self.scope.clone(), d.clone());
-                    let _ = blocking(move || store.delete_source(&scope, &d2)).await;
-                    from_store(&e, "BLOB_UNKNOWN")
-                }
-            };
-        }
+            Some(n)
+        } else {
+            size
+        };
         let range = req
             .headers()
             .get(header::RANGE)

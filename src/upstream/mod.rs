@@ -370,12 +370,28 @@ impl Upstream {
         Ok(http)
     }
 
-    /// GETs `/v2/REPOSITORY/PATH` from `ep` with `headers`. Credentials: a bearer token
-    /// remembered for the repository, else the configured basic credentials; a 401 gets a
-    /// fresh token from its own challenge (`token`) and one retry. Returns a success
-    /// response; an error status is an error.
+    /// GETs `/v2/REPOSITORY/PATH` from `ep` with `headers` (see [`Upstream::send`]).
     async fn get(
         &self,
+        c: &reqwest::Client,
+        ep: &Endpoint,
+        auth: &Auth,
+        repository: &str,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Result<(String, reqwest::Response)> {
+        self.send(reqwest::Method::GET, c, ep, auth, repository, path, headers)
+            .await
+    }
+
+    /// Sends `method` for `/v2/REPOSITORY/PATH` to `ep` with `headers`. Credentials: a
+    /// bearer token remembered for the repository, else the configured basic credentials; a
+    /// 401 gets a fresh token from its own challenge (`token`) and one retry. Returns a
+    /// success response; an error status is an error.
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        method: reqwest::Method,
         c: &reqwest::Client,
         ep: &Endpoint,
         auth: &Auth,
@@ -387,7 +403,7 @@ impl Upstream {
         let key = (ep.clone(), repository.to_string());
         let mut refreshed = false;
         loop {
-            let mut req = c.get(&url).headers(headers.clone());
+            let mut req = c.request(method.clone(), &url).headers(headers.clone());
             let token = self.tokens.lock().get(&key).cloned();
             req = match (&token, auth) {
                 (Some(t), _) => req.bearer_auth(t),
@@ -635,6 +651,39 @@ impl Upstream {
                 return Ok(all);
             }
         }
+    }
+
+    /// A blob's size as the upstream states it, by a HEAD: no body is fetched. A blob the
+    /// upstream does not hold is NotFound; a HEAD answer without a length is Unavailable (a
+    /// size is what was asked for).
+    pub async fn blob_size(&self, src: &Source, d: &Digest) -> Result<u64> {
+        let what = format!("blob {d} from {}/{}", src.registry, src.repository);
+        let path = format!("blobs/{d}");
+        self.each_endpoint(&src.registry, &what, |c, ep, auth| {
+            let path = &path;
+            async move {
+                let (url, res) = self
+                    .send(
+                        reqwest::Method::HEAD,
+                        &c,
+                        &ep,
+                        &auth,
+                        &src.repository,
+                        path,
+                        HeaderMap::new(),
+                    )
+                    .await?;
+                // The header itself: a HEAD response has no body, so its size hint is 0.
+                res.headers()
+                    .get(reqwest::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        Error::unavailable(format!("{url}: HEAD answered without a Content-Length"))
+                    })
+            }
+        })
+        .await
     }
 
     /// Opens a blob body from `offset` (to the end, or for `length` bytes). A registry that

@@ -907,6 +907,110 @@ async fn mirror_fetches_once_and_serves_when_the_upstream_is_down() {
     }
 }
 
+/// A blob asked for by digest alone (no manifest recorded where it comes from) is settled
+/// by an upstream HEAD before any answer: a blob the upstream lacks is a 404, never a 200
+/// whose body breaks off; an unreachable upstream is a 503; a HEAD fetches no body; and a
+/// blob the upstream holds is then served like any recorded one, ranges included.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_miss_is_settled_upstream_before_any_body() {
+    let Some((_dir, _keep, up, s)) = crate::upstream::registry_with_fixtures() else {
+        return;
+    };
+    let (_d, base, _cfg) = start_registry(&format!(
+        "[upstream]\nread_timeout_secs = 5\nfetch_attempts = 1\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
+        a = up.addr
+    ));
+    let c = http();
+    let fx = s["fixtures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["registry"].is_object())
+        .unwrap();
+    let repo = fx["registry"]["repository"].as_str().unwrap();
+    let (d, size) = fx["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| {
+            n["present"].as_bool().unwrap()
+                && !n["mediaType"].as_str().unwrap().contains("manifest")
+                && !n["mediaType"].as_str().unwrap().contains("index")
+        })
+        .map(|n| {
+            (
+                n["digest"].as_str().unwrap().to_string(),
+                n["size"].as_u64().unwrap(),
+            )
+        })
+        .max_by_key(|n| n.1)
+        .unwrap();
+    let url = |d: &str| format!("{base}/v2/{repo}/blobs/{d}?ns={}", up.addr);
+
+    // Not upstream: 404 with the spec's body, for GET and HEAD, and again (nothing was
+    // recorded for it).
+    let absent = sha(b"no registry holds this").to_string();
+    for _ in 0..2 {
+        let r = c.get(url(&absent)).send().await.unwrap();
+        let (st, body) = code_of(r).await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(body, "BLOB_UNKNOWN");
+        let r = c.head(url(&absent)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    }
+
+    // Upstream: a HEAD answers its size and fetches no body.
+    let r = c.head(url(&d)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["Content-Length"], size.to_string().as_str());
+    assert_eq!(r.headers()["Docker-Content-Digest"], d.as_str());
+    assert!(up.requests("HEAD", &format!("/blobs/{d}")) >= 1);
+    assert_eq!(
+        up.requests("GET", &format!("/blobs/{d}")),
+        0,
+        "a HEAD fetched the body"
+    );
+    let file = std::fs::read(up.blob_data(&d)).unwrap();
+    let r = c
+        .get(url(&d))
+        .header("Range", "bytes=100-199")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        r.headers()["Content-Range"],
+        format!("bytes 100-199/{size}").as_str()
+    );
+    assert_eq!(&r.bytes().await.unwrap()[..], &file[100..200]);
+    let r = c.get(url(&d)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["Content-Length"], size.to_string().as_str());
+    assert_eq!(sha(&r.bytes().await.unwrap()).to_string(), d);
+
+    // Upstream down: an unknown blob is a 503 that names the upstream, not a 200.
+    let addr = up.addr.clone();
+    drop(up);
+    let other = sha(b"asked for while the upstream is down").to_string();
+    let r = c
+        .get(format!("{base}/v2/{repo}/blobs/{other}?ns={addr}"))
+        .send()
+        .await
+        .unwrap();
+    let st = r.status();
+    let body = r.text().await.unwrap();
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains(&addr), "{body}");
+    // What was fetched before is served as ever.
+    let r = c
+        .get(format!("{base}/v2/{repo}/blobs/{d}?ns={addr}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(sha(&r.bytes().await.unwrap()).to_string(), d);
+}
+
 fn run(cmd: &str, args: &[&str]) -> String {
     let o = std::process::Command::new(cmd).args(args).output().unwrap();
     assert!(
