@@ -302,10 +302,10 @@ impl Registry {
                     _ => not_allowed(),
                 }
             }
-            Route::Referrers { name: _, digest } => {
+            Route::Referrers { name, digest } => {
                 out.route = "referrers";
                 match method {
-                    Method::GET => self.referrers(&digest, q).await,
+                    Method::GET => self.referrers(&self.repo(&name, q), &digest, q, out).await,
                     _ => not_allowed(),
                 }
             }
@@ -1380,7 +1380,17 @@ impl Registry {
         .await
     }
 
-    async fn referrers(&self, d: &Digest, q: Option<&str>) -> Response<Body> {
+    /// The manifests whose subject is `d`: those stored here, and for a mirrored repository
+    /// also those the upstream lists (stored ones first; an unreachable upstream leaves the
+    /// stored ones, as a stale tag is served). The artifactType filter is applied here to
+    /// both.
+    async fn referrers(
+        &self,
+        repo: &Repo,
+        d: &Digest,
+        q: Option<&str>,
+        out: &mut Outcome,
+    ) -> Response<Body> {
         let want = routes::query_param(q, "artifactType");
         let (store, scope, d2, max) = (
             self.store.clone(),
@@ -1423,10 +1433,42 @@ impl Registry {
             Ok(out)
         })
         .await;
-        let all = match listed {
+        let mut all = match listed {
             Ok(v) => v,
             Err(e) => return from_store(&e, "MANIFEST_UNKNOWN"),
         };
+        out.cache = "hit";
+        if let (Some(src), Some(puller)) = (&repo.upstream, &self.puller) {
+            match puller.upstream().referrers(src, d).await {
+                Ok(up) => {
+                    out.cache = "miss";
+                    let mut seen: std::collections::HashSet<String> = all
+                        .iter()
+                        .filter_map(|(_, v)| v["digest"].as_str().map(str::to_string))
+                        .collect();
+                    for v in up {
+                        // Only well-formed descriptors, each once.
+                        let Some(digest) =
+                            v["digest"].as_str().filter(|s| Digest::parse(s).is_ok())
+                        else {
+                            continue;
+                        };
+                        if !v["size"].is_u64() || !v["mediaType"].is_string() {
+                            continue;
+                        }
+                        if !seen.insert(digest.to_string()) {
+                            continue;
+                        }
+                        let artifact = v["artifactType"].as_str().unwrap_or("").to_string();
+                        all.push((artifact, v));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(repository = %repo.canonical, error = %e, "upstream referrers unavailable: listing the stored ones");
+                    out.cache = "stale";
+                }
+            }
+        }
         let manifests: Vec<serde_json::Value> = all
             .into_iter()
             .filter(|(a, _)| want.as_ref().is_none_or(|w| w == a))

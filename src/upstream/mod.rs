@@ -653,6 +653,48 @@ impl Upstream {
         }
     }
 
+    /// The descriptors of the manifests whose subject is `d`, as the upstream lists them:
+    /// its referrers API, or, where it has none (a 404), the referrers tag schema's index
+    /// (`<alg>-<hex>`, the algorithm cut to 32 and the hex to 64 characters), which is what
+    /// clients of such a registry push. Neither: an empty list. The list is read up to the
+    /// manifest size limit; its entries are returned as the upstream wrote them.
+    pub async fn referrers(&self, src: &Source, d: &Digest) -> Result<Vec<serde_json::Value>> {
+        #[derive(Deserialize)]
+        struct Index {
+            #[serde(default)]
+            manifests: Vec<serde_json::Value>,
+        }
+        let what = format!("referrers of {d} in {}/{}", src.registry, src.repository);
+        let path = format!("referrers/{d}");
+        let doc = &DocRequest {
+            repository: &src.repository,
+            path: &path,
+            accept: "application/vnd.oci.image.index.v1+json",
+            max: self.max_document,
+        };
+        let body = match self
+            .each_endpoint(&src.registry, &what, |c, ep, auth| async move {
+                self.get_small(&c, &ep, &auth, doc).await
+            })
+            .await
+        {
+            Ok((_, body)) => body,
+            Err(e) if e.is(Kind::NotFound) => match self.manifest(src, &referrers_tag(d)).await {
+                Ok((body, _)) => body,
+                Err(e) if e.is(Kind::NotFound) => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
+        let index: Index = serde_json::from_slice(&body).map_err(|e| {
+            Error::precondition(format!(
+                "{what}: upstream {}: not an index: {e}",
+                src.registry
+            ))
+        })?;
+        Ok(index.manifests)
+    }
+
     /// A blob's size as the upstream states it, by a HEAD: no body is fetched. A blob the
     /// upstream does not hold is NotFound; a HEAD answer without a length is Unavailable (a
     /// size is what was asked for).
@@ -819,6 +861,17 @@ impl Upstream {
     }
 }
 
+/// The referrers tag schema's tag for subject `d`: `<alg>-<hex>`, the algorithm cut to 32
+/// and the hex to 64 characters (a tag holds at most 128).
+fn referrers_tag(d: &Digest) -> String {
+    let (alg, hex) = (d.algorithm().name(), d.hex());
+    format!(
+        "{}-{}",
+        &alg[..alg.len().min(32)],
+        &hex[..hex.len().min(64)]
+    )
+}
+
 /// Where the bytes of a 206 start: `Content-Range: bytes START-END/TOTAL`.
 fn content_range_start(h: &HeaderMap) -> Option<u64> {
     let v = h.get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?;
@@ -948,6 +1001,16 @@ fn kind_of_status(code: u16) -> Kind {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn the_referrers_tag_is_the_digest_cut_to_a_tag() {
+        let d = Digest::of(crate::digest::Algorithm::Sha256, b"x");
+        assert_eq!(referrers_tag(&d), format!("sha256-{}", d.hex()));
+        let d = Digest::of(crate::digest::Algorithm::Sha512, b"x");
+        let t = referrers_tag(&d);
+        assert_eq!(t, format!("sha512-{}", &d.hex()[..64]));
+        assert!(is_tag(&t));
+    }
 
     fn host(endpoint: &str, mirrors: &[&str], creds: bool) -> RegistryHost {
         RegistryHost {

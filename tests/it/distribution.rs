@@ -1011,6 +1011,111 @@ async fn a_blob_miss_is_settled_upstream_before_any_body() {
     assert_eq!(sha(&r.bytes().await.unwrap()).to_string(), d);
 }
 
+/// A mirrored repository's referrers include the upstream's: docker-registry has no
+/// referrers API, so they come from the referrers tag schema's index that clients pushed
+/// there; the artifactType filter applies to them; an unreachable upstream leaves the
+/// stored ones (a 200, as a stale tag is served).
+#[tokio::test(flavor = "multi_thread")]
+async fn mirrored_referrers_include_the_upstreams() {
+    let Some((_dir, _keep, up, s)) = crate::upstream::registry_with_fixtures() else {
+        return;
+    };
+    let (_d, base, _cfg) = start_registry(&format!(
+        "[upstream]\nread_timeout_secs = 5\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
+        a = up.addr
+    ));
+    let c = http();
+    let fx = s["fixtures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "oci-single-referrers")
+        .unwrap();
+    let repo = fx["registry"]["repository"].as_str().unwrap();
+    let tag = fx["registry"]["tag"].as_str().unwrap();
+    let subject = tag.replacen('-', ":", 1);
+    let index: Value = c
+        .get(format!("http://{}/v2/{repo}/manifests/{tag}", up.addr))
+        .header("Accept", "application/vnd.oci.image.index.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let want: Vec<(String, String)> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["digest"].as_str().unwrap().to_string(),
+                m["artifactType"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(!want.is_empty());
+    let listed = |q: String| {
+        let c = c.clone();
+        let url = format!("{base}/v2/{repo}/referrers/{subject}?{q}");
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(
+                r.headers()["Content-Type"],
+                "application/vnd.oci.image.index.v1+json"
+            );
+            let filtered = r.headers().get("OCI-Filters-Applied").cloned();
+            let v: Value = r.json().await.unwrap();
+            let got: Vec<(String, String)> = v["manifests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    (
+                        m["digest"].as_str().unwrap().to_string(),
+                        m["artifactType"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect();
+            (got, filtered)
+        }
+    };
+    let (got, filtered) = listed(format!("ns={}", up.addr)).await;
+    assert_eq!(got, want);
+    assert!(filtered.is_none());
+    // Query values are form-encoded: a `+` in a media type is sent as %2B.
+    let (got, filtered) = listed(format!(
+        "ns={}&artifactType={}",
+        up.addr,
+        want[0].1.replace('+', "%2B")
+    ))
+    .await;
+    assert!(got.contains(&want[0]), "{got:?}");
+    assert!(got.iter().all(|g| g.1 == want[0].1), "{got:?}");
+    assert_eq!(filtered.unwrap(), "artifactType");
+    let (got, _) = listed(format!("ns={}&artifactType=application/x-none", up.addr)).await;
+    assert!(got.is_empty(), "{got:?}");
+    // A referrer listed is pulled through like any manifest.
+    let r = c
+        .get(format!(
+            "{base}/v2/{repo}/manifests/{}?ns={}",
+            want[0].0, up.addr
+        ))
+        .header("Accept", ACCEPT_ANY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(sha(&r.bytes().await.unwrap()).to_string(), want[0].0);
+
+    // Upstream down: still a 200, listing what is stored: the referrer pulled through.
+    let addr = up.addr.clone();
+    drop(up);
+    let (got, _) = listed(format!("ns={addr}")).await;
+    assert_eq!(got, want[..1], "with the upstream down");
+}
+
 fn run(cmd: &str, args: &[&str]) -> String {
     let o = std::process::Command::new(cmd).args(args).output().unwrap();
     assert!(
