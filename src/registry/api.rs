@@ -235,7 +235,12 @@ impl Registry {
             }
             Some(Err(refused)) => {
                 out.route = "invalid";
-                return error(StatusCode::BAD_REQUEST, refused.code, refused.message);
+                let status = if refused.code == "BLOB_UPLOAD_UNKNOWN" {
+                    StatusCode::NOT_FOUND
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                return error(status, refused.code, refused.message);
             }
             Some(Ok(r)) => r,
         };

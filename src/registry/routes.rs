@@ -143,9 +143,10 @@ pub fn parse(path: &str) -> Option<Result<Route, Refused>> {
         if let Some(i) = &id
             && !upload_id_ok(i)
         {
+            // No upload of ours has such an id: unknown, as distribution answers.
             return Some(Err(refused(
-                "BLOB_UPLOAD_INVALID",
-                format!("invalid upload id {i:?}"),
+                "BLOB_UPLOAD_UNKNOWN",
+                format!("upload {i:?} is unknown (upload ids here are hex)"),
             )));
         }
         checked_name(name).map(|name| Route::Upload { name, id })
@@ -393,7 +394,7 @@ mod tests {
         assert_eq!(code("/v2/a/manifests/-bad"), "TAG_INVALID");
         assert_eq!(code("/v2/a/manifests/sha256:zz"), "DIGEST_INVALID");
         assert_eq!(code("/v2/a/blobs/md5:abc"), "DIGEST_INVALID");
-        assert_eq!(code("/v2/a/blobs/uploads/zz.x"), "BLOB_UPLOAD_INVALID");
+        assert_eq!(code("/v2/a/blobs/uploads/zz.x"), "BLOB_UPLOAD_UNKNOWN");
         assert_eq!(parse("/v2/a/blobs/uploads/../x"), None);
         assert!(name_ok("a__b.c-d---e/f0"));
         assert!(!name_ok("a___b"));

@@ -354,6 +354,10 @@ async fn distribution_api_routes_and_statuses() {
     let unknown_upload = format!("{base}/v2/team/app/blobs/uploads/0123abcd");
     for req in [
         c.patch(&unknown_upload).body(b"x".to_vec()),
+        // An id no upload here could have is as unknown.
+        c.patch(format!("{base}/v2/team/app/blobs/uploads/doesnotexist"))
+            .body(b"x".to_vec()),
+        c.get(format!("{base}/v2/team/app/blobs/uploads/not.an.id")),
         c.put(format!("{unknown_upload}?digest={ld}"))
             .body(Vec::new()),
     ] {
