@@ -23,6 +23,9 @@ pub(super) const HOLD: usize = 64 << 10;
 /// uploads and never commit them (past it, WRITEs are stored at once, as before).
 pub(super) const HOLD_TOTAL: usize = 64 << 20;
 
+/// The longest ingest ref a writer may open.
+pub const MAX_REF: usize = 4096;
+
 /// When the current holder took a slot (ns), for the Unavailable message.
 pub(super) type LockedSince = Arc<std::sync::atomic::AtomicI64>;
 
@@ -271,6 +274,14 @@ impl Store {
     ) -> Result<(Writer, T)> {
         if r.is_empty() {
             return Err(Error::invalid("ingest ref must not be empty"));
+        }
+        // A ref is a key and comes back whole in every status listing; clients name
+        // ingests with a digest and a word (containerd: `layer-sha256:…`), far below this.
+        if r.len() > MAX_REF {
+            return Err(Error::invalid(format!(
+                "ingest ref of {} bytes: at most {MAX_REF} are accepted",
+                r.len()
+            )));
         }
         if let Some(l) = &lease {
             self.require_lease(&scope, l)?;

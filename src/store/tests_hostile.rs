@@ -707,3 +707,35 @@ async fn images_list_by_name_prefix() {
     assert!(listed(&a, "t/").is_empty());
     assert_eq!(listed(&a, "").len(), names.len());
 }
+
+/// A ref is a key and is listed whole: one longer than MAX_REF is refused before anything
+/// is stored, naming its length, not echoing it.
+#[tokio::test]
+async fn an_ingest_ref_is_bounded() {
+    let store = graceless(Arc::new(MemKv::default()));
+    let s = ns("n");
+    let long = "r".repeat(ingest::MAX_REF + 1);
+    let e = store
+        .open_writer(s.clone(), &long, 5, None, None)
+        .await
+        .err()
+        .expect("a ref past MAX_REF is refused");
+    assert!(e.is(Kind::InvalidArgument), "{e}");
+    assert!(
+        e.message().contains(&format!("{} bytes", long.len())),
+        "{e}"
+    );
+    assert!(
+        e.message().len() < 200,
+        "the ref is echoed: {} bytes",
+        e.message().len()
+    );
+    assert!(
+        store
+            .list_statuses(&s, &Default::default())
+            .unwrap()
+            .is_empty()
+    );
+    let longest = "r".repeat(ingest::MAX_REF);
+    put(&store, &s, &longest, b"hello").await;
+}
