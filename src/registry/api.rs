@@ -26,6 +26,7 @@ use crate::error::{Error, Kind};
 use crate::graph::{self, Kind as DocKind, Role};
 use crate::store::{ImageRecord, blocking, is_exists, now_ns};
 use crate::upstream::Source;
+use crate::upstream::pull::FetchPhase;
 
 /// What the access log and metrics learn about a request.
 pub struct Outcome {
@@ -625,17 +626,44 @@ impl Registry {
             .map(|e| (e.digest.clone(), e.size))
             .collect();
         let (store, scope) = (self.store.clone(), self.scope.clone());
+        let fetchable = self.puller.is_some();
         let missing = blocking(move || {
+            // Blobs not stored but known upstream at this size (a blob HEAD of a mirrored
+            // repository answered 200 from the upstream, so the client did not upload it).
+            let mut upstream = Vec::new();
             for (c, size) in children {
                 match store.visible_size(&scope, &c)? {
-                    None => return Ok(Some((c, size, None))),
-                    Some(stored) if stored != size => return Ok(Some((c, size, Some(stored)))),
+                    None if fetchable
+                        && size > 0
+                        && store.source(&scope, &c)?.is_some_and(|s| s.size == size) =>
+                    {
+                        upstream.push(c);
+                    }
+                    None => return Ok(Err((c, size, None))),
+                    Some(stored) if stored != size => return Ok(Err((c, size, Some(stored)))),
                     Some(_) => {}
                 }
             }
-            Ok(None)
+            Ok(Ok(upstream))
         })
         .await;
+        let missing = match missing {
+            Ok(Ok(upstream)) => match self.fetch_all(&upstream).await {
+                Ok(()) => Ok(None),
+                Err((c, e)) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "MANIFEST_BLOB_UNKNOWN",
+                        format!(
+                            "manifest refers to {c}, which is neither here nor fetchable from \
+                             the upstream now: {e}"
+                        ),
+                    );
+                }
+            },
+            Ok(Err(m)) => Ok(Some(m)),
+            Err(e) => Err(e),
+        };
         match missing {
             Ok(None) => {}
             Ok(Some((c, _, None))) => {
@@ -758,6 +786,35 @@ impl Registry {
             ),
             Err(e) => from_store(&e, "MANIFEST_UNKNOWN"),
         }
+    }
+
+    /// Fetches each blob of `ds` from the upstream its source record names (one fetch per
+    /// blob, shared with any reader), waiting until each is stored and verified: what a
+    /// pushed manifest names must be here before the manifest is.
+    async fn fetch_all(&self, ds: &[Digest]) -> Result<(), (Digest, crate::error::Error)> {
+        let Some(puller) = &self.puller else {
+            return Ok(());
+        };
+        for d in ds {
+            let (mut phase, _) = puller
+                .ensure_fetch(&self.scope, d)
+                .map_err(|e| (d.clone(), e))?;
+            let done = phase
+                .wait_for(|p| matches!(p, FetchPhase::Done(_)))
+                .await
+                .map(|p| p.clone());
+            match done {
+                Ok(FetchPhase::Done(Ok(()))) => {}
+                Ok(FetchPhase::Done(Err(e))) => return Err((d.clone(), e)),
+                _ => {
+                    return Err((
+                        d.clone(),
+                        crate::error::Error::unavailable("the fetch ended without a verdict"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     // ---- blobs ----------------------------------------------------------------------------

@@ -932,7 +932,7 @@ async fn a_blob_miss_is_settled_upstream_before_any_body() {
         .find(|f| f["registry"].is_object())
         .unwrap();
     let repo = fx["registry"]["repository"].as_str().unwrap();
-    let (d, size) = fx["nodes"]
+    let mut blobs: Vec<(String, u64)> = fx["nodes"]
         .as_array()
         .unwrap()
         .iter()
@@ -947,8 +947,11 @@ async fn a_blob_miss_is_settled_upstream_before_any_body() {
                 n["size"].as_u64().unwrap(),
             )
         })
-        .max_by_key(|n| n.1)
-        .unwrap();
+        .collect();
+    blobs.sort_by_key(|b| std::cmp::Reverse(b.1));
+    assert!(blobs.len() >= 2, "{blobs:?}");
+    let (d, size) = blobs[0].clone();
+    let (d2, size2) = blobs[1].clone();
     let url = |d: &str| format!("{base}/v2/{repo}/blobs/{d}?ns={}", up.addr);
 
     // Not upstream: 404 with the spec's body, for GET and HEAD, and again (nothing was
@@ -992,6 +995,26 @@ async fn a_blob_miss_is_settled_upstream_before_any_body() {
     assert_eq!(r.headers()["Content-Length"], size.to_string().as_str());
     assert_eq!(sha(&r.bytes().await.unwrap()).to_string(), d);
 
+    // A client told by a HEAD that a blob is here does not upload it: a manifest pushed
+    // naming it makes the registry fetch it (verified) before the manifest is stored.
+    let r = c.head(url(&d2)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(up.requests("GET", &format!("/blobs/{d2}")), 0);
+    let cfg = br#"{"architecture":"amd64","os":"linux"}"#;
+    let cd = push_blob(&c, &base, repo, cfg).await;
+    let m = manifest(&(cd, cfg.len()), &[(d2.clone(), size2 as usize)], None);
+    let r = put_manifest(&c, &base, repo, &format!("pushed?ns={}", up.addr), &m).await;
+    assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
+    assert_eq!(up.requests("GET", &format!("/blobs/{d2}")), 1);
+    // Nor is a manifest stored that names a blob neither here nor upstream at that size.
+    let m = manifest(
+        &(sha(cfg).to_string(), cfg.len()),
+        &[(d2.clone(), size2 as usize + 1)],
+        None,
+    );
+    let r = put_manifest(&c, &base, repo, &format!("wrong?ns={}", up.addr), &m).await;
+    assert_eq!(code_of(r).await.0, StatusCode::BAD_REQUEST);
+
     // Upstream down: an unknown blob is a 503 that names the upstream, not a 200.
     let addr = up.addr.clone();
     drop(up);
@@ -1006,13 +1029,15 @@ async fn a_blob_miss_is_settled_upstream_before_any_body() {
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains(&addr), "{body}");
     // What was fetched before is served as ever.
-    let r = c
-        .get(format!("{base}/v2/{repo}/blobs/{d}?ns={addr}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(sha(&r.bytes().await.unwrap()).to_string(), d);
+    for d in [&d, &d2] {
+        let r = c
+            .get(format!("{base}/v2/{repo}/blobs/{d}?ns={addr}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(sha(&r.bytes().await.unwrap()).to_string(), *d);
+    }
 }
 
 /// A mirrored repository's referrers include the upstream's: docker-registry has no
