@@ -682,13 +682,6 @@ impl Store {
         self.kv.write(b, true)
     }
 
-    /// Forgets where `scope` could fetch `d` from (a mirror's guess the upstream refused).
-    pub fn delete_source(&self, scope: &Scope, d: &Digest) -> Result<()> {
-        let mut b = Batch::new();
-        b.delete(Cf::Sources, link_key(scope, d));
-        self.kv.write(b, false)
-    }
-
     /// Info of a stored blob, else of a lazy one: pulled into this scope, not fetched yet (a
     /// read fetches it). A lazy blob carries [`LAZY_LABEL`].
     pub fn info_or_lazy(&self, scope: &Scope, d: &Digest) -> Result<Info> {
