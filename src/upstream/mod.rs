@@ -370,20 +370,6 @@ impl Upstream {
         Ok(http)
     }
 
-    /// GETs `/v2/REPOSITORY/PATH` from `ep` with `headers` (see [`Upstream::send`]).
-    async fn get(
-        &self,
-        c: &reqwest::Client,
-        ep: &Endpoint,
-        auth: &Auth,
-        repository: &str,
-        path: &str,
-        headers: HeaderMap,
-    ) -> Result<(String, reqwest::Response)> {
-        self.send(reqwest::Method::GET, c, ep, auth, repository, path, headers)
-            .await
-    }
-
     /// Sends `method` for `/v2/REPOSITORY/PATH` to `ep` with `headers`. Credentials: a
     /// bearer token remembered for the repository, else the configured basic credentials; a
     /// 401 gets a fresh token from its own challenge (`token`) and one retry. Returns a
@@ -440,7 +426,17 @@ impl Upstream {
         let accept = HeaderValue::from_str(doc.accept)
             .map_err(|e| Error::internal(format!("Accept {:?}: {e}", doc.accept)))?;
         h.insert(reqwest::header::ACCEPT, accept);
-        let (url, res) = self.get(c, ep, auth, doc.repository, doc.path, h).await?;
+        let (url, res) = self
+            .send(
+                reqwest::Method::GET,
+                c,
+                ep,
+                auth,
+                doc.repository,
+                doc.path,
+                h,
+            )
+            .await?;
         let headers = res.headers().clone();
         Ok((headers, read_bounded(&url, res, doc.max).await?))
     }
@@ -769,7 +765,17 @@ impl Upstream {
                                 .map_err(|e| Error::internal(format!("Range {r:?}: {e}")))?,
                         );
                     }
-                    let (url, res) = self.get(&c, &ep, &auth, &src.repository, path, h).await?;
+                    let (url, res) = self
+                        .send(
+                            reqwest::Method::GET,
+                            &c,
+                            &ep,
+                            &auth,
+                            &src.repository,
+                            path,
+                            h,
+                        )
+                        .await?;
                     if res.status() != reqwest::StatusCode::PARTIAL_CONTENT {
                         return Ok((res, offset));
                     }

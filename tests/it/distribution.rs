@@ -911,6 +911,16 @@ async fn mirror_fetches_once_and_serves_when_the_upstream_is_down() {
     }
 }
 
+/// The first fixture the upstream registry holds.
+fn first_pushed(summary: &Value) -> &Value {
+    summary["fixtures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["registry"].is_object())
+        .unwrap()
+}
+
 /// A blob asked for by digest alone (no manifest recorded where it comes from) is settled
 /// by an upstream HEAD before any answer: a blob the upstream lacks is a 404, never a 200
 /// whose body breaks off; an unreachable upstream is a 503; a HEAD fetches no body; and a
@@ -925,12 +935,7 @@ async fn a_blob_miss_is_settled_upstream_before_any_body() {
         a = up.addr
     ));
     let c = http();
-    let fx = s["fixtures"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["registry"].is_object())
-        .unwrap();
+    let fx = first_pushed(&s);
     let repo = fx["registry"]["repository"].as_str().unwrap();
     let mut blobs: Vec<(String, u64)> = fx["nodes"]
         .as_array()
@@ -1843,12 +1848,7 @@ async fn a_blob_deleted_right_after_its_mirrored_read_stays_deleted() {
         a = up.addr
     ));
     let c = http();
-    let fx = s["fixtures"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["registry"].is_object())
-        .unwrap();
+    let fx = first_pushed(&s);
     let repo = fx["registry"]["repository"].as_str().unwrap();
     let tag = fx["registry"]["tag"].as_str().unwrap();
     let layer = fx["nodes"]
