@@ -639,18 +639,19 @@ impl Registry {
                     {
                         upstream.push(c);
                     }
-                    None => return Ok(Err((c, size, None))),
-                    Some(stored) if stored != size => return Ok(Err((c, size, Some(stored)))),
+                    None => return Ok((upstream, Some((c, size, None)))),
+                    Some(stored) if stored != size => {
+                        return Ok((upstream, Some((c, size, Some(stored)))));
+                    }
                     Some(_) => {}
                 }
             }
-            Ok(Ok(upstream))
+            Ok((upstream, None))
         })
         .await;
-        let missing = match missing {
-            Ok(Ok(upstream)) => match self.fetch_all(&upstream).await {
-                Ok(()) => Ok(None),
-                Err((c, e)) => {
+        match missing {
+            Ok((upstream, None)) => {
+                if let Err((c, e)) = self.fetch_all(&upstream).await {
                     return error(
                         StatusCode::BAD_REQUEST,
                         "MANIFEST_BLOB_UNKNOWN",
@@ -660,20 +661,15 @@ impl Registry {
                         ),
                     );
                 }
-            },
-            Ok(Err(m)) => Ok(Some(m)),
-            Err(e) => Err(e),
-        };
-        match missing {
-            Ok(None) => {}
-            Ok(Some((c, _, None))) => {
+            }
+            Ok((_, Some((c, _, None)))) => {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "MANIFEST_BLOB_UNKNOWN",
                     format!("manifest refers to {c}, which this repository does not have"),
                 );
             }
-            Ok(Some((c, size, Some(stored)))) => {
+            Ok((_, Some((c, size, Some(stored))))) => {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "MANIFEST_INVALID",
