@@ -374,6 +374,11 @@ default_upstream = "{rdu}"
 # MiB the registry's namespace may hold; past it, mirrored images are evicted least recently
 # used first (pushed images never are). 0 = no limit.
 max_mib = {rmax}
+# Seconds a connection may stay silent while the client should be talking: TLS handshake,
+# request headers, the next request on a kept-alive connection.
+idle_timeout_secs = {ridle}
+# Connections served at once (more wait to be accepted): bounds the listener's memory.
+max_connections = {rconn}
 
 [upstream]
 # Seconds to connect, and without a byte before a fetch is abandoned.
@@ -425,6 +430,8 @@ allowed_registries = []
         rttl = c.registry.tag_ttl_secs,
         rdu = c.registry.default_upstream,
         rmax = c.registry.max_mib,
+        ridle = c.registry.idle_timeout_secs,
+        rconn = c.registry.max_connections,
     )
 }
 

@@ -707,6 +707,120 @@ async fn htpasswd_and_read_only() {
     );
 }
 
+/// A client that opens a connection and stays silent where it should speak (no bytes, half a
+/// request's headers, half of HTTP/2's preface, nothing after a kept-alive response) is cut
+/// off after `idle_timeout_secs`; one that keeps sending, however slowly, is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_connections_are_closed_after_the_idle_timeout() {
+    use std::io::{Read as _, Write as _};
+    let (_d, base, _cfg) =
+        start_registry("[registry]\ndefault_upstream = \"\"\nidle_timeout_secs = 2\n");
+    let addr = base.trim_start_matches("http://").to_string();
+    let open = |first: &[u8]| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(first).unwrap();
+        s
+    };
+    let mut kept = open(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut head = [0u8; 512];
+    let n = kept.read(&mut head).unwrap();
+    assert!(
+        head[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&head[..n])
+    );
+    let silent = vec![
+        ("no bytes", open(b"")),
+        (
+            "half the headers",
+            open(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n"),
+        ),
+        ("half the HTTP/2 preface", open(b"PRI * HTTP")),
+        ("nothing after a response", kept),
+    ];
+
+    // A monolithic upload whose body trickles in over twice the timeout.
+    let data = pattern(64, 7);
+    let d = sha(&data);
+    let mut slow = open(
+        format!(
+            "POST /v2/slow/blobs/uploads/?digest={d} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            data.len()
+        )
+        .as_bytes(),
+    );
+    for piece in data.chunks(8) {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        slow.write_all(piece).unwrap();
+    }
+    let n = slow.read(&mut head).unwrap();
+    assert!(
+        head[..n].starts_with(b"HTTP/1.1 201"),
+        "slow upload: {:?}",
+        String::from_utf8_lossy(&head[..n])
+    );
+
+    // A download the client stops reading: 24 MiB is more than the socket buffers on both
+    // sides hold, so the daemon's writes block long before the blob is sent.
+    let big = pattern(24 << 20, 8);
+    let bd = push_blob(&http(), &base, "slow", &big).await;
+    let mut stalled =
+        open(format!("GET /v2/slow/blobs/{bd} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    stalled
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = stalled.read_to_end(&mut got);
+    assert!(
+        got.len() < big.len(),
+        "a stalled download was not cut off ({} bytes came)",
+        got.len()
+    );
+    for (what, mut s) in silent {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) => assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "{what}: still open ({e})"
+            ),
+        }
+    }
+    let r = http()
+        .get(format!("{base}/v2/slow/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap(), data);
+}
+
+/// Past `max_connections`, a new connection waits to be accepted until one ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_past_the_cap_wait_for_a_slot() {
+    let (_d, base, _cfg) =
+        start_registry("[registry]\ndefault_upstream = \"\"\nmax_connections = 2\n");
+    let addr = base.trim_start_matches("http://").to_string();
+    let held: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let url = format!("{base}/v2/");
+    let mut waiting = tokio::spawn(async move { http().get(url).send().await.unwrap().status() });
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(500), &mut waiting)
+            .await
+            .is_err(),
+        "a third connection was served while two held the cap"
+    );
+    drop(held);
+    assert_eq!(waiting.await.unwrap(), StatusCode::OK);
+}
+
 /// The pull-through mirror in front of a real docker-registry: every fixture pulls through
 /// contentd by `?ns=` (containerd's form) and by a host path prefix (registries.conf's), each
 /// blob is fetched from the upstream once however many clients ask at once, a second pass
