@@ -136,6 +136,31 @@ fn host_like(c: &str) -> bool {
     c.contains('.') || c.contains(':') || c == "localhost"
 }
 
+/// `host[:port]` as containerd's `?ns=` names an upstream: a DNS name or IPv4 address, or a
+/// bracketed IPv6 address, and a port of at most five digits.
+fn registry_host(h: &str) -> bool {
+    let (host, port) = match h.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => (host, Some(port)),
+        _ => (h, None),
+    };
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|x| x.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+    };
+    port_ok && host_ok
+}
+
 /// A registry host as a path component: `registry.example.com`, `localhost:5000`, or
 /// `127.0.0.1_5000` (registries.conf locations cannot carry a second `:`, so a port may be
 /// written after `_`).
@@ -162,7 +187,9 @@ fn upstream_path(host: &str, path: &str) -> String {
 
 impl Registry {
     fn repo(&self, name: &str, query: Option<&str>) -> Repo {
-        let ns = routes::query_param(query, "ns").filter(|h| !h.is_empty() && h.len() <= 255);
+        // Anything but a registry host is not an upstream name: ignored, as if absent, so
+        // it never becomes part of a repository's canonical name (an image record).
+        let ns = routes::query_param(query, "ns").filter(|h| registry_host(h));
         let (host, path) = match (&ns, name.split_once('/')) {
             (Some(h), _) => (Some(h.clone()), name.to_string()),
             (None, Some((first, rest))) if host_like(first) => {
@@ -248,6 +275,10 @@ impl Registry {
         let method = req.method().clone();
         let q = query.as_deref();
         let mut resp = match route {
+            Route::Base if method != Method::GET && method != Method::HEAD => {
+                out.route = "base";
+                not_allowed()
+            }
             Route::Base => {
                 out.route = "base";
                 let mut r = status_only(StatusCode::OK);
@@ -1624,6 +1655,37 @@ async fn discard(mut body: Incoming) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_hosts_from_ns() {
+        for ok in [
+            "docker.io",
+            "registry-1.docker.io",
+            "localhost:5000",
+            "127.0.0.1:5067",
+            "[::1]:5000",
+            "quay.io",
+            "a-b.example",
+        ] {
+            assert!(registry_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "../../x",
+            "a/b",
+            "-a.io",
+            "a..io",
+            "host:",
+            "host:123456",
+            "host:x",
+            "[zz]:1",
+            "a b",
+            "a\u{0}b",
+            ":80",
+        ] {
+            assert!(!registry_host(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn accept_lists() {

@@ -133,6 +133,11 @@ async fn distribution_api_routes_and_statuses() {
         r.headers()["Docker-Distribution-API-Version"],
         "registry/2.0"
     );
+    let r = c.delete(format!("{base}/v2/")).send().await.unwrap();
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED".into())
+    );
 
     // Grammar errors are the spec's codes in its JSON body.
     let r = c
@@ -179,6 +184,17 @@ async fn distribution_api_routes_and_statuses() {
         .await
         .unwrap();
     assert_eq!(r.headers()["OCI-Namespace"], "registry.invalid");
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN".into())
+    );
+    // An `ns` that is no host is ignored: not echoed, not part of the repository's name.
+    let r = c
+        .get(format!("{base}/v2/a/manifests/latest?ns=../../x"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("OCI-Namespace").is_none());
     assert_eq!(
         code_of(r).await,
         (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN".into())
