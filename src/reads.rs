@@ -41,6 +41,61 @@ pub struct Reads {
     puller: Option<Arc<Puller>>,
     /// Read-ahead shared by every stored read, in pieces (see [`Flight`]).
     ahead: Arc<Semaphore>,
+    damage: Arc<Damage>,
+}
+
+/// Damage a read ran into, taken out of service. A checksum failure under a stored blob
+/// (RocksDB's CRC of a blob record or block: DataLoss) broke that read, and would break
+/// every later one the same way, mid-body, with nothing logged but the failed call; a
+/// mirror would keep serving the broken blob rather than fetch it again. So the first read
+/// to meet it has the whole blob re-verified against its digest, as the scrubber does, and
+/// quarantined when it fails (`Store::scrub`): then readers get NotFound, or in a scope
+/// with an upstream source the blob is fetched again.
+struct Damage {
+    store: Arc<Store>,
+    puller: Option<Arc<Puller>>,
+    /// When each digest was last sent for re-verification: at most once per [`RECHECK`],
+    /// so an error that is not the bytes' (the check passes) cannot make every read of a
+    /// large blob cost a full re-read.
+    checked: parking_lot::Mutex<std::collections::HashMap<Digest, std::time::Instant>>,
+}
+
+/// Least time between two re-verifications of one digest after failed reads.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Damage {
+    fn report(self: &Arc<Self>, d: &Digest, e: &Error) {
+        let now = std::time::Instant::now();
+        {
+            let mut checked = self.checked.lock();
+            if checked
+                .get(d)
+                .is_some_and(|t| now.duration_since(*t) < RECHECK)
+            {
+                return;
+            }
+            checked.retain(|_, t| now.duration_since(*t) < RECHECK);
+            checked.insert(d.clone(), now);
+        }
+        tracing::error!(digest = %d, error = %e, "a read found stored bytes damaged; re-verifying the blob");
+        let (this, d) = (self.clone(), d.clone());
+        tokio::task::spawn_blocking(
+            move || match this.store.scrub(std::slice::from_ref(&d), 0) {
+                Ok(r) => {
+                    for c in &r.corrupt {
+                        let refetching = crate::api::scrub::refetch(this.puller.as_ref(), c);
+                        tracing::warn!(digest = %c.digest, refetching = ?refetching, "damaged blob quarantined after a failed read");
+                    }
+                    if r.corrupt.is_empty() && r.failed.is_empty() {
+                        tracing::warn!(digest = %d, "re-verified after a failed read: the stored bytes match their digest");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(digest = %d, error = %e, "cannot re-verify a blob after a failed read")
+                }
+            },
+        );
+    }
 }
 
 /// The pieces of one stored read that are still alive: queued for the client, or in the
@@ -139,6 +194,11 @@ impl Reads {
     pub fn new(store: Arc<Store>, puller: Option<Arc<Puller>>, read_ahead: usize) -> Arc<Reads> {
         let pieces = (read_ahead / crate::store::CHUNK_SIZE).max(2);
         Arc::new(Reads {
+            damage: Arc::new(Damage {
+                store: store.clone(),
+                puller: puller.clone(),
+                checked: Default::default(),
+            }),
             store,
             puller,
             ahead: Arc::new(Semaphore::new(pieces)),
@@ -238,11 +298,18 @@ impl Reads {
         // A range one message and one chunk hold (configs, manifests, small files) is one
         // point lookup on this worker: a Read's fixed cost is then that of an Info, with no
         // blocking-pool hand-off and no iterator.
+        let first = || {
+            self.store
+                .read_in_first_chunk(extent, offset as u64, end as u64)
+                .inspect_err(|e| {
+                    if e.is(Kind::DataLoss) && self.store.stored_in(d, extent) {
+                        self.damage.report(d, e);
+                    }
+                })
+        };
         if end - offset <= piece as i64
             && blob_size <= SMALL as i64
-            && let Some(data) = self
-                .store
-                .read_in_first_chunk(extent, offset as u64, end as u64)?
+            && let Some(data) = first()?
         {
             let (tx, rx) = mpsc::channel(1);
             if !data.is_empty() {
@@ -265,6 +332,7 @@ impl Reads {
         let handle = tokio::runtime::Handle::current();
         let d = d.clone();
         let (pool, flight) = (self.ahead.clone(), Arc::new(Flight::default()));
+        let damage = self.damage.clone();
         tokio::spawn(async move {
             let (mut pos, end) = (offset as u64, end as u64);
             while pos < end {
@@ -307,6 +375,9 @@ impl Reads {
                             )),
                             false => e,
                         };
+                        if e.is(Kind::DataLoss) {
+                            damage.report(&d, &e);
+                        }
                         let _ = tx.send(Err(e)).await;
                         return;
                     }
