@@ -439,13 +439,13 @@ pub async fn serve(
     Ok(local)
 }
 
-/// How long a connection may wait, by default, for what a client must send first: the TLS handshake, the
-/// bytes that say which HTTP it speaks, a request's headers, and (HTTP/1.1) the next request
-/// on a kept-alive connection (hyper bounds both with one timer). Without these bounds every
-/// connection a client opened and left silent held a descriptor and its buffers for good
-/// (2,000 silent or half-sent connections: +29 MiB RSS, all still open minutes later). nginx's
-/// header timeout; clients that keep idle connections longer (Go's transport: 90 s) see
-/// the close and open another.
+/// How long a connection may wait, by default, for what a client must send first: the TLS
+/// handshake, the bytes that say which HTTP it speaks, a request's headers, and (HTTP/1.1)
+/// the next request on a kept-alive connection (hyper bounds both with one timer). Without
+/// these bounds every connection a client opened and left silent held a descriptor and its
+/// buffers for good (2,000 silent or half-sent connections: +29 MiB RSS, all still open
+/// minutes later). nginx's header timeout; clients that keep idle connections longer (Go's
+/// transport: 90 s) see the close and open another.
 pub const IDLE_DEFAULT: std::time::Duration = std::time::Duration::from_secs(60);
 /// An HTTP/2 connection whose peer does not answer a keep-alive ping this fast is closed.
 const PING_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
