@@ -201,6 +201,8 @@ fn step_failed(task: &'static str, e: tokio::task::JoinError) {
     tracing::error!(task, error = %e, "background step failed");
 }
 
+/// Longest a TCP client may take to finish its TLS handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 /// The first and the longest pause before accepting again after an accept failed.
 const ACCEPT_PAUSE: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
 
@@ -735,15 +737,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .as_ref()
             .context("tcp needs [tls]: contentd serves TCP only over TLS")?;
         let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        let mut tc = tonic::transport::ServerTlsConfig::new().identity(
-            tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?),
-        );
+        // Bounded, or every connection that never finishes its handshake (a port scan, a
+        // client left silent) holds a descriptor and a task for good.
+        let mut tc = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                read(&tls.cert)?,
+                read(&tls.key)?,
+            ))
+            .timeout(TLS_HANDSHAKE);
         if let Some(ca) = &tls.client_ca {
             // Mutual TLS: a client without a certificate this CA signed is refused in the
             // handshake.
             tc = tc.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
         }
+        // Pings find peers that went away without a FIN (a crashed node, a dropped route),
+        // whose streams would otherwise hold their pieces until TCP gives up, hours later.
         let builder = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(60)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .tls_config(tc)
             .context("configuring TLS for the TCP listener")?;
         tracing::info!(addr = %addr, mode = "client", mtls = tls.client_ca.is_some(), "listening (TLS)");

@@ -461,6 +461,22 @@ async fn mtls_refuses_clients_without_a_certificate() {
         .await
         .unwrap();
     assert_eq!(ask(good).await.unwrap_err().code(), tonic::Code::NotFound);
+    // A connection that never starts its handshake is closed, not held for good.
+    {
+        use std::io::Read as _;
+        let mut silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        silent
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut rest = Vec::new();
+        if let Err(e) = silent.read_to_end(&mut rest) {
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "a silent TLS connection stayed open: {e}"
+            );
+        }
+    }
     // Plain TCP without [tls] is refused at start.
     let plain = p("plain.toml");
     std::fs::write(&plain, format!("tcp = \"127.0.0.1:{}\"\n", free_port())).unwrap();
