@@ -434,8 +434,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         report.rss_large_write_mib = max_opt(report.rss_large_write_mib, finish(s).await);
         written.push(big.clone());
 
-        // The same size in lockstep, as other bytes (a blob of its own).
-        chunks[0][16] = 1;
+        // The same size in lockstep, as other bytes (a blob of its own). A flipped bit, not
+        // a set byte: the byte is random, and set to a value it already had (1 run in 256)
+        // the blob was the one just written, and the write failed AlreadyExists.
+        chunks[0][16] ^= 1;
         let (other, rate) = timed_write(
             &client,
             &mut chunks,
@@ -445,7 +447,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .await?;
         lockstep.push(rate);
         written.push(other);
-        chunks[0][16] = 0;
+        chunks[0][16] ^= 1;
 
         let s = RssSampler::start(pid);
         let t = Instant::now();
