@@ -888,28 +888,38 @@ impl Registry {
             // the upstream does not have), a HEAD fetches no body, and a GET is sized and
             // served like any recorded blob, ranges included. Only a blob the upstream says
             // it holds is recorded, so clients cannot fill the store with source records.
-            let n = match puller.upstream().blob_size(src, d).await {
+            // Single flight per upstream blob: of many clients asking at once (a node's pulls
+            // of one image, 64 mirrors' clients), one HEAD goes out; the rest find its record.
+            let key = format!("{} {}/{} blob", d, src.registry, src.repository);
+            let n = self
+                .single_flight(&key, async {
+                    let (store, scope, d2) = (self.store.clone(), self.scope.clone(), d.clone());
+                    let recorded = blocking(move || store.source(&scope, &d2)).await?;
+                    if let Some(s) = recorded.filter(|s| s.size > 0) {
+                        return Ok(s.size);
+                    }
+                    let n = puller.upstream().blob_size(src, d).await?;
+                    let n = i64::try_from(n).map_err(|_| {
+                        Error::unavailable(format!(
+                            "the upstream states a size of {n} bytes for {d}"
+                        ))
+                    })?;
+                    let rec = crate::store::SourceRecord {
+                        registry: src.registry.clone(),
+                        repository: src.repository.clone(),
+                        media_type: String::new(),
+                        size: n,
+                        created_ns: now_ns(),
+                    };
+                    let (store, scope, d2) = (self.store.clone(), self.scope.clone(), d.clone());
+                    blocking(move || store.put_source(&scope, &d2, &rec)).await?;
+                    Ok::<i64, Error>(n)
+                })
+                .await;
+            let n = match n {
                 Ok(n) => n,
                 Err(e) => return from_store(&e, "BLOB_UNKNOWN"),
             };
-            let Ok(n) = i64::try_from(n) else {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    "UNKNOWN",
-                    format!("the upstream states a size of {n} bytes for {d}"),
-                );
-            };
-            let rec = crate::store::SourceRecord {
-                registry: src.registry.clone(),
-                repository: src.repository.clone(),
-                media_type: String::new(),
-                size: n,
-                created_ns: now_ns(),
-            };
-            let (store, scope, d2) = (self.store.clone(), self.scope.clone(), d.clone());
-            if let Err(e) = blocking(move || store.put_source(&scope, &d2, &rec)).await {
-                return from_store(&e, "BLOB_UNKNOWN");
-            }
             Some(n)
         } else {
             size
