@@ -516,8 +516,10 @@ async fn scrubber(
                     corrupt = r.corrupt.len(),
                     "scrub finished"
                 );
-                for c in &r.corrupt {
-                    crate::api::scrub::refetch(puller.as_ref(), c);
+                if let Some(p) = &puller {
+                    for c in &r.corrupt {
+                        p.refetch(c);
+                    }
                 }
             }
             Ok(Err(e)) => tracing::error!(error = %e, "scrub failed"),

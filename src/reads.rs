@@ -64,6 +64,21 @@ struct Damage {
 const RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Damage {
+    /// What a stored read's error means. Chunks are read as they are due, so a collection
+    /// can remove the rest of a blob under a slow reader: DataLoss under a blob no longer
+    /// stored (in that extent) is that, NotFound, not lost data. Under a stored one it is
+    /// damage, and is reported.
+    fn classify(self: &Arc<Self>, d: &Digest, extent: u64, e: Error) -> Error {
+        if !e.is(Kind::DataLoss) {
+            return e;
+        }
+        if !self.store.stored_in(d, extent) {
+            return Error::not_found(format!("content {d}: deleted while it was being read"));
+        }
+        self.report(d, &e);
+        e
+    }
+
     fn report(self: &Arc<Self>, d: &Digest, e: &Error) {
         let now = std::time::Instant::now();
         {
@@ -83,7 +98,11 @@ impl Damage {
             move || match this.store.scrub(std::slice::from_ref(&d), 0) {
                 Ok(r) => {
                     for c in &r.corrupt {
-                        let refetching = crate::api::scrub::refetch(this.puller.as_ref(), c);
+                        let refetching = this
+                            .puller
+                            .as_ref()
+                            .map(|p| p.refetch(c))
+                            .unwrap_or_default();
                         tracing::warn!(digest = %c.digest, refetching = ?refetching, "damaged blob quarantined after a failed read");
                     }
                     if r.corrupt.is_empty() && r.failed.is_empty() {
@@ -301,11 +320,7 @@ impl Reads {
         let first = || {
             self.store
                 .read_in_first_chunk(extent, offset as u64, end as u64)
-                .inspect_err(|e| {
-                    if e.is(Kind::DataLoss) && self.store.stored_in(d, extent) {
-                        self.damage.report(d, e);
-                    }
-                })
+                .map_err(|e| self.damage.classify(d, extent, e))
         };
         if end - offset <= piece as i64
             && blob_size <= SMALL as i64
@@ -367,18 +382,7 @@ impl Reads {
                 match ran {
                     Ok((at, Ok(()))) => pos = at,
                     Ok((_, Err(e))) => {
-                        // Chunks are read as they are due, so a collection can remove the
-                        // rest of a blob under a slow reader: that is not lost data.
-                        let e = match e.is(Kind::DataLoss) && !store.stored_in(&d, extent) {
-                            true => Error::not_found(format!(
-                                "content {d}: deleted while it was being read"
-                            )),
-                            false => e,
-                        };
-                        if e.is(Kind::DataLoss) {
-                            damage.report(&d, &e);
-                        }
-                        let _ = tx.send(Err(e)).await;
+                        let _ = tx.send(Err(damage.classify(&d, extent, e))).await;
                         return;
                     }
                     Err(e) => {

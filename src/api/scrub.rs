@@ -37,20 +37,12 @@ fn scope_name(s: &Scope) -> String {
     }
 }
 
-/// Starts fetching a quarantined blob again wherever its source is known.
-pub fn refetch(puller: Option<&Arc<Puller>>, c: &Corrupt) -> Vec<String> {
-    let Some(p) = puller else { return Vec::new() };
-    c.refetchable
-        .iter()
-        .filter(|s| match p.ensure_fetch(s, &c.digest) {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(digest = %c.digest, error = %e, "could not fetch a quarantined blob again");
-                false
-            }
-        })
-        .map(scope_name)
-        .collect()
+/// Starts fetching a quarantined blob again wherever its source is known; the scopes'
+/// names, for the answer.
+fn refetch(puller: Option<&Arc<Puller>>, c: &Corrupt) -> Vec<String> {
+    puller
+        .map(|p| p.refetch(c).iter().map(scope_name).collect())
+        .unwrap_or_default()
 }
 
 #[tonic::async_trait]

@@ -815,6 +815,23 @@ impl Puller {
             .cloned()
     }
 
+    /// Starts fetching a quarantined blob again in every scope that records its source
+    /// (the scrubber's, a damaged read's, and Verify's quarantines all end here); returns
+    /// the scopes whose fetch started.
+    pub fn refetch(self: &Arc<Self>, c: &crate::store::Corrupt) -> Vec<Scope> {
+        c.refetchable
+            .iter()
+            .filter(|s| match self.ensure_fetch(s, &c.digest) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(digest = %c.digest, error = %e, "could not fetch a quarantined blob again");
+                    false
+                }
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Starts (or joins) the on-demand fetch of `d` for `scope` from its recorded source.
     /// NotFound when `d` has no source.
     pub fn ensure_fetch(
