@@ -386,10 +386,16 @@ pub async fn serve(
             tokio::spawn(async move {
                 let _slot = slot;
                 let peer_s = peer.to_string();
+                let sending = Arc::new(Sending::default());
+                let sending_svc = sending.clone();
                 let svc = hyper::service::service_fn(move |req| {
-                    let (reg, peer) = (reg.clone(), peer_s.clone());
-                    async move { Ok::<_, std::convert::Infallible>(reg.handle(req, peer).await) }
+                    let (reg, peer, sending) = (reg.clone(), peer_s.clone(), sending_svc.clone());
+                    async move {
+                        let r = reg.handle(req, peer).await;
+                        Ok::<_, std::convert::Infallible>(r.map(|b| sending.watch(b)))
+                    }
                 });
+                let stalled = sending.stalled(idle);
                 let mut builder = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
                 );
@@ -410,6 +416,7 @@ pub async fn serve(
                         tokio::select! {
                             r = builder.serve_connection(io, svc) => r,
                             _ = stop.cancelled() => Ok(()),
+                            _ = stalled => Ok(()),
                         }
                     }
                     Some(a) => match tokio::time::timeout(idle, a.accept(conn)).await {
@@ -418,6 +425,7 @@ pub async fn serve(
                             tokio::select! {
                                 r = builder.serve_connection(io, svc) => r,
                                 _ = stop.cancelled() => Ok(()),
+                                _ = stalled => Ok(()),
                             }
                         }
                         Ok(Err(e)) => {
@@ -451,6 +459,100 @@ pub const IDLE_DEFAULT: std::time::Duration = std::time::Duration::from_secs(60)
 const PING_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 /// HTTP/2's preface, the most hyper reads before it knows the protocol.
 const PREFACE_LEN: usize = 24;
+
+/// The response bodies of one connection that are still sending, for its stall watchdog.
+///
+/// HTTP/2 lets a client keep a connection busy (reading other streams, answering pings, so
+/// no write ever blocks and `Guarded` never fires) while it never opens one stream's flow
+/// control window: hyper has handed that stream's next piece to h2, which holds it until the
+/// window opens, and stops polling the body. Measured with an h2 client that set a 1-byte
+/// stream window: 4 connections of 100 such GETs of a 3 MB blob took the daemon from 29 to
+/// 145 MiB RSS, held until the client left; hyper allows 200 streams a connection, so 256
+/// connections could pin about 13 GiB. hyper cannot reset one stream from outside, so a
+/// connection with a body that has waited `idle` for hyper to come back for more (the
+/// client took none of its last piece) is closed, like an HTTP/1.1 connection whose write
+/// blocked that long. A client must therefore take each piece (at most 256 KiB) within the
+/// idle timeout.
+#[derive(Default)]
+struct Sending {
+    bodies: parking_lot::Mutex<Vec<std::sync::Weak<Progress>>>,
+}
+
+/// One response body's progress: when it last handed hyper a frame, and whether hyper has
+/// not come back for another since (the frame is still in the transport).
+struct Progress(parking_lot::Mutex<(Instant, bool)>);
+
+impl Sending {
+    fn watch(&self, inner: Body) -> Body {
+        let progress = Arc::new(Progress(parking_lot::Mutex::new((Instant::now(), false))));
+        let mut bodies = self.bodies.lock();
+        bodies.retain(|w| w.strong_count() > 0);
+        bodies.push(Arc::downgrade(&progress));
+        http_body_util::BodyExt::boxed_unsync(Watched {
+            inner,
+            progress,
+            sent: false,
+        })
+    }
+
+    /// Resolves once a body has waited `idle` for the client to take its last frame.
+    async fn stalled(self: Arc<Self>, idle: std::time::Duration) {
+        let tick = (idle / 4).max(std::time::Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(tick).await;
+            let stuck = self.bodies.lock().iter().any(|w| {
+                w.upgrade().is_some_and(|p| {
+                    let (at, waiting) = *p.0.lock();
+                    waiting && at.elapsed() >= idle
+                })
+            });
+            if stuck {
+                tracing::warn!(
+                    idle_secs = idle.as_secs_f64(),
+                    "registry connection closed: a response took none of its data within the idle timeout"
+                );
+                return;
+            }
+        }
+    }
+}
+
+struct Watched {
+    inner: Body,
+    progress: Arc<Progress>,
+    sent: bool,
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = crate::error::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.progress.0.lock().1 = false;
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(f))) = &r
+            && f.is_data()
+        {
+            *self.progress.0.lock() = (Instant::now(), true);
+            self.sent = true;
+        }
+        r
+    }
+
+    /// Once a frame went out the end is only ever learnt by polling again: a body that said
+    /// it had ended with its last frame would be dropped while h2 still held that frame,
+    /// out of the watchdog's sight. A body that sent nothing holds nothing.
+    fn is_end_stream(&self) -> bool {
+        !self.sent && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A connection held to the idle timeout where hyper has no timer of its own: its first
 /// [`PREFACE_LEN`] bytes must arrive in time (hyper's HTTP/1.1-or-HTTP/2 detection waits for

@@ -816,6 +816,73 @@ async fn silent_connections_are_closed_after_the_idle_timeout() {
     assert_eq!(r.bytes().await.unwrap(), data);
 }
 
+/// HTTP/2: a client that keeps its connection alive (it reads, it answers pings) but never
+/// opens one stream's flow-control window would pin the piece h2 holds for that stream for
+/// good; the connection is closed once the stream has taken none of it for the idle
+/// timeout. A stream that keeps taking its data, however slowly, is not cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_stream_whose_window_stays_shut_closes_its_connection() {
+    let (_d, base, _cfg) =
+        start_registry("[registry]\ndefault_upstream = \"\"\nidle_timeout_secs = 2\n");
+    let addr = base.trim_start_matches("http://").to_string();
+    let big = pattern(3 << 20, 9);
+    let bd = push_blob(&http(), &base, "h2", &big).await;
+    let get = || {
+        http::Request::get(format!("http://{addr}/v2/h2/blobs/{bd}"))
+            .body(())
+            .unwrap()
+    };
+    let connect = |window: u32| {
+        let addr = addr.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let (send, conn) = h2::client::Builder::new()
+                .initial_window_size(window)
+                .handshake::<_, bytes::Bytes>(tcp)
+                .await
+                .unwrap();
+            (send, tokio::spawn(conn))
+        }
+    };
+
+    // Stalled: a 1-byte stream window, never widened.
+    let (mut send, driver) = connect(1).await;
+    let (resp, _) = send.send_request(get(), true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stalled = resp.into_body();
+    assert_eq!(stalled.data().await.unwrap().unwrap().len(), 1);
+
+    // Slow but moving, meanwhile, on its own connection: ~320 KiB/s for 3 s (each 256 KiB
+    // piece taken well within the timeout), then the rest at once.
+    let (mut send2, _driver2) = connect(65_535).await;
+    let (resp, _) = send2.send_request(get(), true).unwrap();
+    let mut slow = resp.await.unwrap().into_body();
+    let mut got = Vec::new();
+    let t0 = std::time::Instant::now();
+    while let Some(frame) = slow.data().await {
+        let frame = frame.unwrap();
+        slow.flow_control().release_capacity(frame.len()).unwrap();
+        got.extend_from_slice(&frame);
+        if t0.elapsed() < std::time::Duration::from_secs(3) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(got.len(), big.len());
+    assert!(got == big, "the slow stream's bytes differ");
+
+    // The stalled stream's connection is gone within a few timeouts.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), driver).await;
+    assert!(
+        ended.is_ok(),
+        "the connection of a stalled stream is still open"
+    );
+    assert!(
+        stalled.data().await.is_none_or(|r| r.is_err()),
+        "the stalled stream went on"
+    );
+}
+
 /// Past `max_connections`, a new connection waits to be accepted until one ends.
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_past_the_cap_wait_for_a_slot() {
