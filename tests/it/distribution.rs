@@ -852,6 +852,8 @@ async fn an_http2_stream_whose_window_stays_shut_closes_its_connection() {
     assert_eq!(resp.status(), StatusCode::OK);
     let mut stalled = resp.into_body();
     assert_eq!(stalled.data().await.unwrap().unwrap().len(), 1);
+    // What one connection can hold that way is bounded by its streams.
+    assert_eq!(send.current_max_send_streams(), 16);
 
     // Slow but moving, meanwhile, on its own connection: ~320 KiB/s for 3 s (each 256 KiB
     // piece taken well within the timeout), then the rest at once.
