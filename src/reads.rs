@@ -317,14 +317,12 @@ impl Reads {
         // A range one message and one chunk hold (configs, manifests, small files) is one
         // point lookup on this worker: a Read's fixed cost is then that of an Info, with no
         // blocking-pool hand-off and no iterator.
-        let first = || {
-            self.store
-                .read_in_first_chunk(extent, offset as u64, end as u64)
-                .map_err(|e| self.damage.classify(d, extent, e))
-        };
         if end - offset <= piece as i64
             && blob_size <= SMALL as i64
-            && let Some(data) = first()?
+            && let Some(data) = self
+                .store
+                .read_in_first_chunk(extent, offset as u64, end as u64)
+                .map_err(|e| self.damage.classify(d, extent, e))?
         {
             let (tx, rx) = mpsc::channel(1);
             if !data.is_empty() {

@@ -539,14 +539,17 @@ impl http_body::Body for Watched {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.progress.0.lock().1 = false;
         let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(f))) = &r
-            && f.is_data()
-        {
-            *self.progress.0.lock() = (Instant::now(), true);
-            self.sent = true;
-        }
+        let handed = matches!(&r, std::task::Poll::Ready(Some(Ok(f))) if f.is_data());
+        // hyper came back for more: whatever it took last is out of the transport.
+        let mut p = self.progress.0.lock();
+        *p = if handed {
+            (Instant::now(), true)
+        } else {
+            (p.0, false)
+        };
+        drop(p);
+        self.sent |= handed;
         r
     }
 
