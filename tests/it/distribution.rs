@@ -1250,6 +1250,93 @@ async fn a_blob_miss_is_settled_upstream_before_any_body() {
     }
 }
 
+/// Wrong bytes from the upstream are never stored nor served as the blob once fetched: the
+/// fetch fails its digest check, and once the upstream is fixed the next GET fetches the
+/// blob again and serves the right bytes. (The client of the failed fetch was streamed the
+/// bytes as they arrived, as from any pull-through mirror: a body whose length was stated
+/// is whole at its last byte, before the fetch's verdict, so it is the client's digest check
+/// that rejects it; see the README.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstreams_wrong_bytes_are_never_stored() {
+    let Some((_dir, _keep, up, s)) = crate::upstream::registry_with_fixtures() else {
+        return;
+    };
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (_d, base, _cfg) = start_registry(&format!(
+        "metrics_addr = \"{metrics}\"\n[upstream]\nread_timeout_secs = 5\nfetch_attempts = 1\n[upstream.registries.\"{a}\"]\nendpoint = \"http://{a}\"\n",
+        a = up.addr
+    ));
+    // Fetches that failed their digest check, from the metrics endpoint.
+    let lost = || {
+        let c = http();
+        let url = format!("http://{metrics}/metrics");
+        async move {
+            let text = c.get(url).send().await.unwrap().text().await.unwrap();
+            text.lines()
+                .filter(|l| l.starts_with("contentd_upstream_fetches") && l.contains("DataLoss"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        }
+    };
+    let c = http();
+    let fx = first_pushed(&s);
+    let repo = fx["registry"]["repository"].as_str().unwrap();
+    let mut blobs: Vec<(String, u64)> = fx["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["present"].as_bool().unwrap())
+        .map(|n| {
+            (
+                n["digest"].as_str().unwrap().to_string(),
+                n["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    blobs.sort_by_key(|b| std::cmp::Reverse(b.1));
+    assert!(blobs.len() >= 2 && blobs[0].1 > 1 << 20, "{blobs:?}");
+    // A wrong byte in the middle and at the very end. (Two blobs: a blob once stored is
+    // linked again rather than fetched, even after a delete.)
+    for (i, (d, size)) in blobs.iter().take(2).enumerate() {
+        let url = format!("{base}/v2/{repo}/blobs/{d}?ns={}", up.addr);
+        let file = up.blob_data(d);
+        let good = std::fs::read(&file).unwrap();
+        let at = if i == 0 {
+            good.len() / 2
+        } else {
+            good.len() - 1
+        };
+        let mut bad = good.clone();
+        bad[at] ^= 0xff;
+        std::fs::write(&file, &bad).unwrap();
+        let r = c.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["Content-Length"], size.to_string().as_str());
+        if let Ok(b) = r.bytes().await {
+            assert!(b == bad || b.len() < bad.len(), "bytes no upstream sent");
+        }
+        assert_eq!(up.requests("GET", &format!("/blobs/{d}")), 1);
+        // The fetch's verdict: wrong bytes.
+        let settled = std::time::Instant::now();
+        while lost().await < (i + 1) as f64 {
+            assert!(
+                settled.elapsed() < std::time::Duration::from_secs(10),
+                "no verdict"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // Not stored: the next GET asks the upstream again.
+        std::fs::write(&file, &good).unwrap();
+        let r = c.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(
+            r.bytes().await.unwrap() == good,
+            "wrong bytes after the fix"
+        );
+        assert_eq!(up.requests("GET", &format!("/blobs/{d}")), 2);
+    }
+}
+
 /// A mirrored repository's referrers include the upstream's: docker-registry has no
 /// referrers API, so they come from the referrers tag schema's index that clients pushed
 /// there; the artifactType filter applies to them; an unreachable upstream leaves the
