@@ -285,6 +285,57 @@ where
     )
 }
 
+/// The TLS connections of the gRPC TCP listener, each accepted on a task of its own (a slow
+/// handshake holds up no other) and bounded twice: the handshake must finish within
+/// [`TLS_HANDSHAKE`], and then the client's HTTP/2 preface must arrive within it too. Without
+/// the second, a client that finished its handshake and sent nothing held its connection and
+/// task for good: hyper's HTTP/2 server waits for the preface for ever, before any keepalive
+/// ping can be sent.
+fn tls_incoming(
+    l: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> impl Stream<Item = std::io::Result<TlsConn>> + Send {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let conns = accepting(TcpListenerStream::new(l));
+        tokio::pin!(conns);
+        loop {
+            let tcp = tokio::select! {
+                c = conns.next() => match c {
+                    Some(Ok(c)) => c,
+                    _ => return,
+                },
+                // The server stopped taking connections.
+                _ = tx.closed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (tx, acceptor) = (tx.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx
+                            .send(Ok(crate::registry::Guarded::opening(s, TLS_HANDSHAKE)))
+                            .await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake not finished in time"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+type TlsConn = crate::registry::Guarded<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.get_ref().get_ref().0.connect_info()
+    }
+}
+
 /// Lifts the soft limit on open files to the hard one, as Go's runtime does for containerd
 /// and every Go program: the soft limit is a compatibility default for `select(2)` users
 /// (1024 from a shell), and a store of many blob files plus many client connections passes
@@ -738,27 +789,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .tls
             .as_ref()
             .context("tcp needs [tls]: contentd serves TCP only over TLS")?;
-        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        // Bounded, or every connection that never finishes its handshake (a port scan, a
-        // client left silent) holds a descriptor and a task for good.
-        let mut tc = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(
-                read(&tls.cert)?,
-                read(&tls.key)?,
-            ))
-            .timeout(TLS_HANDSHAKE);
-        if let Some(ca) = &tls.client_ca {
-            // Mutual TLS: a client without a certificate this CA signed is refused in the
-            // handshake.
-            tc = tc.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
-        }
+        // With a client CA, a client without a certificate that CA signed is refused in the
+        // handshake.
+        let acceptor = crate::registry::tls_acceptor(tls, &[b"h2"])?;
         // Pings find peers that went away without a FIN (a crashed node, a dropped route),
         // whose streams would otherwise hold their pieces until TCP gives up, hours later.
         let builder = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(60)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .tls_config(tc)
-            .context("configuring TLS for the TCP listener")?;
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
         tracing::info!(addr = %addr, mode = "client", mtls = tls.client_ca.is_some(), "listening (TLS)");
         let r = router!(
             builder,
@@ -772,11 +810,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
         let s = stop.clone();
         tasks.spawn(async move {
-            r.serve_with_incoming_shutdown(
-                accepting(TcpListenerStream::new(l)),
-                s.cancelled_owned(),
-            )
-            .await
+            r.serve_with_incoming_shutdown(tls_incoming(l, acceptor), s.cancelled_owned())
+                .await
         });
     }
 

@@ -298,8 +298,12 @@ impl Users {
     }
 }
 
-/// TLS for a non-loopback registry listener, from the daemon's `[tls]` settings.
-fn tls_acceptor(tls: &crate::config::Tls) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+/// TLS from the daemon's `[tls]` settings, offering the `alpn` protocols (the registry
+/// listener's HTTP/2 and HTTP/1.1, the gRPC listener's HTTP/2).
+pub(crate) fn tls_acceptor(
+    tls: &crate::config::Tls,
+    alpn: &[&[u8]],
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -326,8 +330,8 @@ fn tls_acceptor(tls: &crate::config::Tls) -> anyhow::Result<tokio_rustls::TlsAcc
     };
     let mut config = builder
         .with_single_cert(certs, key)
-        .context("registry TLS certificate and key")?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        .context("TLS certificate and key")?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -349,7 +353,7 @@ pub async fn serve(
         let tls = tls.with_context(|| {
             format!("registry_addr {addr} is not loopback: it needs [tls] (cert and key)")
         })?;
-        Some(tls_acceptor(tls)?)
+        Some(tls_acceptor(tls, &[b"h2", b"http/1.1"])?)
     };
     tracing::info!(addr = %local, tls = acceptor.is_some(), read_only = registry.config.read_only, "registry listening");
     let idle = std::time::Duration::from_secs(registry.config.idle_timeout_secs.max(1));
@@ -571,9 +575,12 @@ impl http_body::Body for Watched {
 /// blocked that long (it stopped reading) ends the connection. A stalled download pins the
 /// piece hyper was writing (a 256 KiB chunk buffer: 500 clients that sent a GET and never
 /// read held +165 MiB), so it must not pin it for good.
-struct Guarded<T> {
+pub(crate) struct Guarded<T> {
     io: T,
     idle: std::time::Duration,
+    /// Whether a blocked write ends the connection too (not for gRPC, whose HTTP/2
+    /// keepalive pings find a client that stopped reading).
+    stall_writes: bool,
     /// Bytes still to come before the opening deadline is lifted.
     opening: usize,
     open_by: std::pin::Pin<Box<tokio::time::Sleep>>,
@@ -585,8 +592,22 @@ struct Guarded<T> {
 impl<T> Guarded<T> {
     fn new(io: T, idle: std::time::Duration) -> Self {
         Guarded {
+            stall_writes: true,
+            ..Guarded::opening(io, idle)
+        }
+    }
+
+    /// The connection it guards.
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.io
+    }
+
+    /// Only the opening deadline: the first [`PREFACE_LEN`] bytes within `idle`.
+    pub(crate) fn opening(io: T, idle: std::time::Duration) -> Self {
+        Guarded {
             io,
             idle,
+            stall_writes: false,
             opening: PREFACE_LEN,
             open_by: Box::pin(tokio::time::sleep(idle)),
             write_by: Box::pin(tokio::time::sleep(idle)),
@@ -602,7 +623,7 @@ impl<T> Guarded<T> {
         r: std::task::Poll<std::io::Result<R>>,
     ) -> std::task::Poll<std::io::Result<R>> {
         use std::future::Future as _;
-        if r.is_ready() {
+        if r.is_ready() || !self.stall_writes {
             self.write_armed = false;
             return r;
         }

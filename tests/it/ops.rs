@@ -477,6 +477,51 @@ async fn mtls_refuses_clients_without_a_certificate() {
             );
         }
     }
+    // Nor is one that finishes its handshake and then sends nothing (hyper would wait for
+    // its HTTP/2 preface for ever): closed within the handshake's bound (10 s).
+    {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        use tokio::io::AsyncReadExt as _;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&certs.ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let chain = CertificateDer::pem_file_iter(&certs.client_cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(&certs.client_key).unwrap();
+        let mut cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut quiet = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let t = std::time::Instant::now();
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            let mut buf = [0u8; 1024];
+            // The server's own SETTINGS may come first.
+            while let Ok(n) = quiet.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "a connection silent after its TLS handshake was held for {:?}",
+            t.elapsed()
+        );
+    }
     // Plain TCP without [tls] is refused at start.
     let plain = p("plain.toml");
     std::fs::write(&plain, format!("tcp = \"127.0.0.1:{}\"\n", free_port())).unwrap();
