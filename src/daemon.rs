@@ -314,7 +314,7 @@ fn tls_incoming(
                 match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {
                         let _ = tx
-                            .send(Ok(crate::registry::Guarded::opening(s, TLS_HANDSHAKE)))
+                            .send(Ok(crate::net::Guarded::opening(s, TLS_HANDSHAKE)))
                             .await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
@@ -326,7 +326,7 @@ fn tls_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-type TlsConn = crate::registry::Guarded<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+type TlsConn = crate::net::Guarded<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
 
 impl tonic::transport::server::Connected for TlsConn {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
@@ -791,7 +791,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .context("tcp needs [tls]: contentd serves TCP only over TLS")?;
         // With a client CA, a client without a certificate that CA signed is refused in the
         // handshake.
-        let acceptor = crate::registry::tls_acceptor(tls, &[b"h2"])?;
+        let acceptor = crate::net::tls_acceptor(tls, &[b"h2"])?;
         // Pings find peers that went away without a FIN (a crashed node, a dropped route),
         // whose streams would otherwise hold their pieces until TCP gives up, hours later.
         let builder = Server::builder()

@@ -23,6 +23,7 @@ pub mod gc;
 pub mod graph;
 pub mod kv;
 pub mod metrics;
+pub mod net;
 pub mod reads;
 pub mod registry;
 #[cfg(feature = "rocksdb")]

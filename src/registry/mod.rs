@@ -298,43 +298,6 @@ impl Users {
     }
 }
 
-/// TLS from the daemon's `[tls]` settings, offering the `alpn` protocols (the registry
-/// listener's HTTP/2 and HTTP/1.1, the gRPC listener's HTTP/2).
-pub(crate) fn tls_acceptor(
-    tls: &crate::config::Tls,
-    alpn: &[&[u8]],
-) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let certs = CertificateDer::pem_file_iter(&tls.cert)
-        .with_context(|| format!("reading {}", tls.cert.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parsing {}", tls.cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key)
-        .with_context(|| format!("reading key {}", tls.key.display()))?;
-    let builder = rustls::ServerConfig::builder();
-    let builder = match &tls.client_ca {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca)
-                .with_context(|| format!("reading {}", ca.display()))?
-            {
-                roots.add(c.with_context(|| format!("parsing {}", ca.display()))?)?;
-            }
-            builder.with_client_cert_verifier(
-                rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build()?,
-            )
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .context("TLS certificate and key")?;
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
 /// Serves the registry on `addr` until `stop`: plain HTTP on a loopback address, TLS (from
 /// `[tls]`) on any other.
 pub async fn serve(
@@ -353,7 +316,7 @@ pub async fn serve(
         let tls = tls.with_context(|| {
             format!("registry_addr {addr} is not loopback: it needs [tls] (cert and key)")
         })?;
-        Some(tls_acceptor(tls, &[b"h2", b"http/1.1"])?)
+        Some(crate::net::tls_acceptor(tls, &[b"h2", b"http/1.1"])?)
     };
     tracing::info!(addr = %local, tls = acceptor.is_some(), read_only = registry.config.read_only, "registry listening");
     let idle = std::time::Duration::from_secs(registry.config.idle_timeout_secs.max(1));
@@ -417,7 +380,7 @@ pub async fn serve(
                     .max_concurrent_streams(H2_STREAMS);
                 let r = match acceptor {
                     None => {
-                        let io = hyper_util::rt::TokioIo::new(Guarded::new(conn, idle));
+                        let io = hyper_util::rt::TokioIo::new(crate::net::Guarded::new(conn, idle));
                         tokio::select! {
                             r = builder.serve_connection(io, svc) => r,
                             _ = stop.cancelled() => Ok(()),
@@ -426,7 +389,8 @@ pub async fn serve(
                     }
                     Some(a) => match tokio::time::timeout(idle, a.accept(conn)).await {
                         Ok(Ok(s)) => {
-                            let io = hyper_util::rt::TokioIo::new(Guarded::new(s, idle));
+                            let io =
+                                hyper_util::rt::TokioIo::new(crate::net::Guarded::new(s, idle));
                             tokio::select! {
                                 r = builder.serve_connection(io, svc) => r,
                                 _ = stop.cancelled() => Ok(()),
@@ -469,8 +433,6 @@ const PING_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 /// pull a few layers at a time (containerd and docker: 3), and Go's HTTP/2 client opens
 /// another connection when a server's limit is reached.
 const H2_STREAMS: u32 = 16;
-/// HTTP/2's preface, the most hyper reads before it knows the protocol.
-const PREFACE_LEN: usize = 24;
 
 /// The response bodies of one connection that are still sending, for its stall watchdog.
 ///
@@ -566,146 +528,6 @@ impl http_body::Body for Watched {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// A connection held to the idle timeout where hyper has no timer of its own: its first
-/// [`PREFACE_LEN`] bytes must arrive in time (hyper's HTTP/1.1-or-HTTP/2 detection waits for
-/// ever; past it, hyper's timers above take over), and a write that the client leaves
-/// blocked that long (it stopped reading) ends the connection. A stalled download pins the
-/// piece hyper was writing (a 256 KiB chunk buffer: 500 clients that sent a GET and never
-/// read held +165 MiB), so it must not pin it for good.
-pub(crate) struct Guarded<T> {
-    io: T,
-    idle: std::time::Duration,
-    /// Whether a blocked write ends the connection too (not for gRPC, whose HTTP/2
-    /// keepalive pings find a client that stopped reading).
-    stall_writes: bool,
-    /// Bytes still to come before the opening deadline is lifted.
-    opening: usize,
-    open_by: std::pin::Pin<Box<tokio::time::Sleep>>,
-    /// The blocked write's deadline, when `write_armed`.
-    write_by: std::pin::Pin<Box<tokio::time::Sleep>>,
-    write_armed: bool,
-}
-
-impl<T> Guarded<T> {
-    fn new(io: T, idle: std::time::Duration) -> Self {
-        Guarded {
-            stall_writes: true,
-            ..Guarded::opening(io, idle)
-        }
-    }
-
-    /// The connection it guards.
-    pub(crate) fn get_ref(&self) -> &T {
-        &self.io
-    }
-
-    /// Only the opening deadline: the first [`PREFACE_LEN`] bytes within `idle`.
-    pub(crate) fn opening(io: T, idle: std::time::Duration) -> Self {
-        Guarded {
-            io,
-            idle,
-            stall_writes: false,
-            opening: PREFACE_LEN,
-            open_by: Box::pin(tokio::time::sleep(idle)),
-            write_by: Box::pin(tokio::time::sleep(idle)),
-            write_armed: false,
-        }
-    }
-
-    /// What a write's outcome means for the stall deadline: progress disarms it, a blocked
-    /// write arms it (once) and fails when it has passed.
-    fn stalled<R>(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        r: std::task::Poll<std::io::Result<R>>,
-    ) -> std::task::Poll<std::io::Result<R>> {
-        use std::future::Future as _;
-        if r.is_ready() || !self.stall_writes {
-            self.write_armed = false;
-            return r;
-        }
-        if !self.write_armed {
-            let by = tokio::time::Instant::now() + self.idle;
-            self.write_by.as_mut().reset(by);
-            self.write_armed = true;
-        }
-        if self.write_by.as_mut().poll(cx).is_ready() {
-            return std::task::Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the client read nothing within the idle timeout",
-            )));
-        }
-        r
-    }
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Guarded<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::future::Future as _;
-        let this = &mut *self;
-        if this.opening > 0 && this.open_by.as_mut().poll(cx).is_ready() {
-            return std::task::Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the client sent no request within the idle timeout",
-            )));
-        }
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(())) = r {
-            let n = buf.filled().len() - before;
-            this.opening = if n == 0 {
-                0
-            } else {
-                this.opening.saturating_sub(n)
-            };
-        }
-        r
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Guarded<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
-        self.stalled(cx, r)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.stalled(cx, r)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let r = std::pin::Pin::new(&mut self.io).poll_flush(cx);
-        self.stalled(cx, r)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
