@@ -311,14 +311,11 @@ fn tls_incoming(
             let _ = tcp.set_nodelay(true);
             let (tx, acceptor) = (tx.clone(), acceptor.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => {
-                        let _ = tx
-                            .send(Ok(crate::net::Guarded::opening(s, TLS_HANDSHAKE)))
-                            .await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!("TLS handshake not finished in time"),
+                if let Some(s) = crate::net::handshake(&acceptor, tcp, TLS_HANDSHAKE, "grpc").await
+                {
+                    let _ = tx
+                        .send(Ok(crate::net::Guarded::opening(s, TLS_HANDSHAKE)))
+                        .await;
                 }
             });
         }

@@ -43,6 +43,29 @@ pub(crate) fn tls_acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The TLS handshake of an accepted connection, bounded by `within` (else every connection
+/// that never finishes it, a port scan or a client left silent, holds a descriptor and a
+/// task for good). None when it failed or ran out of time, logged for `listener`.
+pub(crate) async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    conn: tokio::net::TcpStream,
+    within: std::time::Duration,
+    listener: &'static str,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    match tokio::time::timeout(within, acceptor.accept(conn)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(listener, peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(listener, peer, "TLS handshake not finished in time");
+            None
+        }
+    }
+}
+
 /// HTTP/2's preface, the most hyper reads before it knows the protocol.
 const PREFACE_LEN: usize = 24;
 

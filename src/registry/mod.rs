@@ -387,25 +387,18 @@ pub async fn serve(
                             _ = stalled => Ok(()),
                         }
                     }
-                    Some(a) => match tokio::time::timeout(idle, a.accept(conn)).await {
-                        Ok(Ok(s)) => {
-                            let io =
-                                hyper_util::rt::TokioIo::new(crate::net::Guarded::new(s, idle));
-                            tokio::select! {
-                                r = builder.serve_connection(io, svc) => r,
-                                _ = stop.cancelled() => Ok(()),
-                                _ = stalled => Ok(()),
-                            }
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, error = %e, "registry TLS handshake failed");
+                    Some(a) => {
+                        let Some(s) = crate::net::handshake(&a, conn, idle, "registry").await
+                        else {
                             return;
+                        };
+                        let io = hyper_util::rt::TokioIo::new(crate::net::Guarded::new(s, idle));
+                        tokio::select! {
+                            r = builder.serve_connection(io, svc) => r,
+                            _ = stop.cancelled() => Ok(()),
+                            _ = stalled => Ok(()),
                         }
-                        Err(_) => {
-                            tracing::debug!(peer = %peer, "registry TLS handshake timed out");
-                            return;
-                        }
-                    },
+                    }
                 };
                 if let Err(e) = r {
                     tracing::debug!(peer = %peer, error = %e, "registry connection ended");
