@@ -1120,25 +1120,6 @@ fn first_pushed(summary: &Value) -> &Value {
         .unwrap()
 }
 
-/// The fixture's blobs the registry holds whose media type `keep` accepts, as (digest,
-/// size), largest first.
-fn stored_blobs(fx: &Value, keep: impl Fn(&str) -> bool) -> Vec<(String, u64)> {
-    let mut blobs: Vec<(String, u64)> = fx["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|n| n["present"].as_bool().unwrap() && keep(n["mediaType"].as_str().unwrap()))
-        .map(|n| {
-            (
-                n["digest"].as_str().unwrap().to_string(),
-                n["size"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    blobs.sort_by_key(|b| std::cmp::Reverse(b.1));
-    blobs
-}
-
 /// A blob asked for by digest alone (no manifest recorded where it comes from) is settled
 /// by an upstream HEAD before any answer: a blob the upstream lacks is a 404, never a 200
 /// whose body breaks off; an unreachable upstream is a 503; a HEAD fetches no body; and a
@@ -1155,7 +1136,8 @@ async fn a_blob_miss_is_settled_upstream_before_any_body() {
     let c = http();
     let fx = first_pushed(&s);
     let repo = fx["registry"]["repository"].as_str().unwrap();
-    let blobs = stored_blobs(fx, |mt| !mt.contains("manifest") && !mt.contains("index"));
+    let blobs =
+        crate::upstream::stored_blobs(fx, |mt| !mt.contains("manifest") && !mt.contains("index"));
     assert!(blobs.len() >= 2, "{blobs:?}");
     let (d, size) = blobs[0].clone();
     let (d2, size2) = blobs[1].clone();
@@ -1284,7 +1266,7 @@ async fn an_upstreams_wrong_bytes_are_never_stored() {
     let c = http();
     let fx = first_pushed(&s);
     let repo = fx["registry"]["repository"].as_str().unwrap();
-    let blobs = stored_blobs(fx, |_| true);
+    let blobs = crate::upstream::stored_blobs(fx, |_| true);
     assert!(blobs.len() >= 2 && blobs[0].1 > 1 << 20, "{blobs:?}");
     // A wrong byte in the middle and at the very end. (Two blobs: a blob once stored is
     // linked again rather than fetched, even after a delete.)

@@ -131,19 +131,27 @@ fn fixture<'a>(s: &'a Value, name: &str) -> &'a Value {
 
 /// The largest present layer of a fixture: (digest, size).
 fn big_layer(fx: &Value) -> (String, i64) {
-    fx["nodes"]
+    let (d, size) = stored_blobs(fx, is_layer).swap_remove(0);
+    (d, size as i64)
+}
+
+/// The fixture's blobs the registry holds whose media type `keep` accepts, as (digest,
+/// size), largest first.
+pub(crate) fn stored_blobs(fx: &Value, keep: impl Fn(&str) -> bool) -> Vec<(String, u64)> {
+    let mut blobs: Vec<(String, u64)> = fx["nodes"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|n| n["present"].as_bool().unwrap() && is_layer(n["mediaType"].as_str().unwrap()))
+        .filter(|n| n["present"].as_bool().unwrap() && keep(n["mediaType"].as_str().unwrap()))
         .map(|n| {
             (
                 n["digest"].as_str().unwrap().to_string(),
-                n["size"].as_i64().unwrap(),
+                n["size"].as_u64().unwrap(),
             )
         })
-        .max_by_key(|n| n.1)
-        .unwrap()
+        .collect();
+    blobs.sort_by_key(|b| std::cmp::Reverse(b.1));
+    blobs
 }
 
 /// The fixtures, a registry holding them, and summary.json; None when tools are missing.
